@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# See the sync loop work against a real homeserver.
+#
+# Starts a throwaway Synapse on a free loopback port, registers alice and bob,
+# puts them in a room, runs the `tail` example as alice (it prints one JSON
+# line per sync update on stdout) and has bob send messages, an edit, a
+# reaction and typing notifications.  Everything is removed at the end, also
+# on Ctrl-C.
+#
+# Narration goes to stderr, the example's output to stdout.
+#
+# Environment:
+#   DEMO_SKIP_TAIL=1   do everything except building and running the example
+#   DEMO_PAUSE=SECS    pause between bob's actions (default 1)
+#   SYNAPSE_VENV       see scripts/synapse.sh
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+SYNAPSE_SH="${SCRIPT_DIR}/synapse.sh"
+PAUSE="${DEMO_PAUSE:-1}"
+SKIP_TAIL="${DEMO_SKIP_TAIL:-}"
+
+DIR=""
+TAIL_PID=""
+SYNAPSE_STARTED=""
+
+say() {
+    echo "demo: $*" >&2
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    if [ -n "${TAIL_PID}" ] && kill -0 "${TAIL_PID}" 2>/dev/null; then
+        say "stopping tail"
+        kill -TERM "${TAIL_PID}" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "${TAIL_PID}" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "${TAIL_PID}" 2>/dev/null; then
+            say "tail ignored SIGTERM for 5 s; killing it"
+            kill -KILL "${TAIL_PID}" 2>/dev/null || true
+        fi
+        wait "${TAIL_PID}" 2>/dev/null || true
+    fi
+    if [ -n "${SYNAPSE_STARTED}" ]; then
+        say "stopping Synapse"
+        bash "${SYNAPSE_SH}" stop "${DIR}" || true
+    fi
+    if [ -n "${DIR}" ]; then
+        rm -rf "${DIR}"
+    fi
+    exit "${status}"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# mx METHOD TOKEN BODY SEGMENT...
+# Calls /_matrix/client/v3/SEGMENT/... (each segment percent-encoded) on the
+# demo homeserver and prints the JSON response; fails loudly on non-2xx.
+mx() {
+    python3 - "${BASE_URL}" "$@" <<'PY'
+import sys, urllib.error, urllib.parse, urllib.request
+base, method, token, body, *segments = sys.argv[1:]
+path = "/_matrix/client/v3/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+req = urllib.request.Request(
+    base + path,
+    data=body.encode() if method in ("POST", "PUT") else None,
+    headers={"Content-Type": "application/json", "Authorization": "Bearer " + token},
+    method=method,
+)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(req, timeout=30) as r:
+        print(r.read().decode())
+except urllib.error.HTTPError as e:
+    sys.exit("demo: %s %s failed: HTTP %d: %s" % (method, path, e.code, e.read().decode(errors="replace")))
+except urllib.error.URLError as e:
+    sys.exit("demo: %s %s failed: %s" % (method, path, e.reason))
+PY
+}
+
+# field NAME: print a top-level string field of the JSON object on stdin.
+field() {
+    python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+# json KEY VALUE [KEY VALUE...]: print a JSON object of string values.
+json() {
+    python3 -c 'import json, sys; a = sys.argv[1:]; print(json.dumps(dict(zip(a[::2], a[1::2]))))' "$@"
+}
+
+txn() {
+    TXN_COUNTER=$((${TXN_COUNTER:-0} + 1))
+    echo "demo-$$-${TXN_COUNTER}"
+}
+
+bob_says() {
+    say "bob says \"$1\""
+    mx PUT "${BOB_TOKEN}" "$(json msgtype m.text body "$1")" \
+        rooms "${ROOM}" send m.room.message "$(txn)" | field event_id
+}
+
+command -v python3 >/dev/null 2>&1 || { echo "demo: python3 is required" >&2; exit 1; }
+cd "${REPO_ROOT}"
+
+say "installing Synapse (first run only)"
+bash "${SYNAPSE_SH}" install
+
+if [ -z "${SKIP_TAIL}" ]; then
+    command -v cargo >/dev/null 2>&1 || { echo "demo: cargo is required" >&2; exit 1; }
+    say "building the tail example"
+    cargo build --release --example tail
+fi
+
+DIR="$(mktemp -d -t matrix-sync-demo.XXXXXX)"
+PORT="$(bash "${SYNAPSE_SH}" free-port)"
+BASE_URL="http://127.0.0.1:${PORT}"
+say "starting a throwaway Synapse on ${BASE_URL}"
+bash "${SYNAPSE_SH}" init "${DIR}" "${PORT}"
+SYNAPSE_STARTED=1
+bash "${SYNAPSE_SH}" start "${DIR}" "${PORT}"
+
+say "registering alice and bob"
+ALICE_JSON="$(bash "${SYNAPSE_SH}" register "${BASE_URL}" alice "alice-demo-password")"
+BOB_JSON="$(bash "${SYNAPSE_SH}" register "${BASE_URL}" bob "bob-demo-password")"
+ALICE_TOKEN="$(field access_token <<<"${ALICE_JSON}")"
+BOB_TOKEN="$(field access_token <<<"${BOB_JSON}")"
+BOB_ID="$(field user_id <<<"${BOB_JSON}")"
+
+say "alice creates a room and invites bob"
+ROOM="$(mx POST "${ALICE_TOKEN}" '{"preset":"private_chat","name":"demo"}' createRoom | field room_id)"
+mx POST "${ALICE_TOKEN}" "$(json user_id "${BOB_ID}")" rooms "${ROOM}" invite >/dev/null
+say "bob joins ${ROOM}"
+mx POST "${BOB_TOKEN}" '{}' join "${ROOM}" >/dev/null
+
+if [ -z "${SKIP_TAIL}" ]; then
+    say "starting: cargo run --release --example tail -- --homeserver ${BASE_URL} (as alice)"
+    MATRIX_ACCESS_TOKEN="${ALICE_TOKEN}" \
+        cargo run --quiet --release --example tail -- --homeserver "${BASE_URL}" &
+    TAIL_PID=$!
+    sleep 3
+    if ! kill -0 "${TAIL_PID}" 2>/dev/null; then
+        TAIL_STATUS=0
+        wait "${TAIL_PID}" || TAIL_STATUS=$?
+        TAIL_PID=""
+        echo "demo: the tail example exited early (status ${TAIL_STATUS})" >&2
+        exit 1
+    fi
+else
+    say "DEMO_SKIP_TAIL is set: not running the tail example"
+fi
+
+sleep "${PAUSE}"
+FIRST="$(bob_says "hello alice")"
+sleep "${PAUSE}"
+say "bob starts typing"
+mx PUT "${BOB_TOKEN}" '{"typing":true,"timeout":30000}' rooms "${ROOM}" typing "${BOB_ID}" >/dev/null
+sleep "${PAUSE}"
+say "bob stops typing"
+mx PUT "${BOB_TOKEN}" '{"typing":false}' rooms "${ROOM}" typing "${BOB_ID}" >/dev/null
+sleep "${PAUSE}"
+SECOND="$(bob_says "this is a live sync demo")"
+sleep "${PAUSE}"
+say "bob edits \"hello alice\" to \"hello, alice!\""
+EDIT_BODY="$(python3 -c '
+import json, sys
+print(json.dumps({
+    "msgtype": "m.text",
+    "body": "* hello, alice!",
+    "m.new_content": {"msgtype": "m.text", "body": "hello, alice!"},
+    "m.relates_to": {"rel_type": "m.replace", "event_id": sys.argv[1]},
+}))' "${FIRST}")"
+mx PUT "${BOB_TOKEN}" "${EDIT_BODY}" rooms "${ROOM}" send m.room.message "$(txn)" >/dev/null
+sleep "${PAUSE}"
+say "bob reacts with a thumbs-up to \"this is a live sync demo\""
+REACTION_BODY="$(python3 -c '
+import json, sys
+print(json.dumps({"m.relates_to": {"rel_type": "m.annotation", "event_id": sys.argv[1], "key": "\U0001F44D"}}))' "${SECOND}")"
+mx PUT "${BOB_TOKEN}" "${REACTION_BODY}" rooms "${ROOM}" send m.reaction "$(txn)" >/dev/null
+sleep "${PAUSE}"
+bob_says "bye!" >/dev/null
+
+# Give the last events time to come through the sync loop.
+sleep 2
+say "done; cleaning up"

@@ -1,0 +1,299 @@
+//! The service's configuration and its validation.
+//!
+//! Why the defaults are what they are is written in [`crate::defaults`].
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ruma_client_api::filter::FilterDefinition;
+use ruma_common::presence::PresenceState;
+
+use crate::backoff::BackoffPolicy;
+use crate::defaults;
+
+/// An access token. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken(String);
+
+impl AccessToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The secret itself; only for putting it in an `Authorization` header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AccessToken(<redacted>)")
+    }
+}
+
+/// Which events the server should send.
+#[derive(Clone, Debug)]
+pub enum SyncFilter {
+    /// A filter sent inline with every request (and reused, in its `room.timeline` part,
+    /// for gap-filling `/messages` requests).
+    Definition(Box<FilterDefinition>),
+    /// The id of a filter uploaded beforehand with `POST /user/{userId}/filter`.
+    Id(String),
+}
+
+impl SyncFilter {
+    /// A filter that limits every room timeline to `limit` events.
+    pub fn timeline_limit(limit: u32) -> Self {
+        let mut def = FilterDefinition::default();
+        def.room.timeline.limit = Some(limit.into());
+        SyncFilter::Definition(Box::new(def))
+    }
+
+    /// Parses an inline filter from its JSON text.
+    pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        Ok(SyncFilter::Definition(Box::new(serde_json::from_str(
+            json,
+        )?)))
+    }
+}
+
+/// Gap filling: what the machine does when a room's timeline comes back `limited`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GapFill {
+    /// Fetch the missing events with `/rooms/{roomId}/messages`. When off, a gap item reports
+    /// each gap instead.
+    pub enabled: bool,
+    /// At most this many events are fetched per room and batch; past it, the rest is reported
+    /// as a gap item.
+    pub max_events_per_room: usize,
+    /// `limit` of each `/messages` request.
+    pub page_size: u32,
+}
+
+impl Default for GapFill {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_events_per_room: defaults::GAP_FILL_MAX_EVENTS,
+            page_size: defaults::GAP_FILL_PAGE_SIZE,
+        }
+    }
+}
+
+/// Everything the machine and the driver need. Build it with [`Config::new`], change the
+/// public fields, and let [`SyncMachine::new`](crate::SyncMachine::new) (or `start`) validate it.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Base URL of the homeserver, such as `https://matrix.example.org`.
+    pub homeserver: String,
+    /// The access token, sent in the `Authorization` header only.
+    pub access_token: AccessToken,
+    /// Resume from this `next_batch` token (for instance a stored checkpoint).
+    pub since: Option<String>,
+    /// Filter for `/sync`.
+    pub filter: Option<SyncFilter>,
+    /// Server-side long-poll timeout of incremental syncs.
+    pub long_poll_timeout: Duration,
+    /// How long past the long-poll timeout the client waits for an answer.
+    pub deadline_margin: Duration,
+    /// Client-side deadline of a sync without `since`.
+    pub initial_sync_deadline: Duration,
+    /// Delays between failed attempts.
+    pub backoff: BackoffPolicy,
+    /// Seed of the jitter generator: same seed and inputs, same delays.
+    pub jitter_seed: u64,
+    /// Bodies larger than this are refused.
+    pub max_body_bytes: u64,
+    /// Ceiling on a wait requested by the server (429).
+    pub max_server_wait: Duration,
+    /// `set_presence` of sync requests.
+    pub set_presence: PresenceState,
+    /// `full_state` of the first sync request.
+    pub full_state: bool,
+    /// Allow plain `http` to a host that is not loopback.
+    pub allow_insecure_http: bool,
+    /// Gap filling of limited timelines.
+    pub gap_fill: GapFill,
+    /// How many recently delivered event ids are remembered to suppress duplicates.
+    pub dedup_capacity: usize,
+    /// Capacity of the driver's bounded `events` channel.
+    pub event_channel_capacity: usize,
+    /// Capacity of the driver's `errors` channel (oldest dropped when full).
+    pub error_channel_capacity: usize,
+}
+
+impl Config {
+    /// A configuration with every default, for `homeserver` and `access_token`.
+    pub fn new(homeserver: impl Into<String>, access_token: impl Into<String>) -> Self {
+        Self {
+            homeserver: homeserver.into(),
+            access_token: AccessToken::new(access_token),
+            since: None,
+            filter: None,
+            long_poll_timeout: defaults::LONG_POLL_TIMEOUT,
+            deadline_margin: defaults::DEADLINE_MARGIN,
+            initial_sync_deadline: defaults::INITIAL_SYNC_DEADLINE,
+            backoff: BackoffPolicy::default(),
+            jitter_seed: 0,
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_server_wait: defaults::MAX_SERVER_WAIT,
+            set_presence: PresenceState::Online,
+            full_state: false,
+            allow_insecure_http: false,
+            gap_fill: GapFill::default(),
+            dedup_capacity: defaults::DEDUP_CAPACITY,
+            event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
+            error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
+        }
+    }
+
+    /// Checks every field; the first unusable one is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_homeserver(&self.homeserver, self.allow_insecure_http)?;
+        let token = self.access_token.expose();
+        if token.is_empty() {
+            return Err(ConfigError::MissingAccessToken);
+        }
+        if token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(ConfigError::InvalidAccessToken);
+        }
+        if self.since.as_deref() == Some("") {
+            return Err(ConfigError::EmptySince);
+        }
+        check_duration(
+            "long_poll_timeout",
+            self.long_poll_timeout,
+            Duration::ZERO,
+            HOUR,
+        )?;
+        check_duration(
+            "deadline_margin",
+            self.deadline_margin,
+            Duration::from_millis(1),
+            HOUR,
+        )?;
+        check_duration(
+            "initial_sync_deadline",
+            self.initial_sync_deadline,
+            Duration::from_millis(1),
+            DAY,
+        )?;
+        check_duration("max_server_wait", self.max_server_wait, Duration::ZERO, DAY)?;
+        self.backoff.validate()?;
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "max_body_bytes",
+                reason: "must not be zero",
+            });
+        }
+        let counts = [
+            ("gap_fill.page_size", self.gap_fill.page_size as usize),
+            ("dedup_capacity", self.dedup_capacity),
+            ("event_channel_capacity", self.event_channel_capacity),
+            ("error_channel_capacity", self.error_channel_capacity),
+        ];
+        for (field, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must not be zero",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+pub(crate) fn check_duration(
+    field: &'static str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError::DurationOutOfRange {
+            field,
+            value,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn validate_homeserver(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+    let bad = |reason| ConfigError::InvalidHomeserver { reason };
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    let scheme = uri
+        .scheme_str()
+        .ok_or(bad("not an absolute URL (no scheme)"))?;
+    let host = uri.host().ok_or(bad("no host"))?;
+    if uri.query().is_some() {
+        return Err(bad("must not have a query"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" if allow_insecure_http || is_loopback(host) => Ok(()),
+        "http" => Err(ConfigError::InsecureHttp),
+        _ => Err(bad("scheme must be http or https")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A configuration field that cannot be used. Nothing was started; fix the field and retry.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `homeserver` is not an absolute http(s) URL.
+    #[error("homeserver: {reason}")]
+    InvalidHomeserver {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `homeserver` is plain http to a host that is not loopback, and
+    /// `allow_insecure_http` is off.
+    #[error(
+        "homeserver: plain http is only allowed to loopback unless allow_insecure_http is set"
+    )]
+    InsecureHttp,
+    /// `access_token` is empty.
+    #[error("access_token: missing")]
+    MissingAccessToken,
+    /// `access_token` holds characters that cannot go in a header.
+    #[error("access_token: contains whitespace or control characters")]
+    InvalidAccessToken,
+    /// `since` is an empty string (use `None`).
+    #[error("since: empty token")]
+    EmptySince,
+    /// A duration is zero where it may not be, or absurdly long.
+    #[error("{field}: {value:?} is outside {min:?}..={max:?}")]
+    DurationOutOfRange {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: Duration,
+        /// The smallest accepted value.
+        min: Duration,
+        /// The largest accepted value.
+        max: Duration,
+    },
+    /// Another field is unusable.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}

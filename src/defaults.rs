@@ -1,0 +1,56 @@
+//! The defaults, and why they are what they are.
+//!
+//! * **Long-poll timeout, 30 s** ([`LONG_POLL_TIMEOUT`]): what Element and most SDKs use. Longer
+//!   polls save little and run into idle timeouts of proxies in front of homeservers (often 60 s).
+//! * **Deadline margin, 30 s** ([`DEADLINE_MARGIN`]): a loaded server can take many seconds to
+//!   assemble a response after the long-poll ends; a tighter deadline would abandon answers that
+//!   were on their way and make the server redo the work.
+//! * **Initial sync deadline, 10 min** ([`INITIAL_SYNC_DEADLINE`]): an account in thousands of
+//!   rooms takes minutes to answer a sync without `since`; giving up earlier means never starting.
+//! * **Backoff 500 ms × 2 up to 60 s, jitter 50 %** ([`BACKOFF_INITIAL`], [`BACKOFF_FACTOR`],
+//!   [`BACKOFF_MAX`], [`BACKOFF_JITTER`]): the first retry is quick enough to hide a blip; a minute
+//!   keeps a fleet of clients from hammering a server that is down; jitter spreads the fleet so it
+//!   does not come back in one wave.
+//! * **Server-requested wait ceiling, 5 min** ([`MAX_SERVER_WAIT`]): longer than any honest
+//!   rate limit, short enough that a hostile or broken server cannot park the client for days.
+//! * **Body cap, 256 MiB** ([`MAX_BODY_BYTES`]): an initial sync of a very large account is tens
+//!   of MB; a body far beyond that is a broken or hostile server, and loading it would take the
+//!   process down.
+//! * **Gap fill up to 1,000 events per room and batch, pages of 100** ([`GAP_FILL_MAX_EVENTS`],
+//!   [`GAP_FILL_PAGE_SIZE`]): covers a client that was offline for hours in a busy room, in a few
+//!   requests; past it, history is better fetched on demand than before live events.
+//! * **Dedup memory of 16,384 event ids** ([`DEDUP_CAPACITY`]): the overlaps it catches (gap fill
+//!   against timeline, state repeated in a limited sync) are within one or two batches.
+//! * **Channels: 1,024 events, 64 errors**: enough to absorb a batch without stalling the driver;
+//!   errors are reports, so keeping the newest 64 is plenty.
+
+use std::time::Duration;
+
+/// Server-side long-poll timeout.
+pub const LONG_POLL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client-side margin on top of the long-poll timeout.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// Client-side deadline of an initial sync.
+pub const INITIAL_SYNC_DEADLINE: Duration = Duration::from_secs(600);
+/// First backoff delay.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+/// Backoff growth factor.
+pub const BACKOFF_FACTOR: f64 = 2.0;
+/// Backoff cap.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Fraction of each delay that jitter may take away.
+pub const BACKOFF_JITTER: f64 = 0.5;
+/// Ceiling on a server-requested wait.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(300);
+/// Response body cap.
+pub const MAX_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// Events fetched per room and batch when filling a gap.
+pub const GAP_FILL_MAX_EVENTS: usize = 1000;
+/// `limit` of each gap-filling `/messages` request.
+pub const GAP_FILL_PAGE_SIZE: u32 = 100;
+/// Event ids remembered for dedup.
+pub const DEDUP_CAPACITY: usize = 16_384;
+/// Capacity of the driver's events channel.
+pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
+/// Capacity of the driver's errors channel.
+pub const ERROR_CHANNEL_CAPACITY: usize = 64;

@@ -1,0 +1,617 @@
+//! Normalization: one [`Event`] type for every section of a sync response.
+//!
+//! Each event is read once, lazily: only the handful of fields below are pulled out of its raw
+//! JSON (borrowing where the JSON has no escapes), never the whole event into ruma's typed enums.
+//! Every field is read leniently: a field of an unexpected type reads as absent rather than
+//! failing the event, so nothing the server sent is dropped for being odd.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
+use ruma_common::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+};
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// What an [`Event`] is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `m.room.message` in a timeline.
+    Message,
+    /// `m.room.encrypted` in a timeline; `body` is empty, the ciphertext is in `raw`.
+    Encrypted,
+    /// A state event other than membership (timeline or state section).
+    State,
+    /// `m.room.member` (timeline or state section).
+    Member,
+    /// `m.reaction`.
+    Reaction,
+    /// `m.room.redaction`; the target is in [`Event::redacts`].
+    Redaction,
+    /// Any other timeline event.
+    OtherTimeline,
+    /// `m.typing` (room ephemeral).
+    Typing,
+    /// `m.receipt` (room ephemeral).
+    Receipt,
+    /// Any other room ephemeral event.
+    OtherEphemeral,
+    /// `m.presence`.
+    Presence,
+    /// Global account data.
+    GlobalAccountData,
+    /// Room account data.
+    RoomAccountData,
+    /// A to-device event.
+    ToDevice,
+    /// A stripped state event of a room the user is invited to.
+    Invite,
+    /// The user left (or was removed from) the room; `raw` is the membership event when the
+    /// response carried it, and the room's other events precede this item.
+    Leave,
+    /// A stripped state event of a room the user knocked on.
+    Knock,
+    /// `device_lists` of the response (`raw` is that object).
+    DeviceLists,
+    /// `device_one_time_keys_count` and `device_unused_fallback_key_types`, when they changed.
+    OneTimeKeyCounts,
+    /// Events of the room that were not delivered.
+    Gap(Gap),
+    /// The end of a batch.
+    Checkpoint(Checkpoint),
+}
+
+impl EventKind {
+    /// A stable lower-case name, for logs and the `tail` output.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Message => "message",
+            EventKind::Encrypted => "encrypted",
+            EventKind::State => "state",
+            EventKind::Member => "member",
+            EventKind::Reaction => "reaction",
+            EventKind::Redaction => "redaction",
+            EventKind::OtherTimeline => "other_timeline",
+            EventKind::Typing => "typing",
+            EventKind::Receipt => "receipt",
+            EventKind::OtherEphemeral => "other_ephemeral",
+            EventKind::Presence => "presence",
+            EventKind::GlobalAccountData => "global_account_data",
+            EventKind::RoomAccountData => "room_account_data",
+            EventKind::ToDevice => "to_device",
+            EventKind::Invite => "invite",
+            EventKind::Leave => "leave",
+            EventKind::Knock => "knock",
+            EventKind::DeviceLists => "device_lists",
+            EventKind::OneTimeKeyCounts => "one_time_key_counts",
+            EventKind::Gap(_) => "gap",
+            EventKind::Checkpoint(_) => "checkpoint",
+        }
+    }
+}
+
+/// A run of a room's timeline that was not delivered: fetch it with
+/// `GET /rooms/{room_id}/messages?dir=b&from={prev_batch}&to={previous_since}` if you need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// Where the undelivered run ends (newest side): paginate backwards from here.
+    pub prev_batch: String,
+    /// The sync token held before the gap (oldest side).
+    pub previous_since: String,
+}
+
+/// The end of a batch: every event of it was handed on before this item.
+///
+/// Persist `next_batch` after handling everything before it, and resume from it with
+/// [`Config::since`](crate::Config::since): nothing is lost (at-least-once delivery).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The token to resume from.
+    pub next_batch: String,
+    /// False for history (the initial sync and each catch-up after a start or an error),
+    /// true for batches received while live.
+    pub live: bool,
+}
+
+/// A relation of an event to another (`m.relates_to`), such as an edit, a reaction or a reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relation {
+    /// `rel_type`, such as `m.replace`, `m.annotation`, `m.thread`; `m.in_reply_to` for a
+    /// plain reply.
+    pub rel_type: String,
+    /// The related event.
+    pub event_id: OwnedEventId,
+    /// The annotation key of a reaction.
+    pub key: Option<String>,
+}
+
+/// One normalized item of the event stream.
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// What it is.
+    pub kind: EventKind,
+    /// The event's `type` (for synthetic items: `device_lists`, `gap`, `checkpoint`, ...).
+    pub event_type: String,
+    /// The room, for room events.
+    pub room_id: Option<OwnedRoomId>,
+    /// The event id, where the event has one.
+    pub event_id: Option<OwnedEventId>,
+    /// The sender.
+    pub sender: Option<OwnedUserId>,
+    /// `origin_server_ts`.
+    pub origin_server_ts: Option<MilliSecondsSinceUnixEpoch>,
+    /// `state_key`, for state events.
+    pub state_key: Option<String>,
+    /// `content.body`, empty when the event has none (always empty for encrypted events).
+    pub body: String,
+    /// `content.m.relates_to`, where present.
+    pub relation: Option<Relation>,
+    /// The target of a redaction (`redacts`, top-level or in `content`).
+    pub redacts: Option<OwnedEventId>,
+    /// The event's own JSON, as the server sent it.
+    pub raw: Box<RawValue>,
+}
+
+impl Event {
+    /// The body, or `None` when the event has none.
+    pub fn body_opt(&self) -> Option<&str> {
+        (!self.body.is_empty()).then_some(self.body.as_str())
+    }
+
+    fn synthetic(
+        kind: EventKind,
+        event_type: &str,
+        room_id: Option<OwnedRoomId>,
+        raw: Box<RawValue>,
+    ) -> Self {
+        Event {
+            kind,
+            event_type: event_type.to_owned(),
+            room_id,
+            event_id: None,
+            sender: None,
+            origin_server_ts: None,
+            state_key: None,
+            body: String::new(),
+            relation: None,
+            redacts: None,
+            raw,
+        }
+    }
+
+    pub(crate) fn checkpoint(next_batch: String, live: bool) -> Self {
+        let raw = to_raw(&serde_json::json!({ "next_batch": next_batch, "live": live }));
+        Self::synthetic(
+            EventKind::Checkpoint(Checkpoint { next_batch, live }),
+            "checkpoint",
+            None,
+            raw,
+        )
+    }
+
+    pub(crate) fn gap(room_id: OwnedRoomId, gap: Gap) -> Self {
+        let raw = to_raw(&serde_json::json!({
+            "room_id": room_id,
+            "prev_batch": gap.prev_batch,
+            "previous_since": gap.previous_since,
+        }));
+        Self::synthetic(EventKind::Gap(gap), "gap", Some(room_id), raw)
+    }
+
+    pub(crate) fn section(
+        kind: EventKind,
+        event_type: &str,
+        room_id: Option<OwnedRoomId>,
+        raw: Box<RawValue>,
+    ) -> Self {
+        Self::synthetic(kind, event_type, room_id, raw)
+    }
+}
+
+pub(crate) fn to_raw<T: serde::Serialize>(value: &T) -> Box<RawValue> {
+    // Serializing plain maps and strings cannot fail; an empty object is the harmless fallback.
+    serde_json::value::to_raw_value(value)
+        .unwrap_or_else(|_| RawValue::from_string("{}".to_owned()).expect("valid JSON"))
+}
+
+/// Where in the response an event was found: decides its kind together with its type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Section {
+    Timeline,
+    State,
+    Ephemeral,
+    RoomAccountData,
+    GlobalAccountData,
+    Presence,
+    ToDevice,
+    Invite,
+    Knock,
+}
+
+/// Normalizes one event from its raw JSON.
+pub(crate) fn normalize(
+    raw: Box<RawValue>,
+    section: Section,
+    room_id: Option<&OwnedRoomId>,
+) -> Event {
+    let fields = match serde_json::from_str::<Lenient<EventFields<'_>>>(raw.get()) {
+        Ok(Lenient(fields)) => fields,
+        Err(err) => {
+            // Unreachable for JSON that ruma already accepted as `Raw`; kept as a safe fallback.
+            log::warn!("unreadable event fields ({err}); delivering it raw");
+            EventFields::default()
+        }
+    };
+    let event_type = fields.event_type.as_deref().unwrap_or_default();
+    let kind = kind_of(section, event_type, fields.state_key.is_some());
+    let body = match (&kind, fields.content.body) {
+        (EventKind::Encrypted, _) | (_, None) => String::new(),
+        (_, Some(body)) => body.into_owned(),
+    };
+    let relates = fields.content.relates_to;
+    let relation = match (
+        relates.rel_type,
+        relates.event_id,
+        relates.in_reply_to.event_id,
+    ) {
+        (Some(rel_type), Some(id), _) => parse_event_id(&id).map(|event_id| Relation {
+            rel_type: rel_type.into_owned(),
+            event_id,
+            key: relates.key.map(Cow::into_owned),
+        }),
+        (_, _, Some(id)) => parse_event_id(&id).map(|event_id| Relation {
+            rel_type: "m.in_reply_to".to_owned(),
+            event_id,
+            key: None,
+        }),
+        _ => None,
+    };
+    let redacts = match kind {
+        EventKind::Redaction => fields
+            .redacts
+            .or(fields.content.redacts)
+            .and_then(|r| parse_event_id(&r)),
+        _ => None,
+    };
+    let room_id = room_id
+        .cloned()
+        .or_else(|| fields.room_id.and_then(|r| RoomId::parse(r.as_ref()).ok()));
+    Event {
+        event_type: event_type.to_owned(),
+        event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
+        sender: fields.sender.and_then(|s| UserId::parse(s.as_ref()).ok()),
+        origin_server_ts: fields
+            .origin_server_ts
+            .and_then(js_int_uint)
+            .map(MilliSecondsSinceUnixEpoch),
+        state_key: fields.state_key.map(Cow::into_owned),
+        kind,
+        room_id,
+        body,
+        relation,
+        redacts,
+        raw,
+    }
+}
+
+fn js_int_uint(v: u64) -> Option<js_int::UInt> {
+    js_int::UInt::new(v)
+}
+
+fn parse_event_id(s: &str) -> Option<OwnedEventId> {
+    EventId::parse(s).ok()
+}
+
+fn kind_of(section: Section, event_type: &str, has_state_key: bool) -> EventKind {
+    match section {
+        Section::Timeline | Section::State => match event_type {
+            "m.room.member" if has_state_key => EventKind::Member,
+            _ if has_state_key || section == Section::State => EventKind::State,
+            "m.room.message" => EventKind::Message,
+            "m.room.encrypted" => EventKind::Encrypted,
+            "m.reaction" => EventKind::Reaction,
+            "m.room.redaction" => EventKind::Redaction,
+            _ => EventKind::OtherTimeline,
+        },
+        Section::Ephemeral => match event_type {
+            "m.typing" => EventKind::Typing,
+            "m.receipt" => EventKind::Receipt,
+            _ => EventKind::OtherEphemeral,
+        },
+        Section::RoomAccountData => EventKind::RoomAccountData,
+        Section::GlobalAccountData => EventKind::GlobalAccountData,
+        Section::Presence => EventKind::Presence,
+        Section::ToDevice => EventKind::ToDevice,
+        Section::Invite => EventKind::Invite,
+        Section::Knock => EventKind::Knock,
+    }
+}
+
+// ---- lenient field extraction -------------------------------------------------------------
+
+/// The fields of an event that normalization reads.
+#[derive(Default)]
+struct EventFields<'a> {
+    event_type: Option<Cow<'a, str>>,
+    event_id: Option<Cow<'a, str>>,
+    sender: Option<Cow<'a, str>>,
+    room_id: Option<Cow<'a, str>>,
+    origin_server_ts: Option<u64>,
+    state_key: Option<Cow<'a, str>>,
+    redacts: Option<Cow<'a, str>>,
+    content: ContentFields<'a>,
+}
+
+#[derive(Default)]
+struct ContentFields<'a> {
+    body: Option<Cow<'a, str>>,
+    redacts: Option<Cow<'a, str>>,
+    relates_to: RelatesFields<'a>,
+}
+
+#[derive(Default)]
+struct RelatesFields<'a> {
+    rel_type: Option<Cow<'a, str>>,
+    event_id: Option<Cow<'a, str>>,
+    key: Option<Cow<'a, str>>,
+    in_reply_to: InReplyToFields<'a>,
+}
+
+#[derive(Default)]
+struct InReplyToFields<'a> {
+    event_id: Option<Cow<'a, str>>,
+}
+
+/// An object whose known keys are read into `Self`; every other key is skipped.
+trait ObjectFields<'de>: Default {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
+}
+
+fn string<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Cow<'de, str>>, A::Error> {
+    Ok(match map.next_value::<Scalar<'de>>()? {
+        Scalar::Str(s) => Some(s),
+        _ => None,
+    })
+}
+
+impl<'de> ObjectFields<'de> for EventFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "type" => self.event_type = string(map)?,
+            "event_id" => self.event_id = string(map)?,
+            "sender" => self.sender = string(map)?,
+            "room_id" => self.room_id = string(map)?,
+            "state_key" => self.state_key = string(map)?,
+            "redacts" => self.redacts = string(map)?,
+            "origin_server_ts" => {
+                self.origin_server_ts = match map.next_value::<Scalar<'de>>()? {
+                    Scalar::U64(v) => Some(v),
+                    _ => None,
+                }
+            }
+            "content" => self.content = map.next_value::<Lenient<ContentFields<'de>>>()?.0,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> ObjectFields<'de> for ContentFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "body" => self.body = string(map)?,
+            "redacts" => self.redacts = string(map)?,
+            "m.relates_to" => self.relates_to = map.next_value::<Lenient<RelatesFields<'de>>>()?.0,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> ObjectFields<'de> for RelatesFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "rel_type" => self.rel_type = string(map)?,
+            "event_id" => self.event_id = string(map)?,
+            "key" => self.key = string(map)?,
+            "m.in_reply_to" => {
+                self.in_reply_to = map.next_value::<Lenient<InReplyToFields<'de>>>()?.0
+            }
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> ObjectFields<'de> for InReplyToFields<'de> {
+    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "event_id" => self.event_id = string(map)?,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `T` read from an object; any other JSON value reads as `T::default()`.
+struct Lenient<T>(T);
+
+impl<'de, T: ObjectFields<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: ObjectFields<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = T::default();
+                while let Some(key) = map.next_key::<Scalar<'de>>()? {
+                    match key {
+                        Scalar::Str(key) => fields.field(&key, &mut map)?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Lenient(fields))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(T::default()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(T::default()))
+            }
+        }
+        deserializer.deserialize_any(V(PhantomData))
+    }
+}
+
+/// A JSON value reduced to what normalization can use: a string, a non-negative integer, or
+/// anything else.
+enum Scalar<'a> {
+    Str(Cow<'a, str>),
+    U64(u64),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::U64(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(v).map_or(Scalar::Other, Scalar::U64))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Scalar::Other)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(json: &str, section: Section) -> Event {
+        normalize(
+            RawValue::from_string(json.to_owned()).unwrap(),
+            section,
+            None,
+        )
+    }
+
+    #[test]
+    fn reads_the_fields_of_a_reply_with_escapes() {
+        let e = norm(
+            r#"{"type":"m.room.message","event_id":"$a:x","sender":"@u:x","origin_server_ts":5,
+               "content":{"body":"say \"hi\"","m.relates_to":{"m.in_reply_to":{"event_id":"$b:x"}}}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(e.kind, EventKind::Message);
+        assert_eq!(e.body, "say \"hi\"");
+        assert_eq!(e.relation.unwrap().rel_type, "m.in_reply_to");
+        assert_eq!(e.origin_server_ts.unwrap().0, js_int::uint!(5));
+    }
+
+    #[test]
+    fn odd_field_types_read_as_absent() {
+        let e = norm(
+            r#"{"type":"m.room.message","event_id":7,"sender":["@u:x"],"origin_server_ts":-1,
+               "content":{"body":{"nested":true},"m.relates_to":"nope"}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(e.kind, EventKind::Message);
+        assert!(e.event_id.is_none() && e.sender.is_none() && e.origin_server_ts.is_none());
+        assert_eq!(e.body, "");
+        assert!(e.relation.is_none());
+        let e = norm(r#"[1,2,3]"#, Section::Timeline);
+        assert_eq!(e.kind, EventKind::OtherTimeline);
+        assert_eq!(e.raw.get(), "[1,2,3]");
+        let e = norm(r#"{"type":"m.room.topic","content":5}"#, Section::State);
+        assert_eq!(e.kind, EventKind::State);
+    }
+
+    #[test]
+    fn redactions_carry_their_target_in_either_place() {
+        let old = norm(
+            r#"{"type":"m.room.redaction","redacts":"$t:x","content":{}}"#,
+            Section::Timeline,
+        );
+        let new = norm(
+            r#"{"type":"m.room.redaction","content":{"redacts":"$t:x"}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(old.kind, EventKind::Redaction);
+        assert_eq!(old.redacts.as_deref().map(|e| e.as_str()), Some("$t:x"));
+        assert_eq!(new.redacts, old.redacts);
+    }
+
+    #[test]
+    fn encrypted_events_have_no_body() {
+        let e = norm(
+            r#"{"type":"m.room.encrypted","content":{"body":"leak?","ciphertext":"x"}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(e.kind, EventKind::Encrypted);
+        assert_eq!(e.body, "");
+    }
+}

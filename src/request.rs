@@ -1,0 +1,150 @@
+//! Building the HTTP requests the machine asks for.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, AUTHORIZATION};
+use ruma_client_api::filter::RoomEventFilter;
+use ruma_client_api::message::get_message_events::v3 as messages;
+use ruma_client_api::sync::sync_events::v3 as sync;
+use ruma_common::api::path_builder::VersionHistory;
+use ruma_common::api::{MatrixVersion, OutgoingRequest as RumaRequest, SupportedVersions};
+use ruma_common::OwnedRoomId;
+
+use crate::config::{Config, SyncFilter};
+
+/// Identifies one request handed out by the machine; its response must carry the same id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// What a request is for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RequestKind {
+    /// `GET /_matrix/client/v3/sync`.
+    Sync {
+        /// The server-side long-poll timeout it carries (zero when catching up).
+        timeout: Duration,
+    },
+    /// `GET /_matrix/client/v3/rooms/{roomId}/messages`, filling a gap.
+    Messages {
+        /// The room whose gap is being filled.
+        room_id: OwnedRoomId,
+    },
+}
+
+impl RequestKind {
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RequestKind::Sync { .. } => "sync",
+            RequestKind::Messages { .. } => "messages",
+        }
+    }
+}
+
+/// A request the machine wants sent: give its response (or failure) back with the same `id`.
+///
+/// The `Authorization` header is marked sensitive, so `Debug` does not show the token.
+#[derive(Debug)]
+#[must_use = "a request the machine handed out must be sent, or the machine waits for it until its deadline"]
+pub struct OutgoingRequest {
+    /// The id to hand back with the response.
+    pub id: RequestId,
+    /// What the request is for.
+    pub kind: RequestKind,
+    /// The HTTP request (method, URL, headers, empty body).
+    pub http: http::Request<Vec<u8>>,
+    /// When the machine gives up on it; a driver should abort the transfer by then.
+    pub deadline: Instant,
+}
+
+/// Error building a request: a bug in us or in ruma, reported rather than panicking.
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the {what} request: {detail}")]
+pub(crate) struct BuildError {
+    what: &'static str,
+    detail: String,
+}
+
+fn versions() -> SupportedVersions {
+    SupportedVersions {
+        versions: [MatrixVersion::V1_1].into(),
+        features: Default::default(),
+    }
+}
+
+fn finish<R: RumaRequest<PathBuilder = VersionHistory>>(
+    what: &'static str,
+    request: R,
+    config: &Config,
+) -> Result<http::Request<Vec<u8>>, BuildError> {
+    let err = |e: &dyn fmt::Display| BuildError {
+        what,
+        detail: e.to_string(),
+    };
+    let versions = versions();
+    let token = config.access_token.expose();
+    let input = Cow::Borrowed(&versions);
+    // The token is added below, not by ruma, so that the header is marked sensitive.
+    let mut http = request
+        .try_into_http_request_inner(&config.homeserver, input)
+        .map_err(|e| err(&e))?
+        .map(|_| Vec::new());
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| err(&e))?;
+    value.set_sensitive(true);
+    http.headers_mut().insert(AUTHORIZATION, value);
+    Ok(http)
+}
+
+/// `GET /sync` with the given `since` and server-side `timeout`.
+pub(crate) fn sync_request(
+    config: &Config,
+    since: Option<&str>,
+    timeout: Duration,
+    full_state: bool,
+) -> Result<http::Request<Vec<u8>>, BuildError> {
+    let mut request = sync::Request::new();
+    request.since = since.map(str::to_owned);
+    request.timeout = Some(timeout);
+    request.full_state = full_state;
+    request.set_presence = config.set_presence.clone();
+    request.filter = config.filter.as_ref().map(|f| match f {
+        SyncFilter::Definition(def) => sync::Filter::FilterDefinition((**def).clone()),
+        SyncFilter::Id(id) => sync::Filter::FilterId(id.clone()),
+    });
+    finish("sync", request, config)
+}
+
+/// `GET /rooms/{roomId}/messages?dir=b&from=..&to=..&limit=..`.
+pub(crate) fn messages_request(
+    config: &Config,
+    room_id: &OwnedRoomId,
+    from: &str,
+    to: &str,
+    limit: u32,
+) -> Result<http::Request<Vec<u8>>, BuildError> {
+    let mut request = messages::Request::backward(room_id.clone()).from(from.to_owned());
+    request.to = Some(to.to_owned());
+    request.limit = limit.into();
+    request.filter = timeline_filter(config);
+    finish("messages", request, config)
+}
+
+fn timeline_filter(config: &Config) -> RoomEventFilter {
+    match &config.filter {
+        Some(SyncFilter::Definition(def)) => {
+            let mut filter = def.room.timeline.clone();
+            // The page size is ours; the sync's timeline limit would shrink every page.
+            filter.limit = None;
+            filter
+        }
+        _ => RoomEventFilter::default(),
+    }
+}

@@ -1,0 +1,7 @@
+//! Shared helpers for the integration tests: a throwaway Synapse homeserver,
+//! a minimal blocking Matrix client, and a fault-injecting proxy.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod proxy;
+pub mod synapse;

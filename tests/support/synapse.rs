@@ -1,0 +1,387 @@
+//! A throwaway Synapse homeserver for integration tests.
+//!
+//! Each [`Synapse`] runs in its own data directory under
+//! `target/tmp/synapse-test/` (or `target/synapse-test/`), listening on a free
+//! loopback port.  The server runs under `scripts/synapse.sh supervise`,
+//! whose stdin is a pipe held by this process: when the test process exits,
+//! for whatever reason, the pipe closes and the supervisor stops Synapse, so
+//! no server outlives its tests.
+//!
+//! Synapse is installed into `.synapse/venv` on first use (once per process).
+//! If it cannot be installed or started the tests panic: they never skip.
+
+use std::fs;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long to wait for `/health` to answer 200 after spawning Synapse.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long to wait for the supervisor to exit after asking it to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How many fresh ports to try when Synapse dies during startup.
+const START_ATTEMPTS: u32 = 3;
+
+/// A running (or killed) throwaway Synapse.
+pub struct Synapse {
+    port: u16,
+    dir: PathBuf,
+    /// The `supervise` process; `None` once killed.
+    child: Option<Child>,
+    /// Write end of the supervisor's stdin: dropping it stops Synapse.
+    stdin: Option<ChildStdin>,
+}
+
+impl Synapse {
+    /// Starts a fresh Synapse with an empty database on a free loopback port
+    /// and waits until it is healthy.
+    ///
+    /// Panics with the reason (and the tail of the Synapse log) if Synapse
+    /// cannot be installed or started.
+    pub fn start() -> Synapse {
+        ensure_installed();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port();
+            let dir = fresh_dir();
+            init(&dir, port);
+            let mut synapse = Synapse {
+                port,
+                dir,
+                child: None,
+                stdin: None,
+            };
+            match synapse.spawn_and_wait() {
+                Ok(()) => return synapse,
+                Err(e) => {
+                    // The port may have been taken between choosing and
+                    // binding it; try again with another one.
+                    failures.push(format!("attempt {attempt} (port {port}): {e}"));
+                    synapse.kill();
+                }
+            }
+        }
+        panic!(
+            "could not start Synapse after {START_ATTEMPTS} attempts:\n{}",
+            failures.join("\n\n")
+        );
+    }
+
+    /// One Synapse shared by all tests of this test binary, started on first
+    /// use.  For tests that never kill or restart the server.
+    ///
+    /// It is never dropped: it stops when the test process exits and the
+    /// supervisor's stdin closes.
+    pub fn shared() -> &'static Synapse {
+        static SHARED: OnceLock<Synapse> = OnceLock::new();
+        SHARED.get_or_init(Synapse::start)
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port Synapse listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The data directory (config, SQLite database, logs).
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the supervised Synapse is (still) running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The last `lines` lines of the Synapse log and of its stdout/stderr.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in ["homeserver.log", "synapse.stdout", "supervise.log"] {
+            let path = self.dir.join(name);
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out.push_str(&format!("--- tail of {} ---\n", path.display()));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Stops Synapse hard (SIGKILL, no graceful shutdown) and waits until the
+    /// process is gone and the port is closed.  Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            // Ask for an immediate SIGKILL; if the supervisor is already
+            // gone the write fails, which is fine.
+            let _ = stdin.write_all(b"kill\n");
+            let _ = stdin.flush();
+            // Dropping the pipe is the fallback: EOF stops Synapse too.
+        }
+        self.reap();
+    }
+
+    /// Starts Synapse again on the same port and data directory (the
+    /// database survives) and waits until it is healthy.  Kills it first if
+    /// it is still running.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    // E.g. the port is briefly still in use; retry.
+                    eprintln!(
+                        "synapse: restart on port {} failed, retrying: {e}",
+                        self.port
+                    );
+                    self.kill();
+                    thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("could not restart Synapse on port {}: {e}", self.port),
+            }
+        }
+    }
+
+    /// Stops Synapse gracefully (SIGTERM, SIGKILL after 5 s).  Idempotent.
+    fn stop(&mut self) {
+        // EOF on the supervisor's stdin.
+        drop(self.stdin.take());
+        self.reap();
+    }
+
+    /// Waits for the supervisor to exit (killing it if it takes too long).
+    fn reap(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    // The supervisor is stuck: kill it and Synapse directly.
+                    if let Some(pid) = self.synapse_pid() {
+                        let _ = Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status();
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_file(self.dir.join("synapse.pid"));
+    }
+
+    fn synapse_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.dir.join("synapse.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Spawns `synapse.sh supervise DIR` and waits for `/health`.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "Synapse is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("supervise.log"))
+            .map_err(|e| format!("cannot open supervise.log: {e}"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("cannot clone log handle: {e}"))?;
+        let mut child = Command::new("bash")
+            .arg(script())
+            .arg("supervise")
+            .arg(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        self.stdin = child.stdin.take();
+        self.child = Some(child);
+        self.wait_healthy()
+    }
+
+    fn wait_healthy(&mut self) -> Result<(), String> {
+        let url = format!("{}/health", self.base_url());
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .proxy(None)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "Synapse exited during startup ({status})\n{}",
+                        self.log_tail(40)
+                    ));
+                }
+            }
+            if let Ok(resp) = agent.get(&url).call() {
+                if resp.status().as_u16() == 200 {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > HEALTH_TIMEOUT {
+                return Err(format!(
+                    "Synapse did not answer 200 on {url} within {HEALTH_TIMEOUT:?}\n{}",
+                    self.log_tail(40)
+                ));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("SYNAPSE_KEEP_DATA").is_none() && !thread::panicking() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn script() -> PathBuf {
+    repo_root().join("scripts").join("synapse.sh")
+}
+
+/// Parent of all test data directories.
+fn test_root() -> PathBuf {
+    let base = match option_env!("CARGO_TARGET_TMPDIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => repo_root().join("target"),
+    };
+    base.join("synapse-test")
+}
+
+/// Installs Synapse (once per process) and removes data directories left
+/// behind by test processes that are gone.  Panics if the install fails.
+fn ensure_installed() {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        remove_stale_dirs();
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("install")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{} install` failed ({}):\n{}{}",
+                script().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = result {
+        panic!("Synapse is required for this test and could not be installed: {e}");
+    }
+}
+
+/// Data directories are named `<pid>-<n>-<nanos>`; remove those whose
+/// process no longer exists (only where `/proc` tells us).
+fn remove_stale_dirs() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(test_root()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn fresh_dir() -> PathBuf {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = test_root().join(format!("{}-{n}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create Synapse data dir {}: {e}", dir.display()));
+    dir
+}
+
+/// A free loopback port, never one already handed out in this process.
+fn free_port() -> u16 {
+    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"));
+        let port = listener
+            .local_addr()
+            .expect("local_addr of a bound listener")
+            .port();
+        if !used.contains(&port) {
+            used.push(port);
+            return port;
+        }
+    }
+    panic!("could not find an unused loopback port");
+}
+
+/// `synapse.sh init DIR PORT`; panics with its output on failure.
+fn init(dir: &Path, port: u16) {
+    let out = Command::new("bash")
+        .arg(script())
+        .arg("init")
+        .arg(dir)
+        .arg(port.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display()));
+    if !out.status.success() {
+        panic!(
+            "`synapse.sh init {} {port}` failed ({}):\n{}{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
