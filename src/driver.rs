@@ -1,0 +1,372 @@
+//! The blocking driver: one thread running `ureq`, feeding a [`SyncMachine`] and publishing
+//! what it yields over `crossbeam-channel`.
+
+use std::any::Any;
+use std::io;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+
+use crate::{
+    Config, ConfigError, Event, OutgoingRequest, SyncError, SyncMachine, SyncState,
+    TransportErrorKind, TransportFailure,
+};
+
+/// Connect and resolve are the only steps `Agent::shutdown` cannot interrupt; bound them so a
+/// stop during a connect to a black-holed address still ends promptly enough.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const STATE_CHANNEL_CAPACITY: usize = 64;
+
+/// What reaches the `errors` channel.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// A request failed; the service is already backing off and will retry.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// The driver thread panicked (a bug in this crate); the service has ended.
+    #[error("the sync driver thread panicked: {0}")]
+    Panicked(String),
+}
+
+/// A running sync service: one driver thread, its channels, and `stop`.
+///
+/// Dropping it stops the service (without waiting for the thread; use
+/// [`join`](Self::join) for that).
+pub struct SyncService {
+    events: Receiver<Event>,
+    errors: Receiver<ServiceError>,
+    states: Receiver<SyncState>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<Result<(), ServiceError>>>>,
+}
+
+struct Shared {
+    /// Dropped by `stop()`: every `select!` on the receiving side wakes at once.
+    stop: Mutex<Option<Sender<()>>>,
+    /// A clone of the driver's agent, to abort its in-flight request on stop.
+    agent: Mutex<Option<ureq::Agent>>,
+    dropped_errors: AtomicU64,
+    state: Mutex<SyncState>,
+}
+
+/// Validates `config`, then spawns the driver thread. Sync starts at once.
+pub fn start(config: Config) -> Result<SyncService, ConfigError> {
+    let machine = SyncMachine::new(config, Instant::now())?;
+    let config = machine.config();
+    let (event_tx, event_rx) = bounded(config.event_channel_capacity);
+    let (error_tx, error_rx) = bounded(config.error_channel_capacity);
+    let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
+    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let agent = new_agent();
+    let shared = Arc::new(Shared {
+        stop: Mutex::new(Some(stop_tx)),
+        agent: Mutex::new(Some(agent.clone())),
+        dropped_errors: AtomicU64::new(0),
+        state: Mutex::new(machine.state()),
+    });
+    let mut driver = Driver {
+        machine,
+        agent,
+        events: event_tx,
+        errors: Lossy {
+            tx: error_tx,
+            rx: error_rx.clone(),
+            shared: shared.clone(),
+            counts: true,
+        },
+        states: Lossy {
+            tx: state_tx,
+            rx: state_rx.clone(),
+            shared: shared.clone(),
+            counts: false,
+        },
+        stop: stop_rx,
+        shared: shared.clone(),
+    };
+    let thread = thread::Builder::new()
+        .name("matrix-sync".to_owned())
+        .spawn(move || {
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
+            let result = match outcome {
+                Ok(()) => Ok(()),
+                Err(payload) => {
+                    let message = panic_message(payload);
+                    log::error!("sync driver panicked: {message}");
+                    driver.errors.push(ServiceError::Panicked(message.clone()));
+                    Err(ServiceError::Panicked(message))
+                }
+            };
+            driver.machine.stop();
+            driver.publish_states();
+            result
+        })
+        .map_err(|_| ConfigError::Invalid {
+            field: "thread",
+            reason: "could not spawn the driver thread",
+        })?;
+    Ok(SyncService {
+        events: event_rx,
+        errors: error_rx,
+        states: state_rx,
+        shared,
+        thread: Mutex::new(Some(thread)),
+    })
+}
+
+impl SyncService {
+    /// Normalized events, in order, ending with a checkpoint per batch. Bounded: while nobody
+    /// receives, the driver waits (backpressure, never loss). Disconnected once stopped.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Failure reports. Never slows the sync: when full, the oldest report is dropped and
+    /// counted in [`dropped_errors`](Self::dropped_errors). Disconnected once stopped.
+    pub fn errors(&self) -> &Receiver<ServiceError> {
+        &self.errors
+    }
+
+    /// State changes (oldest dropped when nobody reads them). Disconnected once stopped.
+    pub fn states(&self) -> &Receiver<SyncState> {
+        &self.states
+    }
+
+    /// The current state.
+    pub fn state(&self) -> SyncState {
+        *lock(&self.shared.state)
+    }
+
+    /// How many error reports were dropped because the `errors` channel was full.
+    pub fn dropped_errors(&self) -> u64 {
+        self.shared.dropped_errors.load(Ordering::Relaxed)
+    }
+
+    /// Stops the service: aborts the in-flight request and any backoff wait; the channels
+    /// close right after. Idempotent, callable from any thread, also after the thread ended.
+    pub fn stop(&self) {
+        self.shared.request_stop();
+    }
+
+    /// Waits for the driver thread to end (call [`stop`](Self::stop) first, or it runs until
+    /// a panic). `Err` if it panicked. Later calls return `Ok(())`.
+    pub fn join(&self) -> Result<(), ServiceError> {
+        let thread = lock(&self.thread).take();
+        match thread.map(JoinHandle::join) {
+            None => Ok(()),
+            Some(Ok(result)) => result,
+            Some(Err(payload)) => Err(ServiceError::Panicked(panic_message(payload))),
+        }
+    }
+
+    /// True once the driver thread has ended.
+    pub fn is_finished(&self) -> bool {
+        lock(&self.thread)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
+    }
+}
+
+impl Drop for SyncService {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for SyncService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncService")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn request_stop(&self) {
+        drop(lock(&self.stop).take());
+        if let Some(agent) = lock(&self.agent).take() {
+            agent.shutdown();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+fn new_agent() -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_resolve(Some(CONNECT_TIMEOUT))
+        .max_redirects(0)
+        .user_agent(concat!("matrix-sync-service/", env!("CARGO_PKG_VERSION")))
+        .build();
+    ureq::Agent::new_with_config(config)
+}
+
+/// A channel that never blocks its sender: when full, the oldest item is dropped.
+struct Lossy<T> {
+    tx: Sender<T>,
+    rx: Receiver<T>,
+    shared: Arc<Shared>,
+    counts: bool,
+}
+
+impl<T> Lossy<T> {
+    fn push(&self, mut item: T) {
+        loop {
+            match self.tx.try_send(item) {
+                Ok(()) => return,
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    item = back;
+                    if self.rx.try_recv().is_ok() && self.counts {
+                        self.shared.dropped_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Driver {
+    machine: SyncMachine,
+    agent: ureq::Agent,
+    events: Sender<Event>,
+    errors: Lossy<ServiceError>,
+    states: Lossy<SyncState>,
+    stop: Receiver<()>,
+    shared: Arc<Shared>,
+}
+
+/// Why the loop ends.
+struct Stopped;
+
+impl Driver {
+    fn run(&mut self) {
+        while self.step().is_ok() {}
+        log::debug!("sync driver stopping");
+    }
+
+    /// One turn of the canonical loop: drain the outputs, then send a request or wait.
+    fn step(&mut self) -> Result<(), Stopped> {
+        self.drain()?;
+        if let Some(request) = self.machine.poll_request() {
+            let id = request.id;
+            let outcome = perform(&self.agent, request, self.machine.config().max_body_bytes);
+            self.check_stop()?;
+            let now = Instant::now();
+            let input = match outcome {
+                Ok(response) => self.machine.handle_response(id, response, now),
+                Err(failure) => self.machine.handle_failure(id, failure, now),
+            };
+            if let Err(err) = input {
+                log::warn!("input refused by the machine: {err}");
+            }
+            return Ok(());
+        }
+        let Some(wake) = self.machine.poll_timeout() else {
+            return Err(Stopped);
+        };
+        let wait = wake.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            select! {
+                recv(self.stop) -> _ => return Err(Stopped),
+                default(wait) => {}
+            }
+        }
+        // `Instant::now()` is monotonic, so the machine never sees time go backwards.
+        let _ = self.machine.handle_timeout(Instant::now().max(wake));
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<(), Stopped> {
+        self.publish_states();
+        while let Some(error) = self.machine.poll_error() {
+            self.errors.push(ServiceError::Sync(error));
+        }
+        while let Some(event) = self.machine.poll_event() {
+            select! {
+                send(self.events, event) -> sent => if sent.is_err() { return Err(Stopped) },
+                recv(self.stop) -> _ => return Err(Stopped),
+            }
+        }
+        self.publish_states();
+        self.check_stop()
+    }
+
+    fn publish_states(&mut self) {
+        while let Some(state) = self.machine.poll_state() {
+            *lock(&self.shared.state) = state;
+            self.states.push(state);
+        }
+    }
+
+    fn check_stop(&self) -> Result<(), Stopped> {
+        match self.stop.try_recv() {
+            Err(crossbeam_channel::TryRecvError::Empty) => Ok(()),
+            _ => Err(Stopped),
+        }
+    }
+}
+
+/// Sends one request and reads its whole body (up to `max_body` bytes).
+fn perform(
+    agent: &ureq::Agent,
+    request: OutgoingRequest,
+    max_body: u64,
+) -> Result<http::Response<Vec<u8>>, TransportFailure> {
+    let timeout = request.deadline.saturating_duration_since(Instant::now());
+    if timeout.is_zero() {
+        return Err(TransportFailure::new(
+            TransportErrorKind::TimedOut,
+            "deadline passed before sending",
+        ));
+    }
+    let http = agent
+        .configure_request(request.http)
+        .timeout_global(Some(timeout))
+        .build();
+    let response = agent.run(http).map_err(|e| transport_failure(e, false))?;
+    let (parts, mut body) = response.into_parts();
+    let bytes = body
+        .with_config()
+        .limit(max_body)
+        .read_to_vec()
+        .map_err(|e| transport_failure(e, true))?;
+    Ok(http::Response::from_parts(parts, bytes))
+}
+
+fn transport_failure(error: ureq::Error, reading_body: bool) -> TransportFailure {
+    use TransportErrorKind as K;
+    let kind = match &error {
+        ureq::Error::Io(io) => match io.kind() {
+            io::ErrorKind::ConnectionRefused => K::Connect,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => K::TimedOut,
+            io::ErrorKind::UnexpectedEof if reading_body => K::Truncated,
+            _ => K::Reset,
+        },
+        ureq::Error::Timeout(_) => K::TimedOut,
+        ureq::Error::HostNotFound => K::Dns,
+        ureq::Error::ConnectionFailed => K::Connect,
+        ureq::Error::Tls(_) => K::Tls,
+        ureq::Error::BodyExceedsLimit(_) => K::BodyTooLarge,
+        ureq::Error::Protocol(_) if reading_body => K::Truncated,
+        _ => K::Other,
+    };
+    TransportFailure::new(kind, error.to_string())
+}
