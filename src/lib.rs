@@ -1,4 +1,125 @@
-//! A Matrix `/v3/sync` loop: a pure sans-IO state machine, and a blocking driver.
+//! A Matrix `/v3/sync` loop that survives every failure a network or server can produce and
+//! hands the application a clean stream of normalized events.
+//!
+//! Two layers:
+//!
+//! * [`SyncMachine`], the sans-IO core: pure and synchronous. It consumes HTTP responses (or
+//!   transport failures) and time ticks, and yields the requests to send, the instant it next
+//!   wants to be woken, normalized [`Event`]s, [`SyncError`] reports and [`SyncState`] changes.
+//!   It never reads a clock, sleeps, does I/O or spawns a thread; its only randomness (backoff
+//!   jitter) comes from [`Config::jitter_seed`]. Same inputs, same outputs, bit for bit.
+//! * The blocking driver ([`start`], feature `driver`, on by default): one thread running
+//!   `ureq`, publishing over `crossbeam-channel` behind a [`SyncService`] handle with `events`,
+//!   `errors`, `states` and an idempotent `stop()`. With `default-features = false` the crate
+//!   is the machine alone, for any event loop and any HTTP client.
+//!
+//! # The rules
+//!
+//! 1. Feed the machine one input: [`handle_response`](SyncMachine::handle_response),
+//!    [`handle_failure`](SyncMachine::handle_failure) or
+//!    [`handle_timeout`](SyncMachine::handle_timeout), each with the current `Instant`.
+//! 2. Drain its outputs until each says `None`: events, errors, states, then
+//!    [`poll_request`](SyncMachine::poll_request). Send what it returns.
+//! 3. Wait for whichever comes first: the response, or
+//!    [`poll_timeout`](SyncMachine::poll_timeout). Go to 1.
+//! 4. Every request has an id; answer it with the same id. An answer the machine no longer
+//!    waits for (stale id, after a deadline or a stop) is refused with an [`InputError`] and
+//!    changes nothing; so is time going backwards.
+//! 5. At most one request is in flight, and none is handed out while events wait to be
+//!    drained: `since` advances (when you take the [`Checkpoint`]) only past events you took.
+//! 6. A panic means a bug in this crate, never bad input: no server response, body or timing
+//!    can make the machine panic.
+//!
+//! # The protocol, as implemented
+//!
+//! * `GET /_matrix/client/v3/sync` with `since`, `timeout`, `filter`, `full_state` (first request
+//!   only) and `set_presence`; the token only in the `Authorization` header (marked sensitive,
+//!   so it never shows in `Debug`).
+//! * The first request, and the first after any error, uses `timeout=0`; then the long-poll
+//!   timeout. Each request has a deadline: the long-poll timeout plus a margin, or its own longer
+//!   one for the initial sync.
+//! * A 200 whose `next_batch` equals `since` spaces the next request by the backoff schedule,
+//!   so a server answering long-polls at once cannot make the loop spin.
+//! * Failures are classified as [`ErrorClass`] says: transient (network, 5xx, bad body,
+//!   deadline) back off exponentially with seeded jitter; 429 waits the larger of the server's
+//!   wait (capped by [`Config::max_server_wait`]) and the backoff; fatal (401, 403, other 4xx)
+//!   retries only at the maximum backoff until stopped. Backoff resets after a success.
+//! * Order within a batch: to-device, device lists and key counts, global account data,
+//!   presence, then rooms (joined, invited, knocked, left). Per room: gap item, gap-fill events,
+//!   state, timeline, ephemeral, room account data. Then a [`Checkpoint`].
+//! * A limited timeline on an incremental sync is filled with `/rooms/{roomId}/messages` (from
+//!   its `prev_batch` back to the previous `since`), up to [`GapFill::max_events_per_room`];
+//!   past that, or with filling off, an [`EventKind::Gap`] item says what was not delivered.
+//!   Events already delivered in this run are not delivered again.
+//! * Where this crate chose: a left room's events come with their usual kinds, followed by an
+//!   [`EventKind::Leave`] marker; room summaries and unread counts are not events and are not
+//!   reported; one-time-key counts are reported only when they change.
+//!
+//! The reasons behind the defaults are in [`defaults`].
+//!
+//! # The run loop
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use matrix_sync_service::{Config, EventKind, SyncMachine};
+//!
+//! // A stand-in for your HTTP client: answers every sync with one message.
+//! fn send(request: &http::Request<Vec<u8>>) -> http::Response<Vec<u8>> {
+//!     assert!(request.uri().path().ends_with("/v3/sync"));
+//!     let body = r#"{"next_batch":"s2","rooms":{"join":{"!r:example.org":{"timeline":{"events":[
+//!         {"type":"m.room.message","event_id":"$e1","sender":"@a:example.org",
+//!          "origin_server_ts":1,"content":{"msgtype":"m.text","body":"hi"}}]}}}}}"#;
+//!     http::Response::builder().status(200).body(body.as_bytes().to_vec()).unwrap()
+//! }
+//!
+//! let mut now = Instant::now();
+//! let config = Config::new("https://example.org", "secret-token");
+//! let mut machine = SyncMachine::new(config, now).expect("valid config");
+//! let mut bodies = Vec::new();
+//! let mut checkpoints = 0;
+//! while checkpoints < 2 {
+//!     // 2. drain the outputs
+//!     while let Some(event) = machine.poll_event() {
+//!         match event.kind {
+//!             EventKind::Checkpoint(_) => checkpoints += 1,
+//!             _ => bodies.push(event.body),
+//!         }
+//!     }
+//!     while let Some(error) = machine.poll_error() {
+//!         eprintln!("{error}");
+//!     }
+//!     while let Some(_state) = machine.poll_state() {}
+//!     if let Some(request) = machine.poll_request() {
+//!         // 3. send it; 1. feed the answer back with the request's id
+//!         let response = send(&request.http);
+//!         now += Duration::from_millis(20);
+//!         machine.handle_response(request.id, response, now).expect("awaited");
+//!     } else if let Some(wake) = machine.poll_timeout() {
+//!         // 3. nothing to send: sleep until the machine's next instant
+//!         now = now.max(wake);
+//!         machine.handle_timeout(now).expect("time moves forward");
+//!     }
+//! }
+//! // The event id repeats in the second batch and is not delivered twice.
+//! assert_eq!(bodies, ["hi"]);
+//! assert_eq!(machine.since(), Some("s2"));
+//! ```
+//!
+//! With the driver, the same loop runs on its own thread:
+//!
+//! ```no_run
+//! # #[cfg(feature = "driver")] {
+//! use matrix_sync_service::{start, Config, EventKind};
+//!
+//! let service = start(Config::new("https://example.org", "secret-token"))?;
+//! for event in service.events() {
+//!     if let EventKind::Checkpoint(checkpoint) = &event.kind {
+//!         // persist checkpoint.next_batch here
+//!     }
+//! }
+//! # }
+//! # Ok::<(), matrix_sync_service::ConfigError>(())
+//! ```
 #![warn(missing_docs)]
 
 mod backoff;
