@@ -1,0 +1,335 @@
+//! The blocking driver against a real Synapse: live events, stop, fatal errors, restarts.
+
+mod support;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use matrix_sync_service::{
+    start, BackoffPolicy, Config, ErrorClass, Event, EventKind, Failure, ServiceError, SyncService,
+    SyncState,
+};
+use support::client::Account;
+use support::synapse::Synapse;
+
+fn config_for(account: &Account) -> Config {
+    let mut config = Config::new(account.base_url(), account.access_token.clone());
+    config.jitter_seed = 1;
+    config
+}
+
+/// Receives events until `done` says so, failing after `within`.
+fn collect_until(
+    service: &SyncService,
+    within: Duration,
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + within;
+    let mut events = Vec::new();
+    while !done(&events) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match service.events().recv_timeout(left) {
+            Ok(event) => events.push(event),
+            Err(e) => {
+                panic!("events ended ({e}) before the test saw what it waits for: {events:#?}")
+            }
+        }
+    }
+    events
+}
+
+fn drain_until_live(service: &SyncService) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = service
+            .events()
+            .recv_deadline(deadline)
+            .expect("a first batch");
+        if matches!(&event.kind, EventKind::Checkpoint(_)) && service.state() == SyncState::Live {
+            return;
+        }
+    }
+}
+
+/// How long until both channels report disconnection.
+fn time_to_close(service: &SyncService) -> Duration {
+    let started = Instant::now();
+    service.stop();
+    while service
+        .events()
+        .recv_timeout(Duration::from_secs(5))
+        .is_ok()
+    {}
+    while service
+        .errors()
+        .recv_timeout(Duration::from_secs(5))
+        .is_ok()
+    {}
+    started.elapsed()
+}
+
+#[test]
+fn live_events_arrive_in_order_with_their_fields() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let doomed = bob.create_room(&[&alice.user_id]);
+    alice.join(&doomed);
+
+    let service = start(config_for(&alice)).expect("valid config");
+    drain_until_live(&service);
+
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        sent.push(bob.send_text(&room, &format!("message {i}")));
+    }
+    let edit = bob.send_edit(&room, &sent[0], "message 0, edited");
+    let reaction = bob.send_reaction(&room, &sent[1], "👍");
+    bob.typing(&room, true);
+    bob.receipt(&room, &sent[4]);
+    let invite_room = bob.create_room(&[&alice.user_id]);
+    bob.kick(&doomed, &alice.user_id);
+    bob.send_to_device(
+        "org.example.ping",
+        &alice.user_id,
+        &alice.device_id,
+        &serde_json::json!({"n": 1}),
+    );
+    alice.set_account_data(
+        "org.example.settings",
+        &serde_json::json!({"theme": "dark"}),
+    );
+
+    let has = |events: &[Event], pred: &dyn Fn(&Event) -> bool| events.iter().any(pred);
+    let events = collect_until(&service, Duration::from_secs(30), |events| {
+        has(events, &|e| {
+            e.event_id
+                .as_ref()
+                .is_some_and(|id| id.as_str() == reaction)
+        }) && has(events, &|e| e.kind == EventKind::Typing)
+            && has(events, &|e| e.kind == EventKind::Receipt)
+            && has(events, &|e| e.kind == EventKind::Invite)
+            && has(events, &|e| e.kind == EventKind::Leave)
+            && has(events, &|e| e.kind == EventKind::ToDevice)
+            && has(events, &|e| {
+                e.kind == EventKind::GlobalAccountData && e.event_type == "org.example.settings"
+            })
+    });
+
+    let messages: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            e.kind == EventKind::Message && e.room_id.as_ref().is_some_and(|r| r.as_str() == room)
+        })
+        .collect();
+    let ids: Vec<&str> = messages
+        .iter()
+        .filter_map(|e| e.event_id.as_ref().map(|i| i.as_str()))
+        .collect();
+    let mut expected: Vec<&str> = sent.iter().map(String::as_str).collect();
+    expected.push(&edit);
+    assert_eq!(ids, expected, "messages in send order");
+    for (i, message) in messages.iter().take(5).enumerate() {
+        assert_eq!(message.body, format!("message {i}"));
+        assert_eq!(message.sender.as_ref().unwrap().as_str(), bob.user_id);
+        let ts = u64::from(message.origin_server_ts.expect("timestamp").0);
+        assert!(ts > 1_600_000_000_000, "plausible timestamp {ts}");
+    }
+    let edit_event = messages[5];
+    let relation = edit_event.relation.as_ref().expect("edit relation");
+    assert_eq!(
+        (relation.rel_type.as_str(), relation.event_id.as_str()),
+        ("m.replace", sent[0].as_str())
+    );
+    let reaction_event = events
+        .iter()
+        .find(|e| e.kind == EventKind::Reaction)
+        .unwrap();
+    let relation = reaction_event.relation.as_ref().unwrap();
+    assert_eq!(relation.rel_type, "m.annotation");
+    assert_eq!(relation.key.as_deref(), Some("👍"));
+    let invite = events.iter().find(|e| e.kind == EventKind::Invite).unwrap();
+    assert_eq!(invite.room_id.as_ref().unwrap().as_str(), invite_room);
+    let leave = events.iter().find(|e| e.kind == EventKind::Leave).unwrap();
+    assert_eq!(leave.room_id.as_ref().unwrap().as_str(), doomed);
+    let to_device = events
+        .iter()
+        .find(|e| e.kind == EventKind::ToDevice)
+        .unwrap();
+    assert_eq!(to_device.event_type, "org.example.ping");
+    assert_eq!(to_device.sender.as_ref().unwrap().as_str(), bob.user_id);
+    let checkpoints = events
+        .iter()
+        .filter(|e| matches!(&e.kind, EventKind::Checkpoint(c) if c.live))
+        .count();
+    assert!(checkpoints >= 1, "live batches end with a live checkpoint");
+    assert!(time_to_close(&service) < Duration::from_secs(1));
+    service.join().expect("clean end");
+}
+
+#[test]
+fn stop_mid_long_poll_closes_both_channels_promptly() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "stopper");
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        let service = start(config_for(&alice)).expect("valid config");
+        drain_until_live(&service);
+        // Now in a 30 s long-poll with nothing to return.
+        thread::sleep(Duration::from_millis(150));
+        let closed = time_to_close(&service);
+        service.join().expect("clean end");
+        latencies.push(closed);
+    }
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let max = *latencies.last().unwrap();
+    eprintln!(
+        "stop latency over {} stops: median {median:?}, max {max:?}",
+        latencies.len()
+    );
+    assert!(
+        max < Duration::from_secs(1),
+        "every stop well under a second: {latencies:?}"
+    );
+}
+
+#[test]
+fn stop_works_while_blocked_on_a_full_events_channel() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "slowreader");
+    let room = alice.create_room(&[]);
+    for i in 0..10 {
+        alice.send_text(&room, &format!("backlog {i}"));
+    }
+    let mut config = config_for(&alice);
+    config.event_channel_capacity = 1;
+    let service = start(config).expect("valid config");
+    // The initial batch has far more than one event: the driver blocks on the full channel.
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        service.events().len(),
+        1,
+        "channel full, nothing lost by skipping"
+    );
+    assert!(!service.is_finished());
+    let closed = time_to_close(&service);
+    assert!(closed < Duration::from_secs(1), "stopped in {closed:?}");
+    service.join().expect("clean end");
+}
+
+#[test]
+fn stop_is_idempotent_from_any_thread_and_dropping_stops() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "idem");
+    let service = Arc::new(start(config_for(&alice)).expect("valid config"));
+    drain_until_live(&service);
+    let other = service.clone();
+    thread::spawn(move || other.stop()).join().unwrap();
+    service.stop();
+    service.stop();
+    service.join().expect("clean end");
+    assert!(service.is_finished());
+    service.stop();
+    assert_eq!(service.state(), SyncState::Stopped);
+    assert!(service
+        .events()
+        .recv_timeout(Duration::from_secs(1))
+        .is_err());
+
+    let service = start(config_for(&alice)).expect("valid config");
+    let events = service.events().clone();
+    drain_until_live(&service);
+    let started = Instant::now();
+    drop(service);
+    while events.recv_timeout(Duration::from_secs(5)).is_ok() {}
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "drop stopped the thread"
+    );
+}
+
+#[test]
+fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "loggedout");
+    let device = alice.new_device();
+    let mut config = config_for(&device);
+    config.long_poll_timeout = Duration::from_millis(500);
+    config.backoff = BackoffPolicy {
+        max: Duration::from_secs(2),
+        ..BackoffPolicy::default()
+    };
+    let service = start(config).expect("valid config");
+    drain_until_live(&service);
+    device.logout();
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match service
+            .errors()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an error report")
+        {
+            ServiceError::Sync(error) => {
+                let Failure::UnknownToken { soft_logout, .. } = &error.failure else {
+                    panic!("unexpected failure {error}");
+                };
+                assert!(!soft_logout);
+                assert_eq!(error.class, ErrorClass::Fatal);
+                assert_eq!(error.failure.errcode(), Some("M_UNKNOWN_TOKEN"));
+                assert_eq!(error.delay, Duration::from_secs(2));
+                seen.push(Instant::now());
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(service.state(), SyncState::Unauthorized);
+    assert!(!service.is_finished(), "the service stays alive");
+    for pair in seen.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(1900),
+            "retries no faster than the maximum backoff: {gap:?}"
+        );
+    }
+    assert!(time_to_close(&service) < Duration::from_secs(1));
+}
+
+#[test]
+fn recovers_by_itself_after_synapse_restarts() {
+    let mut synapse = Synapse::start();
+    let alice = Account::register(&synapse.base_url(), "survivor");
+    let bob = Account::register(&synapse.base_url(), "talker");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let mut config = config_for(&alice);
+    config.backoff = BackoffPolicy {
+        max: Duration::from_secs(1),
+        ..BackoffPolicy::default()
+    };
+    let service = start(config).expect("valid config");
+    drain_until_live(&service);
+
+    synapse.kill();
+    let error = service
+        .errors()
+        .recv_timeout(Duration::from_secs(40))
+        .expect("a failure while down");
+    let ServiceError::Sync(error) = error else {
+        panic!("unexpected {error}")
+    };
+    assert_eq!(error.class, ErrorClass::Transient);
+    synapse.restart();
+    let sent = bob.send_text(&room, "after the restart");
+    let events = collect_until(&service, Duration::from_secs(60), |events| {
+        events
+            .iter()
+            .any(|e| e.event_id.as_ref().is_some_and(|id| id.as_str() == sent))
+    });
+    assert!(events.iter().any(|e| e.body == "after the restart"));
+    assert!(time_to_close(&service) < Duration::from_secs(1));
+}
