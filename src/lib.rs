@@ -147,4 +147,31 @@ pub use normalize::{Checkpoint, Event, EventKind, Gap, Relation};
 pub use request::{OutgoingRequest, RequestId, RequestKind};
 
 pub use ruma_client_api::filter::FilterDefinition;
+
+/// Internals for the fuzz targets only; not part of the API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use serde_json::value::RawValue;
+
+    /// Normalizes one event as found in a room timeline, state, or any other section
+    /// (`section` picks one of them by index, modulo their number).
+    pub fn normalize_any(raw: Box<RawValue>, section: u8) -> crate::Event {
+        use crate::normalize::Section::*;
+        const SECTIONS: [crate::normalize::Section; 9] = [
+            Timeline,
+            State,
+            Ephemeral,
+            RoomAccountData,
+            GlobalAccountData,
+            Presence,
+            ToDevice,
+            Invite,
+            Knock,
+        ];
+        let room = ruma_common::OwnedRoomId::try_from("!fuzz:example.org").ok();
+        let section = SECTIONS[section as usize % SECTIONS.len()];
+        crate::normalize::normalize(raw, section, room.as_ref())
+    }
+}
 pub use ruma_common::presence::PresenceState;
