@@ -7,67 +7,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    start, BackoffPolicy, Config, ErrorClass, Event, EventKind, Failure, ServiceError, SyncService,
-    SyncState,
+    start, BackoffPolicy, ErrorClass, Event, EventKind, Failure, ServiceError, SyncState,
 };
 use support::client::Account;
+use support::service::{collect_until, config_for, drain_until_live, time_to_close};
 use support::synapse::Synapse;
-
-fn config_for(account: &Account) -> Config {
-    let mut config = Config::new(account.base_url(), account.access_token.clone());
-    config.jitter_seed = 1;
-    config
-}
-
-/// Receives events until `done` says so, failing after `within`.
-fn collect_until(
-    service: &SyncService,
-    within: Duration,
-    mut done: impl FnMut(&[Event]) -> bool,
-) -> Vec<Event> {
-    let deadline = Instant::now() + within;
-    let mut events = Vec::new();
-    while !done(&events) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match service.events().recv_timeout(left) {
-            Ok(event) => events.push(event),
-            Err(e) => {
-                panic!("events ended ({e}) before the test saw what it waits for: {events:#?}")
-            }
-        }
-    }
-    events
-}
-
-fn drain_until_live(service: &SyncService) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let event = service
-            .events()
-            .recv_deadline(deadline)
-            .expect("a first batch");
-        if matches!(&event.kind, EventKind::Checkpoint(_)) && service.state() == SyncState::Live {
-            return;
-        }
-    }
-}
-
-/// How long until both channels report disconnection.
-fn time_to_close(service: &SyncService) -> Duration {
-    let started = Instant::now();
-    service.stop();
-    while service
-        .events()
-        .recv_timeout(Duration::from_secs(5))
-        .is_ok()
-    {}
-    while service
-        .errors()
-        .recv_timeout(Duration::from_secs(5))
-        .is_ok()
-    {}
-    started.elapsed()
-}
 
 #[test]
 fn live_events_arrive_in_order_with_their_fields() {

@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod proxy;
+pub mod service;
 pub mod synapse;

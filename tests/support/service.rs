@@ -1,0 +1,84 @@
+//! Helpers for driving a [`SyncService`] in tests.
+
+use std::time::{Duration, Instant};
+
+use matrix_sync_service::{Config, Event, EventKind, SyncService, SyncState};
+
+use super::client::Account;
+
+/// A config for `account` with a fixed jitter seed.
+pub fn config_for(account: &Account) -> Config {
+    let mut config = Config::new(account.base_url(), account.access_token.clone());
+    config.jitter_seed = 1;
+    config
+}
+
+/// Receives events until `done` says so, failing after `within`.
+pub fn collect_until(
+    service: &SyncService,
+    within: Duration,
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + within;
+    let mut events = Vec::new();
+    while !done(&events) {
+        match service.events().recv_deadline(deadline) {
+            Ok(event) => events.push(event),
+            Err(e) => panic!(
+                "events ended ({e}) before the test saw what it waits for; got {} events, last: {:#?}",
+                events.len(),
+                events.last()
+            ),
+        }
+    }
+    events
+}
+
+/// Receives (and discards) events until the service is live after a checkpoint.
+pub fn drain_until_live(service: &SyncService) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = service
+            .events()
+            .recv_deadline(deadline)
+            .expect("a first batch");
+        if matches!(&event.kind, EventKind::Checkpoint(_)) && service.state() == SyncState::Live {
+            return;
+        }
+    }
+}
+
+/// Stops the service and returns how long until both channels reported disconnection.
+pub fn time_to_close(service: &SyncService) -> Duration {
+    let started = Instant::now();
+    service.stop();
+    while service
+        .events()
+        .recv_timeout(Duration::from_secs(5))
+        .is_ok()
+    {}
+    while service
+        .errors()
+        .recv_timeout(Duration::from_secs(5))
+        .is_ok()
+    {}
+    started.elapsed()
+}
+
+/// The bodies of the text messages among `events` in `room`, in delivery order.
+pub fn bodies_in(events: &[Event], room: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::Message)
+        .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
+        .map(|e| e.body.clone())
+        .collect()
+}
+
+/// The last checkpoint token among `events`.
+pub fn last_checkpoint(events: &[Event]) -> Option<String> {
+    events.iter().rev().find_map(|e| match &e.kind {
+        EventKind::Checkpoint(c) => Some(c.next_batch.clone()),
+        _ => None,
+    })
+}
