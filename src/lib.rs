@@ -148,6 +148,11 @@ pub use request::{OutgoingRequest, RequestId, RequestKind};
 
 pub use ruma_client_api::filter::FilterDefinition;
 
+/// The README's examples, compiled as doctests so they stay true.
+#[cfg(all(doctest, feature = "driver"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Internals for the fuzz targets only; not part of the API.
 #[cfg(fuzzing)]
 #[doc(hidden)]

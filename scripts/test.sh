@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every check the project has: formatting, lints, the dependency boundary of the pure
+# machine, and every test (unit, property, simulation, doctests, and the integration tests
+# against a real Synapse, which this script installs first).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "toolchain components"
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+step "Synapse for the integration tests"
+bash scripts/synapse.sh install
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (default features, and the pure machine alone)"
+cargo clippy --all-targets -- -D warnings
+cargo clippy --no-default-features --lib --tests -- -D warnings
+
+step "the pure machine pulls in no I/O crates"
+if cargo tree --no-default-features -e normal --prefix none | grep -E '^(ureq|crossbeam-channel) '; then
+    echo "ureq or crossbeam-channel is in the dependency tree without the driver feature" >&2
+    exit 1
+fi
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+
+step "tests of the pure machine, without the driver"
+cargo test --no-default-features
+
+step "every test, with the driver and a real Synapse"
+cargo test
