@@ -22,6 +22,7 @@ PAUSE="${DEMO_PAUSE:-1}"
 SKIP_TAIL="${DEMO_SKIP_TAIL:-}"
 
 DIR=""
+TAIL_BIN=""
 TAIL_PID=""
 SYNAPSE_STARTED=""
 
@@ -61,10 +62,13 @@ trap 'exit 143' TERM
 # mx METHOD TOKEN BODY SEGMENT...
 # Calls /_matrix/client/v3/SEGMENT/... (each segment percent-encoded) on the
 # demo homeserver and prints the JSON response; fails loudly on non-2xx.
+# A segment "@TXN" becomes a fresh transaction id (Synapse deduplicates sends
+# by transaction id, so each send needs its own).
 mx() {
     python3 - "${BASE_URL}" "$@" <<'PY'
-import sys, urllib.error, urllib.parse, urllib.request
+import sys, urllib.error, urllib.parse, urllib.request, uuid
 base, method, token, body, *segments = sys.argv[1:]
+segments = ["demo-" + uuid.uuid4().hex if s == "@TXN" else s for s in segments]
 path = "/_matrix/client/v3/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
 req = urllib.request.Request(
     base + path,
@@ -93,15 +97,10 @@ json() {
     python3 -c 'import json, sys; a = sys.argv[1:]; print(json.dumps(dict(zip(a[::2], a[1::2]))))' "$@"
 }
 
-txn() {
-    TXN_COUNTER=$((${TXN_COUNTER:-0} + 1))
-    echo "demo-$$-${TXN_COUNTER}"
-}
-
 bob_says() {
     say "bob says \"$1\""
     mx PUT "${BOB_TOKEN}" "$(json msgtype m.text body "$1")" \
-        rooms "${ROOM}" send m.room.message "$(txn)" | field event_id
+        rooms "${ROOM}" send m.room.message @TXN | field event_id
 }
 
 command -v python3 >/dev/null 2>&1 || { echo "demo: python3 is required" >&2; exit 1; }
@@ -112,8 +111,21 @@ bash "${SYNAPSE_SH}" install
 
 if [ -z "${SKIP_TAIL}" ]; then
     command -v cargo >/dev/null 2>&1 || { echo "demo: cargo is required" >&2; exit 1; }
-    say "building the tail example"
-    cargo build --release --example tail
+    say "building the tail example (cargo build --release --example tail)"
+    # Run the built binary directly rather than through `cargo run`: it starts
+    # at once (no waiting on a build-directory lock held by another cargo)
+    # and SIGTERM reaches the example itself.
+    TAIL_BIN="$(cargo build --release --example tail --message-format=json-render-diagnostics \
+        | python3 -c '
+import json, sys
+exe = ""
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "tail" \
+            and "example" in msg["target"]["kind"] and msg.get("executable"):
+        exe = msg["executable"]
+print(exe)')"
+    [ -n "${TAIL_BIN}" ] && [ -x "${TAIL_BIN}" ] || { echo "demo: could not build the tail example" >&2; exit 1; }
 fi
 
 DIR="$(mktemp -d -t matrix-sync-demo.XXXXXX)"
@@ -138,9 +150,8 @@ say "bob joins ${ROOM}"
 mx POST "${BOB_TOKEN}" '{}' join "${ROOM}" >/dev/null
 
 if [ -z "${SKIP_TAIL}" ]; then
-    say "starting: cargo run --release --example tail -- --homeserver ${BASE_URL} (as alice)"
-    MATRIX_ACCESS_TOKEN="${ALICE_TOKEN}" \
-        cargo run --quiet --release --example tail -- --homeserver "${BASE_URL}" &
+    say "starting the equivalent of: cargo run --release --example tail -- --homeserver ${BASE_URL} (as alice)"
+    MATRIX_ACCESS_TOKEN="${ALICE_TOKEN}" "${TAIL_BIN}" --homeserver "${BASE_URL}" &
     TAIL_PID=$!
     sleep 3
     if ! kill -0 "${TAIL_PID}" 2>/dev/null; then
@@ -174,13 +185,13 @@ print(json.dumps({
     "m.new_content": {"msgtype": "m.text", "body": "hello, alice!"},
     "m.relates_to": {"rel_type": "m.replace", "event_id": sys.argv[1]},
 }))' "${FIRST}")"
-mx PUT "${BOB_TOKEN}" "${EDIT_BODY}" rooms "${ROOM}" send m.room.message "$(txn)" >/dev/null
+mx PUT "${BOB_TOKEN}" "${EDIT_BODY}" rooms "${ROOM}" send m.room.message @TXN >/dev/null
 sleep "${PAUSE}"
 say "bob reacts with a thumbs-up to \"this is a live sync demo\""
 REACTION_BODY="$(python3 -c '
 import json, sys
 print(json.dumps({"m.relates_to": {"rel_type": "m.annotation", "event_id": sys.argv[1], "key": "\U0001F44D"}}))' "${SECOND}")"
-mx PUT "${BOB_TOKEN}" "${REACTION_BODY}" rooms "${ROOM}" send m.reaction "$(txn)" >/dev/null
+mx PUT "${BOB_TOKEN}" "${REACTION_BODY}" rooms "${ROOM}" send m.reaction @TXN >/dev/null
 sleep "${PAUSE}"
 bob_says "bye!" >/dev/null
 

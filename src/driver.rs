@@ -69,7 +69,7 @@ pub fn start(config: Config) -> Result<SyncService, ConfigError> {
         dropped_errors: AtomicU64::new(0),
         state: Mutex::new(machine.state()),
     });
-    let mut driver = Driver {
+    let driver = Driver {
         machine,
         agent,
         events: event_tx,
@@ -88,27 +88,10 @@ pub fn start(config: Config) -> Result<SyncService, ConfigError> {
         stop: stop_rx,
         shared: shared.clone(),
     };
-    let thread = thread::Builder::new()
-        .name("matrix-sync".to_owned())
-        .spawn(move || {
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| driver.run()));
-            let result = match outcome {
-                Ok(()) => Ok(()),
-                Err(payload) => {
-                    let message = panic_message(payload);
-                    log::error!("sync driver panicked: {message}");
-                    driver.errors.push(ServiceError::Panicked(message.clone()));
-                    Err(ServiceError::Panicked(message))
-                }
-            };
-            driver.machine.stop();
-            driver.publish_states();
-            result
-        })
-        .map_err(|_| ConfigError::Invalid {
-            field: "thread",
-            reason: "could not spawn the driver thread",
-        })?;
+    let thread = spawn(driver, Driver::run).map_err(|_| ConfigError::Invalid {
+        field: "thread",
+        reason: "could not spawn the driver thread",
+    })?;
     Ok(SyncService {
         events: event_rx,
         errors: error_rx,
@@ -116,6 +99,28 @@ pub fn start(config: Config) -> Result<SyncService, ConfigError> {
         shared,
         thread: Mutex::new(Some(thread)),
     })
+}
+
+/// Runs `body` on the driver thread; a panic in it is caught and reported on `errors` and by
+/// the join, and the machine is stopped either way so the final state reads `Stopped`.
+fn spawn(
+    mut driver: Driver,
+    body: fn(&mut Driver),
+) -> std::io::Result<JoinHandle<Result<(), ServiceError>>> {
+    thread::Builder::new()
+        .name("matrix-sync".to_owned())
+        .spawn(move || {
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| body(&mut driver)));
+            let result = outcome.map_err(|payload| {
+                let message = panic_message(payload);
+                log::error!("sync driver panicked: {message}");
+                driver.errors.push(ServiceError::Panicked(message.clone()));
+                ServiceError::Panicked(message)
+            });
+            driver.machine.stop();
+            driver.publish_states();
+            result
+        })
 }
 
 impl SyncService {
@@ -369,4 +374,52 @@ fn transport_failure(error: ureq::Error, reading_body: bool) -> TransportFailure
         _ => K::Other,
     };
     TransportFailure::new(kind, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_the_driver_thread_reaches_errors_and_join() {
+        let config = Config::new("http://127.0.0.1:9", "token");
+        let machine = SyncMachine::new(config, Instant::now()).unwrap();
+        let (event_tx, _event_rx) = bounded(1);
+        let (error_tx, error_rx) = bounded(4);
+        let (state_tx, state_rx) = bounded(4);
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let agent = new_agent();
+        let shared = Arc::new(Shared {
+            stop: Mutex::new(Some(stop_tx)),
+            agent: Mutex::new(Some(agent.clone())),
+            dropped_errors: AtomicU64::new(0),
+            state: Mutex::new(machine.state()),
+        });
+        let driver = Driver {
+            machine,
+            agent,
+            events: event_tx,
+            errors: Lossy {
+                tx: error_tx,
+                rx: error_rx.clone(),
+                shared: shared.clone(),
+                counts: true,
+            },
+            states: Lossy {
+                tx: state_tx,
+                rx: state_rx,
+                shared: shared.clone(),
+                counts: false,
+            },
+            stop: stop_rx,
+            shared: shared.clone(),
+        };
+        let thread = spawn(driver, |_| panic!("boom")).unwrap();
+        let joined = thread
+            .join()
+            .expect("the panic is caught inside the thread");
+        assert!(matches!(joined, Err(ServiceError::Panicked(m)) if m == "boom"));
+        assert!(matches!(error_rx.try_recv(), Ok(ServiceError::Panicked(m)) if m == "boom"));
+        assert_eq!(*lock(&shared.state), SyncState::Stopped);
+    }
 }

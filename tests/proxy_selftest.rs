@@ -617,6 +617,7 @@ fn garbage_is_not_json() {
     assert_eq!(response.status, 200);
     assert_eq!(response.header("content-type"), Some("application/json"));
     assert!(serde_json::from_slice::<serde_json::Value>(&response.body).is_err());
+    assert!(std::str::from_utf8(&response.body).is_ok());
     assert_eq!(response.header("connection"), Some("keep-alive"));
     assert!(upstream.seen().is_empty());
 }

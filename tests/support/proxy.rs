@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 /// Granularity of every blocking wait: reads poll with this timeout so that
 /// shutdown and client disconnects are noticed promptly.
 const POLL: Duration = Duration::from_millis(50);
+/// Body of an injected `Fault::Garbage`.
+const GARBAGE_BODY: &[u8] = b"<html><body>oops, this is not JSON</body></html>\n";
 /// Cap on a request or response head (request line/status line + headers).
 const MAX_HEAD: usize = 64 * 1024;
 /// Cap on a single chunk-size or trailer line of a chunked upstream body.
@@ -59,7 +61,8 @@ pub enum Fault {
     /// request is not forwarded.
     Stall(Duration),
     /// Answer 200 with `Content-Type: application/json` and a body that is
-    /// not JSON.
+    /// valid UTF-8 but not JSON (an HTML snippet), so the client fails while
+    /// decoding JSON rather than while reading the body.
     Garbage,
 }
 
@@ -532,13 +535,7 @@ fn handle_request(shared: &Shared, client: &TcpStream, request: &Request) -> Aft
         }
         Fault::Garbage => {
             record(Action::Injected(fault.clone()));
-            let bytes = simple_response(
-                200,
-                "application/json",
-                b"<html>oops \xff\xfe this is not json",
-                &[],
-                request.close,
-            );
+            let bytes = simple_response(200, "application/json", GARBAGE_BODY, &[], request.close);
             send(client, &bytes, keep)
         }
     }
@@ -1158,7 +1155,7 @@ fn set_linger_zero(_stream: &TcpStream) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// HTTP helpers
+// HTTP parsing and formatting
 // ---------------------------------------------------------------------------
 
 fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Option<Vec<(String, String)>> {
