@@ -10,7 +10,7 @@ use matrix_sync_service::{
     start, BackoffPolicy, ErrorClass, Event, EventKind, Failure, ServiceError, SyncState,
 };
 use support::client::Account;
-use support::service::{collect_until, config_for, drain_until_live, time_to_close};
+use support::service::{collect_until, config_for, drain_until_live, tail_binary, time_to_close};
 use support::synapse::Synapse;
 
 #[test]
@@ -276,4 +276,41 @@ fn recovers_by_itself_after_synapse_restarts() {
     });
     assert!(events.iter().any(|e| e.body == "after the restart"));
     assert!(time_to_close(&service) < Duration::from_secs(1));
+}
+
+#[test]
+fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "signalled");
+    for signal in ["-INT", "-TERM"] {
+        let mut child = Command::new(tail_binary())
+            .args(["--homeserver", &synapse.base_url()])
+            .env("MATRIX_ACCESS_TOKEN", &alice.access_token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first_checkpoint =
+            lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("\"checkpoint\"")));
+        assert!(first_checkpoint.is_some(), "tail printed its first batch");
+        thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        let took = started.elapsed();
+        eprintln!("tail exit after {signal}: {took:?}");
+        assert_eq!(status.code(), Some(0), "{signal}: clean exit");
+        assert!(
+            took < Duration::from_millis(200),
+            "{signal}: exited in {took:?}"
+        );
+    }
 }

@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -16,7 +16,8 @@ use serde_json::Value;
 use support::client::Account;
 use support::proxy::{Action, Fault, FaultPlan, Proxy};
 use support::service::{
-    bodies_in, collect_until, config_for, drain_until_live, last_checkpoint, time_to_close,
+    bodies_in, collect_until, config_for, drain_until_live, last_checkpoint, tail_binary,
+    time_to_close,
 };
 use support::synapse::Synapse;
 
@@ -250,19 +251,6 @@ fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
 }
 
 // ---- the tail example, killed and restarted ----------------------------------------------
-
-fn tail_binary() -> PathBuf {
-    // target/<profile>/deps/<test binary> -> target/<profile>/examples/tail
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let tail = profile_dir.join("examples").join("tail");
-    assert!(
-        tail.exists(),
-        "{} is missing: `cargo test` builds the examples; run it through cargo",
-        tail.display()
-    );
-    tail
-}
 
 struct TailRun {
     child: Child,

@@ -82,3 +82,17 @@ pub fn last_checkpoint(events: &[Event]) -> Option<String> {
         _ => None,
     })
 }
+
+/// The `tail` example built by `cargo test` beside this test binary.
+pub fn tail_binary() -> std::path::PathBuf {
+    // target/<profile>/deps/<test binary> -> target/<profile>/examples/tail
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(std::path::Path::parent).unwrap();
+    let tail = profile_dir.join("examples").join("tail");
+    assert!(
+        tail.exists(),
+        "{} is missing: `cargo test` builds the examples; run the tests through cargo",
+        tail.display()
+    );
+    tail
+}

@@ -1,0 +1,165 @@
+//! The driver and the `tail` example where no homeserver is needed: a closed loopback port.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::service::tail_binary;
+
+use matrix_sync_service::{
+    start, BackoffPolicy, Config, ConfigError, ErrorClass, Failure, ServiceError, SyncState,
+    TransportErrorKind,
+};
+
+/// A loopback URL nothing listens on.
+fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn errors_never_block_the_sync_and_the_oldest_are_dropped_and_counted() {
+    let mut config = Config::new(closed_port_url(), "token");
+    config.error_channel_capacity = 2;
+    config.backoff = BackoffPolicy {
+        initial: Duration::from_millis(1),
+        max: Duration::from_millis(5),
+        ..BackoffPolicy::default()
+    };
+    let service = start(config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while service.dropped_errors() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "errors kept flowing without a reader"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        service.errors().len(),
+        2,
+        "the channel holds the newest two"
+    );
+    assert_eq!(service.state(), SyncState::BackingOff);
+    let Ok(ServiceError::Sync(error)) = service.errors().recv() else {
+        panic!("a sync error")
+    };
+    assert_eq!(error.class, ErrorClass::Transient);
+    assert!(
+        error.attempt > 5,
+        "an old report was dropped, this is a newer one: {}",
+        error.attempt
+    );
+    let Failure::Transport(failure) = &error.failure else {
+        panic!("{error}")
+    };
+    assert_eq!(failure.kind, TransportErrorKind::Connect);
+    service.stop();
+    service.join().unwrap();
+    assert_eq!(service.state(), SyncState::Stopped);
+}
+
+#[test]
+fn stop_during_a_backoff_wait_is_immediate() {
+    let mut config = Config::new(closed_port_url(), "token");
+    config.backoff = BackoffPolicy {
+        initial: Duration::from_secs(30),
+        max: Duration::from_secs(60),
+        jitter: 0.0,
+        ..BackoffPolicy::default()
+    };
+    let service = start(config).unwrap();
+    let Ok(ServiceError::Sync(error)) = service.errors().recv_timeout(Duration::from_secs(5))
+    else {
+        panic!("a first failure")
+    };
+    assert_eq!(error.delay, Duration::from_secs(30));
+    let started = Instant::now();
+    service.stop();
+    service.join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(service.events().recv().is_err(), "events closed");
+}
+
+#[test]
+fn start_refuses_bad_configurations_field_by_field() {
+    let bad = |config: Config| start(config).unwrap_err();
+    assert_eq!(
+        bad(Config::new("http://127.0.0.1:1", "")),
+        ConfigError::MissingAccessToken
+    );
+    assert_eq!(
+        bad(Config::new("http://matrix.example.org", "t")),
+        ConfigError::InsecureHttp
+    );
+    assert!(matches!(
+        bad(Config::new("matrix.example.org", "t")),
+        ConfigError::InvalidHomeserver { .. }
+    ));
+    assert!(matches!(
+        bad(Config::new("ftp://matrix.example.org", "t")),
+        ConfigError::InvalidHomeserver { .. }
+    ));
+    let mut config = Config::new("https://matrix.example.org", "t");
+    config.long_poll_timeout = Duration::from_secs(86_400 * 365);
+    assert!(matches!(
+        bad(config),
+        ConfigError::DurationOutOfRange {
+            field: "long_poll_timeout",
+            ..
+        }
+    ));
+    let mut config = Config::new("https://matrix.example.org", "t");
+    config.event_channel_capacity = 0;
+    assert!(matches!(
+        bad(config),
+        ConfigError::Invalid {
+            field: "event_channel_capacity",
+            ..
+        }
+    ));
+    let mut config = Config::new("http://matrix.example.org", "t");
+    config.allow_insecure_http = true;
+    let service = start(config).expect("explicit opt-in");
+    service.stop();
+}
+
+#[test]
+fn tail_rejects_bad_arguments_and_a_missing_token_with_one_line_and_exit_2() {
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut command = Command::new(tail_binary());
+        command
+            .args(args)
+            .env_remove("MATRIX_ACCESS_TOKEN")
+            .env_remove("MATRIX_HOMESERVER");
+        if let Some(token) = token {
+            command.env("MATRIX_ACCESS_TOKEN", token);
+        }
+        let output = command
+            .output()
+            .expect("the tail example is built by cargo test");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+        assert!(output.stdout.is_empty());
+        stderr
+    };
+    let url = closed_port_url();
+    assert!(run(&["--homeserver", &url], None).contains("MATRIX_ACCESS_TOKEN"));
+    assert!(run(&["--bogus"], Some("t")).contains("--bogus"));
+    assert!(run(&[], Some("t")).contains("--homeserver"));
+    assert!(run(&["--homeserver", &url, "--timeline-limit", "x"], Some("t")).contains("number"));
+    assert!(run(&["--homeserver", "not a url"], Some("t")).contains("homeserver"));
+    let secret = "syt_very_secret";
+    let out = run(&["--homeserver", "http://example.org"], Some(secret));
+    assert!(!out.contains(secret), "the token never shows: {out}");
+}
