@@ -1,0 +1,282 @@
+//! Throughput of a sync response through three parsers, over the same bytes:
+//!
+//! * (a) `serde_json::from_slice::<IgnoredAny>`: reads every byte and keeps nothing, the floor;
+//! * (b) ruma's lazy parse, `sync_events::v3::Response::try_from_http_response` (events stay
+//!   `Raw`);
+//! * (c) this crate's whole path: a fresh `SyncMachine`, its first request, `handle_response`,
+//!   then every event drained with `poll_event` and dropped.
+//!
+//! ```text
+//! cargo bench --bench normalize [-- FILTER]
+//! SYNC_FIXTURE=path/to/sync.json cargo bench --bench normalize
+//! ```
+//!
+//! Inputs: the success fixtures of `tests/fixtures` (the `response` of `synapse-gap-sync.json`),
+//! a generated response of 100 joined rooms and over 5,000 events (`benches/gen`), and the file
+//! named by `SYNC_FIXTURE` when set (a bare sync body, or an object with the body under
+//! `response`). `FILTER` keeps the inputs whose name contains it. `BENCH_MS` sets the time spent
+//! per input and parser (default 1500 ms); each figure is the median of the timed samples.
+//!
+//! Without `--bench` (as under `cargo test --benches`) each measurement runs once, as a check.
+//!
+//! For profilers, `BENCH_PROFILE=a|b|c` (with `BENCH_RUNS`, default 20) runs only that parser,
+//! untimed, over the selected inputs:
+//!
+//! ```text
+//! BENCH_PROFILE=c perf record -g --call-graph dwarf target/release/deps/normalize-* --bench large
+//! ```
+
+#[path = "gen/mod.rs"]
+mod generator;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use matrix_sync_service::{Config, SyncMachine};
+use ruma_client_api::sync::sync_events::v3 as sync;
+use ruma_common::api::IncomingResponseExt;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+struct Input {
+    name: String,
+    body: Vec<u8>,
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+/// The body itself, or the `response` member of a recorded exchange.
+fn sync_body(bytes: Vec<u8>) -> Vec<u8> {
+    #[derive(serde::Deserialize)]
+    struct Recorded<'a> {
+        #[serde(borrow)]
+        response: Option<&'a RawValue>,
+        next_batch: Option<IgnoredAny>,
+    }
+    match serde_json::from_slice::<Recorded<'_>>(&bytes) {
+        Ok(Recorded {
+            response: Some(raw),
+            next_batch: None,
+        }) => raw.get().as_bytes().to_vec(),
+        _ => bytes,
+    }
+}
+
+fn inputs() -> Vec<Input> {
+    let mut inputs: Vec<Input> = [
+        "synapse-initial.json",
+        "synapse-incremental.json",
+        "synapse-leave.json",
+        "synapse-gap-sync.json",
+    ]
+    .iter()
+    .map(|name| Input {
+        name: (*name).to_owned(),
+        body: sync_body(fixture(name)),
+    })
+    .collect();
+    inputs.push(Input {
+        name: "generated-large".to_owned(),
+        body: generator::generate(&generator::Spec::large()),
+    });
+    if let Some(path) = std::env::var_os("SYNC_FIXTURE") {
+        let body = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("reading SYNC_FIXTURE {}: {e}", path.to_string_lossy()));
+        let name = std::path::Path::new(&path)
+            .file_name()
+            .map(|n| format!("SYNC_FIXTURE={}", n.to_string_lossy()))
+            .unwrap_or_else(|| "SYNC_FIXTURE".to_owned());
+        inputs.push(Input {
+            name,
+            body: sync_body(body),
+        });
+    }
+    inputs
+}
+
+fn ok_response(body: &[u8]) -> http::Response<&[u8]> {
+    http::Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("valid response")
+}
+
+// ---- the three parsers --------------------------------------------------------------------------
+
+fn floor(body: &[u8]) -> usize {
+    let parsed: IgnoredAny = serde_json::from_slice(body).expect("valid JSON");
+    black_box(parsed);
+    0
+}
+
+fn ruma(body: &[u8]) -> usize {
+    let response =
+        sync::Response::try_from_http_response(ok_response(body)).expect("ruma accepts the body");
+    black_box(&response);
+    drop(response);
+    0
+}
+
+/// The machine's whole path; returns the number of items drained.
+fn machine(body: &[u8]) -> usize {
+    let now = Instant::now();
+    let mut machine =
+        SyncMachine::new(Config::new("https://example.org", "t"), now).expect("valid config");
+    let request = machine.poll_request().expect("the first request is due");
+    machine
+        .handle_response(request.id, ok_response(body), now)
+        .expect("the machine awaits this response");
+    let mut events = 0;
+    while let Some(event) = machine.poll_event() {
+        black_box(&event);
+        drop(event);
+        events += 1;
+    }
+    if let Some(error) = machine.poll_error() {
+        panic!("the machine refused the body: {error}");
+    }
+    events
+}
+
+// ---- timing --------------------------------------------------------------------------------------
+
+/// Median time of one call of `f`, over samples of `batch` calls each, for about `budget`.
+fn measure(f: fn(&[u8]) -> usize, body: &[u8], budget: Duration) -> Stats {
+    // Warm up, and size the batches so that one sample takes at least 2 ms.
+    let start = Instant::now();
+    f(body);
+    let once = start.elapsed().max(Duration::from_nanos(50));
+    let batch = (Duration::from_millis(2).as_nanos() / once.as_nanos()).clamp(1, 100_000) as u32;
+    let warmup_until = Instant::now() + budget / 10;
+    while Instant::now() < warmup_until {
+        f(body);
+    }
+    let mut samples = Vec::new();
+    let until = Instant::now() + budget;
+    while samples.len() < 5 || (Instant::now() < until && samples.len() < 100_000) {
+        let start = Instant::now();
+        for _ in 0..batch {
+            black_box(f(black_box(body)));
+        }
+        samples.push(start.elapsed() / batch);
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p10: at(0.1),
+        p90: at(0.9),
+        samples: samples.len(),
+        batch,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    median: Duration,
+    p10: Duration,
+    p90: Duration,
+    samples: usize,
+    batch: u32,
+}
+
+fn human_size(bytes: usize) -> String {
+    if bytes >= 1_000_000 {
+        format!("{:.2} MB", bytes as f64 / 1e6)
+    } else {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    }
+}
+
+fn human_rate(per_sec: f64) -> String {
+    if per_sec >= 1e6 {
+        format!("{:.2} M", per_sec / 1e6)
+    } else {
+        format!("{:.0} k", per_sec / 1e3)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let benching = args.iter().any(|a| a == "--bench");
+    let filter = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let budget = std::env::var("BENCH_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::from_millis(1500));
+
+    let inputs: Vec<Input> = inputs()
+        .into_iter()
+        .filter(|i| filter.as_ref().is_none_or(|f| i.name.contains(f.as_str())))
+        .collect();
+    if let Ok(which) = std::env::var("BENCH_PROFILE") {
+        let f: fn(&[u8]) -> usize = match which.as_str() {
+            "a" => floor,
+            "b" => ruma,
+            "c" => machine,
+            other => panic!("BENCH_PROFILE must be a, b or c, not {other:?}"),
+        };
+        let runs: usize = std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        for input in &inputs {
+            for _ in 0..runs {
+                black_box(f(black_box(&input.body)));
+            }
+        }
+        return;
+    }
+    if !benching {
+        for input in &inputs {
+            floor(&input.body);
+            ruma(&input.body);
+            let events = machine(&input.body);
+            println!("{}: {} bytes, {events} events: ok", input.name, input.body.len());
+        }
+        return;
+    }
+
+    println!(
+        "MB = 10^6 bytes; events = items drained from poll_event (checkpoint included); \
+         median of samples, [p10..p90] of the samples; {} ms per input and parser",
+        budget.as_millis()
+    );
+    println!();
+    let parsers: [(&str, fn(&[u8]) -> usize); 3] =
+        [("(a) floor", floor), ("(b) ruma", ruma), ("(c) ours", machine)];
+    for input in &inputs {
+        let events = machine(&input.body);
+        let size = input.body.len();
+        println!("{}: {}, {events} events", input.name, human_size(size));
+        let mut medians = [Duration::ZERO; 3];
+        for (i, (label, f)) in parsers.iter().enumerate() {
+            let s = measure(*f, &input.body, budget);
+            medians[i] = s.median;
+            let secs = s.median.as_secs_f64();
+            println!(
+                "  {label:<10} {:>10.1} us  {:>8.1} MB/s  {:>8}events/s   [{:.1}..{:.1} us, {} samples x {}]",
+                secs * 1e6,
+                size as f64 / secs / 1e6,
+                human_rate(events as f64 / secs),
+                s.p10.as_secs_f64() * 1e6,
+                s.p90.as_secs_f64() * 1e6,
+                s.samples,
+                s.batch,
+            );
+        }
+        let ratio = |t: Duration| t.as_secs_f64() / medians[0].as_secs_f64();
+        println!(
+            "  ratios     (b)/(a) = {:.2}   (c)/(a) = {:.2}   (c)/(b) = {:.2}",
+            ratio(medians[1]),
+            ratio(medians[2]),
+            medians[2].as_secs_f64() / medians[1].as_secs_f64()
+        );
+        println!();
+    }
+}
