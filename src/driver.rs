@@ -294,8 +294,9 @@ impl Driver {
                 default(wait) => {}
             }
         }
-        // `Instant::now()` is monotonic, so the machine never sees time go backwards.
-        let _ = self.machine.handle_timeout(Instant::now().max(wake));
+        // `Instant::now()` is monotonic, so the machine never sees time go backwards; a timer
+        // that fired a little early only makes the next turn wait the rest.
+        let _ = self.machine.handle_timeout(Instant::now());
         Ok(())
     }
 
