@@ -109,6 +109,21 @@ fn reset_rss_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Heap bytes held by an event's fields other than `raw` (string capacities and ids).
+fn owned_heap_bytes(e: &matrix_sync_service::Event) -> usize {
+    let id = |s: Option<&str>| s.map_or(0, str::len);
+    e.event_type.capacity()
+        + e.body.capacity()
+        + e.state_key.as_ref().map_or(0, String::capacity)
+        + id(e.room_id.as_ref().map(|r| r.as_str()))
+        + id(e.event_id.as_ref().map(|r| r.as_str()))
+        + id(e.sender.as_ref().map(|r| r.as_str()))
+        + id(e.redacts.as_ref().map(|r| r.as_str()))
+        + e.relation.as_ref().map_or(0, |r| {
+            r.rel_type.capacity() + r.event_id.as_str().len() + r.key.as_ref().map_or(0, String::capacity)
+        })
+}
+
 fn response<B>(body: B) -> http::Response<B> {
     http::Response::builder()
         .status(200)
@@ -153,10 +168,6 @@ fn main() {
     }
 
     report("start");
-    println!(
-        "size_of::<Event>() = {} bytes",
-        std::mem::size_of::<matrix_sync_service::Event>()
-    );
 
     // An idle machine, no driver: what a long-lived, idle client costs.
     let before = (rss().0, heap_live());
@@ -216,7 +227,10 @@ fn main() {
 
     let start = Instant::now();
     let mut events = 0usize;
+    let (mut raw_bytes, mut owned_bytes) = (0usize, 0usize);
     while let Some(event) = machine.poll_event() {
+        raw_bytes += event.raw.get().len();
+        owned_bytes += owned_heap_bytes(&event);
         std::hint::black_box(&event);
         drop(event);
         events += 1;
@@ -230,6 +244,14 @@ fn main() {
         "{events} events; handle_response {:.2} s, drain {:.2} s",
         handle_time.as_secs_f64(),
         drain_time.as_secs_f64()
+    );
+    println!(
+        "the events held: {} of raw JSON (Event::raw), {} in their other heap fields, \
+         {} of Event structs ({} bytes each), before allocator overhead",
+        mb(raw_bytes),
+        mb(owned_bytes),
+        mb(events * std::mem::size_of::<matrix_sync_service::Event>()),
+        std::mem::size_of::<matrix_sync_service::Event>()
     );
     println!();
     println!(

@@ -454,12 +454,21 @@ impl SyncMachine {
         let live = matches!(in_flight.kind, RequestKind::Sync { timeout } if !timeout.is_zero())
             && !self.catching_up;
         let unchanged = in_flight.since.as_deref() == Some(response.next_batch.as_str());
-        if unchanged {
-            // The server says nothing happened. Space the next request so a server that
-            // answers a long-poll at once cannot make us spin.
+        let empty = sync_is_empty(&response);
+        let early = match in_flight.kind {
+            RequestKind::Sync { timeout } => self.now - in_flight.sent_at < timeout / 2,
+            RequestKind::Messages { .. } => false,
+        };
+        if unchanged || (empty && early) {
+            // Nothing happened, yet the long-poll returned: space the next request so a server
+            // that answers at once cannot make us spin. A new token with nothing in it is
+            // legitimate once (filtered-out activity), so it is only spaced when it repeats.
             self.idle_streak = self.idle_streak.saturating_add(1);
-            self.send_at = Some(self.now + self.backoff.policy().base_delay(self.idle_streak));
-            if sync_is_empty(&response) {
+            let streak = if unchanged { self.idle_streak } else { self.idle_streak - 1 };
+            if streak > 0 {
+                self.send_at = Some(self.now + self.backoff.policy().base_delay(streak));
+            }
+            if unchanged && empty {
                 self.caught_up();
                 return;
             }
