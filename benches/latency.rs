@@ -29,7 +29,7 @@ mod synapse;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -67,6 +67,19 @@ impl Source {
             Source::Bare => "bare",
         }
     }
+}
+
+/// First arrival of each message per receiver: (receiver, body) -> (event id, instant).
+type Received = HashMap<(Source, String), (String, Instant)>;
+
+/// One message bob sent.
+struct Sent {
+    body: String,
+    event_id: String,
+    /// Just before the send call.
+    at: Instant,
+    /// How long the send call took.
+    took: Duration,
 }
 
 /// What the receiver threads report to the main thread.
@@ -164,12 +177,12 @@ fn find_tail() -> Option<PathBuf> {
 }
 
 /// Warns when a source file is newer than the tail binary (a stale build would be measured).
-fn warn_if_stale(tail_bin: &PathBuf) {
+fn warn_if_stale(tail_bin: &Path) {
     let Ok(built) = tail_bin.metadata().and_then(|m| m.modified()) else {
         return;
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut sources = vec![root.join("examples/tail.rs"), root.join("Cargo.toml")];
+    let mut sources = vec![root.join("examples/tail.rs")];
     if let Ok(entries) = std::fs::read_dir(root.join("src")) {
         sources.extend(entries.flatten().map(|e| e.path()));
     }
@@ -191,7 +204,7 @@ fn warn_if_stale(tail_bin: &PathBuf) {
     }
 }
 
-fn run(tail_bin: &PathBuf) -> ExitCode {
+fn run(tail_bin: &Path) -> ExitCode {
     let started = Instant::now();
     let synapse = Synapse::start();
     let base = synapse.base_url();
@@ -241,13 +254,13 @@ fn run(tail_bin: &PathBuf) -> ExitCode {
     );
     drop(tx);
 
-    let mut received: HashMap<(Source, String), (String, Instant)> = HashMap::new();
+    let mut received: Received = HashMap::new();
     let mut ended: Vec<(Source, Option<String>)> = Vec::new();
     wait_live(&rx, &mut received, &mut ended, tail.pid());
     // Let both receivers send their first long poll before the first message.
     thread::sleep(Duration::from_millis(500));
 
-    let mut sent: Vec<(String, String, Instant, Duration)> = Vec::with_capacity(MESSAGES);
+    let mut sent: Vec<Sent> = Vec::with_capacity(MESSAGES);
     let first = Instant::now();
     for i in 0..MESSAGES {
         let due = first + INTERVAL * i as u32;
@@ -257,7 +270,12 @@ fn run(tail_bin: &PathBuf) -> ExitCode {
         let body = format!("{PREFIX}{i}");
         let at = Instant::now();
         let event_id = bob.send_text(&room, &body);
-        sent.push((body, event_id, at, at.elapsed()));
+        sent.push(Sent {
+            body,
+            event_id,
+            at,
+            took: at.elapsed(),
+        });
         drain(&rx, &mut received, &mut ended);
     }
 
@@ -333,7 +351,7 @@ fn run(tail_bin: &PathBuf) -> ExitCode {
 /// Waits until both receivers are live; panics after `LIVE_TIMEOUT` or if one ends first.
 fn wait_live(
     rx: &Receiver<Report>,
-    received: &mut HashMap<(Source, String), (String, Instant)>,
+    received: &mut Received,
     ended: &mut Vec<(Source, Option<String>)>,
     tail_pid: u32,
 ) {
@@ -359,7 +377,7 @@ fn wait_live(
 
 fn drain(
     rx: &Receiver<Report>,
-    received: &mut HashMap<(Source, String), (String, Instant)>,
+    received: &mut Received,
     ended: &mut Vec<(Source, Option<String>)>,
 ) {
     while let Ok(report) = rx.try_recv() {
@@ -367,11 +385,7 @@ fn drain(
     }
 }
 
-fn record(
-    report: Report,
-    received: &mut HashMap<(Source, String), (String, Instant)>,
-    ended: &mut Vec<(Source, Option<String>)>,
-) {
+fn record(report: Report, received: &mut Received, ended: &mut Vec<(Source, Option<String>)>) {
     match report {
         Report::Live(_) => {}
         Report::Received {
@@ -530,11 +544,8 @@ fn stats(ms: &mut [f64]) -> Option<Stats> {
     })
 }
 
-fn report(
-    sent: &[(String, String, Instant, Duration)],
-    received: &HashMap<(Source, String), (String, Instant)>,
-) {
-    let mut send_ms: Vec<f64> = sent.iter().map(|s| ms(s.3)).collect();
+fn report(sent: &[Sent], received: &Received) {
+    let mut send_ms: Vec<f64> = sent.iter().map(|s| ms(s.took)).collect();
     let send = stats(&mut send_ms).expect("messages were sent");
     println!();
     println!(
@@ -549,12 +560,12 @@ fn report(
     for source in [Source::Tail, Source::Bare] {
         let mut latencies = Vec::new();
         let mut wrong_ids = 0;
-        for (body, event_id, at, _) in sent {
-            if let Some((got_id, got_at)) = received.get(&(source, body.clone())) {
-                if got_id != event_id {
+        for s in sent {
+            if let Some((got_id, got_at)) = received.get(&(source, s.body.clone())) {
+                if *got_id != s.event_id {
                     wrong_ids += 1;
                 }
-                latencies.push(ms(got_at.saturating_duration_since(*at)));
+                latencies.push(ms(got_at.saturating_duration_since(s.at)));
             }
         }
         let line = stats(&mut latencies);
@@ -588,7 +599,46 @@ fn report(
     } else {
         println!("tail/bare: n/a (a receiver got nothing)");
     }
+
+    // Where the time goes: after bob's send call returned, and tail against bare per message.
+    let get = |source: Source, s: &Sent| received.get(&(source, s.body.clone())).map(|r| r.1);
+    println!("receive - end of send call (ms; negative: before it returned):");
+    for source in [Source::Tail, Source::Bare] {
+        let mut after: Vec<f64> = sent
+            .iter()
+            .filter_map(|s| get(source, s).map(|at| signed_ms(at, s.at + s.took)))
+            .collect();
+        if let Some(st) = stats(&mut after) {
+            println!(
+                "  {:<8} median {:>6.1}  p90 {:>6.1}  p99 {:>6.1}  max {:>6.1}  min {:>6.1}",
+                source.name(),
+                st.median,
+                st.p90,
+                st.p99,
+                st.max,
+                after[0]
+            );
+        }
+    }
+    let mut paired: Vec<f64> = sent
+        .iter()
+        .filter_map(|s| Some(signed_ms(get(Source::Tail, s)?, get(Source::Bare, s)?)))
+        .collect();
+    if let Some(st) = stats(&mut paired) {
+        println!(
+            "tail - bare, same message (ms, {} pairs): median {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  min {:.1}",
+            st.count, st.median, st.p90, st.p99, st.max, paired[0]
+        );
+    }
     println!();
+}
+
+/// `a - b` in milliseconds, negative when `a` is earlier.
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    match a.checked_duration_since(b) {
+        Some(d) => ms(d),
+        None => -ms(b - a),
+    }
 }
 
 fn ms(d: Duration) -> f64 {
