@@ -1,0 +1,585 @@
+//! Properties of the machine under arbitrary inputs, driven like the canonical loop: one input,
+//! then drain everything, then take at most one request.
+//!
+//! * no panic, whatever the server, the network or the caller does;
+//! * `since` only ever becomes the `next_batch` of a parsable 200 sync body that was fed, and only
+//!   when its checkpoint is polled; no input moves it by itself;
+//! * every delay is within the documented bounds;
+//! * never more than one request in flight, and the machine never stalls (a request is due or a
+//!   future wake-up instant is given);
+//! * refused inputs change nothing;
+//! * same seed and inputs give the same outputs, bit for bit.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use matrix_sync_service::{
+    BackoffPolicy, Config, ErrorClass, EventKind, GapFill, InputError, OutgoingRequest, RequestId,
+    RequestKind, SyncMachine, TransportErrorKind, TransportFailure,
+};
+use proptest::prelude::*;
+use serde_json::json;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// A parsable 200 for the request in flight (a sync body or a `/messages` page).
+    Valid {
+        after_ms: u32,
+        token: u8,
+        same_token: bool,
+        msgs: u8,
+        limited: bool,
+        end: bool,
+    },
+    /// A 200 whose body is not what the endpoint returns.
+    Garbage { after_ms: u32, which: u8 },
+    /// An error status.
+    Status {
+        after_ms: u32,
+        status: u16,
+        which: u8,
+        header: Option<u16>,
+        retry_ms: Option<u32>,
+    },
+    /// A transport failure.
+    Transport { after_ms: u32, kind: u8 },
+    /// Time passes.
+    Advance(u32),
+    /// Time passes up to the machine's wake-up instant.
+    Wake,
+    /// A response to an id that is not the one in flight.
+    WrongId(u64),
+    /// An input from the past.
+    Backwards(u32),
+    /// The caller stops the machine.
+    Stop,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let after = prop_oneof![3 => Just(0u32), 2 => 0u32..5_000, 1 => 0u32..200_000];
+    prop_oneof![
+        24 => (after.clone(), 0u8..6, any::<bool>(), 0u8..5, prop::bool::weighted(0.3), any::<bool>())
+            .prop_map(|(after_ms, token, same_token, msgs, limited, end)| Op::Valid {
+                after_ms, token, same_token, msgs, limited, end
+            }),
+        8 => (after.clone(), 0u8..8).prop_map(|(after_ms, which)| Op::Garbage { after_ms, which }),
+        12 => (
+            after.clone(),
+            prop::sample::select(vec![429u16, 429, 500, 502, 503, 504, 401, 401, 400, 403, 404, 302]),
+            0u8..4,
+            prop::option::of(0u16..700),
+            prop::option::of(0u32..1_000_000),
+        )
+            .prop_map(|(after_ms, status, which, header, retry_ms)| Op::Status {
+                after_ms, status, which, header, retry_ms
+            }),
+        8 => (after, 0u8..8).prop_map(|(after_ms, kind)| Op::Transport { after_ms, kind }),
+        8 => (0u32..700_000).prop_map(Op::Advance),
+        16 => Just(Op::Wake),
+        4 => any::<u64>().prop_map(Op::WrongId),
+        4 => (1u32..10_000).prop_map(Op::Backwards),
+        1 => Just(Op::Stop),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Params {
+    seed: u64,
+    initial_ms: u64,
+    factor: f64,
+    extra_max_ms: u64,
+    jitter: f64,
+    max_server_wait_ms: u64,
+    since: bool,
+    long_poll_ms: u64,
+    margin_ms: u64,
+    initial_deadline_ms: u64,
+    gap_enabled: bool,
+    gap_max: usize,
+    page_size: u32,
+    small_bodies: bool,
+}
+
+fn params() -> impl Strategy<Value = Params> {
+    (
+        (
+            any::<u64>(),
+            1u64..2_000,
+            1.0f64..4.0,
+            0u64..120_000,
+            0.0f64..=1.0,
+        ),
+        (
+            0u64..600_000,
+            any::<bool>(),
+            0u64..60_000,
+            1u64..60_000,
+            1u64..600_000,
+        ),
+        (
+            any::<bool>(),
+            0usize..10,
+            1u32..5,
+            prop::bool::weighted(0.2),
+        ),
+    )
+        .prop_map(
+            |(
+                (seed, initial_ms, factor, extra_max_ms, jitter),
+                (max_server_wait_ms, since, long_poll_ms, margin_ms, initial_deadline_ms),
+                (gap_enabled, gap_max, page_size, small_bodies),
+            )| Params {
+                seed,
+                initial_ms,
+                factor,
+                extra_max_ms,
+                jitter,
+                max_server_wait_ms,
+                since,
+                long_poll_ms,
+                margin_ms,
+                initial_deadline_ms,
+                gap_enabled,
+                gap_max,
+                page_size,
+                small_bodies,
+            },
+        )
+}
+
+fn build_config(p: &Params) -> Config {
+    let mut c = config();
+    c.jitter_seed = p.seed;
+    c.backoff = BackoffPolicy {
+        initial: Duration::from_millis(p.initial_ms),
+        factor: p.factor,
+        max: Duration::from_millis(p.initial_ms + p.extra_max_ms),
+        jitter: p.jitter,
+    };
+    c.max_server_wait = Duration::from_millis(p.max_server_wait_ms);
+    c.since = p.since.then(|| "start_token".to_owned());
+    c.long_poll_timeout = Duration::from_millis(p.long_poll_ms);
+    c.deadline_margin = Duration::from_millis(p.margin_ms);
+    c.initial_sync_deadline = Duration::from_millis(p.initial_deadline_ms);
+    c.gap_fill = GapFill {
+        enabled: p.gap_enabled,
+        max_events_per_room: p.gap_max,
+        page_size: p.page_size,
+    };
+    if p.small_bodies {
+        c.max_body_bytes = 700;
+    }
+    c
+}
+
+const ERROR_BODIES: [&str; 4] = [
+    "",
+    "<html><body>Bad Gateway</body></html>",
+    r#"{"errcode":"M_UNKNOWN","error":"boom"}"#,
+    "{\"errcode\":",
+];
+
+fn garbage(which: u8) -> Vec<u8> {
+    match which {
+        0 => Vec::new(),
+        1 => b"<html><body>Welcome to nginx!</body></html>".to_vec(),
+        2 => b"{}".to_vec(),
+        3 => br#"{"next_batch": 5}"#.to_vec(),
+        4 => b"null".to_vec(),
+        5 => vec![0xff, 0xfe, 0x00, 0x80, b'{'],
+        6 => {
+            br#"{"next_batch":"ok","rooms":{"join":{"!r:localhost":{"timeline":{"events":"#.to_vec()
+        }
+        _ => br#"{"chunk": 7, "next_batch": []}"#.to_vec(),
+    }
+}
+
+fn transport_kind(k: u8) -> TransportErrorKind {
+    [
+        TransportErrorKind::Connect,
+        TransportErrorKind::Reset,
+        TransportErrorKind::Dns,
+        TransportErrorKind::Tls,
+        TransportErrorKind::TimedOut,
+        TransportErrorKind::Truncated,
+        TransportErrorKind::BodyTooLarge,
+        TransportErrorKind::Other,
+    ][k as usize % 8]
+}
+
+/// One run: drives the machine through `ops`, checking every property, and returns the
+/// transcript of everything it said.
+fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
+    let config = build_config(p);
+    let max_body = config.max_body_bytes;
+    let backoff_max = config.backoff.max;
+    let server_max = config.max_server_wait;
+    let mut m = SyncMachine::new(config.clone(), base).expect("generated configs are valid");
+    let mut now = base;
+    let mut log: Vec<String> = Vec::new();
+    let mut allowed: BTreeSet<String> = config.since.iter().cloned().collect();
+    let mut current: Option<OutgoingRequest> = None;
+    let mut issued: u64 = 0;
+    let mut counter: u64 = 0;
+    let mut stopped = false;
+
+    // Drains everything, checking the `since` and delay properties.
+    let drain = |m: &mut SyncMachine, log: &mut Vec<String>, allowed: &BTreeSet<String>| {
+        loop {
+            let before = m.since().map(str::to_owned);
+            let Some(event) = m.poll_event() else { break };
+            match &event.kind {
+                EventKind::Checkpoint(cp) => {
+                    assert!(
+                        allowed.contains(&cp.next_batch),
+                        "checkpoint {cp:?} not fed"
+                    );
+                    assert_eq!(m.since(), Some(cp.next_batch.as_str()));
+                }
+                _ => assert_eq!(
+                    m.since().map(str::to_owned),
+                    before,
+                    "since moved on {event:?}"
+                ),
+            }
+            log.push(format!("event {event:?}"));
+        }
+        while let Some(err) = m.poll_error() {
+            let bound = match err.class {
+                ErrorClass::RateLimited => backoff_max.max(server_max),
+                _ => backoff_max,
+            };
+            assert!(
+                err.delay <= bound,
+                "delay {:?} above {bound:?}: {err:?}",
+                err.delay
+            );
+            assert!(err.attempt >= 1);
+            assert_eq!(err.class, err.failure.class());
+            log.push(format!("error {err:?}"));
+        }
+        while let Some(state) = m.poll_state() {
+            log.push(format!("state {state:?}"));
+        }
+    };
+
+    drain(&mut m, &mut log, &allowed);
+    for op in ops {
+        let since_before = m.since().map(str::to_owned);
+        let snapshot = format!("{:?} {:?} {:?}", m.state(), m.in_flight(), m.poll_timeout());
+        let mut refused = false;
+        // An instant 200 with the token it was asked with and nothing in it.
+        let mut idle_answer = false;
+        let result: Result<(), InputError> = match op {
+            Op::Valid { after_ms, .. }
+            | Op::Garbage { after_ms, .. }
+            | Op::Status { after_ms, .. }
+            | Op::Transport { after_ms, .. }
+                if current.is_some() =>
+            {
+                let req = current.as_ref().unwrap();
+                let at = now + Duration::from_millis(u64::from(*after_ms));
+                let r = match op {
+                    Op::Transport { kind, .. } => m.handle_failure(
+                        req.id,
+                        TransportFailure::new(transport_kind(*kind), "injected"),
+                        at,
+                    ),
+                    _ => {
+                        let response = response_for(op, req, m.since(), &mut counter);
+                        if let (Op::Valid { .. }, RequestKind::Sync { .. }) = (op, &req.kind) {
+                            if response.body().len() as u64 <= max_body {
+                                let body: serde_json::Value =
+                                    serde_json::from_slice(response.body()).unwrap();
+                                let token = body["next_batch"].as_str().unwrap().to_owned();
+                                idle_answer = body.get("rooms").is_none()
+                                    && m.since() == Some(token.as_str());
+                                allowed.insert(token);
+                            }
+                        }
+                        m.handle_response(req.id, response, at)
+                    }
+                };
+                if r.is_ok() {
+                    now = at;
+                }
+                r
+            }
+            Op::Advance(ms) => {
+                let at = now + Duration::from_millis(u64::from(*ms));
+                let r = m.handle_timeout(at);
+                if r.is_ok() {
+                    now = at;
+                }
+                r
+            }
+            Op::WrongId(x) => {
+                let id = RequestId(*x % (issued + 3));
+                if current.as_ref().is_some_and(|r| r.id == id) {
+                    Ok(())
+                } else {
+                    refused = true;
+                    let r = m.handle_response(id, json_response(&empty_sync("never")), now);
+                    let expected = if stopped {
+                        InputError::Stopped
+                    } else if id.0 < issued {
+                        InputError::StaleRequest(id)
+                    } else {
+                        InputError::UnknownRequest(id)
+                    };
+                    assert_eq!(r, Err(expected));
+                    r
+                }
+            }
+            Op::Backwards(ms) => {
+                refused = true;
+                let at = now - Duration::from_millis(u64::from(*ms));
+                let r = match &current {
+                    Some(req) => m.handle_response(req.id, json_response(&empty_sync("past")), at),
+                    None => m.handle_timeout(at),
+                };
+                let expected = if stopped {
+                    InputError::Stopped
+                } else {
+                    InputError::TimeWentBackwards { last: now, now: at }
+                };
+                assert_eq!(r, Err(expected));
+                r
+            }
+            Op::Stop => {
+                m.stop();
+                stopped = true;
+                Ok(())
+            }
+            // A response op with nothing in flight, or a plain wake-up.
+            _ => match m.poll_timeout() {
+                Some(at) if at > now => {
+                    let r = m.handle_timeout(at);
+                    if r.is_ok() {
+                        now = at;
+                    }
+                    r
+                }
+                _ => m.handle_timeout(now),
+            },
+        };
+        log.push(format!("input {op:?} -> {result:?}"));
+        if stopped {
+            if !matches!(op, Op::Stop) {
+                assert_eq!(result, Err(InputError::Stopped));
+            }
+        } else if !refused {
+            assert!(result.is_ok(), "{op:?} refused: {result:?}");
+        }
+        assert_eq!(
+            m.since().map(str::to_owned),
+            since_before,
+            "an input moved since by itself"
+        );
+        if result.is_err() {
+            assert_eq!(
+                format!("{:?} {:?} {:?}", m.state(), m.in_flight(), m.poll_timeout()),
+                snapshot,
+                "a refused input changed the machine"
+            );
+        }
+        drain(&mut m, &mut log, &allowed);
+
+        // The request we hold is no longer awaited (answered, failed, timed out, stopped).
+        if current
+            .as_ref()
+            .is_some_and(|r| m.in_flight().map(|f| f.0) != Some(r.id))
+        {
+            current = None;
+        }
+        // At most one new request per step.
+        let had_in_flight = m.in_flight().is_some();
+        if let Some(req) = m.poll_request() {
+            assert!(!had_in_flight, "a second request while one is in flight");
+            assert!(
+                !idle_answer || !matches!(req.kind, RequestKind::Sync { .. }),
+                "spinning: a sync right after an unchanged empty answer"
+            );
+            assert!(!stopped, "a request after stop");
+            assert_eq!(req.id, RequestId(issued), "ids are handed out in order");
+            assert!(m.poll_request().is_none(), "two requests at once");
+            assert_eq!(m.in_flight().map(|f| f.0), Some(req.id));
+            assert!(req.deadline > now);
+            assert!(!req.http.uri().to_string().contains(TOKEN));
+            issued += 1;
+            log.push(format!("request {req:?}"));
+            current = Some(req);
+        }
+        drain(&mut m, &mut log, &allowed);
+        if let Some(since) = m.since() {
+            assert!(allowed.contains(since), "since {since} was never fed");
+        }
+        // Never stuck: a request in flight with a future deadline, or a future wake-up.
+        match m.poll_timeout() {
+            None => assert!(stopped, "no wake-up instant but not stopped"),
+            Some(at) => {
+                assert!(at > now, "wake-up {at:?} is due but no request was given");
+                if let Some((_, _, deadline)) = m.in_flight() {
+                    assert_eq!(at, deadline);
+                }
+            }
+        }
+        log.push(format!("wake {:?}", m.poll_timeout().map(|t| t - base)));
+    }
+    log
+}
+
+/// The HTTP response an op stands for, shaped for the request it answers.
+fn response_for(
+    op: &Op,
+    req: &OutgoingRequest,
+    since: Option<&str>,
+    counter: &mut u64,
+) -> http::Response<Vec<u8>> {
+    match op {
+        Op::Valid {
+            token,
+            same_token,
+            msgs,
+            limited,
+            end,
+            ..
+        } => {
+            let mut events = Vec::new();
+            for _ in 0..*msgs {
+                *counter += 1;
+                events.push(json!({
+                    "type": "m.room.message",
+                    "event_id": format!("$e{counter}:localhost"),
+                    "sender": "@bob:localhost",
+                    "origin_server_ts": 1_700_000_000_000u64 + *counter,
+                    "content": {"msgtype": "m.text", "body": format!("message {counter}")}
+                }));
+            }
+            *counter += 1;
+            let body = match &req.kind {
+                RequestKind::Sync { .. } => {
+                    let next_batch = match (same_token, since) {
+                        (true, Some(s)) => s.to_owned(),
+                        _ => format!("t{token}"),
+                    };
+                    if events.is_empty() && !limited {
+                        empty_sync(&next_batch)
+                    } else {
+                        json!({
+                            "next_batch": next_batch,
+                            "rooms": {"join": {"!room:localhost": {"timeline": {
+                                "events": events,
+                                "limited": limited,
+                                "prev_batch": format!("pb{counter}"),
+                            }}}}
+                        })
+                    }
+                }
+                RequestKind::Messages { .. } => {
+                    let mut page = json!({"chunk": events, "start": format!("st{counter}")});
+                    if *end {
+                        page["end"] = json!(format!("end{counter}"));
+                    }
+                    page
+                }
+            };
+            json_response(&body)
+        }
+        Op::Garbage { which, .. } => response(200, garbage(*which)),
+        Op::Status {
+            status,
+            which,
+            header,
+            retry_ms,
+            ..
+        } => {
+            let body = match (status, retry_ms) {
+                (429, Some(ms)) => {
+                    json!({"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests", "retry_after_ms": ms})
+                        .to_string()
+                }
+                (401, _) => json!({"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed.", "soft_logout": which % 2 == 0}).to_string(),
+                _ => ERROR_BODIES[*which as usize % ERROR_BODIES.len()].to_owned(),
+            };
+            let value = header.map(|h| h.to_string());
+            let headers: Vec<(&str, &str)> =
+                value.iter().map(|v| ("retry-after", v.as_str())).collect();
+            response_with(*status, &headers, body)
+        }
+        _ => unreachable!("not a response op"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_machine_keeps_its_promises_under_any_input(
+        p in params(),
+        ops in prop::collection::vec(op(), 1..60),
+    ) {
+        // Far from the clock's origin, so inputs from the past stay representable.
+        let base = Instant::now() + Duration::from_secs(3600);
+        let first = run(&p, &ops, base);
+        let second = run(&p, &ops, base);
+        prop_assert_eq!(first, second);
+    }
+}
+
+/// A long, mostly-healthy run: many batches delivered, with `since` following each checkpoint.
+/// (A response op with nothing in flight waits for the next request instead.)
+#[test]
+fn a_long_healthy_run_delivers_every_batch() {
+    let p = Params {
+        seed: 1,
+        initial_ms: 500,
+        factor: 2.0,
+        extra_max_ms: 59_500,
+        jitter: 0.5,
+        max_server_wait_ms: 300_000,
+        since: false,
+        long_poll_ms: 30_000,
+        margin_ms: 30_000,
+        initial_deadline_ms: 600_000,
+        gap_enabled: true,
+        gap_max: 5,
+        page_size: 2,
+        small_bodies: false,
+    };
+    let mut ops = Vec::new();
+    for i in 0..200u32 {
+        ops.push(Op::Valid {
+            after_ms: i % 7,
+            token: (i % 6) as u8,
+            same_token: false,
+            msgs: (i % 4) as u8,
+            limited: i % 9 == 0,
+            end: i % 2 == 0,
+        });
+        if i % 13 == 0 {
+            ops.push(Op::Status {
+                after_ms: 0,
+                status: 503,
+                which: 0,
+                header: None,
+                retry_ms: None,
+            });
+        }
+    }
+    let log = run(&p, &ops, Instant::now() + Duration::from_secs(3600));
+    let checkpoints = log.iter().filter(|l| l.contains("Checkpoint(")).count();
+    let messages = log
+        .iter()
+        .filter(|l| l.starts_with("event") && l.contains("kind: Message"))
+        .count();
+    assert!(checkpoints >= 150, "only {checkpoints} checkpoints");
+    assert!(messages >= 200, "only {messages} messages");
+    assert!(
+        log.iter().any(|l| l.contains("Messages {")),
+        "gap filling exercised"
+    );
+}
