@@ -112,6 +112,8 @@ impl Emitter<'_> {
                 Some(raw) => {
                     let mut event = normalize(raw, Section::Timeline, Some(&room_id));
                     event.kind = EventKind::Leave;
+                    // The membership event itself was delivered just before, with its id.
+                    event.event_id = None;
                     event
                 }
                 None => Event::section(

@@ -63,7 +63,12 @@ struct GapJob {
     /// The sync token held before the gap.
     to: String,
     newest_first: Vec<Box<RawValue>>,
+    /// Consecutive pages that came back empty but with an `end`.
+    empty_pages: u32,
 }
+
+/// Consecutive empty `/messages` pages tolerated before the rest of a gap is reported.
+const MAX_EMPTY_PAGES: u32 = 3;
 
 /// The sans-IO core of the sync loop. See the [crate docs](crate) for the run loop.
 #[derive(Debug)]
@@ -464,7 +469,11 @@ impl SyncMachine {
             // that answers at once cannot make us spin. A new token with nothing in it is
             // legitimate once (filtered-out activity), so it is only spaced when it repeats.
             self.idle_streak = self.idle_streak.saturating_add(1);
-            let streak = if unchanged { self.idle_streak } else { self.idle_streak - 1 };
+            let streak = if unchanged {
+                self.idle_streak
+            } else {
+                self.idle_streak - 1
+            };
             if streak > 0 {
                 self.send_at = Some(self.now + self.backoff.policy().base_delay(streak));
             }
@@ -494,6 +503,7 @@ impl SyncMachine {
                         from: prev_batch.clone(),
                         to: previous_since.to_owned(),
                         newest_first: Vec::new(),
+                        empty_pages: 0,
                     });
                 } else {
                     let gap = Gap {
@@ -542,15 +552,24 @@ impl SyncMachine {
         job.newest_first
             .extend(page.chunk.into_iter().map(|raw| raw.into_json()));
         let unfilled = match page.end {
-            Some(end) if got > 0 && job.newest_first.len() >= cap => Some(Gap {
+            // No `end`, or no progress: the range is exhausted.
+            None => None,
+            Some(end) if end == job.from => None,
+            Some(end) if job.newest_first.len() >= cap => Some(Gap {
                 prev_batch: end,
                 previous_since: job.to.clone(),
             }),
-            Some(end) if got > 0 => {
+            // An empty page with `end` means a filter hid events and more may follow; a run
+            // of them is reported as a gap rather than paged through forever.
+            Some(end) if got == 0 && job.empty_pages >= MAX_EMPTY_PAGES => Some(Gap {
+                prev_batch: end,
+                previous_since: job.to.clone(),
+            }),
+            Some(end) => {
+                job.empty_pages = if got == 0 { job.empty_pages + 1 } else { 0 };
                 job.from = end;
                 return;
             }
-            _ => None,
         };
         if let Some(job) = batch.jobs.pop_front() {
             batch.fills.insert(

@@ -49,8 +49,10 @@ pub enum EventKind {
     ToDevice,
     /// A stripped state event of a room the user is invited to.
     Invite,
-    /// The user left (or was removed from) the room; `raw` is the membership event when the
-    /// response carried it, and the room's other events precede this item.
+    /// The user left (or was removed from) the room. The room's events precede this marker;
+    /// `raw`, `sender` and `state_key` are those of the last membership event when the
+    /// response carried one (that event was delivered before as [`Member`](Self::Member), so
+    /// the marker has no `event_id` of its own).
     Leave,
     /// A stripped state event of a room the user knocked on.
     Knock,

@@ -257,7 +257,12 @@ impl Reference {
                 .and_then(|evs| evs.iter().rev().find(|e| e["type"] == "m.room.member"))
                 .cloned();
             let marker = match membership {
-                Some(ev) => reference_item("leave", &ev, Some(&id)),
+                Some(ev) => {
+                    // The membership event was delivered just before; the marker has no id.
+                    let mut marker = reference_item("leave", &ev, Some(&id));
+                    marker.event_id = None;
+                    marker
+                }
                 None => synthetic("leave", "m.room.member", Some(&id)),
             };
             self.out.push(marker);
@@ -734,9 +739,14 @@ fn leave_sync_gives_members_then_leave_markers() {
             "@fx_me2:localhost",
         ),
     ] {
+        assert_eq!(events[i].event_id.as_ref().unwrap().as_str(), id);
+        assert_eq!(
+            events[i + 1].event_id,
+            None,
+            "the marker repeats no event id"
+        );
         for e in &events[i..i + 2] {
             assert_eq!(e.room_id.as_ref().unwrap().as_str(), room);
-            assert_eq!(e.event_id.as_ref().unwrap().as_str(), id);
             assert_eq!(e.sender.as_ref().unwrap().as_str(), sender);
             assert_eq!(e.state_key.as_deref(), Some("@fx_me2:localhost"));
         }
@@ -1027,5 +1037,54 @@ fn gap_fill_overlapping_the_timeline_delivers_each_event_once() {
         .collect();
     let expected: Vec<String> = (0..30).map(|i| format!("gap message {i}")).collect();
     assert_eq!(bodies, expected);
+    assert_eq!(checkpoint(events.last().unwrap()), Some(gf.next_batch()));
+}
+
+#[test]
+fn empty_pages_with_an_end_are_paged_through_then_reported_as_a_gap() {
+    let gf = gap_fixture();
+    let mut h = Harness::new(gap_config(&gf.previous_since, &gf.filter));
+    let req = h.request();
+    h.respond(&req, json_response(&gf.response));
+    // A filter hid everything: empty pages that still point further back.
+    let mut froms = Vec::new();
+    for n in 0..4 {
+        let req = h.request();
+        froms.push(query(&req)["from"].clone());
+        let page =
+            serde_json::json!({"chunk": [], "start": format!("s{n}"), "end": format!("e{n}")});
+        h.respond(&req, json_response(&page));
+    }
+    assert_eq!(
+        froms[1..],
+        ["e0", "e1", "e2"],
+        "each empty page's `end` is followed"
+    );
+    let events = h.take_events();
+    let gap = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Gap(_)))
+        .expect("a gap item");
+    assert_eq!(
+        gap.kind,
+        EventKind::Gap(Gap {
+            prev_batch: "e3".to_owned(),
+            previous_since: gf.previous_since.clone()
+        })
+    );
+    assert_eq!(checkpoint(events.last().unwrap()), Some(gf.next_batch()));
+
+    // An `end` equal to the page's `from` makes no progress: the range is over, no gap.
+    let mut h = Harness::new(gap_config(&gf.previous_since, &gf.filter));
+    let req = h.request();
+    h.respond(&req, json_response(&gf.response));
+    let req = h.request();
+    let from = query(&req)["from"].clone();
+    h.respond(
+        &req,
+        json_response(&serde_json::json!({"chunk": [], "start": from, "end": from})),
+    );
+    let events = h.take_events();
+    assert!(!events.iter().any(|e| matches!(e.kind, EventKind::Gap(_))));
     assert_eq!(checkpoint(events.last().unwrap()), Some(gf.next_batch()));
 }
