@@ -15,7 +15,10 @@
 //! a generated response of 100 joined rooms and over 5,000 events (`benches/gen`), and the file
 //! named by `SYNC_FIXTURE` when set (a bare sync body, or an object with the body under
 //! `response`). `FILTER` keeps the inputs whose name contains it. `BENCH_MS` sets the time spent
-//! per input and parser (default 1500 ms); each figure is the median of the timed samples.
+//! per input and parser (default 1500 ms); each figure is the median of the timed samples, the
+//! three parsers sampled in turn so that they share whatever load the machine has. Samples are
+//! timed in this thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), which a busy machine disturbs
+//! far less than wall time; `BENCH_CLOCK=wall` times them in wall time instead.
 //!
 //! Without `--bench` (as under `cargo test --benches`) each measurement runs once, as a check.
 //!
@@ -37,6 +40,9 @@ use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
 use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
+
+/// A parser under test: takes the body, returns the number of events it yielded (0 if none).
+type Parser = fn(&[u8]) -> usize;
 
 struct Input {
     name: String,
@@ -144,35 +150,110 @@ fn machine(body: &[u8]) -> usize {
 
 // ---- timing --------------------------------------------------------------------------------------
 
-/// Median time of one call of `f`, over samples of `batch` calls each, for about `budget`.
-fn measure(f: fn(&[u8]) -> usize, body: &[u8], budget: Duration) -> Stats {
-    // Warm up, and size the batches so that one sample takes at least 2 ms.
-    let start = Instant::now();
-    f(body);
-    let once = start.elapsed().max(Duration::from_nanos(50));
-    let batch = (Duration::from_millis(2).as_nanos() / once.as_nanos()).clamp(1, 100_000) as u32;
+/// The clock samples are read from: this thread's CPU time by default (on a shared machine, time
+/// spent descheduled is not the code's), wall time with `BENCH_CLOCK=wall`.
+#[derive(Clone, Copy, PartialEq)]
+enum Clock {
+    ThreadCpu,
+    Wall(Instant),
+}
+
+#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+fn thread_cpu_time() -> Option<Duration> {
+    #[repr(C)]
+    struct Timespec {
+        tv_sec: i64,
+        tv_nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid `struct timespec` for this target; the call only writes it.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+fn thread_cpu_time() -> Option<Duration> {
+    None
+}
+
+impl Clock {
+    fn from_env() -> Self {
+        let wall = Clock::Wall(Instant::now());
+        match std::env::var("BENCH_CLOCK").as_deref() {
+            Ok("wall") => wall,
+            _ if thread_cpu_time().is_some() => Clock::ThreadCpu,
+            _ => wall,
+        }
+    }
+
+    fn now(self) -> Duration {
+        match self {
+            Clock::ThreadCpu => thread_cpu_time().unwrap_or_default(),
+            Clock::Wall(origin) => origin.elapsed(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Clock::ThreadCpu => "thread CPU time",
+            Clock::Wall(_) => "wall time",
+        }
+    }
+}
+
+/// Times every parser over `body`, interleaved (one sample of each per round, so that they all
+/// see the same machine load), for about `budget` each. Each sample runs a parser enough times
+/// in a row to last at least 2 ms; the figure is the median over the samples.
+fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> Vec<Stats> {
+    let batches: Vec<u32> = parsers
+        .iter()
+        .map(|f| {
+            f(body);
+            let start = clock.now();
+            f(body);
+            let once = (clock.now() - start).max(Duration::from_nanos(50));
+            (Duration::from_millis(2).as_nanos() / once.as_nanos()).clamp(1, 100_000) as u32
+        })
+        .collect();
     let warmup_until = Instant::now() + budget / 10;
     while Instant::now() < warmup_until {
-        f(body);
-    }
-    let mut samples = Vec::new();
-    let until = Instant::now() + budget;
-    while samples.len() < 5 || (Instant::now() < until && samples.len() < 100_000) {
-        let start = Instant::now();
-        for _ in 0..batch {
-            black_box(f(black_box(body)));
+        for f in parsers {
+            f(body);
         }
-        samples.push(start.elapsed() / batch);
     }
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    Stats {
-        median: at(0.5),
-        p10: at(0.1),
-        p90: at(0.9),
-        samples: samples.len(),
-        batch,
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); parsers.len()];
+    let until = Instant::now() + budget * parsers.len() as u32;
+    while samples[0].len() < 5 || (Instant::now() < until && samples[0].len() < 100_000) {
+        for (i, f) in parsers.iter().enumerate() {
+            let start = clock.now();
+            for _ in 0..batches[i] {
+                black_box(f(black_box(body)));
+            }
+            samples[i].push((clock.now() - start) / batches[i]);
+        }
     }
+    samples
+        .into_iter()
+        .zip(batches)
+        .map(|(mut samples, batch)| {
+            samples.sort();
+            let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+            Stats {
+                median: at(0.5),
+                p10: at(0.1),
+                p90: at(0.9),
+                samples: samples.len(),
+                batch,
+            }
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -215,7 +296,7 @@ fn main() {
         .filter(|i| filter.as_ref().is_none_or(|f| i.name.contains(f.as_str())))
         .collect();
     if let Ok(which) = std::env::var("BENCH_PROFILE") {
-        let f: fn(&[u8]) -> usize = match which.as_str() {
+        let f: Parser = match which.as_str() {
             "a" => floor,
             "b" => ruma,
             "c" => machine,
@@ -237,27 +318,36 @@ fn main() {
             floor(&input.body);
             ruma(&input.body);
             let events = machine(&input.body);
-            println!("{}: {} bytes, {events} events: ok", input.name, input.body.len());
+            println!(
+                "{}: {} bytes, {events} events: ok",
+                input.name,
+                input.body.len()
+            );
         }
         return;
     }
 
+    let clock = Clock::from_env();
     println!(
         "MB = 10^6 bytes; events = items drained from poll_event (checkpoint included); \
-         median of samples, [p10..p90] of the samples; {} ms per input and parser",
+         {}, median of the samples [p10..p90]; {} ms per input and parser, interleaved",
+        clock.name(),
         budget.as_millis()
     );
     println!();
-    let parsers: [(&str, fn(&[u8]) -> usize); 3] =
-        [("(a) floor", floor), ("(b) ruma", ruma), ("(c) ours", machine)];
+    let parsers: [(&str, Parser); 3] = [
+        ("(a) floor", floor),
+        ("(b) ruma", ruma),
+        ("(c) ours", machine),
+    ];
     for input in &inputs {
         let events = machine(&input.body);
         let size = input.body.len();
         println!("{}: {}, {events} events", input.name, human_size(size));
-        let mut medians = [Duration::ZERO; 3];
-        for (i, (label, f)) in parsers.iter().enumerate() {
-            let s = measure(*f, &input.body, budget);
-            medians[i] = s.median;
+        let fns: Vec<Parser> = parsers.iter().map(|(_, f)| *f).collect();
+        let stats = measure(&fns, &input.body, budget, clock);
+        let medians: Vec<Duration> = stats.iter().map(|s| s.median).collect();
+        for ((label, _), s) in parsers.iter().zip(&stats) {
             let secs = s.median.as_secs_f64();
             println!(
                 "  {label:<10} {:>10.1} us  {:>8.1} MB/s  {:>8}events/s   [{:.1}..{:.1} us, {} samples x {}]",

@@ -79,7 +79,12 @@ fn cpu_ticks() -> u64 {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3, so field n is at index n - 3.
-    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     field(14) + field(15)
 }
 

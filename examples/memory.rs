@@ -120,7 +120,9 @@ fn owned_heap_bytes(e: &matrix_sync_service::Event) -> usize {
         + id(e.sender.as_ref().map(|r| r.as_str()))
         + id(e.redacts.as_ref().map(|r| r.as_str()))
         + e.relation.as_ref().map_or(0, |r| {
-            r.rel_type.capacity() + r.event_id.as_str().len() + r.key.as_ref().map_or(0, String::capacity)
+            r.rel_type.capacity()
+                + r.event_id.as_str().len()
+                + r.key.as_ref().map_or(0, String::capacity)
         })
 }
 
@@ -264,7 +266,11 @@ fn main() {
         "peak RSS while handling and draining {} = {:.2}x body{}",
         mb(peak),
         peak as f64 / size as f64,
-        if reset { "" } else { " (peak since process start)" }
+        if reset {
+            ""
+        } else {
+            " (peak since process start)"
+        }
     );
     println!(
         "  of which at the end of handle_response {} = {:.2}x body",
@@ -285,8 +291,9 @@ fn main() {
         heap_peak_all.saturating_sub(heap_with_body) as f64 / size as f64
     );
     println!(
-        "after the batch: RSS {} (freed memory is not necessarily returned to the OS), \
-         machine heap {} (the dedup memory of recent event ids)",
+        "after the batch, events drained: RSS {} (freed memory is not necessarily returned to \
+         the OS); the machine still holds {} of heap (everything it kept: the drained event \
+         queue's capacity, the dedup memory of recent event ids)",
         mb(rss_end),
         mb(heap_after.saturating_sub(before.1))
     );

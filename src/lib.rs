@@ -51,9 +51,20 @@
 //!   its `prev_batch` back to the previous `since`), up to [`GapFill::max_events_per_room`];
 //!   past that, or with filling off, an [`EventKind::Gap`] item says what was not delivered.
 //!   Events already delivered in this run are not delivered again.
-//! * Where this crate chose: a left room's events come with their usual kinds, followed by an
-//!   [`EventKind::Leave`] marker; room summaries and unread counts are not events and are not
-//!   reported; one-time-key counts are reported only when they change.
+//! * Where this crate chose:
+//!   - [`SyncState::Live`] is announced when the catch-up batch (the answer to the `timeout=0`
+//!     request) has been handed on: the machine is caught up, and every later batch is live
+//!     traffic ([`Checkpoint::live`] says the same in the event stream). Waiting instead for a
+//!     long-poll to come back empty would never announce it in a busy account.
+//!   - A left room's events come with their usual kinds, followed by an [`EventKind::Leave`]
+//!     marker. Room summaries and unread counts are not events and are not reported;
+//!     one-time-key counts are reported only when they change.
+//!   - A 429's wait is `max(min(server wait, max_server_wait), backoff)`: the ceiling caps
+//!     what the server may ask, never the client's own backoff.
+//!   - A long-poll that comes back early and empty twice in a row is spaced like a repeated
+//!     token, so a server cannot make the loop spin with fresh but empty tokens either.
+//!   - A gap-fill request refused with a fatal error (say, 403 on history) ends filling that
+//!     room: the rest is reported as a gap and the batch is delivered.
 //!
 //! The reasons behind the defaults are in [`defaults`].
 //!

@@ -99,12 +99,63 @@ const B64URL: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123
 const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 const WORDS: &[&str] = &[
-    "the", "sync", "deploy", "is", "done", "can", "you", "review", "my", "patch", "please",
-    "tomorrow", "meeting", "moved", "to", "3pm", "lunch", "anyone", "build", "broke", "again",
-    "fixed", "in", "main", "thanks", "great", "idea", "let's", "ship", "it", "server", "load",
-    "looks", "fine", "now", "see", "ticket", "release", "notes", "café", "naïve", "über",
-    "日本語", "テスト", "ok", "👍", "🎉", "lgtm", "backport", "this", "weekend", "on-call",
-    "rotation", "latency", "p99", "dashboard", "https://example.org/wiki/Runbook",
+    "the",
+    "sync",
+    "deploy",
+    "is",
+    "done",
+    "can",
+    "you",
+    "review",
+    "my",
+    "patch",
+    "please",
+    "tomorrow",
+    "meeting",
+    "moved",
+    "to",
+    "3pm",
+    "lunch",
+    "anyone",
+    "build",
+    "broke",
+    "again",
+    "fixed",
+    "in",
+    "main",
+    "thanks",
+    "great",
+    "idea",
+    "let's",
+    "ship",
+    "it",
+    "server",
+    "load",
+    "looks",
+    "fine",
+    "now",
+    "see",
+    "ticket",
+    "release",
+    "notes",
+    "café",
+    "naïve",
+    "über",
+    "日本語",
+    "テスト",
+    "ok",
+    "👍",
+    "🎉",
+    "lgtm",
+    "backport",
+    "this",
+    "weekend",
+    "on-call",
+    "rotation",
+    "latency",
+    "p99",
+    "dashboard",
+    "https://example.org/wiki/Runbook",
 ];
 
 const REACTION_KEYS: &[&str] = &["👍", "❤️", "😂", "🎉", "👀", "🚀", "+1", "✅"];
@@ -163,7 +214,15 @@ impl Gen {
                 } else {
                     *rng.pick(&servers[1..])
                 };
-                format!("@{}{}:{}", rng.pick(&["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]), i, server)
+                format!(
+                    "@{}{}:{}",
+                    rng.pick(&[
+                        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
+                        "judy"
+                    ]),
+                    i,
+                    server
+                )
             })
             .collect::<Vec<_>>();
         Gen {
@@ -190,7 +249,10 @@ impl Gen {
             // Room version 12: no server name.
             format!("!{}", self.token(B64URL, 43))
         } else {
-            format!("!{}:example.org", self.token(B64, 18).replace(['+', '/'], "x"))
+            format!(
+                "!{}:example.org",
+                self.token(B64, 18).replace(['+', '/'], "x")
+            )
         }
     }
 
@@ -210,7 +272,8 @@ impl Gen {
             if i > 0 {
                 s.push(' ');
             }
-            s.push_str(*self.rng.pick(WORDS));
+            let word = WORDS[self.rng.below(WORDS.len())];
+            s.push_str(word);
         }
         s
     }
@@ -312,8 +375,15 @@ impl Gen {
     }
 
     fn member_content(&mut self, user: &str, membership: &str) -> String {
-        let name = user.trim_start_matches('@').split(':').next().unwrap_or("user");
-        let mut c = format!("{{\"displayname\":{},\"membership\":\"{membership}\"", Self::json(name));
+        let name = user
+            .trim_start_matches('@')
+            .split(':')
+            .next()
+            .unwrap_or("user");
+        let mut c = format!(
+            "{{\"displayname\":{},\"membership\":\"{membership}\"",
+            Self::json(name)
+        );
         if self.rng.chance(40) {
             let avatar = self.token(B64URL, 24);
             let _ = write!(c, ",\"avatar_url\":\"mxc://example.org/{avatar}\"");
@@ -333,13 +403,13 @@ impl Gen {
         );
         self.account_data();
         self.presence();
-        self.to_device();
+        self.write_to_device();
         self.device_lists();
+        self.raw_field("device_one_time_keys_count", "{\"signed_curve25519\":50}");
         self.raw_field(
-            "device_one_time_keys_count",
-            "{\"signed_curve25519\":50}",
+            "device_unused_fallback_key_types",
+            "[\"signed_curve25519\"]",
         );
-        self.raw_field("device_unused_fallback_key_types", "[\"signed_curve25519\"]");
         self.key("rooms");
         self.out.push('{');
         self.key("join");
@@ -383,7 +453,12 @@ impl Gen {
         }
         direct.pop();
         direct.push('}');
-        let name = me.trim_start_matches('@').split(':').next().unwrap_or("me").to_owned();
+        let name = me
+            .trim_start_matches('@')
+            .split(':')
+            .next()
+            .unwrap_or("me")
+            .to_owned();
         let push_rules = push_rules(&me, &name);
         let ignored = format!(
             "{{\"ignored_users\":{{{}:{{}}}}}}",
@@ -399,7 +474,10 @@ impl Gen {
                 "im.vector.setting.breadcrumbs",
                 "{\"recent_rooms\":[\"!a:example.org\",\"!b:example.org\"]}",
             ),
-            ("org.example.settings", "{\"theme\":\"dark\",\"compact\":true}"),
+            (
+                "org.example.settings",
+                "{\"theme\":\"dark\",\"compact\":true}",
+            ),
         ] {
             let _ = write!(self.out, "{{\"type\":\"{t}\",\"content\":{c}}},");
         }
@@ -436,7 +514,7 @@ impl Gen {
         self.out.push_str("},");
     }
 
-    fn to_device(&mut self) {
+    fn write_to_device(&mut self) {
         self.key("to_device");
         self.out.push_str("{\"events\":[");
         for i in 0..15 {
@@ -543,7 +621,11 @@ impl Gen {
         self.key("ephemeral");
         self.out.push_str("{\"events\":[");
         let typing: Vec<String> = (0..self.rng.below(3)).map(|_| self.user(&room)).collect();
-        let typing = typing.iter().map(|u| Self::json(u)).collect::<Vec<_>>().join(",");
+        let typing = typing
+            .iter()
+            .map(|u| Self::json(u))
+            .collect::<Vec<_>>()
+            .join(",");
         let _ = write!(
             self.out,
             "{{\"type\":\"m.typing\",\"content\":{{\"user_ids\":[{typing}]}}}},"
@@ -553,8 +635,16 @@ impl Gen {
         for target in &targets {
             let reader = self.user(&room);
             let ts = self.tick();
-            let kind = if self.rng.chance(20) { "m.read.private" } else { "m.read" };
-            let thread = if self.rng.chance(30) { ",\"thread_id\":\"main\"" } else { "" };
+            let kind = if self.rng.chance(20) {
+                "m.read.private"
+            } else {
+                "m.read"
+            };
+            let thread = if self.rng.chance(30) {
+                ",\"thread_id\":\"main\""
+            } else {
+                ""
+            };
             let _ = write!(
                 receipts,
                 "{}:{{\"{kind}\":{{{}:{{\"ts\":{ts}{thread}}}}}}},",
@@ -566,7 +656,10 @@ impl Gen {
             receipts.pop();
         }
         receipts.push('}');
-        let _ = write!(self.out, "{{\"type\":\"m.receipt\",\"content\":{receipts}}},");
+        let _ = write!(
+            self.out,
+            "{{\"type\":\"m.receipt\",\"content\":{receipts}}},"
+        );
         self.close(']');
         self.out.push_str("},");
 
@@ -631,10 +724,21 @@ impl Gen {
             "{{\"ban\":50,\"events\":{{\"m.room.avatar\":50,\"m.room.canonical_alias\":50,\"m.room.encryption\":100,\"m.room.history_visibility\":100,\"m.room.name\":50,\"m.room.power_levels\":100,\"m.room.server_acl\":100,\"m.room.tombstone\":100}},\"events_default\":0,\"historical\":100,\"invite\":0,\"kick\":50,\"redact\":50,\"state_default\":50,\"users\":{{{users}}},\"users_default\":0}}"
         );
         let ev = self.event_id();
-        self.room_event("m.room.power_levels", &creator, Some(""), &pl, &ev, "", None);
+        self.room_event(
+            "m.room.power_levels",
+            &creator,
+            Some(""),
+            &pl,
+            &ev,
+            "",
+            None,
+        );
         for (t, c) in [
             ("m.room.join_rules", "{\"join_rule\":\"invite\"}"),
-            ("m.room.history_visibility", "{\"history_visibility\":\"shared\"}"),
+            (
+                "m.room.history_visibility",
+                "{\"history_visibility\":\"shared\"}",
+            ),
             ("m.room.guest_access", "{\"guest_access\":\"can_join\"}"),
         ] {
             let ev = self.event_id();
@@ -675,7 +779,10 @@ impl Gen {
         let target = if room.recent.is_empty() {
             None
         } else {
-            Some(room.recent[room.recent.len() - 1 - self.rng.below(room.recent.len().min(8))].clone())
+            Some(
+                room.recent[room.recent.len() - 1 - self.rng.below(room.recent.len().min(8))]
+                    .clone(),
+            )
         };
         match (roll, target) {
             (0..=11, _) if room.encrypted || roll < 4 => {
@@ -730,7 +837,15 @@ impl Gen {
                     "{{\"reason\":\"spam\",\"redacts\":{}}}",
                     Self::json(&target)
                 );
-                self.room_event("m.room.redaction", &sender, None, &content, &id, "", Some(&target));
+                self.room_event(
+                    "m.room.redaction",
+                    &sender,
+                    None,
+                    &content,
+                    &id,
+                    "",
+                    Some(&target),
+                );
             }
             (39, _) => {
                 // An event redacted after the fact.
@@ -770,8 +885,20 @@ impl Gen {
                     Self::json(&user),
                     Self::json(&replaces)
                 );
-                let actor = if membership == "invite" { sender.clone() } else { user.clone() };
-                self.room_event("m.room.member", &actor, Some(&user), &content, &id, &extra, None);
+                let actor = if membership == "invite" {
+                    sender.clone()
+                } else {
+                    user.clone()
+                };
+                self.room_event(
+                    "m.room.member",
+                    &actor,
+                    Some(&user),
+                    &content,
+                    &id,
+                    &extra,
+                    None,
+                );
                 if !room.members.contains(&u) {
                     room.members.push(u);
                 }
@@ -787,7 +914,15 @@ impl Gen {
                     Self::json(&sender),
                     Self::json(&replaces)
                 );
-                self.room_event("m.room.topic", &sender, Some(""), &content, &id, &extra, None);
+                self.room_event(
+                    "m.room.topic",
+                    &sender,
+                    Some(""),
+                    &content,
+                    &id,
+                    &extra,
+                    None,
+                );
             }
             (50..=52, Some(target)) => {
                 // Thread message.
@@ -803,7 +938,10 @@ impl Gen {
             (53..=55, _) => {
                 let body = self.body();
                 let msgtype = *self.rng.pick(&["m.notice", "m.emote"]);
-                let content = format!("{{\"body\":{},\"msgtype\":\"{msgtype}\"}}", Self::json(&body));
+                let content = format!(
+                    "{{\"body\":{},\"msgtype\":\"{msgtype}\"}}",
+                    Self::json(&body)
+                );
                 self.room_event("m.room.message", &sender, None, &content, &id, "", None);
                 room.recent.push(id);
             }
@@ -841,7 +979,11 @@ impl Gen {
         self.key(section);
         self.out.push_str("{\"events\":[");
         self.stripped("m.room.create", &inviter, "", "{\"room_version\":\"11\"}");
-        let rule = if membership == "knock" { "knock" } else { "invite" };
+        let rule = if membership == "knock" {
+            "knock"
+        } else {
+            "invite"
+        };
         self.stripped(
             "m.room.join_rules",
             &inviter,
@@ -849,7 +991,12 @@ impl Gen {
             &format!("{{\"join_rule\":\"{rule}\"}}"),
         );
         let name = self.sentence(3);
-        self.stripped("m.room.name", &inviter, "", &format!("{{\"name\":{}}}", Self::json(&name)));
+        self.stripped(
+            "m.room.name",
+            &inviter,
+            "",
+            &format!("{{\"name\":{}}}", Self::json(&name)),
+        );
         let content = self.member_content(&inviter, "join");
         self.stripped("m.room.member", &inviter, &inviter, &content);
         let sender = if membership == "knock" { &me } else { &inviter };
@@ -912,7 +1059,9 @@ fn push_rules(me: &str, name: &str) -> String {
     };
     let notify = "\"notify\",{\"set_tweak\":\"highlight\",\"value\":false}";
     let sound = "\"notify\",{\"set_tweak\":\"sound\",\"value\":\"default\"},{\"set_tweak\":\"highlight\",\"value\":false}";
-    let em = |k: &str, p: &str| format!("{{\"kind\":\"event_match\",\"key\":\"{k}\",\"pattern\":\"{p}\"}}");
+    let em = |k: &str, p: &str| {
+        format!("{{\"kind\":\"event_match\",\"key\":\"{k}\",\"pattern\":\"{p}\"}}")
+    };
     let override_rules = [
         "{\"conditions\":[],\"actions\":[],\"rule_id\":\".m.rule.master\",\"default\":true,\"enabled\":false}".to_owned(),
         rule(".m.rule.suppress_notices", &em("content.msgtype", "m.notice"), ""),
