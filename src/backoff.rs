@@ -186,6 +186,84 @@ mod tests {
     }
 
     #[test]
+    fn validation_rejects_each_unusable_field() {
+        let ok = BackoffPolicy::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let field = |p: BackoffPolicy| match p.validate() {
+            Err(
+                ConfigError::DurationOutOfRange { field, .. } | ConfigError::Invalid { field, .. },
+            ) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(BackoffPolicy {
+                initial: Duration::ZERO,
+                ..ok.clone()
+            }),
+            "backoff.initial"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                max: Duration::from_millis(100),
+                ..ok.clone()
+            }),
+            "backoff.max"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                max: Duration::from_secs(86_401),
+                ..ok.clone()
+            }),
+            "backoff.max"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                factor: 0.5,
+                ..ok.clone()
+            }),
+            "backoff.factor"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                factor: f64::NAN,
+                ..ok.clone()
+            }),
+            "backoff.factor"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                jitter: 1.5,
+                ..ok.clone()
+            }),
+            "backoff.jitter"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                jitter: -0.1,
+                ..ok.clone()
+            }),
+            "backoff.jitter"
+        );
+        assert_eq!(
+            BackoffPolicy {
+                factor: 1.0,
+                jitter: 1.0,
+                ..ok.clone()
+            }
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(
+            BackoffPolicy {
+                max: ok.initial,
+                ..ok
+            }
+            .validate(),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn splitmix_matches_reference_values() {
         // First outputs of SplitMix64 seeded with 0 (reference implementation by Vigna).
         let mut r = SplitMix64::new(0);

@@ -297,3 +297,117 @@ pub enum ConfigError {
         reason: &'static str,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(url: &str) -> Result<(), ConfigError> {
+        Config::new(url, "t").validate()
+    }
+
+    #[test]
+    fn homeserver_urls() {
+        assert_eq!(check("https://matrix.example.org"), Ok(()));
+        assert_eq!(check("https://matrix.example.org/"), Ok(()));
+        for loopback in [
+            "http://localhost:8008",
+            "http://127.0.0.2:1",
+            "http://[::1]:8008",
+        ] {
+            assert_eq!(check(loopback), Ok(()), "{loopback}");
+        }
+        assert_eq!(
+            check("http://matrix.example.org"),
+            Err(ConfigError::InsecureHttp)
+        );
+        assert_eq!(check("http://10.0.0.1"), Err(ConfigError::InsecureHttp));
+        for bad in [
+            "",
+            "matrix.example.org",
+            "/relative",
+            "ftp://x.org",
+            "https://x.org/?a=b",
+        ] {
+            assert!(
+                matches!(check(bad), Err(ConfigError::InvalidHomeserver { .. })),
+                "{bad}"
+            );
+        }
+        let mut config = Config::new("http://matrix.example.org", "t");
+        config.allow_insecure_http = true;
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn tokens_since_and_durations() {
+        let base = || Config::new("https://x.org", "t");
+        assert_eq!(
+            Config::new("https://x.org", "").validate(),
+            Err(ConfigError::MissingAccessToken)
+        );
+        assert_eq!(
+            Config::new("https://x.org", "a b").validate(),
+            Err(ConfigError::InvalidAccessToken)
+        );
+        assert_eq!(
+            Config::new("https://x.org", "a\n").validate(),
+            Err(ConfigError::InvalidAccessToken)
+        );
+        let mut c = base();
+        c.since = Some(String::new());
+        assert_eq!(c.validate(), Err(ConfigError::EmptySince));
+        let mut c = base();
+        c.deadline_margin = Duration::ZERO;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::DurationOutOfRange {
+                field: "deadline_margin",
+                ..
+            })
+        ));
+        let mut c = base();
+        c.initial_sync_deadline = Duration::from_secs(86_401);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::DurationOutOfRange {
+                field: "initial_sync_deadline",
+                ..
+            })
+        ));
+        let mut c = base();
+        c.long_poll_timeout = Duration::ZERO;
+        assert_eq!(
+            c.validate(),
+            Ok(()),
+            "a zero long-poll is a valid (if wasteful) choice"
+        );
+        let mut c = base();
+        c.max_body_bytes = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                field: "max_body_bytes",
+                ..
+            })
+        ));
+        let mut c = base();
+        c.gap_fill.page_size = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid {
+                field: "gap_fill.page_size",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let config = Config::new("https://x.org", "syt_secret_value");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("syt_secret_value"));
+        assert!(debug.contains("<redacted>"));
+        assert_eq!(config.access_token.expose(), "syt_secret_value");
+    }
+}
