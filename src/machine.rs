@@ -44,6 +44,9 @@ struct InFlight {
     deadline: Instant,
     /// For a sync: the `since` it carried.
     since: Option<String>,
+    /// For a sync: sent to catch up (first request, or first after an error), so what it
+    /// returns is history, not live traffic.
+    catch_up: bool,
 }
 
 /// A parsed sync response waiting for its gaps to be filled before it is delivered.
@@ -228,16 +231,21 @@ impl SyncMachine {
                 let http =
                     request::messages_request(&self.config, &room, &job.from, &job.to, limit);
                 let deadline = now + self.config.deadline_margin;
+                if self.state == SyncState::BackingOff {
+                    self.set_state(SyncState::CatchingUp);
+                }
                 (
                     http,
                     RequestKind::Messages { room_id: room },
                     deadline,
                     None,
+                    false,
                 )
             }
             None => {
                 let since = self.since.clone();
-                let timeout = if self.catching_up || since.is_none() {
+                let catch_up = self.catching_up || since.is_none();
+                let timeout = if catch_up {
                     Duration::ZERO
                 } else {
                     self.config.long_poll_timeout
@@ -250,7 +258,7 @@ impl SyncMachine {
                 let full_state = self.first_sync && self.config.full_state;
                 let http =
                     request::sync_request(&self.config, since.as_deref(), timeout, full_state);
-                if self.state != SyncState::Unauthorized && self.catching_up {
+                if self.state != SyncState::Unauthorized && catch_up {
                     let state = if since.is_some() {
                         SyncState::CatchingUp
                     } else {
@@ -258,10 +266,16 @@ impl SyncMachine {
                     };
                     self.set_state(state);
                 }
-                (http, RequestKind::Sync { timeout }, deadline, since)
+                (
+                    http,
+                    RequestKind::Sync { timeout },
+                    deadline,
+                    since,
+                    catch_up,
+                )
             }
         };
-        let (http, kind, deadline, since) = built;
+        let (http, kind, deadline, since, catch_up) = built;
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let in_flight = InFlight {
@@ -270,6 +284,7 @@ impl SyncMachine {
             sent_at: now,
             deadline,
             since,
+            catch_up,
         };
         match http {
             Ok(http) => {
@@ -298,7 +313,9 @@ impl SyncMachine {
         if let EventKind::Checkpoint(checkpoint) = &event.kind {
             self.since = Some(checkpoint.next_batch.clone());
             self.first_sync = false;
-            self.caught_up();
+            if !checkpoint.live {
+                self.caught_up();
+            }
         }
         Some(event)
     }
@@ -456,18 +473,18 @@ impl SyncMachine {
                 SyncState::InitialSync
             });
         }
-        let live = matches!(in_flight.kind, RequestKind::Sync { timeout } if !timeout.is_zero())
-            && !self.catching_up;
+        let live = !in_flight.catch_up;
         let unchanged = in_flight.since.as_deref() == Some(response.next_batch.as_str());
         let empty = sync_is_empty(&response);
         let early = match in_flight.kind {
             RequestKind::Sync { timeout } => self.now - in_flight.sent_at < timeout / 2,
             RequestKind::Messages { .. } => false,
         };
-        if unchanged || (empty && early) {
-            // Nothing happened, yet the long-poll returned: space the next request so a server
-            // that answers at once cannot make us spin. A new token with nothing in it is
-            // legitimate once (filtered-out activity), so it is only spaced when it repeats.
+        if early && (unchanged || empty) {
+            // A long-poll that returns early with nothing new: space the next request so a
+            // server that answers at once cannot make us spin. A new token with nothing in it
+            // is legitimate once (filtered-out activity), so it is only spaced when it
+            // repeats. A long-poll the server held for its timeout is spacing enough.
             self.idle_streak = self.idle_streak.saturating_add(1);
             let streak = if unchanged {
                 self.idle_streak
@@ -477,12 +494,14 @@ impl SyncMachine {
             if streak > 0 {
                 self.send_at = Some(self.now + self.backoff.policy().base_delay(streak));
             }
-            if unchanged && empty {
-                self.caught_up();
-                return;
-            }
         } else {
             self.idle_streak = 0;
+        }
+        if unchanged && empty {
+            if in_flight.catch_up {
+                self.caught_up();
+            }
+            return;
         }
 
         let mut jobs = VecDeque::new();

@@ -295,8 +295,15 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
                                 let body: serde_json::Value =
                                     serde_json::from_slice(response.body()).unwrap();
                                 let token = body["next_batch"].as_str().unwrap().to_owned();
+                                // Spaced only when a long-poll came back early; one the
+                                // server held for half its timeout or more is spacing enough.
+                                let RequestKind::Sync { timeout } = req.kind else {
+                                    unreachable!()
+                                };
+                                let sent_at = req.deadline - timeout - m.config().deadline_margin;
                                 idle_answer = body.get("rooms").is_none()
-                                    && m.since() == Some(token.as_str());
+                                    && m.since() == Some(token.as_str())
+                                    && at - sent_at < timeout / 2;
                                 allowed.insert(token);
                             }
                         }

@@ -1,0 +1,871 @@
+//! A deterministic simulation harness for the sans-IO [`SyncMachine`].
+//!
+//! * A scripted homeserver ([`Homeserver`]): a closure that sees every request the machine hands
+//!   out (kind, `since`, `timeout`, `/messages` `from`/`to`, send instant) and decides what
+//!   happens to it: a response after a simulated latency, a transport failure after a latency,
+//!   or no answer at all ([`Reply::Stall`], so the machine's deadline fires). It owns a [`Feed`],
+//!   a `next_batch` token stream that writes valid sync bodies with new, uniquely numbered
+//!   events and remembers every batch it produced.
+//! * A simulated clock that only ever jumps to the next instant something happens: the arrival
+//!   of the scripted answer, or the machine's [`poll_timeout`](SyncMachine::poll_timeout),
+//!   whichever is first (an answer wins a tie). No wall-clock time passes.
+//! * Everything is seeded ([`SplitMix64`]) and deterministic, and everything is recorded in a
+//!   [`Log`]: every request (send instant, kind, `since`, `timeout`, deadline, outcome), every
+//!   error (class, delay, attempt), every state change and every delivered event.
+//!
+//! [`Sim::step`] is the canonical run loop of the crate docs: drain events, errors and states,
+//! then `poll_request`; send what it returns; wait for the answer or the wake-up instant; feed
+//! the input. Cheap protocol invariants are asserted on every step (at most one request in
+//! flight, `since` equals the last checkpoint handed on, the token never in the URL, the URL
+//! agrees with the request kind, no wake-ups that lead nowhere).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use matrix_sync_service::{
+    Config, ErrorClass, Event, EventKind, Failure, InputError, OutgoingRequest, RequestId,
+    RequestKind, SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+};
+
+/// The homeserver every simulated machine talks to (nothing is ever sent).
+pub const HOMESERVER: &str = "https://hs.example.org";
+/// The access token of every simulated machine; it must never appear in a URL.
+pub const TOKEN: &str = "sim_access_token_do_not_leak";
+
+/// A default configuration for the simulated homeserver.
+pub fn config() -> Config {
+    Config::new(HOMESERVER, TOKEN)
+}
+
+// ---- randomness -------------------------------------------------------------------------------
+
+/// SplitMix64 (Vigna): the harness's own generator, for scripts and for replaying the
+/// documented jitter formula independently of the crate.
+#[derive(Clone, Debug)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`: the top 53 bits over 2^53.
+    pub fn next_unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `lo..=hi` (modulo bias is irrelevant for scripts).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        assert!(lo <= hi);
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.next_unit() < p
+    }
+}
+
+// ---- what the server sees and answers ---------------------------------------------------------
+
+/// What a request is, as read back from its URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `GET /_matrix/client/v3/sync`.
+    Sync,
+    /// `GET /_matrix/client/v3/rooms/{room}/messages`.
+    Messages {
+        /// The room id, percent-decoded.
+        room: String,
+    },
+}
+
+/// What became of a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still awaited.
+    Pending,
+    /// Answered with an HTTP response that the machine accepted.
+    Answered {
+        /// Arrival instant.
+        at: Duration,
+        /// HTTP status.
+        status: u16,
+    },
+    /// Failed below HTTP (the machine accepted the failure).
+    Failed {
+        /// Arrival instant.
+        at: Duration,
+    },
+    /// The machine gave up on it (its deadline passed, or it was stopped).
+    Abandoned {
+        /// When.
+        at: Duration,
+    },
+}
+
+/// One request the machine handed out, as the simulated server saw it.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    /// The machine's id for it.
+    pub id: RequestId,
+    /// Send instant, from the start of the simulation.
+    pub at: Duration,
+    /// Sync or messages.
+    pub kind: Kind,
+    /// `since` query parameter (sync).
+    pub since: Option<String>,
+    /// `timeout` query parameter (sync), in milliseconds as sent.
+    pub timeout: Option<Duration>,
+    /// `from` query parameter (messages).
+    pub from: Option<String>,
+    /// `to` query parameter (messages).
+    pub to: Option<String>,
+    /// The machine's deadline for it, from the start of the simulation.
+    pub deadline: Duration,
+    /// The `next_batch` of the last checkpoint handed on before it was sent (or the configured
+    /// `since`).
+    pub checkpoint_before: Option<String>,
+    /// What became of it.
+    pub outcome: Outcome,
+}
+
+impl Sent {
+    /// True for a sync request with `timeout=0`.
+    pub fn is_catch_up(&self) -> bool {
+        self.kind == Kind::Sync && self.timeout == Some(Duration::ZERO)
+    }
+}
+
+/// What the scripted server does with one request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// An HTTP response arriving `latency` after the request was sent.
+    Response {
+        /// Time to arrival.
+        latency: Duration,
+        /// HTTP status.
+        status: u16,
+        /// Response headers.
+        headers: Vec<(&'static str, String)>,
+        /// Response body.
+        body: Vec<u8>,
+    },
+    /// A transport failure reported `latency` after the request was sent.
+    Failure {
+        /// Time to the failure.
+        latency: Duration,
+        /// What failed.
+        kind: TransportErrorKind,
+    },
+    /// No answer, ever: the machine's deadline decides.
+    Stall,
+}
+
+impl Reply {
+    /// 200 with `body`.
+    pub fn ok(latency: Duration, body: Vec<u8>) -> Self {
+        Reply::Response {
+            latency,
+            status: 200,
+            headers: vec![("content-type", "application/json".to_owned())],
+            body,
+        }
+    }
+
+    /// A Matrix error response: `{"errcode": .., "error": ..}` plus `extra` fields.
+    pub fn error(latency: Duration, status: u16, errcode: &str, extra: &str) -> Self {
+        let mut body = format!(r#"{{"errcode":"{errcode}","error":"simulated {status}""#);
+        if !extra.is_empty() {
+            body.push(',');
+            body.push_str(extra);
+        }
+        body.push('}');
+        Reply::Response {
+            latency,
+            status,
+            headers: vec![("content-type", "application/json".to_owned())],
+            body: body.into_bytes(),
+        }
+    }
+
+    /// 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` in the body and, if given, a `Retry-After`
+    /// header in seconds.
+    pub fn rate_limited(latency: Duration, retry_after_ms: u64, header_secs: Option<u64>) -> Self {
+        let mut reply = Reply::error(
+            latency,
+            429,
+            "M_LIMIT_EXCEEDED",
+            &format!(r#""retry_after_ms":{retry_after_ms}"#),
+        );
+        if let (Reply::Response { headers, .. }, Some(secs)) = (&mut reply, header_secs) {
+            headers.push(("retry-after", secs.to_string()));
+        }
+        reply
+    }
+
+    /// Connection refused after `latency`.
+    pub fn refused(latency: Duration) -> Self {
+        Reply::Failure {
+            latency,
+            kind: TransportErrorKind::Connect,
+        }
+    }
+
+    fn latency(&self) -> Option<Duration> {
+        match self {
+            Reply::Response { latency, .. } | Reply::Failure { latency, .. } => Some(*latency),
+            Reply::Stall => None,
+        }
+    }
+}
+
+/// Anything that can play the homeserver.
+pub trait Server {
+    /// Decides what happens to `request` (`http` is the request exactly as the machine built it).
+    fn answer(&mut self, request: &Sent, http: &http::Request<Vec<u8>>) -> Reply;
+}
+
+/// A scripted homeserver: `script` decides every request, with a [`Feed`] to write bodies.
+pub struct Homeserver<F> {
+    /// The token stream and its record of every batch produced.
+    pub feed: Feed,
+    script: F,
+}
+
+impl<F: FnMut(&mut Feed, &Sent) -> Reply> Homeserver<F> {
+    /// A homeserver running `script` over `feed`.
+    pub fn new(feed: Feed, script: F) -> Self {
+        Self { feed, script }
+    }
+}
+
+impl<F: FnMut(&mut Feed, &Sent) -> Reply> Server for Homeserver<F> {
+    fn answer(&mut self, request: &Sent, _http: &http::Request<Vec<u8>>) -> Reply {
+        (self.script)(&mut self.feed, request)
+    }
+}
+
+// ---- the token stream -------------------------------------------------------------------------
+
+/// One batch the feed produced.
+#[derive(Clone, Debug)]
+pub struct Emitted {
+    /// The request it answers.
+    pub request: RequestId,
+    /// That request's `since`.
+    pub since: Option<String>,
+    /// Its `next_batch`.
+    pub next_batch: String,
+    /// Its event ids, in the order the machine must deliver them (rooms in id order, each
+    /// room's timeline in server order).
+    pub event_ids: Vec<String>,
+}
+
+/// A `next_batch` token stream producing valid sync bodies with new messages.
+///
+/// Tokens are `s1`, `s2`, ... (start a machine from `s0`); events are `$ev1`, `$ev2`, ...,
+/// each an `m.room.message` whose body is `message N`, spread over the feed's rooms.
+#[derive(Clone, Debug)]
+pub struct Feed {
+    /// Randomness for scripts and for spreading events over rooms.
+    pub rng: SplitMix64,
+    /// Joined rooms the events go to.
+    pub rooms: Vec<String>,
+    /// Every batch produced, in order.
+    pub emitted: Vec<Emitted>,
+    next_token: u64,
+    next_event: u64,
+}
+
+impl Feed {
+    /// A feed over `rooms`, seeded with `seed`.
+    pub fn new(seed: u64, rooms: &[&str]) -> Self {
+        assert!(!rooms.is_empty());
+        Self {
+            rng: SplitMix64::new(seed),
+            rooms: rooms.iter().map(|r| (*r).to_owned()).collect(),
+            emitted: Vec::new(),
+            next_token: 1,
+            next_event: 1,
+        }
+    }
+
+    /// The token the next new batch will carry.
+    pub fn peek_token(&self) -> String {
+        format!("s{}", self.next_token)
+    }
+
+    /// A body with `events` new messages and a fresh `next_batch`, answering `request`.
+    pub fn new_batch(&mut self, request: &Sent, events: usize) -> Vec<u8> {
+        let next_batch = self.peek_token();
+        self.next_token += 1;
+        let mut by_room: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for _ in 0..events {
+            let room = self.rng.range(0, self.rooms.len() as u64 - 1) as usize;
+            by_room.entry(room).or_default().push(self.next_event);
+            self.next_event += 1;
+        }
+        // Delivery order is room-id order; sort by the room ids themselves.
+        let mut rooms: Vec<(&str, Vec<u64>)> = by_room
+            .into_iter()
+            .map(|(i, ids)| (self.rooms[i].as_str(), ids))
+            .collect();
+        rooms.sort_by(|a, b| a.0.cmp(b.0));
+
+        let mut body = format!(r#"{{"next_batch":"{next_batch}","rooms":{{"join":{{"#);
+        let mut event_ids = Vec::with_capacity(events);
+        for (r, (room, ids)) in rooms.iter().enumerate() {
+            if r > 0 {
+                body.push(',');
+            }
+            let _ = write!(body, r#""{room}":{{"timeline":{{"events":["#);
+            for (i, n) in ids.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                let _ = write!(
+                    body,
+                    r#"{{"type":"m.room.message","event_id":"$ev{n}","sender":"@alice:example.org","origin_server_ts":{ts},"content":{{"msgtype":"m.text","body":"message {n}"}}}}"#,
+                    ts = 1_700_000_000_000u64 + n,
+                );
+                event_ids.push(format!("$ev{n}"));
+            }
+            let _ = write!(
+                body,
+                r#"],"limited":false,"prev_batch":"p{}"}}}}"#,
+                self.next_token - 1
+            );
+        }
+        body.push_str("}}}");
+        self.emitted.push(Emitted {
+            request: request.id,
+            since: request.since.clone(),
+            next_batch,
+            event_ids,
+        });
+        body.into_bytes()
+    }
+
+    /// A body saying nothing happened: `next_batch` equal to the request's `since`.
+    pub fn idle(request: &Sent) -> Vec<u8> {
+        let since = request
+            .since
+            .as_deref()
+            .expect("an idle answer needs a since");
+        format!(r#"{{"next_batch":"{since}"}}"#).into_bytes()
+    }
+}
+
+// ---- the log ----------------------------------------------------------------------------------
+
+/// One error the machine reported.
+#[derive(Clone, Debug)]
+pub struct ErrorRecord {
+    /// When it was reported (the instant of the input that caused it).
+    pub at: Duration,
+    /// What failed.
+    pub failure: Failure,
+    /// Its class.
+    pub class: ErrorClass,
+    /// Consecutive failures, this one included.
+    pub attempt: u32,
+    /// The wait the machine chose.
+    pub delay: Duration,
+    /// Index in [`Log::requests`] of the request that failed.
+    pub request: Option<usize>,
+}
+
+/// One delivered item of the event stream.
+#[derive(Clone, Debug)]
+pub struct Delivered {
+    /// When it was drained.
+    pub at: Duration,
+    /// Its kind (a checkpoint carries its token).
+    pub kind: EventKind,
+    /// Its event id.
+    pub event_id: Option<String>,
+    /// Its room.
+    pub room_id: Option<String>,
+    /// Its body.
+    pub body: String,
+}
+
+impl Delivered {
+    fn new(at: Duration, event: &Event) -> Self {
+        Self {
+            at,
+            kind: event.kind.clone(),
+            event_id: event.event_id.as_ref().map(|e| e.to_string()),
+            room_id: event.room_id.as_ref().map(|r| r.to_string()),
+            body: event.body.clone(),
+        }
+    }
+
+    /// The checkpoint token, if this is a checkpoint.
+    pub fn checkpoint(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Checkpoint(c) => Some(&c.next_batch),
+            _ => None,
+        }
+    }
+
+    /// The `live` flag, for a checkpoint.
+    pub fn checkpoint_live(&self) -> Option<bool> {
+        match &self.kind {
+            EventKind::Checkpoint(c) => Some(c.live),
+            _ => None,
+        }
+    }
+}
+
+/// An answer that arrived after the machine stopped waiting for it.
+#[derive(Clone, Debug)]
+pub struct LateAnswer {
+    /// The request it answered.
+    pub id: RequestId,
+    /// Arrival.
+    pub at: Duration,
+    /// What the machine said.
+    pub result: Result<(), InputError>,
+}
+
+/// Everything that happened.
+#[derive(Clone, Debug, Default)]
+pub struct Log {
+    /// Every request, in send order.
+    pub requests: Vec<Sent>,
+    /// Every error report.
+    pub errors: Vec<ErrorRecord>,
+    /// Every state change (the first is the initial state).
+    pub states: Vec<(Duration, SyncState)>,
+    /// Every delivered event, checkpoints included.
+    pub events: Vec<Delivered>,
+    /// Answers fed after their request was abandoned, with the machine's verdict.
+    pub late_answers: Vec<LateAnswer>,
+}
+
+impl Log {
+    /// The states alone.
+    pub fn state_sequence(&self) -> Vec<SyncState> {
+        self.states.iter().map(|(_, s)| *s).collect()
+    }
+
+    /// Delivered items grouped into batches: (event ids, checkpoint token) per checkpoint.
+    pub fn batches(&self) -> Vec<(Vec<String>, String)> {
+        let mut out = Vec::new();
+        let mut current = Vec::new();
+        for e in &self.events {
+            match e.checkpoint() {
+                Some(token) => out.push((std::mem::take(&mut current), token.to_owned())),
+                None => current.push(e.event_id.clone().unwrap_or_default()),
+            }
+        }
+        assert!(current.is_empty(), "events after the last checkpoint");
+        out
+    }
+}
+
+/// Asserts that every state change is one the [`SyncState`] docs allow.
+pub fn assert_valid_transitions(states: &[(Duration, SyncState)]) {
+    use SyncState::*;
+    for pair in states.windows(2) {
+        let ((_, from), (at, to)) = (pair[0], pair[1]);
+        let ok = match from {
+            InitialSync | CatchingUp => matches!(to, Live | BackingOff | Unauthorized | Stopped),
+            Live => matches!(to, BackingOff | Unauthorized | Stopped),
+            BackingOff => matches!(to, InitialSync | CatchingUp | Stopped),
+            Unauthorized => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
+            Stopped => false,
+        };
+        assert!(ok, "state {from:?} -> {to:?} at {at:?} is not allowed");
+    }
+}
+
+// ---- the simulation ---------------------------------------------------------------------------
+
+enum Answer {
+    Response(http::Response<Vec<u8>>),
+    Failure(TransportFailure),
+}
+
+struct Flight {
+    id: RequestId,
+    index: usize,
+    arrival: Option<(Duration, Answer)>,
+}
+
+/// A machine, a scripted server and a simulated clock.
+pub struct Sim<S> {
+    /// The machine under test.
+    pub machine: SyncMachine,
+    /// The scripted server.
+    pub server: S,
+    /// Everything that happened.
+    pub log: Log,
+    origin: Instant,
+    now: Duration,
+    flight: Option<Flight>,
+    late: Vec<Flight>,
+    last_checkpoint: Option<String>,
+    concluded: Option<usize>,
+    idle_wakes: u32,
+}
+
+impl<S: Server> Sim<S> {
+    /// A simulation of a machine built from `config`, against `server`, from time zero.
+    pub fn new(config: Config, server: S) -> Self {
+        let origin = Instant::now();
+        let last_checkpoint = config.since.clone();
+        let machine = SyncMachine::new(config, origin).expect("valid config");
+        Self {
+            machine,
+            server,
+            log: Log::default(),
+            origin,
+            now: Duration::ZERO,
+            flight: None,
+            late: Vec::new(),
+            last_checkpoint,
+            concluded: None,
+            idle_wakes: 0,
+        }
+    }
+
+    /// Simulated time since the start.
+    pub fn now(&self) -> Duration {
+        self.now
+    }
+
+    /// The `Instant` the machine sees for a simulated time.
+    pub fn instant(&self, at: Duration) -> Instant {
+        self.origin + at
+    }
+
+    /// Simulated time of a machine `Instant`.
+    pub fn offset(&self, at: Instant) -> Duration {
+        at.duration_since(self.origin)
+    }
+
+    /// Drains events, errors and states into the log (step 2 of the run loop, before
+    /// `poll_request`).
+    pub fn drain(&mut self) {
+        while let Some(event) = self.machine.poll_event() {
+            if let EventKind::Checkpoint(c) = &event.kind {
+                assert_eq!(
+                    self.machine.since(),
+                    Some(c.next_batch.as_str()),
+                    "since must advance to a checkpoint once it is handed on"
+                );
+                self.last_checkpoint = Some(c.next_batch.clone());
+            }
+            self.log.events.push(Delivered::new(self.now, &event));
+        }
+        while let Some(e) = self.machine.poll_error() {
+            self.log.errors.push(ErrorRecord {
+                at: self.now,
+                failure: e.failure,
+                class: e.class,
+                attempt: e.attempt,
+                delay: e.delay,
+                request: self.concluded.take(),
+            });
+        }
+        while let Some(state) = self.machine.poll_state() {
+            self.log.states.push((self.now, state));
+        }
+    }
+
+    fn send(&mut self, out: OutgoingRequest) {
+        assert!(
+            self.flight.is_none(),
+            "a second request while one is in flight"
+        );
+        let uri = out.http.uri().clone();
+        assert!(
+            !uri.to_string().contains(TOKEN),
+            "the access token is in the URL"
+        );
+        let path = percent_decode(uri.path());
+        let kind = if path.ends_with("/v3/sync") {
+            Kind::Sync
+        } else if let Some(room) = path
+            .strip_suffix("/messages")
+            .and_then(|p| p.split("/rooms/").nth(1))
+        {
+            Kind::Messages {
+                room: room.to_owned(),
+            }
+        } else {
+            panic!("unexpected request path {path}")
+        };
+        match (&kind, &out.kind) {
+            (Kind::Sync, RequestKind::Sync { .. }) => {}
+            (Kind::Messages { room }, RequestKind::Messages { room_id }) => {
+                assert_eq!(room, room_id.as_str())
+            }
+            (k, o) => panic!("URL says {k:?}, the machine says {o:?}"),
+        }
+        let timeout = query(&uri, "timeout").map(|ms| {
+            Duration::from_millis(ms.parse().expect("timeout is a number of milliseconds"))
+        });
+        if let (Some(t), RequestKind::Sync { timeout: declared }) = (timeout, &out.kind) {
+            assert_eq!(t, *declared, "timeout in the URL and in the kind differ");
+        }
+        let since = query(&uri, "since");
+        if kind == Kind::Sync {
+            assert_eq!(
+                since, self.last_checkpoint,
+                "a sync must start from the last checkpoint handed on"
+            );
+        }
+        let sent = Sent {
+            id: out.id,
+            at: self.now,
+            kind,
+            since,
+            timeout,
+            from: query(&uri, "from"),
+            to: query(&uri, "to"),
+            deadline: self.offset(out.deadline),
+            checkpoint_before: self.last_checkpoint.clone(),
+            outcome: Outcome::Pending,
+        };
+        let reply = self.server.answer(&sent, &out.http);
+        let arrival = reply.latency().map(|latency| {
+            let answer = match reply {
+                Reply::Response {
+                    status,
+                    headers,
+                    body,
+                    ..
+                } => {
+                    let mut builder = http::Response::builder().status(status);
+                    for (name, value) in headers {
+                        builder = builder.header(name, value);
+                    }
+                    Answer::Response(builder.body(body).expect("valid scripted response"))
+                }
+                Reply::Failure { kind, .. } => {
+                    Answer::Failure(TransportFailure::new(kind, "simulated"))
+                }
+                Reply::Stall => unreachable!(),
+            };
+            (self.now + latency, answer)
+        });
+        self.flight = Some(Flight {
+            id: out.id,
+            index: self.log.requests.len(),
+            arrival,
+        });
+        self.log.requests.push(sent);
+    }
+
+    /// One turn of the run loop: drain, `poll_request` (and send), then jump to the next
+    /// instant and feed that input. Returns false when nothing will ever happen again
+    /// (stopped). Stops short, without feeding anything, if the next instant is after `limit`.
+    pub fn step_until(&mut self, limit: Duration) -> bool {
+        self.drain();
+        if let Some(out) = self.machine.poll_request() {
+            self.idle_wakes = 0;
+            self.send(out);
+        }
+        let timer = self.machine.poll_timeout().map(|t| self.offset(t));
+        let answer = self
+            .flight
+            .iter()
+            .chain(&self.late)
+            .filter_map(|f| f.arrival.as_ref().map(|(at, _)| *at))
+            .min();
+        let (at, is_answer) = match (answer, timer) {
+            (Some(a), Some(t)) if a <= t => (a, true),
+            (_, Some(t)) => (t, false),
+            (Some(a), None) => (a, true),
+            (None, None) => return false,
+        };
+        let at = at.max(self.now);
+        if at > limit {
+            self.now = self.now.max(limit);
+            return false;
+        }
+        if at == self.now && !is_answer {
+            self.idle_wakes += 1;
+            assert!(
+                self.idle_wakes < 3,
+                "the machine keeps asking to be woken at {at:?} without sending anything"
+            );
+        } else if at > self.now {
+            self.idle_wakes = 0;
+        }
+        self.now = at;
+        let instant = self.instant(at);
+        if is_answer {
+            self.feed_answer(at);
+        } else {
+            self.machine
+                .handle_timeout(instant)
+                .expect("time only moves forward");
+            self.check_abandoned();
+        }
+        true
+    }
+
+    /// [`step_until`](Self::step_until) without a limit.
+    pub fn step(&mut self) -> bool {
+        self.step_until(Duration::MAX)
+    }
+
+    /// Steps until simulated time reaches `end` (or nothing more can happen).
+    pub fn run_until(&mut self, end: Duration) {
+        while self.now < end && self.step_until(end) {}
+        self.drain();
+    }
+
+    /// Steps while `condition` holds (checked before each step); panics after `max_steps`.
+    pub fn run_while(&mut self, max_steps: usize, mut condition: impl FnMut(&Self) -> bool) {
+        for _ in 0..max_steps {
+            self.drain();
+            if !condition(self) || !self.step() {
+                self.drain();
+                return;
+            }
+        }
+        panic!("still running after {max_steps} steps");
+    }
+
+    fn feed_answer(&mut self, at: Duration) {
+        let instant = self.instant(at);
+        let in_flight_due = self
+            .flight
+            .as_ref()
+            .and_then(|f| f.arrival.as_ref())
+            .is_some_and(|(t, _)| *t == at);
+        if in_flight_due {
+            let flight = self.flight.take().expect("checked");
+            let (_, answer) = flight.arrival.expect("checked");
+            let (result, outcome) = match answer {
+                Answer::Response(r) => {
+                    let status = r.status().as_u16();
+                    (
+                        self.machine.handle_response(flight.id, r, instant),
+                        Outcome::Answered { at, status },
+                    )
+                }
+                Answer::Failure(f) => (
+                    self.machine.handle_failure(flight.id, f, instant),
+                    Outcome::Failed { at },
+                ),
+            };
+            if let Err(e) = result {
+                panic!("the answer to {} was refused: {e}", flight.id);
+            }
+            self.log.requests[flight.index].outcome = outcome;
+            self.concluded = Some(flight.index);
+            return;
+        }
+        let i = self
+            .late
+            .iter()
+            .position(|f| f.arrival.as_ref().is_some_and(|(t, _)| *t == at))
+            .expect("a late answer is due");
+        let flight = self.late.remove(i);
+        let (_, answer) = flight.arrival.expect("checked");
+        let result = match answer {
+            Answer::Response(r) => self.machine.handle_response(flight.id, r, instant),
+            Answer::Failure(f) => self.machine.handle_failure(flight.id, f, instant),
+        };
+        self.log.late_answers.push(LateAnswer {
+            id: flight.id,
+            at,
+            result,
+        });
+    }
+
+    /// After an input that may have made the machine give up on the request in flight.
+    fn check_abandoned(&mut self) {
+        let awaited = self.machine.in_flight().map(|(id, _, _)| id);
+        if let Some(flight) = self.flight.take() {
+            if awaited == Some(flight.id) {
+                self.flight = Some(flight);
+                return;
+            }
+            self.log.requests[flight.index].outcome = Outcome::Abandoned { at: self.now };
+            self.concluded = Some(flight.index);
+            if flight.arrival.is_some() {
+                self.late.push(flight);
+            }
+        }
+    }
+
+    /// Stops the machine; an answer still on its way will be fed (and refused) when it arrives.
+    pub fn stop(&mut self) {
+        self.machine.stop();
+        self.check_abandoned();
+        self.drain();
+    }
+
+    /// The `next_batch` of the last checkpoint handed on (or the configured `since`).
+    pub fn last_checkpoint(&self) -> Option<&str> {
+        self.last_checkpoint.as_deref()
+    }
+}
+
+// ---- small utilities --------------------------------------------------------------------------
+
+/// The percent-decoded value of query parameter `key`.
+pub fn query(uri: &http::Uri, key: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes (and `+` as a space, as in form encoding).
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `ms` milliseconds.
+pub const fn ms(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// `s` seconds.
+pub const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
