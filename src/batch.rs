@@ -180,3 +180,44 @@ fn last_membership(events: &[Raw<ruma_events::AnySyncTimelineEvent>]) -> Option<
         .find(|raw| matches!(raw.get_field::<String>("type"), Ok(Some(t)) if t == "m.room.member"))
         .map(|raw| raw.json().to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma_common::api::IncomingResponseExt;
+
+    use super::*;
+
+    fn emit(body: &str, dedup: &mut Dedup, last: &mut Option<String>) -> Vec<Event> {
+        let response = http::Response::builder()
+            .status(200)
+            .body(body.as_bytes())
+            .unwrap();
+        let response = sync::Response::try_from_http_response(response).unwrap();
+        let mut out = VecDeque::new();
+        Emitter {
+            out: &mut out,
+            dedup,
+            last_key_counts: last,
+        }
+        .batch(response, RoomFills::new());
+        out.into()
+    }
+
+    #[test]
+    fn key_counts_are_reported_when_either_part_is_present_and_only_when_changed() {
+        let (mut dedup, mut last) = (Dedup::new(8), None);
+        let fallback =
+            r#"{"next_batch":"a","device_unused_fallback_key_types":["signed_curve25519"]}"#;
+        let counts = r#"{"next_batch":"b","device_one_time_keys_count":{"signed_curve25519":5}}"#;
+        for body in [fallback, counts] {
+            let events = emit(body, &mut dedup, &mut last);
+            assert_eq!(events.len(), 1, "{body}");
+            assert_eq!(events[0].kind, EventKind::OneTimeKeyCounts);
+            assert!(
+                emit(body, &mut dedup, &mut last).is_empty(),
+                "unchanged: not repeated"
+            );
+        }
+        assert!(emit(r#"{"next_batch":"c"}"#, &mut dedup, &mut last).is_empty());
+    }
+}

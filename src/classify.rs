@@ -176,9 +176,17 @@ mod tests {
 
     #[test]
     fn excerpt_is_bounded_and_cut_on_a_char_boundary() {
-        let body = "é".repeat(300);
+        // The 256th byte falls inside a two-byte character: the cut moves back one byte.
+        let body = format!("a{}", "é".repeat(300));
         let e = excerpt(body.as_bytes());
-        assert!(e.len() <= EXCERPT_BYTES);
-        assert!(!e.contains('\u{FFFD}'));
+        assert_eq!(e.len(), EXCERPT_BYTES - 1);
+        assert!(body.starts_with(&e));
+        // On a boundary already, and shorter bodies, nothing is cut away.
+        let body = "é".repeat(300);
+        assert_eq!(excerpt(body.as_bytes()).len(), EXCERPT_BYTES);
+        assert_eq!(excerpt("short é".as_bytes()), "short é");
+        assert_eq!(excerpt(b""), "");
+        // Bytes that are not UTF-8 are replaced, not dropped.
+        assert_eq!(excerpt(b"\xff\xfe{"), "\u{FFFD}\u{FFFD}{");
     }
 }
