@@ -57,6 +57,17 @@ struct Shared {
 /// Validates `config`, then spawns the driver thread. Sync starts at once.
 pub fn start(config: Config) -> Result<SyncService, ConfigError> {
     let machine = SyncMachine::new(config, Instant::now())?;
+    let (driver, service) = wire(machine);
+    let thread = spawn(driver, Driver::run).map_err(|_| ConfigError::Invalid {
+        field: "thread",
+        reason: "could not spawn the driver thread",
+    })?;
+    *lock(&service.thread) = Some(thread);
+    Ok(service)
+}
+
+/// The driver and its handle, connected by their channels; the thread is not started yet.
+fn wire(machine: SyncMachine) -> (Driver, SyncService) {
     let config = machine.config();
     let (event_tx, event_rx) = bounded(config.event_channel_capacity);
     let (error_tx, error_rx) = bounded(config.error_channel_capacity);
@@ -73,32 +84,19 @@ pub fn start(config: Config) -> Result<SyncService, ConfigError> {
         machine,
         agent,
         events: event_tx,
-        errors: Lossy {
-            tx: error_tx,
-            rx: error_rx.clone(),
-            shared: shared.clone(),
-            counts: true,
-        },
-        states: Lossy {
-            tx: state_tx,
-            rx: state_rx.clone(),
-            shared: shared.clone(),
-            counts: false,
-        },
+        errors: Lossy::new(error_tx, &error_rx, &shared, true),
+        states: Lossy::new(state_tx, &state_rx, &shared, false),
         stop: stop_rx,
         shared: shared.clone(),
     };
-    let thread = spawn(driver, Driver::run).map_err(|_| ConfigError::Invalid {
-        field: "thread",
-        reason: "could not spawn the driver thread",
-    })?;
-    Ok(SyncService {
+    let service = SyncService {
         events: event_rx,
         errors: error_rx,
         states: state_rx,
         shared,
-        thread: Mutex::new(Some(thread)),
-    })
+        thread: Mutex::new(None),
+    };
+    (driver, service)
 }
 
 /// Runs `body` on the driver thread; a panic in it is caught and reported on `errors` and by
@@ -232,6 +230,16 @@ struct Lossy<T> {
 }
 
 impl<T> Lossy<T> {
+    /// `counts`: whether drops are counted in `dropped_errors`.
+    fn new(tx: Sender<T>, rx: &Receiver<T>, shared: &Arc<Shared>, counts: bool) -> Self {
+        Self {
+            tx,
+            rx: rx.clone(),
+            shared: shared.clone(),
+            counts,
+        }
+    }
+
     fn push(&self, mut item: T) {
         loop {
             match self.tx.try_send(item) {
@@ -385,42 +393,15 @@ mod tests {
     fn a_panic_in_the_driver_thread_reaches_errors_and_join() {
         let config = Config::new("http://127.0.0.1:9", "token");
         let machine = SyncMachine::new(config, Instant::now()).unwrap();
-        let (event_tx, _event_rx) = bounded(1);
-        let (error_tx, error_rx) = bounded(4);
-        let (state_tx, state_rx) = bounded(4);
-        let (stop_tx, stop_rx) = bounded::<()>(0);
-        let agent = new_agent();
-        let shared = Arc::new(Shared {
-            stop: Mutex::new(Some(stop_tx)),
-            agent: Mutex::new(Some(agent.clone())),
-            dropped_errors: AtomicU64::new(0),
-            state: Mutex::new(machine.state()),
-        });
-        let driver = Driver {
-            machine,
-            agent,
-            events: event_tx,
-            errors: Lossy {
-                tx: error_tx,
-                rx: error_rx.clone(),
-                shared: shared.clone(),
-                counts: true,
-            },
-            states: Lossy {
-                tx: state_tx,
-                rx: state_rx,
-                shared: shared.clone(),
-                counts: false,
-            },
-            stop: stop_rx,
-            shared: shared.clone(),
-        };
+        let (driver, service) = wire(machine);
         let thread = spawn(driver, |_| panic!("boom")).unwrap();
         let joined = thread
             .join()
             .expect("the panic is caught inside the thread");
         assert!(matches!(joined, Err(ServiceError::Panicked(m)) if m == "boom"));
-        assert!(matches!(error_rx.try_recv(), Ok(ServiceError::Panicked(m)) if m == "boom"));
-        assert_eq!(*lock(&shared.state), SyncState::Stopped);
+        assert!(
+            matches!(service.errors().try_recv(), Ok(ServiceError::Panicked(m)) if m == "boom")
+        );
+        assert_eq!(service.state(), SyncState::Stopped);
     }
 }

@@ -173,20 +173,9 @@ pub mod fuzzing {
     /// Normalizes one event as found in a room timeline, state, or any other section
     /// (`section` picks one of them by index, modulo their number).
     pub fn normalize_any(raw: Box<RawValue>, section: u8) -> crate::Event {
-        use crate::normalize::Section::*;
-        const SECTIONS: [crate::normalize::Section; 9] = [
-            Timeline,
-            State,
-            Ephemeral,
-            RoomAccountData,
-            GlobalAccountData,
-            Presence,
-            ToDevice,
-            Invite,
-            Knock,
-        ];
+        use crate::normalize::Section;
         let room = ruma_common::OwnedRoomId::try_from("!fuzz:example.org").ok();
-        let section = SECTIONS[section as usize % SECTIONS.len()];
+        let section = Section::ALL[section as usize % Section::ALL.len()];
         crate::normalize::normalize(raw, section, room.as_ref())
     }
 }

@@ -459,11 +459,9 @@ impl SyncMachine {
     }
 
     fn on_sync(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
-        let status = response.status().as_u16();
-        let body = *response.body();
-        let response = match sync::Response::try_from_http_response(response) {
+        let response = match parse::<sync::Response>(response) {
             Ok(r) => r,
-            Err(err) => return self.fail(in_flight, bad_response(status, err.to_string(), body)),
+            Err(failure) => return self.fail(in_flight, failure),
         };
         self.backoff.reset();
         if self.state == SyncState::Unauthorized {
@@ -553,11 +551,9 @@ impl SyncMachine {
     }
 
     fn on_messages(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
-        let status = response.status().as_u16();
-        let body = *response.body();
-        let page = match messages::Response::try_from_http_response(response) {
+        let page = match parse::<messages::Response>(response) {
             Ok(page) => page,
-            Err(err) => return self.fail(in_flight, bad_response(status, err.to_string(), body)),
+            Err(failure) => return self.fail(in_flight, failure),
         };
         self.backoff.reset();
         let cap = self.config.gap_fill.max_events_per_room;
@@ -642,6 +638,14 @@ impl SyncMachine {
         self.events
             .push_back(Event::checkpoint(next_batch, batch.live));
     }
+}
+
+/// Parses a 2xx body with ruma, once; a body that is not what the endpoint returns is a
+/// transient `BadResponse` carrying an excerpt.
+fn parse<R: IncomingResponseExt>(response: http::Response<&[u8]>) -> Result<R, Failure> {
+    let status = response.status().as_u16();
+    let body = *response.body();
+    R::try_from_http_response(response).map_err(|err| bad_response(status, err.to_string(), body))
 }
 
 fn sync_is_empty(r: &sync::Response) -> bool {

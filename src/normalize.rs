@@ -233,6 +233,22 @@ pub(crate) enum Section {
     Knock,
 }
 
+impl Section {
+    /// Every section, for the fuzz targets.
+    #[cfg(fuzzing)]
+    pub(crate) const ALL: [Section; 9] = [
+        Section::Timeline,
+        Section::State,
+        Section::Ephemeral,
+        Section::RoomAccountData,
+        Section::GlobalAccountData,
+        Section::Presence,
+        Section::ToDevice,
+        Section::Invite,
+        Section::Knock,
+    ];
+}
+
 /// Normalizes one event from its raw JSON.
 pub(crate) fn normalize(
     raw: Box<RawValue>,
