@@ -7,13 +7,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use ruma_client_api::sync::sync_events::v3 as sync;
-use ruma_common::serde::Raw;
 use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
 use crate::normalize::{normalize, to_raw, Event, EventKind, Gap, Section};
+use crate::response::{SyncResponse, Timeline};
 
 /// What gap filling produced for one room.
 #[derive(Debug, Default)]
@@ -49,14 +48,14 @@ impl Emitter<'_> {
         self.out.push_back(event);
     }
 
-    fn all<T>(&mut self, events: Vec<Raw<T>>, section: Section, room: Option<&OwnedRoomId>) {
+    fn all(&mut self, events: &[&RawValue], section: Section, room: Option<&OwnedRoomId>) {
         for raw in events {
-            self.push(normalize(raw.into_json(), section, room));
+            self.push(normalize((*raw).to_owned(), section, room));
         }
     }
 
-    pub(crate) fn batch(&mut self, response: sync::Response, mut fills: RoomFills) {
-        let sync::Response {
+    pub(crate) fn batch(&mut self, response: SyncResponse<'_>, mut fills: RoomFills) {
+        let SyncResponse {
             next_batch: _,
             rooms,
             presence,
@@ -65,9 +64,8 @@ impl Emitter<'_> {
             device_lists,
             device_one_time_keys_count,
             device_unused_fallback_key_types,
-            ..
         } = response;
-        self.all(to_device.events, Section::ToDevice, None);
+        self.all(&to_device.events, Section::ToDevice, None);
         if !device_lists.is_empty() {
             let raw = to_raw(&device_lists);
             self.push(Event::section(
@@ -78,39 +76,40 @@ impl Emitter<'_> {
             ));
         }
         self.key_counts(device_one_time_keys_count, device_unused_fallback_key_types);
-        self.all(account_data.events, Section::GlobalAccountData, None);
-        self.all(presence.events, Section::Presence, None);
+        self.all(&account_data.events, Section::GlobalAccountData, None);
+        self.all(&presence.events, Section::Presence, None);
 
-        for (room_id, room) in rooms.join {
-            self.fill(&room_id, fills.remove(&room_id));
-            self.all(state_events(room.state), Section::State, Some(&room_id));
-            self.all(room.timeline.events, Section::Timeline, Some(&room_id));
-            self.all(room.ephemeral.events, Section::Ephemeral, Some(&room_id));
+        for (room_id, room) in &rooms.join {
+            self.fill(room_id, fills.remove(room_id));
+            self.all(&room.state.events, Section::State, Some(room_id));
+            self.all(&room.state_after.events, Section::State, Some(room_id));
+            self.all(&room.timeline.events, Section::Timeline, Some(room_id));
+            self.all(&room.ephemeral.events, Section::Ephemeral, Some(room_id));
             self.all(
-                room.account_data.events,
+                &room.account_data.events,
                 Section::RoomAccountData,
-                Some(&room_id),
+                Some(room_id),
             );
         }
-        for (room_id, room) in rooms.invite {
-            self.all(room.invite_state.events, Section::Invite, Some(&room_id));
+        for (room_id, room) in &rooms.invite {
+            self.all(&room.invite_state.events, Section::Invite, Some(room_id));
         }
-        for (room_id, room) in rooms.knock {
-            self.all(room.knock_state.events, Section::Knock, Some(&room_id));
+        for (room_id, room) in &rooms.knock {
+            self.all(&room.knock_state.events, Section::Knock, Some(room_id));
         }
         for (room_id, room) in rooms.leave {
             self.fill(&room_id, fills.remove(&room_id));
-            let leave_event = last_membership(&room.timeline.events);
-            self.all(state_events(room.state), Section::State, Some(&room_id));
-            self.all(room.timeline.events, Section::Timeline, Some(&room_id));
+            self.all(&room.state.events, Section::State, Some(&room_id));
+            self.all(&room.state_after.events, Section::State, Some(&room_id));
+            self.all(&room.timeline.events, Section::Timeline, Some(&room_id));
             self.all(
-                room.account_data.events,
+                &room.account_data.events,
                 Section::RoomAccountData,
                 Some(&room_id),
             );
-            let marker = match leave_event {
+            let marker = match last_membership(&room.timeline) {
                 Some(raw) => {
-                    let mut event = normalize(raw, Section::Timeline, Some(&room_id));
+                    let mut event = normalize(raw.to_owned(), Section::Timeline, Some(&room_id));
                     event.kind = EventKind::Leave;
                     // The membership event itself was delivered just before, with its id.
                     event.event_id = None;
@@ -164,35 +163,26 @@ impl Emitter<'_> {
     }
 }
 
-fn state_events(state: sync::State) -> Vec<Raw<ruma_events::AnySyncStateEvent>> {
-    match state {
-        sync::State::Before(s) | sync::State::After(s) => s.events,
-        _ => Vec::new(),
-    }
-}
-
 /// The raw JSON of the last membership event in a left room's timeline (normally the user's own
 /// leave or kick), for the leave marker.
-fn last_membership(events: &[Raw<ruma_events::AnySyncTimelineEvent>]) -> Option<Box<RawValue>> {
-    events
-        .iter()
-        .rev()
-        .find(|raw| matches!(raw.get_field::<String>("type"), Ok(Some(t)) if t == "m.room.member"))
-        .map(|raw| raw.json().to_owned())
+fn last_membership<'a>(timeline: &Timeline<'a>) -> Option<&'a RawValue> {
+    #[derive(serde::Deserialize)]
+    struct Type<'t> {
+        #[serde(rename = "type", borrow)]
+        event_type: Option<std::borrow::Cow<'t, str>>,
+    }
+    timeline.events.iter().rev().copied().find(|raw| {
+        serde_json::from_str::<Type<'_>>(raw.get())
+            .is_ok_and(|t| t.event_type.as_deref() == Some("m.room.member"))
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use ruma_common::api::IncomingResponseExt;
-
     use super::*;
 
     fn emit(body: &str, dedup: &mut Dedup, last: &mut Option<String>) -> Vec<Event> {
-        let response = http::Response::builder()
-            .status(200)
-            .body(body.as_bytes())
-            .unwrap();
-        let response = sync::Response::try_from_http_response(response).unwrap();
+        let response = SyncResponse::parse(body.as_bytes()).unwrap();
         let mut out = VecDeque::new();
         Emitter {
             out: &mut out,

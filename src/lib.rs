@@ -146,6 +146,7 @@ mod error;
 mod machine;
 mod normalize;
 mod request;
+mod response;
 
 pub use backoff::BackoffPolicy;
 pub use checkpoint::FileCheckpointStore;

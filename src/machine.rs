@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ruma_client_api::message::get_message_events::v3 as messages;
-use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
 use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
@@ -17,6 +16,7 @@ use crate::dedup::Dedup;
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
 use crate::normalize::{Event, EventKind, Gap};
 use crate::request::{self, OutgoingRequest, RequestId, RequestKind};
+use crate::response::SyncResponse;
 
 /// What the service is doing, as reported by [`SyncMachine::poll_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +52,9 @@ struct InFlight {
 /// A parsed sync response waiting for its gaps to be filled before it is delivered.
 #[derive(Debug)]
 struct PendingBatch {
-    response: sync::Response,
+    /// The response body, kept to be read again once the gaps are filled (rare: only batches
+    /// with a limited timeline wait, and they are small).
+    body: Vec<u8>,
     live: bool,
     jobs: VecDeque<GapJob>,
     fills: RoomFills,
@@ -459,9 +461,11 @@ impl SyncMachine {
     }
 
     fn on_sync(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
-        let response = match parse::<sync::Response>(response) {
+        let status = response.status().as_u16();
+        let body = *response.body();
+        let response = match SyncResponse::parse(body) {
             Ok(r) => r,
-            Err(failure) => return self.fail(in_flight, failure),
+            Err(err) => return self.fail(in_flight, bad_response(status, err.to_string(), body)),
         };
         self.backoff.reset();
         if self.state == SyncState::Unauthorized {
@@ -473,7 +477,7 @@ impl SyncMachine {
         }
         let live = !in_flight.catch_up;
         let unchanged = in_flight.since.as_deref() == Some(response.next_batch.as_str());
-        let empty = sync_is_empty(&response);
+        let empty = response.is_empty();
         let early = match in_flight.kind {
             RequestKind::Sync { timeout } => self.now - in_flight.sent_at < timeout / 2,
             RequestKind::Messages { .. } => false,
@@ -505,48 +509,41 @@ impl SyncMachine {
         let mut jobs = VecDeque::new();
         let mut fills = RoomFills::new();
         if let Some(previous_since) = in_flight.since.as_deref() {
-            let joined = response.rooms.join.iter().map(|(id, r)| (id, &r.timeline));
-            let left = response.rooms.leave.iter().map(|(id, r)| (id, &r.timeline));
-            for (room_id, timeline) in joined.chain(left) {
-                let Some(prev_batch) = timeline.prev_batch.as_ref().filter(|_| timeline.limited)
-                else {
-                    continue;
-                };
-                let gap =
-                    self.config.gap_fill.enabled && self.config.gap_fill.max_events_per_room > 0;
-                if gap {
+            let fill = self.config.gap_fill.enabled && self.config.gap_fill.max_events_per_room > 0;
+            for (room_id, prev_batch) in response.limited_timelines() {
+                let (from, to) = (prev_batch.to_owned(), previous_since.to_owned());
+                if fill {
                     jobs.push_back(GapJob {
                         room_id: room_id.clone(),
-                        from: prev_batch.clone(),
-                        to: previous_since.to_owned(),
+                        from,
+                        to,
                         newest_first: Vec::new(),
                         empty_pages: 0,
                     });
                 } else {
-                    let gap = Gap {
-                        prev_batch: prev_batch.clone(),
-                        previous_since: previous_since.to_owned(),
-                    };
+                    let unfilled = Some(Gap {
+                        prev_batch: from,
+                        previous_since: to,
+                    });
                     fills.insert(
                         room_id.clone(),
                         RoomFill {
-                            unfilled: Some(gap),
+                            unfilled,
                             newest_first: Vec::new(),
                         },
                     );
                 }
             }
         }
-        let batch = PendingBatch {
-            response,
-            live,
-            jobs,
-            fills,
-        };
-        if batch.jobs.is_empty() {
-            self.deliver(batch);
+        if jobs.is_empty() {
+            self.deliver(response, fills, live);
         } else {
-            self.batch = Some(batch);
+            self.batch = Some(PendingBatch {
+                body: body.to_vec(),
+                live,
+                jobs,
+                fills,
+            });
         }
     }
 
@@ -620,38 +617,36 @@ impl SyncMachine {
     }
 
     fn finish_if_filled(&mut self) {
-        if self.batch.as_ref().is_some_and(|b| b.jobs.is_empty()) {
-            if let Some(batch) = self.batch.take() {
-                self.deliver(batch);
-            }
+        if !self.batch.as_ref().is_some_and(|b| b.jobs.is_empty()) {
+            return;
+        }
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        match SyncResponse::parse(&batch.body) {
+            Ok(response) => self.deliver(response, batch.fills, batch.live),
+            // It parsed when it arrived and the same bytes parse the same way; were it ever
+            // to fail, `since` has not moved, so the next sync asks for the batch again.
+            Err(err) => log::error!("a stored batch no longer parses: {err}"),
         }
     }
 
-    fn deliver(&mut self, batch: PendingBatch) {
-        let next_batch = batch.response.next_batch.clone();
+    fn deliver(&mut self, response: SyncResponse<'_>, fills: RoomFills, live: bool) {
+        let next_batch = response.next_batch.clone();
         let mut emitter = Emitter {
             out: &mut self.events,
             dedup: &mut self.dedup,
             last_key_counts: &mut self.last_key_counts,
         };
-        emitter.batch(batch.response, batch.fills);
-        self.events
-            .push_back(Event::checkpoint(next_batch, batch.live));
+        emitter.batch(response, fills);
+        self.events.push_back(Event::checkpoint(next_batch, live));
     }
 }
 
-/// Parses a 2xx body with ruma, once; a body that is not what the endpoint returns is a
+/// Parses a 2xx body with ruma; a body that is not what the endpoint returns is a
 /// transient `BadResponse` carrying an excerpt.
 fn parse<R: IncomingResponseExt>(response: http::Response<&[u8]>) -> Result<R, Failure> {
     let status = response.status().as_u16();
     let body = *response.body();
     R::try_from_http_response(response).map_err(|err| bad_response(status, err.to_string(), body))
-}
-
-fn sync_is_empty(r: &sync::Response) -> bool {
-    r.rooms.is_empty()
-        && r.presence.is_empty()
-        && r.account_data.is_empty()
-        && r.to_device.is_empty()
-        && r.device_lists.is_empty()
 }

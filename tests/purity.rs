@@ -10,6 +10,7 @@ const MACHINE_MODULES: &[&str] = &[
     "machine.rs",
     "normalize.rs",
     "request.rs",
+    "response.rs",
 ];
 
 const FORBIDDEN: &[&str] = &[
