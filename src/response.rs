@@ -59,6 +59,38 @@ impl SyncResponse<'_> {
             && self.device_lists.is_empty()
     }
 
+    /// How many events the response holds, all sections together.
+    pub(crate) fn event_count(&self) -> usize {
+        let Rooms {
+            join,
+            invite,
+            leave,
+            knock,
+        } = &self.rooms;
+        let room = |r: &JoinedRoom<'_>| {
+            r.timeline.events.len()
+                + r.state.events.len()
+                + r.state_after.events.len()
+                + r.ephemeral.events.len()
+                + r.account_data.events.len()
+                + 1
+        };
+        join.values().map(room).sum::<usize>()
+            + leave.values().map(room).sum::<usize>()
+            + invite
+                .values()
+                .map(|r| r.invite_state.events.len())
+                .sum::<usize>()
+            + knock
+                .values()
+                .map(|r| r.knock_state.events.len())
+                .sum::<usize>()
+            + self.presence.events.len()
+            + self.account_data.events.len()
+            + self.to_device.events.len()
+            + 2
+    }
+
     /// Every joined or left room whose timeline is `limited`, with its `prev_batch`.
     pub(crate) fn limited_timelines(&self) -> impl Iterator<Item = (&OwnedRoomId, &str)> {
         let joined = self.rooms.join.iter().map(|(id, r)| (id, &r.timeline));
