@@ -72,6 +72,9 @@ struct GapJob {
     empty_pages: u32,
 }
 
+/// Above this many slots, the drained event queue is given back to the allocator.
+const RETAINED_QUEUE_CAPACITY: usize = 4096;
+
 /// Consecutive empty `/messages` pages tolerated before the rest of a gap is reported.
 const MAX_EMPTY_PAGES: u32 = 3;
 
@@ -317,6 +320,10 @@ impl SyncMachine {
             self.first_sync = false;
             if !checkpoint.live {
                 self.caught_up();
+            }
+            // A huge initial sync must not leave its queue's memory behind for the whole run.
+            if self.events.is_empty() && self.events.capacity() > RETAINED_QUEUE_CAPACITY {
+                self.events = VecDeque::new();
             }
         }
         Some(event)
