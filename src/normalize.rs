@@ -10,7 +10,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use ruma_common::{
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
 };
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
@@ -294,9 +294,7 @@ pub(crate) fn normalize(
             .and_then(|r| parse_event_id(&r)),
         _ => None,
     };
-    let room_id = room_id
-        .cloned()
-        .or_else(|| fields.room_id.and_then(|r| RoomId::parse(r.as_ref()).ok()));
+    let room_id = room_id.cloned();
     Event {
         event_type: event_type.to_owned(),
         event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
@@ -356,7 +354,6 @@ struct EventFields<'a> {
     event_type: Option<Cow<'a, str>>,
     event_id: Option<Cow<'a, str>>,
     sender: Option<Cow<'a, str>>,
-    room_id: Option<Cow<'a, str>>,
     origin_server_ts: Option<u64>,
     state_key: Option<Cow<'a, str>>,
     redacts: Option<Cow<'a, str>>,
@@ -401,7 +398,6 @@ impl<'de> ObjectFields<'de> for EventFields<'de> {
             "type" => self.event_type = string(map)?,
             "event_id" => self.event_id = string(map)?,
             "sender" => self.sender = string(map)?,
-            "room_id" => self.room_id = string(map)?,
             "state_key" => self.state_key = string(map)?,
             "redacts" => self.redacts = string(map)?,
             "origin_server_ts" => {
