@@ -16,7 +16,7 @@ pub(crate) struct Dedup {
 }
 
 /// Memory reserved up front; larger capacities grow on demand.
-const PREALLOCATED: usize = 1 << 14;
+const PREALLOCATED: usize = 1 << 10;
 
 impl Dedup {
     pub(crate) fn new(capacity: usize) -> Self {
