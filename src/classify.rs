@@ -186,6 +186,8 @@ mod tests {
         assert_eq!(excerpt(body.as_bytes()).len(), EXCERPT_BYTES);
         assert_eq!(excerpt("short é".as_bytes()), "short é");
         assert_eq!(excerpt(b""), "");
+        // A body of nothing but continuation bytes gives an empty excerpt, not an underflow.
+        assert_eq!(excerpt(&[0x80; 300]), "");
         // Bytes that are not UTF-8 are replaced, not dropped.
         assert_eq!(excerpt(b"\xff\xfe{"), "\u{FFFD}\u{FFFD}{");
     }

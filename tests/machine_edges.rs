@@ -74,7 +74,12 @@ fn the_last_gap_page_asks_only_for_what_the_cap_leaves() {
     let mut h = live_with_since(c);
     let req = h.next_request();
     h.respond(&req, json_response(&limited_sync("s2", "p1")));
+    h.take_states();
     let req = h.request();
+    assert!(
+        h.take_states().is_empty(),
+        "filling a gap while live stays Live"
+    );
     assert_eq!(query(&req)["limit"], "4");
     h.respond(
         &req,
@@ -218,4 +223,20 @@ fn a_fractional_retry_after_ms_is_honoured_and_a_negative_one_ignored() {
         panic!()
     };
     assert_eq!(retry_after, None);
+}
+
+#[test]
+fn full_state_is_asked_for_on_the_first_request_only_and_only_when_configured() {
+    let mut h = Harness::new(config());
+    let req = h.request();
+    assert!(!query(&req).contains_key("full_state"));
+
+    let mut c = config();
+    c.full_state = true;
+    let mut h = Harness::new(c);
+    let req = h.request();
+    assert_eq!(query(&req)["full_state"], "true");
+    h.respond(&req, json_response(&empty_sync("s1")));
+    let req = h.next_request();
+    assert!(!query(&req).contains_key("full_state"), "only the first");
 }
