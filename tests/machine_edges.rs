@@ -240,3 +240,27 @@ fn full_state_is_asked_for_on_the_first_request_only_and_only_when_configured() 
     let req = h.next_request();
     assert!(!query(&req).contains_key("full_state"), "only the first");
 }
+
+#[test]
+fn a_gap_fill_cap_of_zero_reports_gaps_without_fetching() {
+    let mut c = config();
+    c.gap_fill.max_events_per_room = 0;
+    let mut h = live_with_since(c);
+    let req = h.next_request();
+    h.respond(&req, json_response(&limited_sync("s2", "p1")));
+    let events = h.take_events();
+    assert_eq!(
+        events[0].kind,
+        EventKind::Gap(Gap {
+            prev_batch: "p1".to_owned(),
+            previous_since: "s1".to_owned()
+        })
+    );
+    assert_eq!(kinds(&events), ["gap", "message", "checkpoint"]);
+    let req = h.next_request();
+    assert_eq!(
+        path(&req),
+        "/_matrix/client/v3/sync",
+        "no /messages request"
+    );
+}
