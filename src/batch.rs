@@ -56,7 +56,9 @@ impl Emitter<'_> {
 
     pub(crate) fn batch(&mut self, response: SyncResponse<'_>, mut fills: RoomFills) {
         // One allocation for the whole batch rather than a doubling series of copies.
-        self.out.reserve(response.event_count() + fills.len() + 8);
+        // Beyond the events: gap items, leave markers, key counts and the checkpoint.
+        let synthetic = fills.len() + response.rooms.leave.len() + 3;
+        self.out.reserve(response.event_count() + synthetic);
         let SyncResponse {
             next_batch: _,
             rooms,

@@ -73,7 +73,6 @@ impl SyncResponse<'_> {
                 + r.state_after.events.len()
                 + r.ephemeral.events.len()
                 + r.account_data.events.len()
-                + 1
         };
         join.values().map(room).sum::<usize>()
             + leave.values().map(room).sum::<usize>()
@@ -88,7 +87,6 @@ impl SyncResponse<'_> {
             + self.presence.events.len()
             + self.account_data.events.len()
             + self.to_device.events.len()
-            + 2
     }
 
     /// Every joined or left room whose timeline is `limited`, with its `prev_batch`.
@@ -191,6 +189,48 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn event_count_counts_every_event_of_every_section() {
+        let body = include_bytes!("../tests/fixtures/synapse-initial.json");
+        let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let list = |v: &serde_json::Value| v["events"].as_array().map_or(0, Vec::len);
+        let mut expected =
+            list(&value["presence"]) + list(&value["account_data"]) + list(&value["to_device"]);
+        for (section, parts) in [
+            (
+                "join",
+                &[
+                    "timeline",
+                    "state",
+                    "state_after",
+                    "ephemeral",
+                    "account_data",
+                ][..],
+            ),
+            (
+                "leave",
+                &["timeline", "state", "state_after", "account_data"][..],
+            ),
+            ("invite", &["invite_state"][..]),
+            ("knock", &["knock_state"][..]),
+        ] {
+            for room in value["rooms"][section]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                expected += parts.iter().map(|p| list(&room[*p])).sum::<usize>();
+            }
+        }
+        let parsed = SyncResponse::parse(body).unwrap();
+        assert!(expected > 300, "{expected}");
+        assert_eq!(parsed.event_count(), expected);
+        let small = br#"{"next_batch":"a","rooms":{"leave":{"!l:x":{"timeline":{"events":[{}]},
+            "state":{"events":[{},{}]},"account_data":{"events":[{}]}}},
+            "knock":{"!k:x":{"knock_state":{"events":[{}]}}}},"to_device":{"events":[{}]}}"#;
+        assert_eq!(SyncResponse::parse(small).unwrap().event_count(), 6);
     }
 
     #[test]
