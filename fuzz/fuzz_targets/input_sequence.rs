@@ -261,26 +261,34 @@ fn event(ev: &Ev) -> Value {
     e
 }
 
+/// The fixture bodies, read once.
 fn fixture(f: &Fixture) -> Vec<u8> {
-    let text = match f {
-        Fixture::Initial => INITIAL,
-        Fixture::Incremental => INCREMENTAL,
-        Fixture::Leave => LEAVE,
-        Fixture::GapSync => {
-            let v: Value = serde_json::from_str(GAP_SYNC).expect("fixture");
-            return serde_json::to_vec(&v["response"]).expect("json");
+    static BODIES: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    let bodies = BODIES.get_or_init(|| {
+        let gap: Value = serde_json::from_str(GAP_SYNC).expect("fixture");
+        let messages: Value = serde_json::from_str(GAP_MESSAGES).expect("fixture");
+        let mut bodies: Vec<Vec<u8>> = [INITIAL, INCREMENTAL, LEAVE, E400, E401, E429]
+            .iter()
+            .map(|t| t.as_bytes().to_vec())
+            .collect();
+        bodies.push(serde_json::to_vec(&gap["response"]).expect("json"));
+        for page in messages["pages"].as_array().expect("pages") {
+            bodies.push(serde_json::to_vec(&page["response"]).expect("json"));
         }
-        Fixture::GapPage(n) => {
-            let v: Value = serde_json::from_str(GAP_MESSAGES).expect("fixture");
-            let pages = v["pages"].as_array().expect("pages");
-            let page = &pages[*n as usize % pages.len()]["response"];
-            return serde_json::to_vec(page).expect("json");
-        }
-        Fixture::E400 => E400,
-        Fixture::E401 => E401,
-        Fixture::E429 => E429,
+        bodies
+    });
+    let pages = bodies.len() - 7;
+    let i = match f {
+        Fixture::Initial => 0,
+        Fixture::Incremental => 1,
+        Fixture::Leave => 2,
+        Fixture::E400 => 3,
+        Fixture::E401 => 4,
+        Fixture::E429 => 5,
+        Fixture::GapSync => 6,
+        Fixture::GapPage(n) => 7 + *n as usize % pages,
     };
-    text.as_bytes().to_vec()
+    bodies[i].clone()
 }
 
 fn body(b: &Body, since: Option<&str>) -> Vec<u8> {

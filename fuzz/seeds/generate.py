@@ -3,7 +3,8 @@
 
 Run from anywhere: python3 fuzz/seeds/generate.py. The input layouts are described in
 fuzz/seeds/README.md and at the top of each target. The seeds of `input_sequence` are not
-generated here: its input is decoded by `arbitrary`, so they are inputs kept from fuzzing runs.
+generated here: its input is decoded by `arbitrary`, so they are inputs kept from fuzzing runs
+(see the README).
 """
 
 import hashlib
