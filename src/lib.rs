@@ -38,6 +38,10 @@
 //! * The first request, and the first after any error, uses `timeout=0`; then the long-poll
 //!   timeout. Each request has a deadline: the long-poll timeout plus a margin, or its own longer
 //!   one for the initial sync.
+//! * A sync body is read once, every event kept as a slice of the body until its [`Event`] is
+//!   built from the few fields normalization reads (never the whole event into ruma's typed
+//!   enums); ruma's id and key types validate what the machine relies on, and ruma parses
+//!   `/messages` pages. A 2xx body that does not parse is a transient failure; `since` stays.
 //! * A 200 whose `next_batch` equals `since` spaces the next request by the backoff schedule,
 //!   so a server answering long-polls at once cannot make the loop spin.
 //! * Failures are classified as [`ErrorClass`] says: transient (network, 5xx, bad body,
