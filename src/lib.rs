@@ -42,8 +42,9 @@
 //!   built from the few fields normalization reads (never the whole event into ruma's typed
 //!   enums); ruma's id and key types validate what the machine relies on, and ruma parses
 //!   `/messages` pages. A 2xx body that does not parse is a transient failure; `since` stays.
-//! * A 200 whose `next_batch` equals `since` spaces the next request by the backoff schedule,
-//!   so a server answering long-polls at once cannot make the loop spin.
+//! * A long-poll answered early (in less than half its timeout) with `next_batch` equal to
+//!   `since` spaces the next request by the backoff schedule, so a server answering at once
+//!   cannot make the loop spin; one the server held for its timeout is followed at once.
 //! * Failures are classified as [`ErrorClass`] says: transient (network, 5xx, bad body,
 //!   deadline) back off exponentially with seeded jitter; 429 waits the larger of the server's
 //!   wait (capped by [`Config::max_server_wait`]) and the backoff; fatal (401, 403, other 4xx)
