@@ -231,6 +231,25 @@ mod tests {
             "state":{"events":[{},{}]},"account_data":{"events":[{}]}}},
             "knock":{"!k:x":{"knock_state":{"events":[{}]}}}},"to_device":{"events":[{}]}}"#;
         assert_eq!(SyncResponse::parse(small).unwrap().event_count(), 6);
+        // Every list non-empty, each of another length: 1+2+3+4+5 in a room, 6+7+8 globally.
+        let e = |n: usize| format!("{{\"events\":[{}]}}", vec!["{}"; n].join(","));
+        let every = format!(
+            r#"{{"next_batch":"a","rooms":{{"join":{{"!j:x":{{"timeline":{},"state":{},
+            "state_after":{},"ephemeral":{},"account_data":{}}}}}}},
+            "presence":{},"account_data":{},"to_device":{}}}"#,
+            e(1),
+            e(2),
+            e(3),
+            e(4),
+            e(5),
+            e(6),
+            e(7),
+            e(8)
+        );
+        assert_eq!(
+            SyncResponse::parse(every.as_bytes()).unwrap().event_count(),
+            36
+        );
     }
 
     #[test]
