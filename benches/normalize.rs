@@ -29,6 +29,8 @@
 //! BENCH_PROFILE=c perf record -g --call-graph dwarf target/release/deps/normalize-* --bench large
 //! ```
 
+#[path = "cpu_clock.rs"]
+mod cpu_clock;
 #[path = "gen/mod.rs"]
 mod generator;
 
@@ -158,29 +160,8 @@ enum Clock {
     Wall(Instant),
 }
 
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
 fn thread_cpu_time() -> Option<Duration> {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid `struct timespec` for this target; the call only writes it.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-fn thread_cpu_time() -> Option<Duration> {
-    None
+    cpu_clock::cpu_time(cpu_clock::THREAD)
 }
 
 impl Clock {

@@ -30,6 +30,9 @@ struct Args {
 const USAGE: &str =
     "usage: idle_cpu --homeserver URL [--seconds N] [--timeout-ms N] (token in MATRIX_ACCESS_TOKEN)";
 
+#[path = "../benches/cpu_clock.rs"]
+mod cpu_clock;
+
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut parsed = Args {
@@ -59,31 +62,10 @@ fn parse_args() -> Result<Args, String> {
     Ok(parsed)
 }
 
-/// CPU time of the whole process (every thread, including threads that have exited), from
-/// `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)`: nanosecond resolution.
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+/// CPU time of the whole process (every thread, including threads that have exited), in
+/// nanoseconds.
 fn cpu_ns() -> Option<u64> {
-    #[repr(C)]
-    struct Timespec {
-        tv_sec: i64,
-        tv_nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-    }
-    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid `struct timespec` for this target; the call only writes it.
-    let rc = unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-fn cpu_ns() -> Option<u64> {
-    None
+    cpu_clock::cpu_time(cpu_clock::PROCESS).map(|d| d.as_nanos() as u64)
 }
 
 /// Threads this process has now (`Threads:` of `/proc/self/status`).

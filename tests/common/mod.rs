@@ -2,6 +2,9 @@
 //! pumps the machine like the canonical loop, and a reference implementation of the backoff.
 #![allow(dead_code)]
 
+mod query;
+pub use query::percent_decode;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -103,31 +106,6 @@ pub fn message_sync(
 }
 
 // ---- requests ---------------------------------------------------------------------------------
-
-/// Decodes `%XX` escapes and `+` of a query component.
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).expect("ascii");
-                out.push(u8::from_str_radix(hex, 16).expect("hex escape"));
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).expect("utf-8 query")
-}
 
 /// The decoded query parameters of a request (each key at most once).
 pub fn query(req: &OutgoingRequest) -> BTreeMap<String, String> {
