@@ -4,10 +4,16 @@
 //! presence, then rooms (joined, invited, knocked, left; each in room-id order). Within a
 //! joined or left room: gap item, gap-fill events (oldest first), state, timeline, ephemeral,
 //! room account data. The checkpoint comes last.
+//!
+//! Events are normalized one at a time, as they are polled, straight from the body they were
+//! parsed out of: a batch costs its body plus a cursor, not a queue of every event built in
+//! advance, and each event is built just before the consumer takes it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
 
 use ruma_common::OwnedRoomId;
+use self_cell::self_cell;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
@@ -25,95 +31,220 @@ pub(crate) struct RoomFill {
 
 pub(crate) type RoomFills = BTreeMap<OwnedRoomId, RoomFill>;
 
-/// Appends the events of a batch to `out`.
-pub(crate) struct Emitter<'a> {
-    pub(crate) out: &'a mut VecDeque<Event>,
-    pub(crate) dedup: &'a mut Dedup,
-    pub(crate) last_key_counts: &'a mut Option<String>,
+self_cell!(
+    /// A sync body and its parse, which borrows every event from it.
+    pub(crate) struct ParsedBody {
+        owner: Vec<u8>,
+        #[covariant]
+        dependent: SyncResponse,
+    }
+);
+
+impl ParsedBody {
+    /// Parses `body`; on failure the body comes back with the error (for its excerpt).
+    pub(crate) fn parse(body: Vec<u8>) -> Result<Self, (Vec<u8>, serde_json::Error)> {
+        Self::try_new_or_recover(body, |body| SyncResponse::parse(body))
+    }
+
+    pub(crate) fn response(&self) -> &SyncResponse<'_> {
+        self.borrow_dependent()
+    }
 }
 
-impl Emitter<'_> {
-    fn push(&mut self, event: Event) {
-        if let Some(id) = &event.event_id {
+impl fmt::Debug for ParsedBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParsedBody")
+            .field("bytes", &self.borrow_owner().len())
+            .field("next_batch", &self.response().next_batch)
+            .finish()
+    }
+}
+
+self_cell!(
+    /// A batch being handed on: its parsed body and what is left to deliver of it.
+    pub(crate) struct Delivery {
+        owner: ParsedBody,
+        #[covariant]
+        dependent: Steps,
+    }
+);
+
+impl Delivery {
+    /// Plans the delivery of `parsed` with its gap `fills`, ending with a checkpoint.
+    pub(crate) fn plan(
+        parsed: ParsedBody,
+        fills: RoomFills,
+        last_key_counts: &mut Option<String>,
+        live: bool,
+    ) -> Self {
+        Self::new(parsed, |parsed| {
+            let mut planner = Planner {
+                steps: VecDeque::new(),
+                last_key_counts,
+            };
+            let response = parsed.response();
+            planner.batch(response, fills);
+            let checkpoint = Event::checkpoint(response.next_batch.clone(), live);
+            planner.ready(checkpoint);
+            Steps {
+                queue: planner.steps,
+            }
+        })
+    }
+
+    /// The next event not delivered before (within the memory of `dedup`), normalized now;
+    /// `None` once the checkpoint was handed on.
+    pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        self.with_dependent_mut(|_, steps| steps.next_event(dedup))
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("body", self.borrow_owner())
+            .field("steps_left", &self.borrow_dependent().queue.len())
+            .finish()
+    }
+}
+
+/// What is left of a batch, in delivery order.
+pub(crate) struct Steps<'a> {
+    queue: VecDeque<Step<'a>>,
+}
+
+enum Step<'a> {
+    /// A list of events in the body, for one section of one room (or of the account).
+    Listed {
+        events: std::slice::Iter<'a, &'a RawValue>,
+        section: Section,
+        room: Option<OwnedRoomId>,
+    },
+    /// Events fetched to fill a gap, oldest first.
+    Fetched {
+        events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
+        room: OwnedRoomId,
+    },
+    /// An item built in advance (gap, leave marker, device lists, key counts, checkpoint);
+    /// `None` once taken.
+    Ready(Option<Box<Event>>),
+}
+
+impl Steps<'_> {
+    fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        loop {
+            let step = self.queue.front_mut()?;
+            let event = match step {
+                Step::Listed {
+                    events,
+                    section,
+                    room,
+                } => events
+                    .next()
+                    .map(|raw| normalize((*raw).to_owned(), *section, room.as_ref())),
+                Step::Fetched { events, room } => events
+                    .next()
+                    .map(|raw| normalize(raw, Section::Timeline, Some(room))),
+                Step::Ready(event) => event.take().map(|event| *event),
+            };
+            match event {
+                Some(event) if first_delivery(dedup, &event) => return Some(event),
+                Some(event) => log::debug!("skipping already delivered event {:?}", event.event_id),
+                None => {
+                    self.queue.pop_front();
+                }
+            }
+        }
+    }
+}
+
+/// Whether `event` is new: room events seen before (by event id) are not delivered again.
+fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
+    match &event.event_id {
+        // Stripped state and to-device events are not room timeline: never deduplicated.
+        Some(_)
             if matches!(
                 event.kind,
                 EventKind::Invite | EventKind::Knock | EventKind::ToDevice
-            ) {
-                // Stripped state and to-device events are not room timeline: never deduplicated.
-            } else if !self.dedup.first_time(id) {
-                log::debug!("skipping already delivered event {id}");
-                return;
-            }
+            ) =>
+        {
+            true
         }
-        self.out.push_back(event);
+        Some(id) => dedup.first_time(id),
+        None => true,
+    }
+}
+
+/// Lays out the steps of one batch.
+struct Planner<'a, 'k> {
+    steps: VecDeque<Step<'a>>,
+    last_key_counts: &'k mut Option<String>,
+}
+
+impl<'a> Planner<'a, '_> {
+    fn ready(&mut self, event: Event) {
+        self.steps.push_back(Step::Ready(Some(Box::new(event))));
     }
 
-    fn all(&mut self, events: &[&RawValue], section: Section, room: Option<&OwnedRoomId>) {
-        for raw in events {
-            self.push(normalize((*raw).to_owned(), section, room));
+    fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
+        if !events.is_empty() {
+            self.steps.push_back(Step::Listed {
+                events: events.iter(),
+                section,
+                room: room.cloned(),
+            });
         }
     }
 
-    pub(crate) fn batch(&mut self, response: SyncResponse<'_>, mut fills: RoomFills) {
-        // One allocation for the whole batch rather than a doubling series of copies.
-        // Beyond the events: gap items, leave markers, key counts and the checkpoint.
-        let synthetic = fills.len() + response.rooms.leave.len() + 3;
-        self.out.reserve(response.event_count() + synthetic);
-        let SyncResponse {
-            next_batch: _,
-            rooms,
-            presence,
-            account_data,
-            to_device,
-            device_lists,
-            device_one_time_keys_count,
-            device_unused_fallback_key_types,
-        } = response;
-        self.all(&to_device.events, Section::ToDevice, None);
-        if !device_lists.is_empty() {
-            let raw = to_raw(&device_lists);
-            self.push(Event::section(
+    fn batch(&mut self, response: &'a SyncResponse<'a>, mut fills: RoomFills) {
+        let rooms = &response.rooms;
+        self.list(&response.to_device.events, Section::ToDevice, None);
+        if !response.device_lists.is_empty() {
+            let raw = to_raw(&response.device_lists);
+            self.ready(Event::section(
                 EventKind::DeviceLists,
                 "device_lists",
                 None,
                 raw,
             ));
         }
-        self.key_counts(device_one_time_keys_count, device_unused_fallback_key_types);
-        self.all(&account_data.events, Section::GlobalAccountData, None);
-        self.all(&presence.events, Section::Presence, None);
+        self.key_counts(response);
+        self.list(
+            &response.account_data.events,
+            Section::GlobalAccountData,
+            None,
+        );
+        self.list(&response.presence.events, Section::Presence, None);
 
         for (room_id, room) in &rooms.join {
             self.fill(room_id, fills.remove(room_id));
-            self.all(&room.state.events, Section::State, Some(room_id));
-            self.all(&room.state_after.events, Section::State, Some(room_id));
-            self.all(&room.timeline.events, Section::Timeline, Some(room_id));
-            self.all(&room.ephemeral.events, Section::Ephemeral, Some(room_id));
-            self.all(
-                &room.account_data.events,
-                Section::RoomAccountData,
-                Some(room_id),
-            );
+            let room_id = Some(room_id);
+            self.list(&room.state.events, Section::State, room_id);
+            self.list(&room.state_after.events, Section::State, room_id);
+            self.list(&room.timeline.events, Section::Timeline, room_id);
+            self.list(&room.ephemeral.events, Section::Ephemeral, room_id);
+            self.list(&room.account_data.events, Section::RoomAccountData, room_id);
         }
         for (room_id, room) in &rooms.invite {
-            self.all(&room.invite_state.events, Section::Invite, Some(room_id));
+            self.list(&room.invite_state.events, Section::Invite, Some(room_id));
         }
         for (room_id, room) in &rooms.knock {
-            self.all(&room.knock_state.events, Section::Knock, Some(room_id));
+            self.list(&room.knock_state.events, Section::Knock, Some(room_id));
         }
-        for (room_id, room) in rooms.leave {
-            self.fill(&room_id, fills.remove(&room_id));
-            self.all(&room.state.events, Section::State, Some(&room_id));
-            self.all(&room.state_after.events, Section::State, Some(&room_id));
-            self.all(&room.timeline.events, Section::Timeline, Some(&room_id));
-            self.all(
+        for (room_id, room) in &rooms.leave {
+            self.fill(room_id, fills.remove(room_id));
+            let room_ref = Some(room_id);
+            self.list(&room.state.events, Section::State, room_ref);
+            self.list(&room.state_after.events, Section::State, room_ref);
+            self.list(&room.timeline.events, Section::Timeline, room_ref);
+            self.list(
                 &room.account_data.events,
                 Section::RoomAccountData,
-                Some(&room_id),
+                room_ref,
             );
             let marker = match last_membership(&room.timeline) {
                 Some(raw) => {
-                    let mut event = normalize(raw.to_owned(), Section::Timeline, Some(&room_id));
+                    let mut event = normalize(raw.to_owned(), Section::Timeline, room_ref);
                     event.kind = EventKind::Leave;
                     // The membership event itself was delivered just before, with its id.
                     event.event_id = None;
@@ -122,29 +253,30 @@ impl Emitter<'_> {
                 None => Event::section(
                     EventKind::Leave,
                     "m.room.member",
-                    Some(room_id),
+                    Some(room_id.clone()),
                     to_raw(&serde_json::json!({})),
                 ),
             };
-            self.out.push_back(marker);
+            self.ready(marker);
         }
     }
 
     fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
         let Some(fill) = fill else { return };
         if let Some(gap) = fill.unfilled {
-            self.out.push_back(Event::gap(room_id.clone(), gap));
+            self.ready(Event::gap(room_id.clone(), gap));
         }
-        for raw in fill.newest_first.into_iter().rev() {
-            self.push(normalize(raw, Section::Timeline, Some(room_id)));
+        if !fill.newest_first.is_empty() {
+            self.steps.push_back(Step::Fetched {
+                events: fill.newest_first.into_iter().rev(),
+                room: room_id.clone(),
+            });
         }
     }
 
-    fn key_counts(
-        &mut self,
-        counts: BTreeMap<ruma_common::OneTimeKeyAlgorithm, js_int::UInt>,
-        fallback: Option<Vec<ruma_common::OneTimeKeyAlgorithm>>,
-    ) {
+    fn key_counts(&mut self, response: &SyncResponse<'_>) {
+        let counts = &response.device_one_time_keys_count;
+        let fallback = &response.device_unused_fallback_key_types;
         if counts.is_empty() && fallback.is_none() {
             return;
         }
@@ -158,7 +290,7 @@ impl Emitter<'_> {
         }
         let raw = to_raw(&value);
         *self.last_key_counts = Some(text);
-        self.push(Event::section(
+        self.ready(Event::section(
             EventKind::OneTimeKeyCounts,
             "device_one_time_keys_count",
             None,
@@ -186,20 +318,19 @@ mod tests {
     use super::*;
 
     fn emit(body: &str, dedup: &mut Dedup, last: &mut Option<String>) -> Vec<Event> {
-        let response = SyncResponse::parse(body.as_bytes()).unwrap();
-        let mut out = VecDeque::new();
-        Emitter {
-            out: &mut out,
-            dedup,
-            last_key_counts: last,
-        }
-        .batch(response, RoomFills::new());
-        out.into()
+        let parsed = ParsedBody::parse(body.as_bytes().to_vec()).unwrap();
+        let mut delivery = Delivery::plan(parsed, RoomFills::new(), last, false);
+        let mut out: Vec<Event> = std::iter::from_fn(|| delivery.next_event(dedup)).collect();
+        assert!(matches!(
+            out.pop().map(|e| e.kind),
+            Some(EventKind::Checkpoint(_))
+        ));
+        out
     }
 
     #[test]
     fn key_counts_are_reported_when_either_part_is_present_and_only_when_changed() {
-        let (mut dedup, mut last) = (Dedup::new(8), None);
+        let (mut dedup, mut last) = (Dedup::new(8, 0), None);
         let fallback =
             r#"{"next_batch":"a","device_unused_fallback_key_types":["signed_curve25519"]}"#;
         let counts = r#"{"next_batch":"b","device_one_time_keys_count":{"signed_curve25519":5}}"#;
@@ -213,5 +344,23 @@ mod tests {
             );
         }
         assert!(emit(r#"{"next_batch":"c"}"#, &mut dedup, &mut last).is_empty());
+    }
+
+    #[test]
+    fn events_seen_before_are_skipped_but_stripped_state_and_to_device_are_not() {
+        let (mut dedup, mut last) = (Dedup::new(8, 0), None);
+        let body = r#"{"next_batch":"a","to_device":{"events":[{"type":"t","event_id":"$d:x"}]},
+            "rooms":{"join":{"!r:x":{"timeline":{"events":[
+                {"type":"m.room.message","event_id":"$m:x"},{"type":"m.room.message","event_id":"$m:x"}]}}},
+            "invite":{"!i:x":{"invite_state":{"events":[{"type":"m.room.name","event_id":"$n:x"}]}}}}}"#;
+        let kinds = |events: Vec<Event>| events.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(emit(body, &mut dedup, &mut last)),
+            [EventKind::ToDevice, EventKind::Message, EventKind::Invite]
+        );
+        assert_eq!(
+            kinds(emit(body, &mut dedup, &mut last)),
+            [EventKind::ToDevice, EventKind::Invite]
+        );
     }
 }

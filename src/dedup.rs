@@ -1,37 +1,45 @@
 //! Bounded memory of delivered event ids.
+//!
+//! Ids are remembered as keyed 64-bit fingerprints rather than as strings: no allocation per
+//! event and 8 bytes per remembered id. Two different ids share a fingerprint with probability
+//! about n²/2⁶⁵ for a window of n ids (under 10⁻⁹ for the default window), and the key comes from
+//! the configured seed, so ids cannot be chosen to collide without it; since room version 3, ids
+//! are hashes of their event, which leaves even a server that knows the key no say over them.
+//! A collision would skip one event as already delivered.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use ruma_common::EventId;
 
 /// Remembers the last `capacity` event ids delivered, oldest forgotten first.
-///
-/// Each id is stored once, shared by the set (for lookups) and the queue (for eviction order).
 #[derive(Debug)]
 pub(crate) struct Dedup {
-    seen: HashSet<Arc<str>>,
-    order: VecDeque<Arc<str>>,
+    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    order: VecDeque<u64>,
     capacity: usize,
+    key: u64,
 }
 
 /// Memory reserved up front; larger capacities grow on demand.
 const PREALLOCATED: usize = 1 << 10;
 
 impl Dedup {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, seed: u64) -> Self {
         let capacity = capacity.max(1);
         let reserve = capacity.min(PREALLOCATED);
         Self {
-            seen: HashSet::with_capacity(reserve),
+            seen: HashSet::with_capacity_and_hasher(reserve, Default::default()),
             order: VecDeque::with_capacity(reserve),
             capacity,
+            key: mix(seed ^ 0x6a09_e667_f3bc_c908),
         }
     }
 
     /// True the first time `id` is offered (within the memory window), false after.
     pub(crate) fn first_time(&mut self, id: &EventId) -> bool {
-        if self.seen.contains(id.as_str()) {
+        let fingerprint = self.fingerprint(id.as_str());
+        if self.seen.contains(&fingerprint) {
             return false;
         }
         if self.order.len() == self.capacity {
@@ -39,10 +47,50 @@ impl Dedup {
                 self.seen.remove(&old);
             }
         }
-        let id: Arc<str> = Arc::from(id.as_str());
-        self.seen.insert(id.clone());
-        self.order.push_back(id);
+        self.seen.insert(fingerprint);
+        self.order.push_back(fingerprint);
         true
+    }
+
+    fn fingerprint(&self, id: &str) -> u64 {
+        let bytes = id.as_bytes();
+        let mut hash = self.key ^ (bytes.len() as u64).wrapping_mul(MULTIPLIER);
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            hash = (hash ^ word).wrapping_mul(MULTIPLIER).rotate_left(29);
+        }
+        let mut tail = [0u8; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        mix(hash ^ u64::from_le_bytes(tail))
+    }
+}
+
+const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's finalizer: every input bit affects every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The set's hasher: its keys are already well-mixed fingerprints.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by a `HashSet<u64>`; fold anything else in all the same.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(MULTIPLIER);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -52,7 +100,7 @@ mod tests {
 
     #[test]
     fn forgets_oldest_past_capacity() {
-        let mut d = Dedup::new(2);
+        let mut d = Dedup::new(2, 7);
         let id = |s: &str| EventId::parse(s).unwrap();
         assert!(d.first_time(&id("$a:x")));
         assert!(!d.first_time(&id("$a:x")));
@@ -61,5 +109,27 @@ mod tests {
         assert!(d.first_time(&id("$a:x")), "a was forgotten");
         assert!(!d.first_time(&id("$c:x")));
         assert_eq!((d.seen.len(), d.order.len()), (2, 2));
+    }
+
+    #[test]
+    fn fingerprints_differ_for_ids_differing_anywhere() {
+        let d = Dedup::new(1, 0);
+        let base = "$abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG";
+        let mut seen = HashSet::new();
+        assert!(seen.insert(d.fingerprint(base)));
+        for i in 1..base.len() {
+            let mut changed = base.as_bytes().to_vec();
+            changed[i] ^= 1;
+            let changed = String::from_utf8(changed).unwrap();
+            assert!(seen.insert(d.fingerprint(&changed)), "byte {i}");
+            assert!(seen.insert(d.fingerprint(&base[..i])), "prefix {i}");
+        }
+        // Zero padding of the tail must not make a shorter id equal a longer one.
+        assert_ne!(d.fingerprint("$a:x"), d.fingerprint("$a:x\0"));
+        assert_ne!(
+            Dedup::new(1, 1).fingerprint(base),
+            d.fingerprint(base),
+            "keyed"
+        );
     }
 }

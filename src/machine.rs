@@ -9,14 +9,13 @@ use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
 
 use crate::backoff::Backoff;
-use crate::batch::{Emitter, RoomFill, RoomFills};
+use crate::batch::{Delivery, ParsedBody, RoomFill, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
 use crate::normalize::{Event, EventKind, Gap};
 use crate::request::{self, OutgoingRequest, RequestId, RequestKind};
-use crate::response::SyncResponse;
 
 /// What the service is doing, as reported by [`SyncMachine::poll_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -52,9 +51,7 @@ struct InFlight {
 /// A parsed sync response waiting for its gaps to be filled before it is delivered.
 #[derive(Debug)]
 struct PendingBatch {
-    /// The response body, kept to be read again once the gaps are filled (rare: only batches
-    /// with a limited timeline wait, and they are small).
-    body: Vec<u8>,
+    parsed: ParsedBody,
     live: bool,
     jobs: VecDeque<GapJob>,
     fills: RoomFills,
@@ -71,9 +68,6 @@ struct GapJob {
     /// Consecutive pages that came back empty but with an `end`.
     empty_pages: u32,
 }
-
-/// Above this many slots, the drained event queue is given back to the allocator.
-const RETAINED_QUEUE_CAPACITY: usize = 4096;
 
 /// Consecutive empty `/messages` pages tolerated before the rest of a gap is reported.
 const MAX_EMPTY_PAGES: u32 = 3;
@@ -93,7 +87,8 @@ pub struct SyncMachine {
     catching_up: bool,
     first_sync: bool,
     batch: Option<PendingBatch>,
-    events: VecDeque<Event>,
+    /// The batch whose events are being handed on, built one by one as they are polled.
+    delivering: Option<Delivery>,
     errors: VecDeque<SyncError>,
     states: VecDeque<SyncState>,
     dedup: Dedup,
@@ -117,7 +112,7 @@ impl SyncMachine {
         Ok(Self {
             since: config.since.clone(),
             backoff: Backoff::new(config.backoff.clone(), config.jitter_seed),
-            dedup: Dedup::new(config.dedup_capacity),
+            dedup: Dedup::new(config.dedup_capacity, config.jitter_seed),
             config,
             state,
             idle_streak: 0,
@@ -128,7 +123,7 @@ impl SyncMachine {
             catching_up: true,
             first_sync: true,
             batch: None,
-            events: VecDeque::new(),
+            delivering: None,
             errors: VecDeque::new(),
             states: VecDeque::from([state]),
             last_key_counts: None,
@@ -140,9 +135,11 @@ impl SyncMachine {
 
     /// Feeds the HTTP response to request `id`, received at `now`.
     ///
-    /// The body may be any byte container. A response to a request the machine no longer waits
-    /// for is refused with an [`InputError`] and changes nothing.
-    pub fn handle_response<B: AsRef<[u8]>>(
+    /// The body may be any byte container. A sync body is kept until its events are handed on
+    /// (they are built from it as they are polled): pass an owned `Vec<u8>` to have it moved
+    /// in, anything else is copied. A response to a request the machine no longer waits for is
+    /// refused with an [`InputError`] and changes nothing.
+    pub fn handle_response<B: AsRef<[u8]> + Into<Vec<u8>>>(
         &mut self,
         id: RequestId,
         response: http::Response<B>,
@@ -150,20 +147,20 @@ impl SyncMachine {
     ) -> Result<(), InputError> {
         let in_flight = self.accept(id, now)?;
         let (parts, body) = response.into_parts();
-        let body = body.as_ref();
-        if body.len() as u64 > self.config.max_body_bytes {
+        let bytes = body.as_ref();
+        if bytes.len() as u64 > self.config.max_body_bytes {
             let limit = self.config.max_body_bytes;
             self.fail(in_flight, Failure::BodyTooLarge { limit });
             return Ok(());
         }
-        match classify(parts.status, &parts.headers, body) {
-            Err(failure) => self.fail(in_flight, failure),
-            Ok(body) => {
-                let response = http::Response::from_parts(parts, body);
-                match in_flight.kind {
-                    RequestKind::Sync { .. } => self.on_sync(in_flight, response),
-                    RequestKind::Messages { .. } => self.on_messages(in_flight, response),
-                }
+        if let Err(failure) = classify(parts.status, &parts.headers, bytes) {
+            self.fail(in_flight, failure);
+            return Ok(());
+        }
+        match in_flight.kind {
+            RequestKind::Sync { .. } => self.on_sync(in_flight, parts.status, body.into()),
+            RequestKind::Messages { .. } => {
+                self.on_messages(in_flight, http::Response::from_parts(parts, bytes))
             }
         }
         Ok(())
@@ -220,7 +217,7 @@ impl SyncMachine {
     /// request is in flight at any time.
     #[must_use]
     pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
-        if self.stopped || self.in_flight.is_some() || !self.events.is_empty() {
+        if self.stopped || self.in_flight.is_some() || self.delivering.is_some() {
             return None;
         }
         if self.send_at.is_some_and(|at| at > self.now) {
@@ -314,19 +311,24 @@ impl SyncMachine {
     /// Handing on a [`Checkpoint`](EventKind::Checkpoint) is what advances `since`.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.events.pop_front()?;
-        if let EventKind::Checkpoint(checkpoint) = &event.kind {
-            self.since = Some(checkpoint.next_batch.clone());
-            self.first_sync = false;
-            if !checkpoint.live {
-                self.caught_up();
+        let event = self.delivering.as_mut()?.next_event(&mut self.dedup);
+        match &event {
+            Some(Event {
+                kind: EventKind::Checkpoint(checkpoint),
+                ..
+            }) => {
+                // The batch is over: its body is freed now, not at the next batch.
+                self.delivering = None;
+                self.since = Some(checkpoint.next_batch.clone());
+                self.first_sync = false;
+                if !checkpoint.live {
+                    self.caught_up();
+                }
             }
-            // A huge initial sync must not leave its queue's memory behind for the whole run.
-            if self.events.is_empty() && self.events.capacity() > RETAINED_QUEUE_CAPACITY {
-                self.events = VecDeque::new();
-            }
+            Some(_) => {}
+            None => self.delivering = None,
         }
-        Some(event)
+        event
     }
 
     /// The next failure report. Drain after every input; the machine already acted on it.
@@ -347,7 +349,7 @@ impl SyncMachine {
     /// not after the last `now` means a request is due: call `poll_request`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.stopped || !self.events.is_empty() {
+        if self.stopped || self.delivering.is_some() {
             return None;
         }
         match &self.in_flight {
@@ -467,13 +469,15 @@ impl SyncMachine {
         });
     }
 
-    fn on_sync(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
-        let status = response.status().as_u16();
-        let body = *response.body();
-        let response = match SyncResponse::parse(body) {
-            Ok(r) => r,
-            Err(err) => return self.fail(in_flight, bad_response(status, err.to_string(), body)),
+    fn on_sync(&mut self, in_flight: InFlight, status: http::StatusCode, body: Vec<u8>) {
+        let parsed = match ParsedBody::parse(body) {
+            Ok(parsed) => parsed,
+            Err((body, err)) => {
+                let failure = bad_response(status.as_u16(), err.to_string(), &body);
+                return self.fail(in_flight, failure);
+            }
         };
+        let response = parsed.response();
         self.backoff.reset();
         if self.state == SyncState::Unauthorized {
             self.set_state(if self.since.is_some() {
@@ -543,10 +547,10 @@ impl SyncMachine {
             }
         }
         if jobs.is_empty() {
-            self.deliver(response, fills, live);
+            self.deliver(parsed, fills, live);
         } else {
             self.batch = Some(PendingBatch {
-                body: body.to_vec(),
+                parsed,
                 live,
                 jobs,
                 fills,
@@ -630,23 +634,12 @@ impl SyncMachine {
         let Some(batch) = self.batch.take() else {
             return;
         };
-        match SyncResponse::parse(&batch.body) {
-            Ok(response) => self.deliver(response, batch.fills, batch.live),
-            // It parsed when it arrived and the same bytes parse the same way; were it ever
-            // to fail, `since` has not moved, so the next sync asks for the batch again.
-            Err(err) => log::error!("a stored batch no longer parses: {err}"),
-        }
+        self.deliver(batch.parsed, batch.fills, batch.live);
     }
 
-    fn deliver(&mut self, response: SyncResponse<'_>, fills: RoomFills, live: bool) {
-        let next_batch = response.next_batch.clone();
-        let mut emitter = Emitter {
-            out: &mut self.events,
-            dedup: &mut self.dedup,
-            last_key_counts: &mut self.last_key_counts,
-        };
-        emitter.batch(response, fills);
-        self.events.push_back(Event::checkpoint(next_batch, live));
+    fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, live: bool) {
+        let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
+        self.delivering = Some(delivery);
     }
 }
 

@@ -59,36 +59,6 @@ impl SyncResponse<'_> {
             && self.device_lists.is_empty()
     }
 
-    /// How many events the response holds, all sections together.
-    pub(crate) fn event_count(&self) -> usize {
-        let Rooms {
-            join,
-            invite,
-            leave,
-            knock,
-        } = &self.rooms;
-        let room = |r: &JoinedRoom<'_>| {
-            r.timeline.events.len()
-                + r.state.events.len()
-                + r.state_after.events.len()
-                + r.ephemeral.events.len()
-                + r.account_data.events.len()
-        };
-        join.values().map(room).sum::<usize>()
-            + leave.values().map(room).sum::<usize>()
-            + invite
-                .values()
-                .map(|r| r.invite_state.events.len())
-                .sum::<usize>()
-            + knock
-                .values()
-                .map(|r| r.knock_state.events.len())
-                .sum::<usize>()
-            + self.presence.events.len()
-            + self.account_data.events.len()
-            + self.to_device.events.len()
-    }
-
     /// Every joined or left room whose timeline is `limited`, with its `prev_batch`.
     pub(crate) fn limited_timelines(&self) -> impl Iterator<Item = (&OwnedRoomId, &str)> {
         let joined = self.rooms.join.iter().map(|(id, r)| (id, &r.timeline));
@@ -188,67 +158,6 @@ mod tests {
             SyncResponse::parse(br#"{"next_batch":"a","unknown":[1,2]}"#)
                 .unwrap()
                 .is_empty()
-        );
-    }
-
-    #[test]
-    fn event_count_counts_every_event_of_every_section() {
-        let body = include_bytes!("../tests/fixtures/synapse-initial.json");
-        let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-        let list = |v: &serde_json::Value| v["events"].as_array().map_or(0, Vec::len);
-        let mut expected =
-            list(&value["presence"]) + list(&value["account_data"]) + list(&value["to_device"]);
-        for (section, parts) in [
-            (
-                "join",
-                &[
-                    "timeline",
-                    "state",
-                    "state_after",
-                    "ephemeral",
-                    "account_data",
-                ][..],
-            ),
-            (
-                "leave",
-                &["timeline", "state", "state_after", "account_data"][..],
-            ),
-            ("invite", &["invite_state"][..]),
-            ("knock", &["knock_state"][..]),
-        ] {
-            for room in value["rooms"][section]
-                .as_object()
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                expected += parts.iter().map(|p| list(&room[*p])).sum::<usize>();
-            }
-        }
-        let parsed = SyncResponse::parse(body).unwrap();
-        assert!(expected > 300, "{expected}");
-        assert_eq!(parsed.event_count(), expected);
-        let small = br#"{"next_batch":"a","rooms":{"leave":{"!l:x":{"timeline":{"events":[{}]},
-            "state":{"events":[{},{}]},"account_data":{"events":[{}]}}},
-            "knock":{"!k:x":{"knock_state":{"events":[{}]}}}},"to_device":{"events":[{}]}}"#;
-        assert_eq!(SyncResponse::parse(small).unwrap().event_count(), 6);
-        // Every list non-empty, each of another length: 1+2+3+4+5 in a room, 6+7+8 globally.
-        let e = |n: usize| format!("{{\"events\":[{}]}}", vec!["{}"; n].join(","));
-        let every = format!(
-            r#"{{"next_batch":"a","rooms":{{"join":{{"!j:x":{{"timeline":{},"state":{},
-            "state_after":{},"ephemeral":{},"account_data":{}}}}}}},
-            "presence":{},"account_data":{},"to_device":{}}}"#,
-            e(1),
-            e(2),
-            e(3),
-            e(4),
-            e(5),
-            e(6),
-            e(7),
-            e(8)
-        );
-        assert_eq!(
-            SyncResponse::parse(every.as_bytes()).unwrap().event_count(),
-            36
         );
     }
 
