@@ -7,8 +7,8 @@
 //! Generates an initial sync response of about `--mb` MB in memory (the generator of
 //! `benches/gen`, scaled up), then hands it to a fresh `SyncMachine` as the driver does (the
 //! body `Vec<u8>` moved into `handle_response`; with `--keep-body` a borrowed `&[u8]` instead,
-//! so the body stays alive until the end) and drains every event, dropping each one as a
-//! consumer would.
+//! which the machine copies, so the caller's body and the machine's copy are both alive until
+//! the end) and drains every event, dropping each one as a consumer would.
 //!
 //! Two measures, printed at each step:
 //!
@@ -248,8 +248,9 @@ fn main() {
         drain_time.as_secs_f64()
     );
     println!(
-        "the events held: {} of raw JSON (Event::raw), {} in their other heap fields, \
-         {} of Event structs ({} bytes each), before allocator overhead",
+        "the events handed on: {} of raw JSON (Event::raw), {} in their other heap fields, \
+         {} of Event structs ({} bytes each), before allocator overhead (what a consumer \
+         keeping every event would hold)",
         mb(raw_bytes),
         mb(owned_bytes),
         mb(events * std::mem::size_of::<matrix_sync_service::Event>()),
@@ -292,8 +293,8 @@ fn main() {
     );
     println!(
         "after the batch, events drained: RSS {} (freed memory is not necessarily returned to \
-         the OS); the machine still holds {} of heap (everything it kept: the drained event \
-         queue's capacity, the dedup memory of recent event ids)",
+         the OS); the machine still holds {} of heap (everything it kept: the dedup memory of \
+         recent event ids)",
         mb(rss_end),
         mb(heap_after.saturating_sub(before.1))
     );

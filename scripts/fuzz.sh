@@ -4,7 +4,8 @@
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
 #
 #   SECONDS_PER_TARGET  how long libFuzzer runs each target (default 60)
-#   TARGET              sync_response, input_sequence, normalize_event, gap_messages
+#   TARGET              sync_response, input_sequence, normalize_event, gap_messages,
+#                       scan_fields
 #                       (default: all of them, one after the other)
 #
 # Environment:
@@ -21,9 +22,9 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
-ALL_TARGETS=(sync_response input_sequence normalize_event gap_messages)
+ALL_TARGETS=(sync_response input_sequence normalize_event gap_messages scan_fields)
 # Targets fed JSON bytes directly get the Matrix dictionary.
-DICT_TARGETS=" sync_response normalize_event gap_messages "
+DICT_TARGETS=" sync_response normalize_event gap_messages scan_fields "
 
 die() {
     echo "fuzz.sh: $*" >&2

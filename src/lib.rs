@@ -152,6 +152,7 @@ mod machine;
 mod normalize;
 mod request;
 mod response;
+mod scan;
 
 pub use backoff::BackoffPolicy;
 pub use checkpoint::FileCheckpointStore;
@@ -175,6 +176,8 @@ pub struct ReadmeDoctests;
 #[doc(hidden)]
 pub mod fuzzing {
     use serde_json::value::RawValue;
+
+    pub use crate::scan::{event_fields, EventFields};
 
     /// Normalizes one event as found in a room timeline, state, or any other section
     /// (`section` picks one of them by index, modulo their number).

@@ -6,14 +6,13 @@
 //! failing the event, so nothing the server sent is dropped for being odd.
 
 use std::borrow::Cow;
-use std::fmt;
-use std::marker::PhantomData;
 
 use ruma_common::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
 };
-use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+use crate::scan::event_fields;
 
 /// What an [`Event`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -255,30 +254,18 @@ pub(crate) fn normalize(
     section: Section,
     room_id: Option<&OwnedRoomId>,
 ) -> Event {
-    let fields = match serde_json::from_str::<Lenient<EventFields<'_>>>(raw.get()) {
-        Ok(Lenient(fields)) => fields,
-        Err(err) => {
-            // Unreachable for JSON that ruma already accepted as `Raw`; kept as a safe fallback.
-            log::warn!("unreadable event fields ({err}); delivering it raw");
-            EventFields::default()
-        }
-    };
+    let fields = event_fields(raw.get());
     let event_type = fields.event_type.as_deref().unwrap_or_default();
     let kind = kind_of(section, event_type, fields.state_key.is_some());
-    let body = match (&kind, fields.content.body) {
+    let body = match (&kind, fields.body) {
         (EventKind::Encrypted, _) | (_, None) => String::new(),
         (_, Some(body)) => body.into_owned(),
     };
-    let relates = fields.content.relates_to;
-    let relation = match (
-        relates.rel_type,
-        relates.event_id,
-        relates.in_reply_to.event_id,
-    ) {
+    let relation = match (fields.rel_type, fields.rel_event_id, fields.in_reply_to) {
         (Some(rel_type), Some(id), _) => parse_event_id(&id).map(|event_id| Relation {
             rel_type: rel_type.into_owned(),
             event_id,
-            key: relates.key.map(Cow::into_owned),
+            key: fields.rel_key.map(Cow::into_owned),
         }),
         (_, _, Some(id)) => parse_event_id(&id).map(|event_id| Relation {
             rel_type: "m.in_reply_to".to_owned(),
@@ -290,11 +277,10 @@ pub(crate) fn normalize(
     let redacts = match kind {
         EventKind::Redaction => fields
             .redacts
-            .or(fields.content.redacts)
+            .or(fields.content_redacts)
             .and_then(|r| parse_event_id(&r)),
         _ => None,
     };
-    let room_id = room_id.cloned();
     Event {
         event_type: event_type.to_owned(),
         event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
@@ -305,7 +291,7 @@ pub(crate) fn normalize(
             .map(MilliSecondsSinceUnixEpoch),
         state_key: fields.state_key.map(Cow::into_owned),
         kind,
-        room_id,
+        room_id: room_id.cloned(),
         body,
         relation,
         redacts,
@@ -343,221 +329,6 @@ fn kind_of(section: Section, event_type: &str, has_state_key: bool) -> EventKind
         Section::ToDevice => EventKind::ToDevice,
         Section::Invite => EventKind::Invite,
         Section::Knock => EventKind::Knock,
-    }
-}
-
-// ---- lenient field extraction -------------------------------------------------------------
-
-/// The fields of an event that normalization reads.
-#[derive(Default)]
-struct EventFields<'a> {
-    event_type: Option<Cow<'a, str>>,
-    event_id: Option<Cow<'a, str>>,
-    sender: Option<Cow<'a, str>>,
-    origin_server_ts: Option<u64>,
-    state_key: Option<Cow<'a, str>>,
-    redacts: Option<Cow<'a, str>>,
-    content: ContentFields<'a>,
-}
-
-#[derive(Default)]
-struct ContentFields<'a> {
-    body: Option<Cow<'a, str>>,
-    redacts: Option<Cow<'a, str>>,
-    relates_to: RelatesFields<'a>,
-}
-
-#[derive(Default)]
-struct RelatesFields<'a> {
-    rel_type: Option<Cow<'a, str>>,
-    event_id: Option<Cow<'a, str>>,
-    key: Option<Cow<'a, str>>,
-    in_reply_to: InReplyToFields<'a>,
-}
-
-#[derive(Default)]
-struct InReplyToFields<'a> {
-    event_id: Option<Cow<'a, str>>,
-}
-
-/// An object whose known keys are read into `Self`; every other key is skipped.
-trait ObjectFields<'de>: Default {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
-}
-
-fn string<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<Cow<'de, str>>, A::Error> {
-    Ok(match map.next_value::<Scalar<'de>>()? {
-        Scalar::Str(s) => Some(s),
-        _ => None,
-    })
-}
-
-impl<'de> ObjectFields<'de> for EventFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "type" => self.event_type = string(map)?,
-            "event_id" => self.event_id = string(map)?,
-            "sender" => self.sender = string(map)?,
-            "state_key" => self.state_key = string(map)?,
-            "redacts" => self.redacts = string(map)?,
-            "origin_server_ts" => {
-                self.origin_server_ts = match map.next_value::<Scalar<'de>>()? {
-                    Scalar::U64(v) => Some(v),
-                    _ => None,
-                }
-            }
-            "content" => self.content = map.next_value::<Lenient<ContentFields<'de>>>()?.0,
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<'de> ObjectFields<'de> for ContentFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "body" => self.body = string(map)?,
-            "redacts" => self.redacts = string(map)?,
-            "m.relates_to" => self.relates_to = map.next_value::<Lenient<RelatesFields<'de>>>()?.0,
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<'de> ObjectFields<'de> for RelatesFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "rel_type" => self.rel_type = string(map)?,
-            "event_id" => self.event_id = string(map)?,
-            "key" => self.key = string(map)?,
-            "m.in_reply_to" => {
-                self.in_reply_to = map.next_value::<Lenient<InReplyToFields<'de>>>()?.0
-            }
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl<'de> ObjectFields<'de> for InReplyToFields<'de> {
-    fn field<A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
-        match key {
-            "event_id" => self.event_id = string(map)?,
-            _ => {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `T` read from an object; any other JSON value reads as `T::default()`.
-struct Lenient<T>(T);
-
-impl<'de, T: ObjectFields<'de>> Deserialize<'de> for Lenient<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V<T>(PhantomData<T>);
-        impl<'de, T: ObjectFields<'de>> Visitor<'de> for V<T> {
-            type Value = Lenient<T>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = T::default();
-                while let Some(key) = map.next_key::<Scalar<'de>>()? {
-                    match key {
-                        Scalar::Str(key) => fields.field(&key, &mut map)?,
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(Lenient(fields))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Lenient(T::default()))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Lenient(T::default()))
-            }
-        }
-        deserializer.deserialize_any(V(PhantomData))
-    }
-}
-
-/// A JSON value reduced to what normalization can use: a string, a non-negative integer, or
-/// anything else.
-enum Scalar<'a> {
-    Str(Cow<'a, str>),
-    U64(u64),
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Scalar<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Scalar<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Scalar::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Scalar::Str(Cow::Owned(v)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(Scalar::U64(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(u64::try_from(v).map_or(Scalar::Other, Scalar::U64))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Scalar::Other)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Other)
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Scalar::Other)
-            }
-        }
-        deserializer.deserialize_any(V)
     }
 }
 

@@ -1,0 +1,779 @@
+//! A hand-written scanner for the few event fields normalization reads.
+//!
+//! It walks the event's bytes once, descending only along `content` → `m.relates_to` →
+//! `m.in_reply_to` and skipping every other value without building anything (strings with a
+//! word-at-a-time or SIMD search for `"` / `\`, containers by counting brackets). For valid
+//! JSON the result equals a `serde_json::Value` reading (last duplicate key wins, keys compared
+//! unescaped); for any other input it returns some partial result, in linear time, without
+//! recursion or panics.
+
+use std::borrow::Cow;
+
+/// The fields of an event that normalization reads. Strings borrow from the input unless
+/// they contain escapes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EventFields<'a> {
+    /// Top-level `type`.
+    pub event_type: Option<Cow<'a, str>>,
+    /// `event_id`.
+    pub event_id: Option<Cow<'a, str>>,
+    /// `sender`.
+    pub sender: Option<Cow<'a, str>>,
+    /// `origin_server_ts`, when a non-negative integer that fits in `u64`.
+    pub origin_server_ts: Option<u64>,
+    /// `state_key`.
+    pub state_key: Option<Cow<'a, str>>,
+    /// Top-level `redacts`.
+    pub redacts: Option<Cow<'a, str>>,
+    /// `content.body`.
+    pub body: Option<Cow<'a, str>>,
+    /// `content.redacts`.
+    pub content_redacts: Option<Cow<'a, str>>,
+    /// `content.m.relates_to.rel_type`.
+    pub rel_type: Option<Cow<'a, str>>,
+    /// `content.m.relates_to.event_id`.
+    pub rel_event_id: Option<Cow<'a, str>>,
+    /// `content.m.relates_to.key`.
+    pub rel_key: Option<Cow<'a, str>>,
+    /// `content.m.relates_to.m.in_reply_to.event_id`.
+    pub in_reply_to: Option<Cow<'a, str>>,
+}
+
+/// Reads the fields of one event from its JSON.
+pub fn event_fields(json: &str) -> EventFields<'_> {
+    let mut s = Scanner { src: json, i: 0 };
+    let mut f = EventFields::default();
+    s.ws();
+    if s.peek() != Some(b'{') {
+        return f;
+    }
+    s.i += 1;
+    // The objects descended into form a single chain, so the current level is the whole stack.
+    let mut level = Level::Event;
+    loop {
+        s.ws();
+        match s.peek() {
+            Some(b'"') => {}
+            Some(b',') => {
+                s.i += 1;
+                continue;
+            }
+            Some(b'}') => {
+                s.i += 1;
+                match level.parent() {
+                    Some(parent) => {
+                        level = parent;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            _ => break, // invalid JSON: keep what was read so far
+        }
+        let Some(key) = s.string() else { break };
+        s.ws();
+        if s.peek() != Some(b':') {
+            break;
+        }
+        s.i += 1;
+        s.ws();
+        let unescaped;
+        let key = if key.escaped {
+            unescaped = s.text(key);
+            match &unescaped {
+                Some(key) => key.as_bytes(),
+                None => {
+                    s.skip_value();
+                    continue;
+                }
+            }
+        } else {
+            s.raw(key)
+        };
+        match target(&mut f, level, key) {
+            Target::Str(slot) => match s.string_value() {
+                Some(span) => *slot = s.text(span),
+                None => *slot = None,
+            },
+            Target::Ts => f.origin_server_ts = s.u64_value(),
+            Target::Object(child) => {
+                // The last duplicate wins whole: nothing of an earlier object survives.
+                clear(&mut f, child);
+                if s.peek() == Some(b'{') {
+                    s.i += 1;
+                    level = child;
+                } else {
+                    s.skip_value();
+                }
+            }
+            Target::Skip => s.skip_value(),
+        }
+    }
+    f
+}
+
+/// The objects whose members are read, outermost first.
+#[derive(Clone, Copy, PartialEq, PartialOrd)]
+enum Level {
+    Event,
+    Content,
+    RelatesTo,
+    InReplyTo,
+}
+
+impl Level {
+    fn parent(self) -> Option<Level> {
+        match self {
+            Level::Event => None,
+            Level::Content => Some(Level::Event),
+            Level::RelatesTo => Some(Level::Content),
+            Level::InReplyTo => Some(Level::RelatesTo),
+        }
+    }
+}
+
+enum Target<'f, 'a> {
+    Str(&'f mut Option<Cow<'a, str>>),
+    Ts,
+    Object(Level),
+    Skip,
+}
+
+fn target<'f, 'a>(f: &'f mut EventFields<'a>, level: Level, key: &[u8]) -> Target<'f, 'a> {
+    use Target::*;
+    match (level, key) {
+        (Level::Event, b"type") => Str(&mut f.event_type),
+        (Level::Event, b"event_id") => Str(&mut f.event_id),
+        (Level::Event, b"sender") => Str(&mut f.sender),
+        (Level::Event, b"origin_server_ts") => Ts,
+        (Level::Event, b"state_key") => Str(&mut f.state_key),
+        (Level::Event, b"redacts") => Str(&mut f.redacts),
+        (Level::Event, b"content") => Object(Level::Content),
+        (Level::Content, b"body") => Str(&mut f.body),
+        (Level::Content, b"redacts") => Str(&mut f.content_redacts),
+        (Level::Content, b"m.relates_to") => Object(Level::RelatesTo),
+        (Level::RelatesTo, b"rel_type") => Str(&mut f.rel_type),
+        (Level::RelatesTo, b"event_id") => Str(&mut f.rel_event_id),
+        (Level::RelatesTo, b"key") => Str(&mut f.rel_key),
+        (Level::RelatesTo, b"m.in_reply_to") => Object(Level::InReplyTo),
+        (Level::InReplyTo, b"event_id") => Str(&mut f.in_reply_to),
+        _ => Skip,
+    }
+}
+
+/// Forgets every field read from `level` and the objects below it.
+fn clear(f: &mut EventFields<'_>, level: Level) {
+    if level <= Level::Content {
+        f.body = None;
+        f.content_redacts = None;
+    }
+    if level <= Level::RelatesTo {
+        f.rel_type = None;
+        f.rel_event_id = None;
+        f.rel_key = None;
+    }
+    f.in_reply_to = None;
+}
+
+/// The first `"` or `\` in `h`.
+fn quote_or_backslash(h: &[u8]) -> Option<usize> {
+    // Most strings (keys, ids) are short, where memchr's per-call dispatch costs more than the
+    // search: check their first bytes a word at a time, and leave long ones to memchr's SIMD.
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const SHORT: usize = 32;
+    let mut i = 0;
+    while let Some(word) = h.get(i..i + 8).filter(|_| i < SHORT) {
+        let w = u64::from_le_bytes(word.try_into().ok()?);
+        let (q, b) = (w ^ (ONES * u64::from(b'"')), w ^ (ONES * u64::from(b'\\')));
+        // High bit set in each byte that is zero (exact up to the first such byte).
+        let hits = (q.wrapping_sub(ONES) & !q | b.wrapping_sub(ONES) & !b) & (ONES << 7);
+        if hits != 0 {
+            return Some(i + (hits.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    memchr::memchr2(b'"', b'\\', h.get(i..)?).map(|at| i + at)
+}
+
+/// A JSON string's contents: `start..end` between the quotes, and whether it has escapes.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+    escaped: bool,
+}
+
+/// Invariant: `i <= src.len()`, so `&bytes[i..]` never fails (checked access all the same).
+struct Scanner<'a> {
+    src: &'a str,
+    i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn rest(&self) -> &'a [u8] {
+        self.src.as_bytes().get(self.i..).unwrap_or_default()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.src.as_bytes().get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// Skips the string opening at `i`; `None` if it is not closed.
+    fn string(&mut self) -> Option<Span> {
+        let start = self.i + 1;
+        let len = self.src.len();
+        self.i = start.min(len);
+        let mut escaped = false;
+        loop {
+            let Some(at) = quote_or_backslash(self.rest()) else {
+                self.i = len;
+                return None;
+            };
+            let at = self.i + at;
+            if self.src.as_bytes().get(at) == Some(&b'"') {
+                self.i = at + 1;
+                return Some(Span {
+                    start,
+                    end: at,
+                    escaped,
+                });
+            }
+            // The escaped byte can be neither a closing quote nor the start of another escape.
+            escaped = true;
+            self.i = (at + 2).min(len);
+        }
+    }
+
+    /// A string's bytes as they are, escapes and all.
+    fn raw(&self, span: Span) -> &'a [u8] {
+        self.src
+            .as_bytes()
+            .get(span.start..span.end)
+            .unwrap_or_default()
+    }
+
+    /// The unescaped text of a string; `None` when unescaping fails (say, a lone surrogate).
+    #[inline]
+    fn text(&self, span: Span) -> Option<Cow<'a, str>> {
+        if span.escaped {
+            self.unescape(span)
+        } else {
+            self.src.get(span.start..span.end).map(Cow::Borrowed)
+        }
+    }
+
+    // Rare enough that serde_json's own unescaping (with the quotes) is the right trade.
+    #[cold]
+    fn unescape(&self, span: Span) -> Option<Cow<'a, str>> {
+        let quoted = self.src.get(span.start.checked_sub(1)?..span.end + 1)?;
+        serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+    }
+
+    /// The value at `i` if it is a string, after skipping it whatever it is.
+    fn string_value(&mut self) -> Option<Span> {
+        if self.peek() == Some(b'"') {
+            self.string()
+        } else {
+            self.skip_value();
+            None
+        }
+    }
+
+    /// The value at `i` if it is an integer literal that fits in `u64` (what
+    /// `Value::as_u64` accepts), after skipping it whatever it is.
+    fn u64_value(&mut self) -> Option<u64> {
+        let start = self.i;
+        let mut n = Some(0u64);
+        while let Some(d @ b'0'..=b'9') = self.peek() {
+            n = n
+                .and_then(|n| n.checked_mul(10))
+                .and_then(|n| n.checked_add(u64::from(d - b'0')));
+            self.i += 1;
+        }
+        // A fraction or exponent makes it a float, even `1.0`; a minus sign makes it signed.
+        if self.i == start || matches!(self.peek(), Some(b'.' | b'e' | b'E')) {
+            self.skip_value();
+            return None;
+        }
+        n
+    }
+
+    /// Skips one value of any kind, counting brackets instead of recursing.
+    fn skip_value(&mut self) {
+        let mut depth = 0usize;
+        loop {
+            match self.peek() {
+                None => return,
+                Some(b'"') => {
+                    if self.string().is_none() || depth == 0 {
+                        return;
+                    }
+                }
+                Some(b'{' | b'[') => {
+                    depth += 1;
+                    self.i += 1;
+                }
+                Some(b'}' | b']') => {
+                    if depth == 0 {
+                        return; // not a value: leave it to the caller
+                    }
+                    depth -= 1;
+                    self.i += 1;
+                    if depth == 0 {
+                        return;
+                    }
+                }
+                Some(_) if depth > 0 => self.i += 1,
+                // A number or literal: it ends at the first byte that cannot be part of it.
+                Some(_) => {
+                    while let Some(b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'+' | b'-' | b'.') =
+                        self.peek()
+                    {
+                        self.i += 1;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// The semantics, read off a `serde_json::Value` independently of the scanner.
+    fn reference(v: &Value) -> EventFields<'static> {
+        let at = |path: &[&str]| -> Option<Cow<'static, str>> {
+            let mut v = v;
+            for key in path {
+                v = v.as_object()?.get(*key)?;
+            }
+            v.as_str().map(|s| Cow::Owned(s.to_owned()))
+        };
+        EventFields {
+            event_type: at(&["type"]),
+            event_id: at(&["event_id"]),
+            sender: at(&["sender"]),
+            origin_server_ts: v.get("origin_server_ts").and_then(Value::as_u64),
+            state_key: at(&["state_key"]),
+            redacts: at(&["redacts"]),
+            body: at(&["content", "body"]),
+            content_redacts: at(&["content", "redacts"]),
+            rel_type: at(&["content", "m.relates_to", "rel_type"]),
+            rel_event_id: at(&["content", "m.relates_to", "event_id"]),
+            rel_key: at(&["content", "m.relates_to", "key"]),
+            in_reply_to: at(&["content", "m.relates_to", "m.in_reply_to", "event_id"]),
+        }
+    }
+
+    fn check(json: &str) -> EventFields<'_> {
+        let v: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let got = event_fields(json);
+        assert_eq!(got, reference(&v), "{json}");
+        got
+    }
+
+    #[test]
+    fn tricky_cases() {
+        let cases = [
+            "{}",
+            " { } ",
+            "[]",
+            r#"[{"type":"a"}]"#,
+            r#""type""#,
+            "42",
+            "null",
+            r#"{"type":null,"event_id":5,"sender":true,"state_key":{},"redacts":[]}"#,
+            r#"{"type":"m.room.message","event_id":"$e","sender":"@a:b","state_key":"","redacts":"$r"}"#,
+            // escapes in keys and values
+            r#"{"ty\u0070e":"x","\u0073ender":"\u0040a:b","event_id":"\"$e\\"}"#,
+            r#"{"type":"a\\","body":"\\\""}"#,
+            r#"{"type":"\\\\\"\\"}"#,
+            r#"{"type":"\ud83d\ude00 \u00e9 \n\t\/","event_id":"é😀"}"#,
+            r#"{"type\\":"no","typ":"no","Type":"no","type ":"no"}"#,
+            r#"{"content":{"b\u006fdy":"x","m.relates\u005fto":{"k\u0065y":"\ud83d\udc4d"}}}"#,
+            // duplicates
+            r#"{"type":"a","type":"b"}"#,
+            r#"{"type":"a","type":5}"#,
+            r#"{"origin_server_ts":5,"origin_server_ts":"5"}"#,
+            r#"{"content":{"body":"a","redacts":"$r"},"content":5}"#,
+            r#"{"content":{"body":"a","m.relates_to":{"rel_type":"x"}},"content":{"redacts":"$r"}}"#,
+            r#"{"content":{"m.relates_to":{"m.in_reply_to":{"event_id":"$a"},"key":"k"},"m.relates_to":{"rel_type":"r"}}}"#,
+            r#"{"content":{"m.relates_to":{"m.in_reply_to":{"event_id":"$a"},"m.in_reply_to":[]}}}"#,
+            r#"{"content":{"body":"a"},"content":{"body":"b"}}"#,
+            // non-object containers
+            r#"{"content":"body","m.relates_to":{"rel_type":"x"}}"#,
+            r#"{"content":{"m.relates_to":null,"body":"b"}}"#,
+            r#"{"content":{"m.relates_to":{"m.in_reply_to":"$x","event_id":"$y"}}}"#,
+            r#"{"content":[{"body":"no"}],"type":"t"}"#,
+            // keys at the wrong depth
+            r#"{"unsigned":{"type":"no","event_id":"no","content":{"body":"no"}},"type":"yes"}"#,
+            r#"{"content":{"x":{"body":"no"},"list":[{"body":"no"},["body"]],"body":"yes"}}"#,
+            r#"{"content":{"event_id":"no","rel_type":"no"},"body":"no","rel_type":"no"}"#,
+            r#"{"content":{"m.relates_to":{"x":{"event_id":"no"},"rel_type":"r","event_id":"$e","key":"k"}}}"#,
+            r#"{"content":{"m.relates_to":{"m.in_reply_to":{"event_id":"$a","x":[{"event_id":"no"}]}}},"event_id":"$top"}"#,
+            r#"{"a":[[[{"type":"no"}]],{"}":"]"}],"b":"}]{[","type":"yes","c":{"d":"\"}"}}"#,
+            // numbers
+            r#"{"origin_server_ts":0}"#,
+            r#"{"origin_server_ts":1700000000000}"#,
+            r#"{"origin_server_ts":18446744073709551615}"#,
+            r#"{"origin_server_ts":18446744073709551616}"#,
+            r#"{"origin_server_ts":99999999999999999999999}"#,
+            r#"{"origin_server_ts":-0}"#,
+            r#"{"origin_server_ts":-1}"#,
+            r#"{"origin_server_ts":1.0}"#,
+            r#"{"origin_server_ts":1e3}"#,
+            r#"{"origin_server_ts":1E+3,"type":"t"}"#,
+            r#"{"origin_server_ts":0.5e-3}"#,
+            r#"{"origin_server_ts":"1"}"#,
+            r#"{"origin_server_ts":[1]}"#,
+            r#"{"origin_server_ts":null}"#,
+            r#"{"x":-1.5e+10,"y":true,"z":false,"w":null,"origin_server_ts":7}"#,
+            // whitespace everywhere
+            concat!(
+                " \r\n\t{ \"type\" \n:\t\"a\" ,\r\n \"content\" : { \"body\" : \"b\" ,",
+                " \"m.relates_to\" : { \"rel_type\" : \"r\" , \"event_id\" : \"$e\" ,",
+                " \"m.in_reply_to\" : { \"event_id\" : \"$i\" } } } , \"origin_server_ts\" : 12 } \n",
+            ),
+            "{\"origin_server_ts\":12\n,\"content\":{}\t}",
+        ];
+        for json in cases {
+            check(json);
+        }
+    }
+
+    #[test]
+    fn borrows_unescaped_strings() {
+        let json = r#"{"type":"m.room.message","sender":"@a\u003ab","content":{"body":"hi",
+            "m.relates_to":{"rel_type":"m.annotation","event_id":"$e","key":"👍",
+            "m.in_reply_to":{"event_id":"$r"}}}}"#;
+        let f = check(json);
+        for s in [
+            &f.event_type,
+            &f.body,
+            &f.rel_type,
+            &f.rel_event_id,
+            &f.rel_key,
+        ] {
+            assert!(matches!(s, Some(Cow::Borrowed(_))), "{s:?}");
+        }
+        assert!(matches!(f.in_reply_to, Some(Cow::Borrowed("$r"))));
+        assert_eq!(f.sender, Some(Cow::Owned::<str>("@a:b".into())));
+    }
+
+    #[test]
+    fn fixtures() {
+        for name in [
+            "synapse-initial.json",
+            "synapse-incremental.json",
+            "synapse-leave.json",
+        ] {
+            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+            let text = std::fs::read_to_string(path).expect("fixture");
+            let v: Value = serde_json::from_str(&text).expect("json");
+            let mut seen = 0;
+            each_object(&v, &mut |o| {
+                let json = serde_json::to_string_pretty(o).expect("json");
+                check(&json);
+                check(&serde_json::to_string(o).expect("json"));
+                seen += 1;
+            });
+            assert!(seen > 10, "{name}");
+        }
+    }
+
+    fn each_object(v: &Value, f: &mut impl FnMut(&Value)) {
+        match v {
+            Value::Object(o) => {
+                f(v);
+                o.values().for_each(|v| each_object(v, f));
+            }
+            Value::Array(a) => a.iter().for_each(|v| each_object(v, f)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn quote_search_at_every_offset() {
+        for len in 0..100 {
+            for at in 0..=len {
+                for hit in [b'"', b'\\'] {
+                    let mut h = vec![b'a'; len];
+                    if let Some(b) = h.get_mut(at) {
+                        *b = hit;
+                    }
+                    // High bytes and 0x01 around the hit must not fool the word-at-a-time test.
+                    h.extend_from_slice(b"\x01\x80\"");
+                    if let Some(b) = at.checked_sub(1).and_then(|i| h.get_mut(i)) {
+                        *b = 0x01;
+                    }
+                    let want = h.iter().position(|&b| b == b'"' || b == b'\\');
+                    assert_eq!(quote_or_backslash(&h), want, "{len} {at}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unescapable_string_is_none() {
+        let f = event_fields(r#"{"type":"\ud800","body":"x","event_id":"$e","\udc00":1}"#);
+        assert_eq!(f.event_type, None);
+        assert_eq!(f.event_id.as_deref(), Some("$e"));
+    }
+
+    #[test]
+    fn truncated_inputs() {
+        let events = [
+            concat!(
+                r#"{"type":"m.room.message","event_id":"$e\"x","origin_server_ts":123,"#,
+                r#""content":{"body":"a\\","m.relates_to":{"rel_type":"r","#,
+                r#""m.in_reply_to":{"event_id":"$i"}}},"unsigned":{"a":[1,{"b":"}"}]}}"#,
+            ),
+            "{ \"type\" : \"é😀\\u00e9\" , \"content\" : [ { } ] , \"origin_server_ts\" : -1.5e3 }",
+        ];
+        for event in events {
+            for end in 0..=event.len() {
+                if let Some(prefix) = event.get(..end) {
+                    event_fields(prefix);
+                }
+                if let Some(suffix) = event.get(end..) {
+                    event_fields(suffix);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage() {
+        let inputs = [
+            "",
+            "{",
+            "}",
+            "{\"",
+            "{\"\\",
+            "{\"a\\\"",
+            "{\"type\"",
+            "{\"type\":",
+            "{\"type\":}",
+            "{:}",
+            "{\"a\":1 \"type\":\"x\"}",
+            "{\"content\":{}}}}}}",
+            "{\"a\":]]]]]}",
+            "{\"origin_server_ts\":-}",
+            "{\"origin_server_ts\":99999999999999999999999999999999",
+            "{\"type\":\"\\u12\"}",
+            "{,,,,\"type\":\"x\",,}",
+            "{\"a\":tru",
+            "\u{0}{\u{ffff}",
+        ];
+        for input in inputs {
+            event_fields(input);
+        }
+    }
+
+    #[test]
+    fn deep_nesting() {
+        for unit in [
+            "[",
+            "{",
+            "{\"a\":",
+            "{\"content\":",
+            "[\"",
+            "{\"content\":{\"m.relates_to\":",
+        ] {
+            let deep = unit.repeat(100_000);
+            event_fields(&deep);
+            event_fields(&format!("{{\"x\":{deep}"));
+            let closed = format!(
+                "{{\"x\":{}{}, \"type\":\"t\"}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            assert_eq!(event_fields(&closed).event_type.as_deref(), Some("t"));
+        }
+    }
+
+    // ---- generated JSON ----------------------------------------------------------------------
+
+    const NAMES: &[&str] = &[
+        "type",
+        "event_id",
+        "sender",
+        "origin_server_ts",
+        "state_key",
+        "redacts",
+        "content",
+        "body",
+        "m.relates_to",
+        "rel_type",
+        "key",
+        "m.in_reply_to",
+        "unsigned",
+    ];
+
+    /// `s` as a JSON string literal, each char escaped as `\uXXXX` when its bit in `mask` is set.
+    fn quote(s: &str, mask: u32) -> String {
+        let mut out = String::from("\"");
+        for (n, c) in s.chars().enumerate() {
+            if mask >> (n % 32) & 1 == 1 {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out += &format!("\\u{unit:04x}");
+                }
+            } else {
+                match c {
+                    '"' => out += "\\\"",
+                    '\\' => out += "\\\\",
+                    '\n' => out += "\\n",
+                    '/' if n % 2 == 0 => out += "\\/",
+                    c => out.push(c),
+                }
+            }
+        }
+        out + "\""
+    }
+
+    fn literal(text: impl Strategy<Value = String>) -> impl Strategy<Value = String> {
+        // Mostly unescaped, as real events are.
+        let mask = prop_oneof![3 => Just(0u32), 1 => any::<u32>()];
+        (text, mask).prop_map(|(s, mask)| quote(&s, mask))
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        let name = prop::sample::select(NAMES).prop_map(str::to_owned);
+        literal(prop_oneof![4 => name, 1 => "[a-z_.\"\\\\]{0,5}"])
+    }
+
+    fn ws() -> impl Strategy<Value = String> {
+        prop_oneof![3 => Just(String::new()), 1 => "[ \t\r\n]{1,3}"]
+    }
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<u64>().prop_map(|n| n.to_string()),
+            (0u64..2_000_000_000_000).prop_map(|n| n.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| f.to_string()),
+            prop::sample::select(
+                &[
+                    "0",
+                    "-0",
+                    "1.0",
+                    "1e3",
+                    "1E+3",
+                    "2e-1",
+                    "-0.0",
+                    "18446744073709551616",
+                    "18446744073709551615",
+                    "99999999999999999999999",
+                    "0.5",
+                    "-1",
+                ][..]
+            )
+            .prop_map(str::to_owned),
+        ]
+    }
+
+    const TEXT: &str = "[a-z$@:\"\\\\/é😀{}\\[\\],]{0,8}";
+
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            prop::sample::select(&["null", "true", "false"][..]).prop_map(str::to_owned),
+            number(),
+            literal(TEXT),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec((ws(), inner.clone(), ws()), 0..5).prop_map(|items| {
+                    let items: Vec<_> = items.into_iter().map(|(a, v, b)| a + &v + &b).collect();
+                    format!("[{}]", items.join(","))
+                }),
+                object((key(), inner)),
+            ]
+        })
+    }
+
+    fn object(member: impl Strategy<Value = (String, String)>) -> impl Strategy<Value = String> {
+        prop::collection::vec((ws(), member, ws(), ws(), ws()), 0..7).prop_map(|members| {
+            let members: Vec<_> = members
+                .into_iter()
+                .map(|(a, (k, v), b, c, d)| format!("{a}{k}{b}:{c}{v}{d}"))
+                .collect();
+            format!("{{{}}}", members.join(","))
+        })
+    }
+
+    /// The keys read at each level, and the key of the object below it.
+    const LEVELS: [(&[&str], Option<&str>); 4] = [
+        (
+            &[
+                "type",
+                "event_id",
+                "sender",
+                "state_key",
+                "redacts",
+                "origin_server_ts",
+            ],
+            Some("content"),
+        ),
+        (&["body", "redacts"], Some("m.relates_to")),
+        (&["rel_type", "event_id", "key"], Some("m.in_reply_to")),
+        (&["event_id"], None),
+    ];
+
+    /// An object shaped like an event at `level` (or its content, relation...): its own keys,
+    /// mostly with strings, the object of the next level, and arbitrary members, so that the
+    /// deep fields and duplicates come up often.
+    fn event(level: usize) -> BoxedStrategy<String> {
+        let (names, child) = LEVELS[level];
+        let scalar = prop_oneof![3 => literal(TEXT), 1 => number(), 1 => value()];
+        let own = (
+            literal(prop::sample::select(names).prop_map(str::to_owned)),
+            scalar,
+        );
+        let other = (key(), value());
+        match child {
+            Some(name) => {
+                let sub = prop_oneof![4 => event(level + 1), 1 => value()];
+                let sub = (literal(Just(name.to_owned())), sub);
+                object(prop_oneof![3 => own, 2 => sub, 2 => other]).boxed()
+            }
+            None => object(prop_oneof![3 => own, 2 => other]).boxed(),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn matches_reference(json in prop_oneof![1 => value(), 6 => event(0)]) {
+            let v: Value = serde_json::from_str(&json).expect("generated JSON is valid");
+            prop_assert_eq!(event_fields(&json), reference(&v), "{}", json);
+        }
+
+        #[test]
+        fn never_panics(json in event(0), cut in any::<prop::sample::Index>(),
+                        junk in "[\"\\\\{}\\[\\]:, a0-]{0,3}") {
+            let at = cut.index(json.len() + 1);
+            let at = (0..=at).rev().find(|&i| json.is_char_boundary(i)).unwrap_or(0);
+            let (a, b) = json.split_at(at);
+            event_fields(a);
+            event_fields(&format!("{a}{junk}{b}"));
+        }
+
+        #[test]
+        fn never_panics_on_strings(s in any::<String>()) {
+            event_fields(&s);
+        }
+    }
+}
