@@ -94,6 +94,7 @@ impl Delivery {
 
     /// The next event not delivered before (within the memory of `dedup`), normalized now;
     /// `None` once the checkpoint was handed on.
+    #[inline]
     pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
     }
@@ -131,6 +132,7 @@ enum Step<'a> {
 }
 
 impl Steps<'_> {
+    #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         loop {
             let step = self.queue.front_mut()?;

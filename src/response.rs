@@ -41,7 +41,7 @@ impl SyncResponse<'_> {
         // Checking the UTF-8 of the whole body at once is cheaper than serde_json checking each
         // borrowed string and event on its own. Invalid UTF-8 is only an error where serde_json
         // reads it, so such a body takes the byte path and gets the same verdict.
-        match std::str::from_utf8(body) {
+        match simdutf8::basic::from_utf8(body) {
             Ok(text) => serde_json::from_str(text),
             Err(_) => serde_json::from_slice(body),
         }
