@@ -4,9 +4,11 @@
 //! * (b) ruma's lazy parse, `sync_events::v3::Response::try_from_http_response` (events stay
 //!   `Raw`);
 //! * (c) this crate's whole path: a fresh `SyncMachine`, its first request, `handle_response`,
-//!   then every event drained with `poll_event` and dropped. The body is handed over borrowed,
-//!   so the machine's copy of it (it keeps the body while its events are polled) is timed too;
-//!   the driver moves its own `Vec<u8>` in and does not pay that copy.
+//!   then every event drained with `poll_event` and dropped, the machine dropped too. The body
+//!   is handed over as the driver hands it, an owned `Vec<u8>` moved in (made before the clock
+//!   starts, as the driver's comes from the socket; freeing it is timed);
+//! * (c') the same with the body borrowed (`&[u8]`), which the machine copies, since it keeps
+//!   the body while its events are polled: (c) plus one copy of the body.
 //!
 //! ```text
 //! cargo bench --bench normalize [-- FILTER]
@@ -24,8 +26,9 @@
 //!
 //! Without `--bench` (as under `cargo test --benches`) each measurement runs once, as a check.
 //!
-//! For profilers, `BENCH_PROFILE=a|b|c` (with `BENCH_RUNS`, default 20) runs only that parser,
-//! untimed, over the selected inputs:
+//! For profilers, `BENCH_PROFILE=a|b|c|c'` (with `BENCH_RUNS`, default 20) runs only that
+//! parser, untimed, over the selected inputs (for (c), the copy of the body it is handed is made
+//! in the loop, so a profile of (c) includes one `memcpy` of the body per run):
 //!
 //! ```text
 //! BENCH_PROFILE=c perf record -g --call-graph dwarf target/release/deps/normalize-* --bench large
@@ -46,7 +49,21 @@ use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 
 /// A parser under test: takes the body, returns the number of events it yielded (0 if none).
-type Parser = fn(&[u8]) -> usize;
+#[derive(Clone, Copy)]
+enum Parser {
+    Borrowed(fn(&[u8]) -> usize),
+    /// Given its own copy of the body, made before the clock starts.
+    Owned(fn(Vec<u8>) -> usize),
+}
+
+impl Parser {
+    fn run(self, body: &[u8]) -> usize {
+        match self {
+            Parser::Borrowed(f) => f(body),
+            Parser::Owned(f) => f(body.to_vec()),
+        }
+    }
+}
 
 struct Input {
     name: String,
@@ -107,7 +124,7 @@ fn inputs() -> Vec<Input> {
     inputs
 }
 
-fn ok_response(body: &[u8]) -> http::Response<&[u8]> {
+fn ok_response<B>(body: B) -> http::Response<B> {
     http::Response::builder()
         .status(200)
         .header("content-type", "application/json")
@@ -131,8 +148,16 @@ fn ruma(body: &[u8]) -> usize {
     0
 }
 
+fn machine(body: Vec<u8>) -> usize {
+    machine_path(body)
+}
+
+fn machine_borrowed(body: &[u8]) -> usize {
+    machine_path(body)
+}
+
 /// The machine's whole path; returns the number of items drained.
-fn machine(body: &[u8]) -> usize {
+fn machine_path<B: AsRef<[u8]> + Into<Vec<u8>>>(body: B) -> usize {
     let now = Instant::now();
     let mut machine =
         SyncMachine::new(Config::new("https://example.org", "t"), now).expect("valid config");
@@ -198,9 +223,9 @@ fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> V
     let batches: Vec<u32> = parsers
         .iter()
         .map(|f| {
-            f(body);
+            f.run(body);
             let start = clock.now();
-            f(body);
+            f.run(body);
             let once = (clock.now() - start).max(Duration::from_nanos(50));
             (Duration::from_millis(2).as_nanos() / once.as_nanos()).clamp(1, 100_000) as u32
         })
@@ -208,18 +233,31 @@ fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> V
     let warmup_until = Instant::now() + budget / 10;
     while Instant::now() < warmup_until {
         for f in parsers {
-            f(body);
+            f.run(body);
         }
     }
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); parsers.len()];
     let until = Instant::now() + budget * parsers.len() as u32;
     while samples[0].len() < 5 || (Instant::now() < until && samples[0].len() < 100_000) {
         for (i, f) in parsers.iter().enumerate() {
-            let start = clock.now();
-            for _ in 0..batches[i] {
-                black_box(f(black_box(body)));
-            }
-            samples[i].push((clock.now() - start) / batches[i]);
+            let elapsed = match *f {
+                Parser::Borrowed(f) => {
+                    let start = clock.now();
+                    for _ in 0..batches[i] {
+                        black_box(f(black_box(body)));
+                    }
+                    clock.now() - start
+                }
+                Parser::Owned(f) => {
+                    let copies: Vec<Vec<u8>> = (0..batches[i]).map(|_| body.to_vec()).collect();
+                    let start = clock.now();
+                    for copy in copies {
+                        black_box(f(black_box(copy)));
+                    }
+                    clock.now() - start
+                }
+            };
+            samples[i].push(elapsed / batches[i]);
         }
     }
     samples
@@ -279,11 +317,12 @@ fn main() {
         .filter(|i| filter.as_ref().is_none_or(|f| i.name.contains(f.as_str())))
         .collect();
     if let Ok(which) = std::env::var("BENCH_PROFILE") {
-        let f: Parser = match which.as_str() {
-            "a" => floor,
-            "b" => ruma,
-            "c" => machine,
-            other => panic!("BENCH_PROFILE must be a, b or c, not {other:?}"),
+        let f = match which.as_str() {
+            "a" => Parser::Borrowed(floor),
+            "b" => Parser::Borrowed(ruma),
+            "c" => Parser::Owned(machine),
+            "c'" => Parser::Borrowed(machine_borrowed),
+            other => panic!("BENCH_PROFILE must be a, b, c or c', not {other:?}"),
         };
         let runs: usize = std::env::var("BENCH_RUNS")
             .ok()
@@ -291,7 +330,7 @@ fn main() {
             .unwrap_or(20);
         for input in &inputs {
             for _ in 0..runs {
-                black_box(f(black_box(&input.body)));
+                black_box(f.run(black_box(&input.body)));
             }
         }
         return;
@@ -300,7 +339,8 @@ fn main() {
         for input in &inputs {
             floor(&input.body);
             ruma(&input.body);
-            let events = machine(&input.body);
+            machine_borrowed(&input.body);
+            let events = machine(input.body.clone());
             println!(
                 "{}: {} bytes, {events} events: ok",
                 input.name,
@@ -318,13 +358,14 @@ fn main() {
         budget.as_millis()
     );
     println!();
-    let parsers: [(&str, Parser); 3] = [
-        ("(a) floor", floor),
-        ("(b) ruma", ruma),
-        ("(c) ours", machine),
+    let parsers: [(&str, Parser); 4] = [
+        ("(a) floor", Parser::Borrowed(floor)),
+        ("(b) ruma", Parser::Borrowed(ruma)),
+        ("(c) ours", Parser::Owned(machine)),
+        ("(c') ours&", Parser::Borrowed(machine_borrowed)),
     ];
     for input in &inputs {
-        let events = machine(&input.body);
+        let events = machine(input.body.clone());
         let size = input.body.len();
         println!("{}: {}, {events} events", input.name, human_size(size));
         let fns: Vec<Parser> = parsers.iter().map(|(_, f)| *f).collect();
@@ -345,9 +386,10 @@ fn main() {
         }
         let ratio = |t: Duration| t.as_secs_f64() / medians[0].as_secs_f64();
         println!(
-            "  ratios     (b)/(a) = {:.2}   (c)/(a) = {:.2}   (c)/(b) = {:.2}",
+            "  ratios     (b)/(a) = {:.2}   (c)/(a) = {:.2}   (c')/(a) = {:.2}   (c)/(b) = {:.2}",
             ratio(medians[1]),
             ratio(medians[2]),
+            ratio(medians[3]),
             medians[2].as_secs_f64() / medians[1].as_secs_f64()
         );
         println!();

@@ -39,16 +39,15 @@ impl Dedup {
     /// True the first time `id` is offered (within the memory window), false after.
     pub(crate) fn first_time(&mut self, id: &EventId) -> bool {
         let fingerprint = self.fingerprint(id.as_str());
-        if self.seen.contains(&fingerprint) {
+        if !self.seen.insert(fingerprint) {
             return false;
         }
-        if self.order.len() == self.capacity {
+        self.order.push_back(fingerprint);
+        if self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.seen.remove(&old);
             }
         }
-        self.seen.insert(fingerprint);
-        self.order.push_back(fingerprint);
         true
     }
 

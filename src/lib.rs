@@ -38,10 +38,13 @@
 //! * The first request, and the first after any error, uses `timeout=0`; then the long-poll
 //!   timeout. Each request has a deadline: the long-poll timeout plus a margin, or its own longer
 //!   one for the initial sync.
-//! * A sync body is read once, every event kept as a slice of the body until its [`Event`] is
-//!   built from the few fields normalization reads (never the whole event into ruma's typed
-//!   enums); ruma's id and key types validate what the machine relies on, and ruma parses
-//!   `/messages` pages. A 2xx body that does not parse is a transient failure; `since` stays.
+//! * A sync body is parsed once, every event kept as a slice of the body; the machine keeps the
+//!   body until its batch is handed on, and builds each [`Event`] when it is polled, from the few
+//!   fields normalization reads (never the whole event into ruma's typed enums). So a batch
+//!   costs its body plus a cursor, not a queue of built events: pass the body as an owned
+//!   `Vec<u8>` and it is not even copied. ruma's id and key types validate what the machine
+//!   relies on, and ruma parses `/messages` pages. A 2xx body that does not parse is a
+//!   transient failure; `since` stays.
 //! * A long-poll answered early (in less than half its timeout) with `next_batch` equal to
 //!   `since` spaces the next request by the backoff schedule, so a server answering at once
 //!   cannot make the loop spin; one the server held for its timeout is followed at once.

@@ -135,7 +135,8 @@ pub struct Event {
     /// What it is.
     pub kind: EventKind,
     /// The event's `type` (for synthetic items: `device_lists`, `gap`, `checkpoint`, ...).
-    pub event_type: String,
+    /// Borrowed for the types the specification defines, owned for the others.
+    pub event_type: Cow<'static, str>,
     /// The room, for room events.
     pub room_id: Option<OwnedRoomId>,
     /// The event id, where the event has one.
@@ -164,13 +165,13 @@ impl Event {
 
     fn synthetic(
         kind: EventKind,
-        event_type: &str,
+        event_type: &'static str,
         room_id: Option<OwnedRoomId>,
         raw: Box<RawValue>,
     ) -> Self {
         Event {
             kind,
-            event_type: event_type.to_owned(),
+            event_type: Cow::Borrowed(event_type),
             room_id,
             event_id: None,
             sender: None,
@@ -204,7 +205,7 @@ impl Event {
 
     pub(crate) fn section(
         kind: EventKind,
-        event_type: &str,
+        event_type: &'static str,
         room_id: Option<OwnedRoomId>,
         raw: Box<RawValue>,
     ) -> Self {
@@ -282,7 +283,8 @@ pub(crate) fn normalize(
         _ => None,
     };
     Event {
-        event_type: event_type.to_owned(),
+        event_type: known_type(event_type)
+            .map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
         event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
         sender: fields.sender.and_then(|s| UserId::parse(s.as_ref()).ok()),
         origin_server_ts: fields
@@ -305,6 +307,71 @@ fn js_int_uint(v: u64) -> Option<js_int::UInt> {
 
 fn parse_event_id(s: &str) -> Option<OwnedEventId> {
     EventId::parse(s).ok()
+}
+
+/// The event types of the specification, shared rather than allocated for every event.
+fn known_type(event_type: &str) -> Option<&'static str> {
+    macro_rules! known {
+        ($($name:literal),* $(,)?) => {
+            match event_type {
+                $($name => Some($name),)*
+                _ => None,
+            }
+        };
+    }
+    known!(
+        "m.room.message",
+        "m.room.encrypted",
+        "m.room.member",
+        "m.reaction",
+        "m.room.redaction",
+        "m.sticker",
+        "m.typing",
+        "m.receipt",
+        "m.presence",
+        "m.fully_read",
+        "m.tag",
+        "m.push_rules",
+        "m.direct",
+        "m.ignored_user_list",
+        "m.room.create",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.guest_access",
+        "m.room.name",
+        "m.room.topic",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.pinned_events",
+        "m.room.server_acl",
+        "m.room.tombstone",
+        "m.room.third_party_invite",
+        "m.space.child",
+        "m.space.parent",
+        "m.room_key",
+        "m.room_key_request",
+        "m.forwarded_room_key",
+        "m.secret.request",
+        "m.secret.send",
+        "m.dummy",
+        "m.call.invite",
+        "m.call.candidates",
+        "m.call.answer",
+        "m.call.hangup",
+        "m.poll.start",
+        "m.poll.response",
+        "m.poll.end",
+        "m.key.verification.request",
+        "m.key.verification.ready",
+        "m.key.verification.start",
+        "m.key.verification.accept",
+        "m.key.verification.key",
+        "m.key.verification.mac",
+        "m.key.verification.done",
+        "m.key.verification.cancel",
+    )
 }
 
 fn kind_of(section: Section, event_type: &str, has_state_key: bool) -> EventKind {

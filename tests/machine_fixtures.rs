@@ -50,7 +50,7 @@ fn actual(e: &Event) -> Item {
     );
     Item {
         kind: e.kind.name().to_owned(),
-        event_type: e.event_type.clone(),
+        event_type: e.event_type.to_string(),
         room_id: e.room_id.as_ref().map(|r| r.to_string()),
         event_id: e.event_id.as_ref().map(|r| r.to_string()),
         sender: e.sender.as_ref().map(|r| r.to_string()),
