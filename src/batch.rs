@@ -12,13 +12,15 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
-use ruma_common::OwnedRoomId;
+use js_int::UInt;
+use ruma_common::{OneTimeKeyAlgorithm, OwnedRoomId};
 use self_cell::self_cell;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
 use crate::normalize::{normalize, to_raw, Event, EventKind, Gap, Section};
 use crate::response::{SyncResponse, Timeline};
+use crate::scan::event_fields;
 
 /// What gap filling produced for one room.
 #[derive(Debug, Default)]
@@ -30,6 +32,13 @@ pub(crate) struct RoomFill {
 }
 
 pub(crate) type RoomFills = BTreeMap<OwnedRoomId, RoomFill>;
+
+/// The one-time-key counts and fallback key types last reported: every response repeats them,
+/// and they are handed on only when they change.
+pub(crate) type KeyCounts = (
+    BTreeMap<OneTimeKeyAlgorithm, UInt>,
+    Option<Vec<OneTimeKeyAlgorithm>>,
+);
 
 self_cell!(
     /// A sync body and its parse, which borrows every event from it.
@@ -74,7 +83,7 @@ impl Delivery {
     pub(crate) fn plan(
         parsed: ParsedBody,
         fills: RoomFills,
-        last_key_counts: &mut Option<String>,
+        last_key_counts: &mut Option<KeyCounts>,
         live: bool,
     ) -> Self {
         Self::new(parsed, |parsed| {
@@ -180,7 +189,7 @@ fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
 /// Lays out the steps of one batch.
 struct Planner<'a, 'k> {
     steps: VecDeque<Step<'a>>,
-    last_key_counts: &'k mut Option<String>,
+    last_key_counts: &'k mut Option<KeyCounts>,
 }
 
 impl<'a> Planner<'a, '_> {
@@ -282,16 +291,16 @@ impl<'a> Planner<'a, '_> {
         if counts.is_empty() && fallback.is_none() {
             return;
         }
-        let value = serde_json::json!({
+        if let Some((last_counts, last_fallback)) = &*self.last_key_counts {
+            if last_counts == counts && last_fallback == fallback {
+                return;
+            }
+        }
+        let raw = to_raw(&serde_json::json!({
             "device_one_time_keys_count": counts,
             "device_unused_fallback_key_types": fallback,
-        });
-        let text = value.to_string();
-        if self.last_key_counts.as_deref() == Some(text.as_str()) {
-            return;
-        }
-        let raw = to_raw(&value);
-        *self.last_key_counts = Some(text);
+        }));
+        *self.last_key_counts = Some((counts.clone(), fallback.clone()));
         self.ready(Event::section(
             EventKind::OneTimeKeyCounts,
             "device_one_time_keys_count",
@@ -304,22 +313,19 @@ impl<'a> Planner<'a, '_> {
 /// The raw JSON of the last membership event in a left room's timeline (normally the user's own
 /// leave or kick), for the leave marker.
 fn last_membership<'a>(timeline: &Timeline<'a>) -> Option<&'a RawValue> {
-    #[derive(serde::Deserialize)]
-    struct Type<'t> {
-        #[serde(rename = "type", borrow)]
-        event_type: Option<std::borrow::Cow<'t, str>>,
-    }
-    timeline.events.iter().rev().copied().find(|raw| {
-        serde_json::from_str::<Type<'_>>(raw.get())
-            .is_ok_and(|t| t.event_type.as_deref() == Some("m.room.member"))
-    })
+    timeline
+        .events
+        .iter()
+        .rev()
+        .copied()
+        .find(|raw| event_fields(raw.get()).event_type.as_deref() == Some("m.room.member"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn emit(body: &str, dedup: &mut Dedup, last: &mut Option<String>) -> Vec<Event> {
+    fn emit(body: &str, dedup: &mut Dedup, last: &mut Option<KeyCounts>) -> Vec<Event> {
         let parsed = ParsedBody::parse(body.as_bytes().to_vec()).unwrap();
         let mut delivery = Delivery::plan(parsed, RoomFills::new(), last, false);
         let mut out: Vec<Event> = std::iter::from_fn(|| delivery.next_event(dedup)).collect();

@@ -9,7 +9,7 @@ use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
 
 use crate::backoff::Backoff;
-use crate::batch::{Delivery, ParsedBody, RoomFill, RoomFills};
+use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFill, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
@@ -92,7 +92,7 @@ pub struct SyncMachine {
     errors: VecDeque<SyncError>,
     states: VecDeque<SyncState>,
     dedup: Dedup,
-    last_key_counts: Option<String>,
+    last_key_counts: Option<KeyCounts>,
     stopped: bool,
 }
 
