@@ -20,7 +20,10 @@
 //!   [`GAP_FILL_PAGE_SIZE`]): covers a client that was offline for hours in a busy room, in a few
 //!   requests; past it, history is better fetched on demand than before live events.
 //! * **Dedup memory of 16,384 event ids** ([`DEDUP_CAPACITY`]): the overlaps it catches (gap fill
-//!   against timeline, state repeated in a limited sync) are within one or two batches.
+//!   against timeline, state repeated in a limited sync) are within one or two batches. Ids are
+//!   kept as keyed 64-bit fingerprints (16 bytes each with the eviction order, about 0.3 MB in
+//!   all): the chance that two of 16,384 ids collide, which would skip one event, is about
+//!   10⁻¹¹.
 //! * **Channels: 1,024 events, 64 errors**: enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
 
