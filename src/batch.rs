@@ -352,6 +352,22 @@ mod tests {
             );
         }
         assert!(emit(r#"{"next_batch":"c"}"#, &mut dedup, &mut last).is_empty());
+        // A change in either part alone is reported.
+        let both = |count: u32, fallback: &str| {
+            format!(
+                r#"{{"next_batch":"d","device_one_time_keys_count":{{"signed_curve25519":{count}}},
+                "device_unused_fallback_key_types":[{fallback}]}}"#
+            )
+        };
+        for (count, fallback, reported) in [
+            (1, r#""signed_curve25519""#, true),
+            (1, "", true),
+            (2, "", true),
+            (2, "", false),
+        ] {
+            let events = emit(&both(count, fallback), &mut dedup, &mut last);
+            assert_eq!(events.len(), usize::from(reported), "{count} {fallback}");
+        }
     }
 
     #[test]
