@@ -131,4 +131,58 @@ mod tests {
             "keyed"
         );
     }
+
+    /// Mean number of output bits that change when one input bit flips, over every bit of
+    /// every input: about 32 for a well-mixed 64-bit hash.
+    fn avalanche(inputs: usize, bits: usize, hash: impl Fn(usize, usize) -> (u64, u64)) -> f64 {
+        let mut changed = 0u64;
+        for input in 0..inputs {
+            for bit in 0..bits {
+                let (a, b) = hash(input, bit);
+                changed += u64::from((a ^ b).count_ones());
+            }
+        }
+        changed as f64 / (inputs * bits) as f64
+    }
+
+    #[test]
+    fn fingerprints_mix_every_bit_of_the_id_and_of_the_seed() {
+        let ids: Vec<String> = (0..64).map(|i| format!("${:043}", i * 7919)).collect();
+        let d = Dedup::new(1, 0);
+        let flip = |id: &str, bit: usize| {
+            let mut bytes = id.as_bytes().to_vec();
+            // The low seven bits of each byte: the id stays ASCII.
+            bytes[bit / 7] ^= 1 << (bit % 7);
+            String::from_utf8(bytes).unwrap()
+        };
+        let by_id = avalanche(ids.len(), 44 * 7, |i, bit| {
+            (d.fingerprint(&ids[i]), d.fingerprint(&flip(&ids[i], bit)))
+        });
+        let by_seed = avalanche(ids.len(), 64, |i, bit| {
+            let other = Dedup::new(1, 1 << bit);
+            (d.fingerprint(&ids[i]), other.fingerprint(&ids[i]))
+        });
+        let by_value = avalanche(256, 64, |i, bit| {
+            let x = (i as u64).wrapping_mul(MULTIPLIER);
+            (mix(x), mix(x ^ (1 << bit)))
+        });
+        for (what, mean) in [("id", by_id), ("seed", by_seed), ("mix", by_value)] {
+            assert!((30.0..34.0).contains(&mean), "{what}: {mean}");
+        }
+    }
+
+    #[test]
+    fn the_set_hashes_fingerprints_as_they_are() {
+        let mut h = Prehashed::default();
+        h.write_u64(0xdead_beef);
+        assert_eq!(h.finish(), 0xdead_beef);
+        let bytes = |b: &[u8]| {
+            let mut h = Prehashed::default();
+            h.write(b);
+            h.finish()
+        };
+        assert_ne!(bytes(b"ab"), bytes(b"ba"));
+        assert_ne!(bytes(b"a"), bytes(b"b"));
+        assert_ne!(bytes(b"a"), 0);
+    }
 }
