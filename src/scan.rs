@@ -472,14 +472,21 @@ mod tests {
 
     #[test]
     fn fixtures() {
-        for name in [
-            "synapse-initial.json",
-            "synapse-incremental.json",
-            "synapse-leave.json",
+        for (name, text) in [
+            (
+                "initial",
+                include_str!("../tests/fixtures/synapse-initial.json"),
+            ),
+            (
+                "incremental",
+                include_str!("../tests/fixtures/synapse-incremental.json"),
+            ),
+            (
+                "leave",
+                include_str!("../tests/fixtures/synapse-leave.json"),
+            ),
         ] {
-            let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
-            let text = std::fs::read_to_string(path).expect("fixture");
-            let v: Value = serde_json::from_str(&text).expect("json");
+            let v: Value = serde_json::from_str(text).expect("json");
             let mut seen = 0;
             each_object(&v, &mut |o| {
                 let json = serde_json::to_string_pretty(o).expect("json");
