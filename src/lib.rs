@@ -180,7 +180,7 @@ pub struct ReadmeDoctests;
 pub mod fuzzing {
     use serde_json::value::RawValue;
 
-    pub use crate::scan::{event_fields, EventFields};
+    pub use crate::scan::{event_fields, reference_fields, EventFields};
 
     /// Normalizes one event as found in a room timeline, state, or any other section
     /// (`section` picks one of them by index, modulo their number).
