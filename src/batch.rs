@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
 use crate::normalize::{normalize, to_raw, Event, EventKind, Gap, Section};
-use crate::response::{SyncResponse, Timeline};
+use crate::response::{JoinedRoom, SyncResponse, Timeline};
 use crate::scan::event_fields;
 
 /// What gap filling produced for one room.
@@ -103,7 +103,6 @@ impl Delivery {
 
     /// The next event not delivered before (within the memory of `dedup`), normalized now;
     /// `None` once the checkpoint was handed on.
-    #[inline]
     pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
     }
@@ -141,7 +140,6 @@ enum Step<'a> {
 }
 
 impl Steps<'_> {
-    #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         loop {
             let step = self.queue.front_mut()?;
@@ -186,6 +184,12 @@ fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Membership {
+    Joined,
+    Left,
+}
+
 /// Lays out the steps of one batch.
 struct Planner<'a, 'k> {
     steps: VecDeque<Step<'a>>,
@@ -228,13 +232,7 @@ impl<'a> Planner<'a, '_> {
         self.list(&response.presence.events, Section::Presence, None);
 
         for (room_id, room) in &rooms.join {
-            self.fill(room_id, fills.remove(room_id));
-            let room_id = Some(room_id);
-            self.list(&room.state.events, Section::State, room_id);
-            self.list(&room.state_after.events, Section::State, room_id);
-            self.list(&room.timeline.events, Section::Timeline, room_id);
-            self.list(&room.ephemeral.events, Section::Ephemeral, room_id);
-            self.list(&room.account_data.events, Section::RoomAccountData, room_id);
+            self.room(room_id, room, fills.remove(room_id), Membership::Joined);
         }
         for (room_id, room) in &rooms.invite {
             self.list(&room.invite_state.events, Section::Invite, Some(room_id));
@@ -243,19 +241,10 @@ impl<'a> Planner<'a, '_> {
             self.list(&room.knock_state.events, Section::Knock, Some(room_id));
         }
         for (room_id, room) in &rooms.leave {
-            self.fill(room_id, fills.remove(room_id));
-            let room_ref = Some(room_id);
-            self.list(&room.state.events, Section::State, room_ref);
-            self.list(&room.state_after.events, Section::State, room_ref);
-            self.list(&room.timeline.events, Section::Timeline, room_ref);
-            self.list(
-                &room.account_data.events,
-                Section::RoomAccountData,
-                room_ref,
-            );
+            self.room(room_id, room, fills.remove(room_id), Membership::Left);
             let marker = match last_membership(&room.timeline) {
                 Some(raw) => {
-                    let mut event = normalize(raw.to_owned(), Section::Timeline, room_ref);
+                    let mut event = normalize(raw.to_owned(), Section::Timeline, Some(room_id));
                     event.kind = EventKind::Leave;
                     // The membership event itself was delivered just before, with its id.
                     event.event_id = None;
@@ -270,6 +259,26 @@ impl<'a> Planner<'a, '_> {
             };
             self.ready(marker);
         }
+    }
+
+    /// A joined or left room: gap item and fills, state, timeline, ephemeral (joined rooms
+    /// only), room account data.
+    fn room(
+        &mut self,
+        room_id: &OwnedRoomId,
+        room: &'a JoinedRoom<'a>,
+        fill: Option<RoomFill>,
+        membership: Membership,
+    ) {
+        self.fill(room_id, fill);
+        let id = Some(room_id);
+        self.list(&room.state.events, Section::State, id);
+        self.list(&room.state_after.events, Section::State, id);
+        self.list(&room.timeline.events, Section::Timeline, id);
+        if membership == Membership::Joined {
+            self.list(&room.ephemeral.events, Section::Ephemeral, id);
+        }
+        self.list(&room.account_data.events, Section::RoomAccountData, id);
     }
 
     fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
