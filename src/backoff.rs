@@ -131,10 +131,6 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    pub(crate) fn policy(&self) -> &BackoffPolicy {
-        &self.policy
-    }
 }
 
 #[cfg(test)]

@@ -97,6 +97,7 @@ impl Delivery {
             planner.ready(checkpoint);
             Steps {
                 queue: planner.steps,
+                delivered: 0,
             }
         })
     }
@@ -105,6 +106,12 @@ impl Delivery {
     /// `None` once the checkpoint was handed on.
     pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
+    }
+
+    /// How many of the server's events reached the consumer so far: gap items, leave markers
+    /// and the checkpoint are the machine's own and do not count.
+    pub(crate) fn delivered(&self) -> usize {
+        self.borrow_dependent().delivered
     }
 }
 
@@ -120,6 +127,7 @@ impl fmt::Debug for Delivery {
 /// What is left of a batch, in delivery order.
 pub(crate) struct Steps<'a> {
     queue: VecDeque<Step<'a>>,
+    delivered: usize,
 }
 
 enum Step<'a> {
@@ -157,7 +165,15 @@ impl Steps<'_> {
                 Step::Ready(event) => event.take().map(|event| *event),
             };
             match event {
-                Some(event) if first_delivery(dedup, &event) => return Some(event),
+                Some(event) if first_delivery(dedup, &event) => {
+                    if !matches!(
+                        event.kind,
+                        EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::Leave
+                    ) {
+                        self.delivered += 1;
+                    }
+                    return Some(event);
+                }
                 Some(event) => log::debug!("skipping already delivered event {:?}", event.event_id),
                 None => {
                     self.queue.pop_front();

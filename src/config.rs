@@ -11,6 +11,7 @@ use ruma_common::presence::PresenceState;
 
 use crate::backoff::BackoffPolicy;
 use crate::defaults;
+use crate::token::{self, TokenProblem};
 
 /// An access token. Its `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -40,8 +41,15 @@ pub enum SyncFilter {
     /// A filter sent inline with every request (and reused, in its `room.timeline` part,
     /// for gap-filling `/messages` requests).
     Definition(Box<FilterDefinition>),
-    /// The id of a filter uploaded beforehand with `POST /user/{userId}/filter`.
-    Id(String),
+    /// A filter uploaded beforehand with `POST /user/{userId}/filter`: `/sync` carries its
+    /// `id`, and gap-filling `/messages` requests carry the `room.timeline` part of its
+    /// `definition` (they take no filter id), so both deliver the same event types.
+    Uploaded {
+        /// The id the server returned for the upload.
+        id: String,
+        /// The filter that was uploaded.
+        definition: Box<FilterDefinition>,
+    },
 }
 
 impl SyncFilter {
@@ -101,6 +109,9 @@ pub struct Config {
     pub deadline_margin: Duration,
     /// Client-side deadline of a sync without `since`.
     pub initial_sync_deadline: Duration,
+    /// Client-side deadline of a catch-up (`timeout=0`) from a `since`: after days offline
+    /// the server may take minutes to assemble it.
+    pub catch_up_deadline: Duration,
     /// Delays between failed attempts.
     pub backoff: BackoffPolicy,
     /// Seed of the jitter generator: same seed and inputs, same delays.
@@ -136,6 +147,7 @@ impl Config {
             long_poll_timeout: defaults::LONG_POLL_TIMEOUT,
             deadline_margin: defaults::DEADLINE_MARGIN,
             initial_sync_deadline: defaults::INITIAL_SYNC_DEADLINE,
+            catch_up_deadline: defaults::CATCH_UP_DEADLINE,
             backoff: BackoffPolicy::default(),
             jitter_seed: 0,
             max_body_bytes: defaults::MAX_BODY_BYTES,
@@ -157,16 +169,32 @@ impl Config {
         if token.is_empty() {
             return Err(ConfigError::MissingAccessToken);
         }
-        if token.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        // A header value takes visible ASCII only; anything else fails every request.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ConfigError::InvalidAccessToken);
         }
-        if self.since.as_deref() == Some("") {
-            return Err(ConfigError::EmptySince);
+        if let Some(since) = &self.since {
+            match token::check(since) {
+                Ok(()) => {}
+                Err(TokenProblem::Empty) => return Err(ConfigError::EmptySince),
+                Err(TokenProblem::TooLong) => {
+                    return Err(ConfigError::Invalid {
+                        field: "since",
+                        reason: "longer than MAX_TOKEN_BYTES",
+                    })
+                }
+                Err(TokenProblem::ControlCharacter) => {
+                    return Err(ConfigError::Invalid {
+                        field: "since",
+                        reason: "contains a control character",
+                    })
+                }
+            }
         }
         check_duration(
             "long_poll_timeout",
             self.long_poll_timeout,
-            Duration::ZERO,
+            defaults::MIN_LONG_POLL_TIMEOUT,
             HOUR,
         )?;
         check_duration(
@@ -178,6 +206,12 @@ impl Config {
         check_duration(
             "initial_sync_deadline",
             self.initial_sync_deadline,
+            Duration::from_millis(1),
+            DAY,
+        )?;
+        check_duration(
+            "catch_up_deadline",
+            self.catch_up_deadline,
             Duration::from_millis(1),
             DAY,
         )?;
@@ -229,7 +263,16 @@ pub(crate) fn check_duration(
 
 fn validate_homeserver(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
     let bad = |reason| ConfigError::InvalidHomeserver { reason };
+    // Checked on the text: a fragment would silently drop every path the machine appends.
+    if url.contains('#') {
+        return Err(bad("must not have a fragment"));
+    }
     let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(bad(
+            "must not carry user info (credentials go in access_token)",
+        ));
+    }
     let scheme = uri
         .scheme_str()
         .ok_or(bad("not an absolute URL (no scheme)"))?;
@@ -270,8 +313,8 @@ pub enum ConfigError {
     /// `access_token` is empty.
     #[error("access_token: missing")]
     MissingAccessToken,
-    /// `access_token` holds characters that cannot go in a header.
-    #[error("access_token: contains whitespace or control characters")]
+    /// `access_token` holds characters other than visible ASCII, which cannot go in a header.
+    #[error("access_token: contains characters other than visible ASCII")]
     InvalidAccessToken,
     /// `since` is an empty string (use `None`).
     #[error("since: empty token")]
@@ -328,6 +371,10 @@ mod tests {
             "/relative",
             "ftp://x.org",
             "https://x.org/?a=b",
+            "http://localhost:8008/#x",
+            "https://x.org#",
+            "https://user:pw@x.org",
+            "https://user@x.org",
         ] {
             assert!(
                 matches!(check(bad), Err(ConfigError::InvalidHomeserver { .. })),
@@ -350,9 +397,31 @@ mod tests {
             Config::new("https://x.org", "a b").validate(),
             Err(ConfigError::InvalidAccessToken)
         );
+        for bad in ["a\n", "tök", "a\u{7f}", "\u{a0}x"] {
+            assert_eq!(
+                Config::new("https://x.org", bad).validate(),
+                Err(ConfigError::InvalidAccessToken),
+                "{bad:?}"
+            );
+        }
+        let mut c = base();
+        c.since = Some("s\n1".into());
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { field: "since", .. })
+        ));
+        let mut c = base();
+        c.since = Some("x".repeat(crate::MAX_TOKEN_BYTES + 1));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid { field: "since", .. })
+        ));
+        let mut c = base();
+        c.since = Some("  pad  ".into());
         assert_eq!(
-            Config::new("https://x.org", "a\n").validate(),
-            Err(ConfigError::InvalidAccessToken)
+            c.validate(),
+            Ok(()),
+            "a token that round-trips is kept as is"
         );
         let mut c = base();
         c.since = Some(String::new());
@@ -375,13 +444,29 @@ mod tests {
                 ..
             })
         ));
+        for short in [Duration::ZERO, Duration::from_millis(99)] {
+            let mut c = base();
+            c.long_poll_timeout = short;
+            assert!(
+                matches!(
+                    c.validate(),
+                    Err(ConfigError::DurationOutOfRange {
+                        field: "long_poll_timeout",
+                        ..
+                    })
+                ),
+                "a long-poll of {short:?} is polling: refused"
+            );
+        }
         let mut c = base();
-        c.long_poll_timeout = Duration::ZERO;
-        assert_eq!(
+        c.catch_up_deadline = Duration::ZERO;
+        assert!(matches!(
             c.validate(),
-            Ok(()),
-            "a zero long-poll is a valid (if wasteful) choice"
-        );
+            Err(ConfigError::DurationOutOfRange {
+                field: "catch_up_deadline",
+                ..
+            })
+        ));
         let mut c = base();
         c.max_body_bytes = 0;
         assert!(matches!(

@@ -5,8 +5,14 @@
 //! * **Deadline margin, 30 s** ([`DEADLINE_MARGIN`]): a loaded server can take many seconds to
 //!   assemble a response after the long-poll ends; a tighter deadline would abandon answers that
 //!   were on their way and make the server redo the work.
+//! * **Long-poll timeout at least 100 ms** ([`MIN_LONG_POLL_TIMEOUT`]): shorter is polling, and
+//!   zero would make a server that answers at once indistinguishable from one that held the
+//!   request, which is what the pacing rule tells apart.
 //! * **Initial sync deadline, 10 min** ([`INITIAL_SYNC_DEADLINE`]): an account in thousands of
 //!   rooms takes minutes to answer a sync without `since`; giving up earlier means never starting.
+//! * **Catch-up deadline, 10 min** ([`CATCH_UP_DEADLINE`]): a `timeout=0` sync from a `since`
+//!   days old carries everything since, and takes a server as long as an initial sync; with the
+//!   long-poll deadline it would fail, and the same heavy request be retried, forever.
 //! * **Backoff 500 ms × 2 up to 60 s, jitter 50 %** ([`BACKOFF_INITIAL`], [`BACKOFF_FACTOR`],
 //!   [`BACKOFF_MAX`], [`BACKOFF_JITTER`]): the first retry is quick enough to hide a blip; a minute
 //!   keeps a fleet of clients from hammering a server that is down; jitter spreads the fleet so it
@@ -33,8 +39,12 @@ use std::time::Duration;
 pub const LONG_POLL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client-side margin on top of the long-poll timeout.
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(30);
+/// Shortest accepted long-poll timeout.
+pub const MIN_LONG_POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Client-side deadline of an initial sync.
 pub const INITIAL_SYNC_DEADLINE: Duration = Duration::from_secs(600);
+/// Client-side deadline of a catch-up sync from a `since`.
+pub const CATCH_UP_DEADLINE: Duration = Duration::from_secs(600);
 /// First backoff delay.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 /// Backoff growth factor.

@@ -151,11 +151,14 @@ pub mod defaults;
 #[cfg(feature = "driver")]
 mod driver;
 mod error;
+mod gapfill;
 mod machine;
 mod normalize;
 mod request;
 mod response;
 mod scan;
+mod schedule;
+mod token;
 
 pub use backoff::BackoffPolicy;
 pub use checkpoint::FileCheckpointStore;
@@ -166,6 +169,7 @@ pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, 
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, Gap, Relation};
 pub use request::{OutgoingRequest, RequestId, RequestKind};
+pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;
 

@@ -5,17 +5,17 @@ use std::time::{Duration, Instant};
 
 use ruma_client_api::message::get_message_events::v3 as messages;
 use ruma_common::api::IncomingResponseExt;
-use ruma_common::OwnedRoomId;
-use serde_json::value::RawValue;
 
-use crate::backoff::Backoff;
-use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFill, RoomFills};
+use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
-use crate::normalize::{Event, EventKind, Gap};
+use crate::gapfill::{FillFailure, GapFiller, Plan};
+use crate::normalize::{Event, EventKind};
 use crate::request::{self, OutgoingRequest, RequestId, RequestKind};
+use crate::schedule::{self, Channel, Retry, Schedule};
+use crate::token;
 
 /// What the service is doing, as reported by [`SyncMachine::poll_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,65 +35,79 @@ pub enum SyncState {
     Stopped,
 }
 
+/// What the machine is doing. Each phase carries the data only it has, so what must agree
+/// cannot disagree: a request is in flight only while syncing or filling gaps, a batch is held
+/// only while it is filled or handed on, and nothing leaves `Stopped`.
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for the next sync to be due, or for the answer to the one in flight.
+    Syncing { in_flight: Option<InFlight> },
+    /// A sync answer is parsed; its limited rooms are filled before it is delivered.
+    FillingGaps {
+        filler: GapFiller,
+        answer: Answer,
+        in_flight: Option<InFlight>,
+    },
+    /// A batch is being handed on, event by event, ending with its checkpoint.
+    Delivering { delivery: Delivery, answer: Answer },
+    /// Stopped: no request, event, error or state comes out any more.
+    Stopped,
+}
+
+/// The request the machine waits for.
 #[derive(Debug)]
 struct InFlight {
     id: RequestId,
     kind: RequestKind,
     sent_at: Instant,
     deadline: Instant,
-    /// For a sync: the `since` it carried.
-    since: Option<String>,
-    /// For a sync: sent to catch up (first request, or first after an error), so what it
-    /// returns is history, not live traffic.
-    catch_up: bool,
 }
 
-/// A parsed sync response waiting for its gaps to be filled before it is delivered.
-#[derive(Debug)]
-struct PendingBatch {
-    parsed: ParsedBody,
-    live: bool,
-    jobs: VecDeque<GapJob>,
-    fills: RoomFills,
+/// What the sync behind a batch was, for pacing once the batch is handed on.
+#[derive(Clone, Copy, Debug)]
+struct Answer {
+    channel: Channel,
+    /// The server used the timeout it was given.
+    held: bool,
 }
 
-#[derive(Debug)]
-struct GapJob {
-    room_id: OwnedRoomId,
-    /// Next page starts here (the limited timeline's `prev_batch`, then each page's `end`).
-    from: String,
-    /// The sync token held before the gap.
-    to: String,
-    newest_first: Vec<Box<RawValue>>,
-    /// Consecutive pages that came back empty but with an `end`.
-    empty_pages: u32,
+/// Which sync goes out next. `since` says whether it is an initial sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The first sync of this run (`timeout=0`, and `full_state` if configured).
+    First,
+    /// The first sync after a failure (`timeout=0`).
+    CatchUp,
+    /// Caught up: long-polls.
+    LongPoll,
 }
 
-/// Consecutive empty `/messages` pages tolerated before the rest of a gap is reported.
-const MAX_EMPTY_PAGES: u32 = 3;
+impl Mode {
+    fn channel(self) -> Channel {
+        match self {
+            Mode::First | Mode::CatchUp => Channel::CatchUp,
+            Mode::LongPoll => Channel::LongPoll,
+        }
+    }
+}
 
 /// The sans-IO core of the sync loop. See the [crate docs](crate) for the run loop.
 #[derive(Debug)]
 pub struct SyncMachine {
     config: Config,
-    since: Option<String>,
-    state: SyncState,
-    backoff: Backoff,
-    idle_streak: u32,
-    next_id: u64,
-    in_flight: Option<InFlight>,
-    send_at: Option<Instant>,
     now: Instant,
-    catching_up: bool,
-    first_sync: bool,
-    batch: Option<PendingBatch>,
-    /// The batch whose events are being handed on, built one by one as they are polled.
-    delivering: Option<Delivery>,
+    phase: Phase,
+    /// Where the next sync starts: the `next_batch` of the last checkpoint handed on.
+    since: Option<String>,
+    mode: Mode,
+    schedule: Schedule,
+    next_id: u64,
+    /// The last state announced.
+    state: SyncState,
     errors: VecDeque<SyncError>,
     states: VecDeque<SyncState>,
     dedup: Dedup,
     last_key_counts: Option<KeyCounts>,
-    stopped: bool,
 }
 
 impl SyncMachine {
@@ -111,23 +125,21 @@ impl SyncMachine {
         };
         Ok(Self {
             since: config.since.clone(),
-            backoff: Backoff::new(config.backoff.clone(), config.jitter_seed),
+            schedule: Schedule::new(
+                config.backoff.clone(),
+                config.jitter_seed,
+                config.max_server_wait,
+            ),
             dedup: Dedup::new(config.dedup_capacity, config.jitter_seed),
             config,
-            state,
-            idle_streak: 0,
-            next_id: 0,
-            in_flight: None,
-            send_at: None,
             now,
-            catching_up: true,
-            first_sync: true,
-            batch: None,
-            delivering: None,
+            phase: Phase::Syncing { in_flight: None },
+            mode: Mode::First,
+            next_id: 0,
+            state,
             errors: VecDeque::new(),
             states: VecDeque::from([state]),
             last_key_counts: None,
-            stopped: false,
         })
     }
 
@@ -160,7 +172,7 @@ impl SyncMachine {
         match in_flight.kind {
             RequestKind::Sync { .. } => self.on_sync(in_flight, parts.status, body.into()),
             RequestKind::Messages { .. } => {
-                self.on_messages(in_flight, http::Response::from_parts(parts, bytes))
+                self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
         }
         Ok(())
@@ -184,8 +196,11 @@ impl SyncMachine {
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
         self.check_input(now)?;
         self.now = now;
-        if self.in_flight.as_ref().is_some_and(|f| now >= f.deadline) {
-            if let Some(in_flight) = self.in_flight.take() {
+        let expired = self
+            .in_flight()
+            .is_some_and(|(_, _, deadline)| now >= deadline);
+        if expired {
+            if let Some(in_flight) = self.in_flight_slot().and_then(Option::take) {
                 let waited = in_flight
                     .deadline
                     .saturating_duration_since(in_flight.sent_at);
@@ -195,17 +210,16 @@ impl SyncMachine {
         Ok(())
     }
 
-    /// Stops the machine: the request in flight is abandoned, no more are made, and every
-    /// later input is refused with [`InputError::Stopped`]. Idempotent.
+    /// Stops the machine: the request in flight is abandoned, a batch not yet handed on is
+    /// dropped (its checkpoint never comes, so `since` stays before it), no more requests are
+    /// made, and every later input is refused with [`InputError::Stopped`]. After the
+    /// `Stopped` state, nothing more comes out. Idempotent.
     pub fn stop(&mut self) {
-        if self.stopped {
+        if matches!(self.phase, Phase::Stopped) {
             return;
         }
-        self.stopped = true;
-        self.in_flight = None;
-        self.batch = None;
-        self.send_at = None;
         self.set_state(SyncState::Stopped);
+        self.phase = Phase::Stopped;
     }
 
     // ---- outputs --------------------------------------------------------------------------
@@ -217,81 +231,51 @@ impl SyncMachine {
     /// request is in flight at any time.
     #[must_use]
     pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
-        if self.stopped || self.in_flight.is_some() || self.delivering.is_some() {
+        if !self.schedule.is_due(self.now) {
             return None;
         }
-        if self.send_at.is_some_and(|at| at > self.now) {
-            return None;
-        }
-        self.send_at = None;
-        let now = self.now;
-        let built = match self.batch.as_ref().and_then(|b| b.jobs.front()) {
-            Some(job) => {
-                let room = job.room_id.clone();
-                let remaining = self.config.gap_fill.max_events_per_room - job.newest_first.len();
-                let limit = (self.config.gap_fill.page_size as usize).min(remaining) as u32;
-                let http =
-                    request::messages_request(&self.config, &room, &job.from, &job.to, limit);
-                let deadline = now + self.config.deadline_margin;
-                if self.state == SyncState::BackingOff {
-                    self.set_state(SyncState::CatchingUp);
-                }
-                (
-                    http,
-                    RequestKind::Messages { room_id: room },
-                    deadline,
-                    None,
-                    false,
-                )
-            }
-            None => {
-                let since = self.since.clone();
-                let catch_up = self.catching_up || since.is_none();
-                let timeout = if catch_up {
-                    Duration::ZERO
-                } else {
-                    self.config.long_poll_timeout
+        let (http, kind, deadline) = match &self.phase {
+            Phase::Syncing { in_flight: None } => self.build_sync(),
+            Phase::FillingGaps {
+                filler,
+                in_flight: None,
+                ..
+            } => {
+                let Some(page) = filler.next_request(&self.config) else {
+                    return None;
                 };
-                let deadline = now
-                    + match since {
-                        None => self.config.initial_sync_deadline,
-                        Some(_) => timeout + self.config.deadline_margin,
-                    };
-                let full_state = self.first_sync && self.config.full_state;
-                let http =
-                    request::sync_request(&self.config, since.as_deref(), timeout, full_state);
-                if self.state != SyncState::Unauthorized && catch_up {
-                    let state = if since.is_some() {
-                        SyncState::CatchingUp
-                    } else {
-                        SyncState::InitialSync
-                    };
-                    self.set_state(state);
-                }
-                (
-                    http,
-                    RequestKind::Sync { timeout },
-                    deadline,
-                    since,
-                    catch_up,
-                )
+                let http = request::messages_request(
+                    &self.config,
+                    page.room_id,
+                    page.from,
+                    page.to,
+                    page.limit,
+                );
+                let kind = RequestKind::Messages {
+                    room_id: page.room_id.clone(),
+                };
+                (http, kind, self.now + self.config.deadline_margin)
             }
+            _ => return None,
         };
-        let (http, kind, deadline, since, catch_up) = built;
+        if matches!(kind, RequestKind::Messages { .. }) && self.state == SyncState::BackingOff {
+            self.set_state(SyncState::CatchingUp);
+        }
+        self.schedule.sent();
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let in_flight = InFlight {
             id,
             kind: kind.clone(),
-            sent_at: now,
+            sent_at: self.now,
             deadline,
-            since,
-            catch_up,
         };
         match http {
             Ok(http) => {
-                self.in_flight = Some(in_flight);
                 log::debug!("request {id}: {} {}", kind.name(), http.uri().path());
+                if let Some(slot) = self.in_flight_slot() {
+                    *slot = Some(in_flight);
+                }
                 Some(OutgoingRequest {
                     id,
                     kind,
@@ -311,24 +295,19 @@ impl SyncMachine {
     /// Handing on a [`Checkpoint`](EventKind::Checkpoint) is what advances `since`.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        let event = self.delivering.as_mut()?.next_event(&mut self.dedup);
-        match &event {
-            Some(Event {
-                kind: EventKind::Checkpoint(checkpoint),
-                ..
-            }) => {
-                // The batch is over: its body is freed now, not at the next batch.
-                self.delivering = None;
-                self.since = Some(checkpoint.next_batch.clone());
-                self.first_sync = false;
-                if !checkpoint.live {
-                    self.caught_up();
-                }
-            }
-            Some(_) => {}
-            None => self.delivering = None,
+        let Phase::Delivering { delivery, answer } = &mut self.phase else {
+            return None;
+        };
+        let event = delivery.next_event(&mut self.dedup)?;
+        if let EventKind::Checkpoint(checkpoint) = &event.kind {
+            // The batch is over: its body is freed now, not at the next batch.
+            let productive = delivery.delivered() > 0 || answer.held;
+            let channel = answer.channel;
+            self.phase = Phase::Syncing { in_flight: None };
+            self.since = Some(checkpoint.next_batch.clone());
+            self.answered(channel, productive);
         }
-        event
+        Some(event)
     }
 
     /// The next failure report. Drain after every input; the machine already acted on it.
@@ -337,24 +316,28 @@ impl SyncMachine {
         self.errors.pop_front()
     }
 
-    /// The next change of [`SyncState`]; the first one is the initial state.
+    /// The next change of [`SyncState`]; the first one is the initial state, the last one
+    /// `Stopped`.
     #[must_use]
     pub fn poll_state(&mut self) -> Option<SyncState> {
         self.states.pop_front()
     }
 
     /// When the machine next wants [`handle_timeout`](Self::handle_timeout): the in-flight
-    /// request's deadline, or the end of a backoff. `None` while events wait to be drained
+    /// request's deadline, or the end of a wait. `None` while events wait to be drained
     /// (drain them, then [`poll_request`](Self::poll_request)) and after a stop. An instant
     /// not after the last `now` means a request is due: call `poll_request`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.stopped || self.delivering.is_some() {
-            return None;
-        }
-        match &self.in_flight {
-            Some(in_flight) => Some(in_flight.deadline),
-            None => Some(self.send_at.unwrap_or(self.now)),
+        match &self.phase {
+            Phase::Delivering { .. } | Phase::Stopped => None,
+            Phase::Syncing { in_flight: Some(f) }
+            | Phase::FillingGaps {
+                in_flight: Some(f), ..
+            } => Some(f.deadline),
+            Phase::Syncing { in_flight: None } | Phase::FillingGaps { .. } => {
+                Some(self.schedule.next_send(self.now))
+            }
         }
     }
 
@@ -372,7 +355,21 @@ impl SyncMachine {
 
     /// The request awaited, if any, with its deadline.
     pub fn in_flight(&self) -> Option<(RequestId, &RequestKind, Instant)> {
-        self.in_flight.as_ref().map(|f| (f.id, &f.kind, f.deadline))
+        match &self.phase {
+            Phase::Syncing { in_flight } | Phase::FillingGaps { in_flight, .. } => {
+                in_flight.as_ref().map(|f| (f.id, &f.kind, f.deadline))
+            }
+            _ => None,
+        }
+    }
+
+    /// Bytes of gap-fill events held for the batch being filled: never more than
+    /// [`Config::max_body_bytes`] (see [`GapFill`](crate::GapFill)).
+    pub fn gap_fill_bytes(&self) -> u64 {
+        match &self.phase {
+            Phase::FillingGaps { filler, .. } => filler.held_bytes(),
+            _ => 0,
+        }
     }
 
     /// The configuration in force.
@@ -383,7 +380,7 @@ impl SyncMachine {
     // ---- internals ------------------------------------------------------------------------
 
     fn check_input(&self, now: Instant) -> Result<(), InputError> {
-        if self.stopped {
+        if matches!(self.phase, Phase::Stopped) {
             return Err(InputError::Stopped);
         }
         if now < self.now {
@@ -395,78 +392,150 @@ impl SyncMachine {
         Ok(())
     }
 
+    /// The in-flight slot of the phases that send requests.
+    fn in_flight_slot(&mut self) -> Option<&mut Option<InFlight>> {
+        match &mut self.phase {
+            Phase::Syncing { in_flight } | Phase::FillingGaps { in_flight, .. } => Some(in_flight),
+            Phase::Delivering { .. } | Phase::Stopped => None,
+        }
+    }
+
     /// Validates an input for request `id` and takes the request out of flight.
     fn accept(&mut self, id: RequestId, now: Instant) -> Result<InFlight, InputError> {
         self.check_input(now)?;
-        match &self.in_flight {
-            Some(f) if f.id == id => {}
+        match self.in_flight() {
+            Some((awaited, _, _)) if awaited == id => {}
             _ if id.0 < self.next_id => return Err(InputError::StaleRequest(id)),
             _ => return Err(InputError::UnknownRequest(id)),
         }
         self.now = now;
-        self.in_flight.take().ok_or(InputError::StaleRequest(id))
+        self.in_flight_slot()
+            .and_then(Option::take)
+            .ok_or(InputError::StaleRequest(id))
+    }
+
+    /// The next sync request: its HTTP form, kind and deadline.
+    fn build_sync(
+        &mut self,
+    ) -> (
+        Result<http::Request<Vec<u8>>, request::BuildError>,
+        RequestKind,
+        Instant,
+    ) {
+        let since = self.since.as_deref();
+        let timeout = match self.mode {
+            Mode::First | Mode::CatchUp => Duration::ZERO,
+            Mode::LongPoll => self.config.long_poll_timeout,
+        };
+        let deadline = self.now
+            + match (since, self.mode) {
+                (None, _) => self.config.initial_sync_deadline,
+                (Some(_), Mode::First | Mode::CatchUp) => self.config.catch_up_deadline,
+                (Some(_), Mode::LongPoll) => timeout + self.config.deadline_margin,
+            };
+        let full_state = self.mode == Mode::First && self.config.full_state;
+        let http = request::sync_request(&self.config, since, timeout, full_state);
+        if self.state != SyncState::Unauthorized && self.mode != Mode::LongPoll {
+            self.set_state(self.catch_up_state());
+        }
+        (http, RequestKind::Sync { timeout }, deadline)
+    }
+
+    fn catch_up_state(&self) -> SyncState {
+        if self.since.is_some() {
+            SyncState::CatchingUp
+        } else {
+            SyncState::InitialSync
+        }
     }
 
     fn set_state(&mut self, state: SyncState) {
-        if self.state != state {
+        if self.state != state && !matches!(self.phase, Phase::Stopped) {
             log::debug!("state {:?} -> {:?}", self.state, state);
             self.state = state;
             self.states.push_back(state);
         }
     }
 
-    fn caught_up(&mut self) {
-        if self.catching_up {
-            self.catching_up = false;
+    /// A sync answer was handed on (or had nothing to hand on): pace the next request, and
+    /// a catch-up's answer means the machine is live.
+    fn answered(&mut self, channel: Channel, productive: bool) {
+        if let Some(delay) = self.schedule.sync_answered(channel, productive, self.now) {
+            log::debug!("nothing delivered: next sync in {} ms", delay.as_millis());
+        }
+        if self.mode != Mode::LongPoll {
+            self.mode = Mode::LongPoll;
             self.set_state(SyncState::Live);
         }
     }
 
-    fn fail(&mut self, in_flight: InFlight, failure: Failure) {
-        let class = failure.class();
-        let mut delay = match class {
-            ErrorClass::Transient => self.backoff.next_delay(),
-            ErrorClass::RateLimited => {
-                let own = self.backoff.next_delay();
-                let asked = match &failure {
-                    Failure::RateLimited {
-                        retry_after: Some(wait),
-                        ..
-                    } => *wait,
-                    _ => Duration::ZERO,
-                };
-                own.max(asked.min(self.config.max_server_wait))
-            }
-            ErrorClass::Fatal => self.backoff.next_fatal(),
-        };
-        let mut attempt = self.backoff.attempt();
-        if class == ErrorClass::Fatal && matches!(in_flight.kind, RequestKind::Messages { .. }) {
-            // History this room will not give us: report the rest as a gap, deliver the batch.
-            self.backoff.reset();
-            (delay, attempt) = (Duration::ZERO, 1);
-            self.abandon_gap_job();
-        } else {
-            self.catching_up = true;
-            let state = if class == ErrorClass::Fatal {
-                SyncState::Unauthorized
-            } else {
-                SyncState::BackingOff
-            };
-            self.set_state(state);
+    /// A sync failed, or a gap fill failed in a way that fails the whole batch: back off and
+    /// catch up from the unchanged `since`.
+    fn sync_failed(&mut self, failure: &Failure) -> Retry {
+        let retry = self
+            .schedule
+            .sync_failed(self.mode.channel(), failure, self.now);
+        if self.mode == Mode::LongPoll {
+            self.mode = Mode::CatchUp;
         }
-        self.send_at = Some(self.now + delay);
+        let state = match failure.class() {
+            ErrorClass::Fatal => SyncState::Unauthorized,
+            ErrorClass::Transient | ErrorClass::RateLimited => SyncState::BackingOff,
+        };
+        self.set_state(state);
+        retry
+    }
+
+    fn fail(&mut self, in_flight: InFlight, failure: Failure) {
+        let retry = match &in_flight.kind {
+            RequestKind::Sync { .. } => self.sync_failed(&failure),
+            RequestKind::Messages { .. } => self.fill_failed(&failure),
+        };
         log::warn!(
             "{} request {} failed: {failure}",
             in_flight.kind.name(),
             in_flight.id
         );
         self.errors.push_back(SyncError {
+            class: failure.class(),
             failure,
-            class,
             request: in_flight.kind,
-            attempt,
-            delay,
+            attempt: retry.attempt,
+            delay: retry.delay,
         });
+    }
+
+    /// A gap-fill request failed: what it means decides between failing the batch, ending
+    /// the room, and retrying within bounds.
+    fn fill_failed(&mut self, failure: &Failure) -> Retry {
+        let Phase::FillingGaps { filler, .. } = &mut self.phase else {
+            return Retry {
+                attempt: 1,
+                delay: Duration::ZERO,
+            };
+        };
+        match FillFailure::of(failure) {
+            FillFailure::Unauthorized => {
+                // Exactly a failed sync: the batch is dropped, `since` stays before it.
+                self.phase = Phase::Syncing { in_flight: None };
+                return self.sync_failed(failure);
+            }
+            FillFailure::HistoryRefused => filler.end_room(),
+            FillFailure::Retry => {
+                if filler.on_retryable_failure() {
+                    return self.schedule.fill_failed(failure, self.now);
+                }
+            }
+        }
+        // The room is over: the next one (or the delivery) goes on at once.
+        let attempt = self.schedule.fill_failed(failure, self.now).attempt;
+        self.schedule.fill_answered();
+        self.schedule.sent();
+        self.deliver_if_filled();
+        Retry {
+            attempt,
+            delay: Duration::ZERO,
+        }
     }
 
     fn on_sync(&mut self, in_flight: InFlight, status: http::StatusCode, body: Vec<u8>) {
@@ -477,170 +546,83 @@ impl SyncMachine {
                 return self.fail(in_flight, failure);
             }
         };
-        let response = parsed.response();
-        self.backoff.reset();
+        if let Err(reason) = check_tokens(&parsed) {
+            return self.fail(in_flight, bad_response(status.as_u16(), reason, b""));
+        }
         if self.state == SyncState::Unauthorized {
-            self.set_state(if self.since.is_some() {
-                SyncState::CatchingUp
-            } else {
-                SyncState::InitialSync
-            });
+            self.set_state(self.catch_up_state());
         }
-        let live = !in_flight.catch_up;
-        let unchanged = in_flight.since.as_deref() == Some(response.next_batch.as_str());
-        let empty = response.is_empty();
-        let early = match in_flight.kind {
-            RequestKind::Sync { timeout } => self.now - in_flight.sent_at < timeout / 2,
-            RequestKind::Messages { .. } => false,
+        let timeout = match in_flight.kind {
+            RequestKind::Sync { timeout } => timeout,
+            RequestKind::Messages { .. } => Duration::ZERO,
         };
-        if early && (unchanged || empty) {
-            // A long-poll that returns early with nothing new: space the next request so a
-            // server that answers at once cannot make us spin. A new token with nothing in it
-            // is legitimate once (filtered-out activity), so it is only spaced when it
-            // repeats. A long-poll the server held for its timeout is spacing enough.
-            self.idle_streak = self.idle_streak.saturating_add(1);
-            let streak = if unchanged {
-                self.idle_streak
-            } else {
-                self.idle_streak - 1
-            };
-            if streak > 0 {
-                self.send_at = Some(self.now + self.backoff.policy().base_delay(streak));
-            }
-        } else {
-            self.idle_streak = 0;
+        let answer = Answer {
+            channel: self.mode.channel(),
+            held: schedule::held(in_flight.sent_at, self.now, timeout),
+        };
+        let response = parsed.response();
+        if self.since.as_deref() == Some(response.next_batch.as_str()) && response.is_empty() {
+            // Nothing to hand on, not even a checkpoint: the position is unchanged.
+            return self.answered(answer.channel, answer.held);
         }
-        if unchanged && empty {
-            if in_flight.catch_up {
-                self.caught_up();
-            }
-            return;
-        }
-
-        let mut jobs = VecDeque::new();
-        let mut fills = RoomFills::new();
-        if let Some(previous_since) = in_flight.since.as_deref() {
-            let fill = self.config.gap_fill.enabled && self.config.gap_fill.max_events_per_room > 0;
-            for (room_id, prev_batch) in response.limited_timelines() {
-                let (from, to) = (prev_batch.to_owned(), previous_since.to_owned());
-                if fill {
-                    jobs.push_back(GapJob {
-                        room_id: room_id.clone(),
-                        from,
-                        to,
-                        newest_first: Vec::new(),
-                        empty_pages: 0,
-                    });
-                } else {
-                    let unfilled = Some(Gap {
-                        prev_batch: from,
-                        previous_since: to,
-                    });
-                    fills.insert(
-                        room_id.clone(),
-                        RoomFill {
-                            unfilled,
-                            newest_first: Vec::new(),
-                        },
-                    );
+        match GapFiller::plan(parsed, self.since.as_deref(), &self.config) {
+            Plan::Deliver(parsed, fills) => self.deliver(parsed, fills, answer),
+            Plan::Fill(filler) => {
+                self.phase = Phase::FillingGaps {
+                    filler,
+                    answer,
+                    in_flight: None,
                 }
             }
         }
-        if jobs.is_empty() {
-            self.deliver(parsed, fills, live);
-        } else {
-            self.batch = Some(PendingBatch {
-                parsed,
-                live,
-                jobs,
-                fills,
-            });
-        }
     }
 
-    fn on_messages(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
+    fn on_page(&mut self, in_flight: InFlight, response: http::Response<&[u8]>) {
+        let status = response.status().as_u16();
         let page = match parse::<messages::Response>(response) {
             Ok(page) => page,
             Err(failure) => return self.fail(in_flight, failure),
         };
-        self.backoff.reset();
         let cap = self.config.gap_fill.max_events_per_room;
-        let Some(batch) = self.batch.as_mut() else {
+        let Phase::FillingGaps { filler, .. } = &mut self.phase else {
             return;
         };
-        let Some(job) = batch.jobs.front_mut() else {
-            return;
-        };
-        let got = page.chunk.len();
-        job.newest_first
-            .extend(page.chunk.into_iter().map(|raw| raw.into_json()));
-        let unfilled = match page.end {
-            // No `end`, or no progress: the range is exhausted.
-            None => None,
-            Some(end) if end == job.from => None,
-            Some(end) if job.newest_first.len() >= cap => Some(Gap {
-                prev_batch: end,
-                previous_since: job.to.clone(),
-            }),
-            // An empty page with `end` means a filter hid events and more may follow; a run
-            // of them is reported as a gap rather than paged through forever.
-            Some(end) if got == 0 && job.empty_pages >= MAX_EMPTY_PAGES => Some(Gap {
-                prev_batch: end,
-                previous_since: job.to.clone(),
-            }),
-            Some(end) => {
-                job.empty_pages = if got == 0 { job.empty_pages + 1 } else { 0 };
-                job.from = end;
-                return;
-            }
-        };
-        if let Some(job) = batch.jobs.pop_front() {
-            batch.fills.insert(
-                job.room_id,
-                RoomFill {
-                    unfilled,
-                    newest_first: job.newest_first,
-                },
-            );
+        if let Err(reason) = filler.on_page(page, cap) {
+            return self.fail(in_flight, bad_response(status, reason, b""));
         }
-        self.finish_if_filled();
+        self.schedule.fill_answered();
+        self.deliver_if_filled();
     }
 
-    /// Gives up filling the current room: what was fetched is kept, the rest becomes a gap.
-    fn abandon_gap_job(&mut self) {
-        let Some(batch) = self.batch.as_mut() else {
+    fn deliver_if_filled(&mut self) {
+        let Phase::FillingGaps { filler, .. } = &self.phase else {
             return;
         };
-        if let Some(job) = batch.jobs.pop_front() {
-            let gap = Gap {
-                prev_batch: job.from,
-                previous_since: job.to,
-            };
-            batch.fills.insert(
-                job.room_id,
-                RoomFill {
-                    unfilled: Some(gap),
-                    newest_first: job.newest_first,
-                },
-            );
-        }
-        self.finish_if_filled();
-    }
-
-    fn finish_if_filled(&mut self) {
-        if !self.batch.as_ref().is_some_and(|b| b.jobs.is_empty()) {
+        if !filler.is_done() {
             return;
         }
-        let Some(batch) = self.batch.take() else {
-            return;
-        };
-        self.deliver(batch.parsed, batch.fills, batch.live);
+        let phase = std::mem::replace(&mut self.phase, Phase::Syncing { in_flight: None });
+        if let Phase::FillingGaps { filler, answer, .. } = phase {
+            let (parsed, fills) = filler.into_parts();
+            self.deliver(parsed, fills, answer);
+        }
     }
 
-    fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, live: bool) {
+    fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, answer: Answer) {
+        let live = answer.channel == Channel::LongPoll;
         let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
-        self.delivering = Some(delivery);
+        self.phase = Phase::Delivering { delivery, answer };
     }
+}
+
+/// Every token of a sync answer the machine may store or send back must survive the trip.
+fn check_tokens(parsed: &ParsedBody) -> Result<(), String> {
+    let response = parsed.response();
+    token::check(&response.next_batch).map_err(|p| p.describe("next_batch"))?;
+    for (_, prev_batch) in response.limited_timelines() {
+        token::check(prev_batch).map_err(|p| p.describe("prev_batch"))?;
+    }
+    Ok(())
 }
 
 /// Parses a 2xx body with ruma; a body that is not what the endpoint returns is a

@@ -117,7 +117,7 @@ pub(crate) fn sync_request(
     request.set_presence = config.set_presence.clone();
     request.filter = config.filter.as_ref().map(|f| match f {
         SyncFilter::Definition(def) => sync::Filter::FilterDefinition((**def).clone()),
-        SyncFilter::Id(id) => sync::Filter::FilterId(id.clone()),
+        SyncFilter::Uploaded { id, .. } => sync::Filter::FilterId(id.clone()),
     });
     finish("sync", request, config)
 }
@@ -139,12 +139,17 @@ pub(crate) fn messages_request(
 
 fn timeline_filter(config: &Config) -> RoomEventFilter {
     match &config.filter {
-        Some(SyncFilter::Definition(def)) => {
+        Some(
+            SyncFilter::Definition(def)
+            | SyncFilter::Uploaded {
+                definition: def, ..
+            },
+        ) => {
             let mut filter = def.room.timeline.clone();
             // The page size is ours; the sync's timeline limit would shrink every page.
             filter.limit = None;
             filter
         }
-        _ => RoomEventFilter::default(),
+        None => RoomEventFilter::default(),
     }
 }

@@ -115,7 +115,7 @@ fn params() -> impl Strategy<Value = Params> {
         (
             0u64..600_000,
             any::<bool>(),
-            0u64..60_000,
+            100u64..60_000,
             1u64..60_000,
             1u64..600_000,
         ),
@@ -583,7 +583,9 @@ fn a_long_healthy_run_delivers_every_batch() {
         .iter()
         .filter(|l| l.starts_with("event") && l.contains("kind: Message"))
         .count();
-    assert!(checkpoints >= 150, "only {checkpoints} checkpoints");
+    // A quarter of the answers carry no message and space the next request, so some ops
+    // arrive while nothing is in flight.
+    assert!(checkpoints >= 120, "only {checkpoints} checkpoints");
     assert!(messages >= 200, "only {messages} messages");
     assert!(
         log.iter().any(|l| l.contains("Messages {")),

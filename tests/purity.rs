@@ -8,11 +8,15 @@ const MACHINE_MODULES: &[&str] = &[
     "dedup.rs",
     "defaults.rs",
     "error.rs",
+    "gapfill.rs",
     "machine.rs",
     "normalize.rs",
     "request.rs",
     "response.rs",
     "scan.rs",
+    "schedule.rs",
+    "text.rs",
+    "token.rs",
 ];
 
 /// The modules allowed to do I/O: the driver, the file checkpoint store, and the crate root

@@ -108,7 +108,7 @@ fn params() -> impl Strategy<Value = Params> {
     (
         (1u64..=2_000, factor, 0u64..=120_000, jitter),
         prop_oneof![Just(300_000u64), 0u64..=600_000],
-        prop_oneof![Just(30_000u64), Just(0u64), 1u64..=60_000],
+        prop_oneof![Just(30_000u64), Just(100u64), 100u64..=60_000],
         1u64..=30_000,
         1u64..=300_000,
         any::<bool>(),
@@ -185,8 +185,10 @@ struct Model {
     flight: Option<Flight>,
     /// The next request may not go before this.
     send_at: Duration,
+    /// Failed or unproductive sync requests since the last reset.
     failures: u32,
-    idle_streak: u32,
+    /// The most demanding request kind (catch-up 0, long-poll 1) among them.
+    failing: Option<u8>,
     catching_up: bool,
     state: SyncState,
     stopped: bool,
@@ -196,8 +198,8 @@ struct Model {
     events: VecDeque<ExpectedEvent>,
     errors: VecDeque<ExpectedError>,
     states: VecDeque<SyncState>,
-    /// An idle answer's spacing: the exact wait expected before the next request.
-    spacing: Option<Duration>,
+    /// An unproductive answer's spacing: the bounds of the wait before the next request.
+    spacing: Option<(Duration, Duration)>,
 }
 
 /// `min(initial * factor^(n-1), max)`, as documented on [`BackoffPolicy`].
@@ -225,7 +227,7 @@ impl Model {
             flight: None,
             send_at: Duration::ZERO,
             failures: 0,
-            idle_streak: 0,
+            failing: None,
             catching_up: true,
             state,
             stopped: false,
@@ -259,9 +261,10 @@ impl Model {
             self.p.long_poll_timeout
         };
         let deadline = self.now
-            + match self.since {
-                None => self.p.initial_sync_deadline,
-                Some(_) => timeout + self.p.deadline_margin,
+            + match (&self.since, catch_up) {
+                (None, _) => self.p.initial_sync_deadline,
+                (Some(_), true) => matrix_sync_service::defaults::CATCH_UP_DEADLINE,
+                (Some(_), false) => timeout + self.p.deadline_margin,
             };
         if self.catching_up && self.state != SyncState::Unauthorized {
             self.set_state(if self.since.is_some() {
@@ -284,7 +287,8 @@ impl Model {
     }
 
     fn fail(&mut self, failure: Failure) {
-        self.flight = None;
+        let flight = self.flight.take().expect("a request failed");
+        self.failing = self.failing.max(Some(u8::from(!flight.catch_up)));
         self.failures += 1;
         let n = self.failures;
         let policy = &self.p.backoff;
@@ -316,9 +320,6 @@ impl Model {
     /// A 200 that parsed: its `next_batch` and new events.
     fn succeed(&mut self, next_batch: &str, new_events: &[String]) {
         let flight = self.flight.take().expect("a request was answered");
-        // Came back in less than half its long-poll timeout (never for `timeout=0`).
-        let early = self.now - flight.sent < flight.timeout / 2;
-        self.failures = 0;
         if self.state == SyncState::Unauthorized {
             self.set_state(if self.since.is_some() {
                 SyncState::CatchingUp
@@ -326,38 +327,28 @@ impl Model {
                 SyncState::InitialSync
             });
         }
+        // The pacing rule: followed at once if it delivered something or the server used its
+        // timeout (a catch-up has none); otherwise spaced by the next backoff step.
+        let held = self.now - flight.sent >= flight.timeout / 2;
+        let channel = u8::from(!flight.catch_up);
+        if !new_events.is_empty() || held {
+            if self.failing.is_none_or(|failing| channel >= failing) {
+                self.failures = 0;
+                self.failing = None;
+            }
+            self.send_at = self.now;
+        } else {
+            self.failing = self.failing.max(Some(channel));
+            self.failures += 1;
+            let b = base(&self.p.backoff, self.failures);
+            self.spacing = Some((b.mul_f64(1.0 - self.p.backoff.jitter), b));
+        }
         if flight.since.as_deref() == Some(next_batch) {
             assert!(new_events.is_empty(), "the commands never do this");
-            if early {
-                // Back at once with nothing: spaced by the backoff schedule.
-                self.idle_streak += 1;
-                let spacing = base(&self.p.backoff, self.idle_streak);
-                self.spacing = Some(spacing);
-                self.send_at = self.now + spacing;
-            } else {
-                // Held by the server (or a catch-up): that was spacing enough.
-                self.idle_streak = 0;
-                self.send_at = self.now;
-            }
             if flight.catch_up {
                 self.caught_up();
             }
             return;
-        }
-        if new_events.is_empty() && early {
-            // A fresh token with nothing in it, early: spaced only when it happens twice in a
-            // row (counting repeated tokens too).
-            self.idle_streak += 1;
-            if self.idle_streak > 1 {
-                let spacing = base(&self.p.backoff, self.idle_streak - 1);
-                self.spacing = Some(spacing);
-                self.send_at = self.now + spacing;
-            } else {
-                self.send_at = self.now;
-            }
-        } else {
-            self.idle_streak = 0;
-            self.send_at = self.now;
         }
         for id in new_events {
             self.events.push_back(ExpectedEvent::Message(id.clone()));
@@ -565,12 +556,19 @@ impl Run {
     }
 
     fn check_spacing(&mut self) {
-        if let Some(spacing) = self.model.spacing.take() {
-            assert_eq!(
-                self.machine.poll_timeout(),
-                Some(self.at(self.model.now + spacing)),
-                "an idle answer spaces the next request by the backoff schedule"
+        if let Some((lo, hi)) = self.model.spacing.take() {
+            let wake = self
+                .machine
+                .poll_timeout()
+                .expect("a wake-up after an answer");
+            let spacing = wake - self.at(self.model.now);
+            assert!(
+                lo <= spacing && spacing <= hi,
+                "an unproductive answer spaces the next request by the backoff schedule: \
+                 {spacing:?} outside [{lo:?}, {hi:?}]"
             );
+            // The model adopts the drawn delay.
+            self.model.send_at = self.model.now + spacing;
         }
     }
 
@@ -963,14 +961,14 @@ fn model_sanity_a_fixed_sequence() {
     }
 }
 
-/// With `long_poll_timeout` zero (which validation accepts), checkpoints after going live are
+/// With the shortest `long_poll_timeout` validation accepts, checkpoints after going live are
 /// still marked live: the flag follows whether the request was a catch-up, not its timeout.
 #[test]
 fn checkpoints_after_going_live_are_live_without_long_polling() {
     let p = Params {
         backoff: BackoffPolicy::default(),
         max_server_wait: Duration::from_secs(300),
-        long_poll_timeout: Duration::ZERO,
+        long_poll_timeout: matrix_sync_service::defaults::MIN_LONG_POLL_TIMEOUT,
         deadline_margin: Duration::from_secs(30),
         initial_sync_deadline: Duration::from_secs(600),
         since: false,

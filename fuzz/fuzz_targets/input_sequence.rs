@@ -370,7 +370,7 @@ fn config(k: &Knobs) -> Config {
         max_events_per_room: usize::from(k.gap_max % 40),
         page_size: u32::from(k.page_size % 20).max(1),
     };
-    c.long_poll_timeout = Duration::from_secs(u64::from(k.long_poll_s % 60));
+    c.long_poll_timeout = Duration::from_secs(u64::from(k.long_poll_s % 60).max(1));
     c.deadline_margin = Duration::from_millis(u64::from(k.margin_ms.max(1)));
     c.initial_sync_deadline = Duration::from_secs(u64::from(k.initial_deadline_s.max(1)));
     c

@@ -1,0 +1,263 @@
+//! Filling the limited timelines of one batch from `/rooms/{roomId}/messages`, within bounds.
+//!
+//! One room at a time, newest page first, until the range is exhausted, the room reaches
+//! [`GapFill::max_events_per_room`](crate::GapFill::max_events_per_room), or the batch's
+//! memory budget is spent; whatever was not fetched becomes a [`Gap`] item. What a failed
+//! request means decides what happens ([`FillFailure`]): history the server will not give ends
+//! that room; a transient failure is retried, at most [`MAX_ROOM_ATTEMPTS`] times per room and
+//! [`MAX_BATCH_FAILURES`] times per batch, so one room (or many) can never stall the account.
+
+use std::collections::VecDeque;
+
+use ruma_client_api::message::get_message_events::v3 as messages;
+use ruma_common::OwnedRoomId;
+use serde_json::value::RawValue;
+
+use crate::batch::{ParsedBody, RoomFill, RoomFills};
+use crate::config::Config;
+use crate::error::Failure;
+use crate::normalize::Gap;
+use crate::token;
+
+/// Consecutive empty pages (with an `end`) tolerated before the rest of a gap is reported.
+const MAX_EMPTY_PAGES: u32 = 3;
+/// Failed requests for one room before its rest is reported as a gap.
+pub const MAX_ROOM_ATTEMPTS: u32 = 3;
+/// Failed requests in one batch before every room left is reported as a gap.
+pub const MAX_BATCH_FAILURES: u32 = 8;
+
+/// A sync answer waiting for its limited rooms to be filled.
+#[derive(Debug)]
+pub(crate) struct GapFiller {
+    parsed: ParsedBody,
+    jobs: VecDeque<Job>,
+    fills: RoomFills,
+    /// Bytes of fetched events held for this batch, and the most it may hold.
+    held_bytes: u64,
+    budget: u64,
+    failures: u32,
+}
+
+#[derive(Debug)]
+struct Job {
+    room_id: OwnedRoomId,
+    /// The next page starts here (the limited timeline's `prev_batch`, then each page's `end`).
+    from: String,
+    /// The sync token held before the gap.
+    to: String,
+    newest_first: Vec<Box<RawValue>>,
+    empty_pages: u32,
+    attempts: u32,
+}
+
+/// The next `/messages` request wanted.
+pub(crate) struct PageRequest<'a> {
+    pub(crate) room_id: &'a OwnedRoomId,
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) limit: u32,
+}
+
+/// What a failed `/messages` request means for the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FillFailure {
+    /// The token was refused: the batch cannot be completed now; treat it as a failed sync.
+    Unauthorized,
+    /// The server will not give this history (403, 404, other 4xx, a redirect): end the room.
+    HistoryRefused,
+    /// Worth retrying (network, 5xx, 429, a bad page), within the attempt bounds.
+    Retry,
+}
+
+impl FillFailure {
+    pub(crate) fn of(failure: &Failure) -> Self {
+        match failure {
+            Failure::UnknownToken { .. } | Failure::Refused { status: 401, .. } => {
+                FillFailure::Unauthorized
+            }
+            Failure::Transport(_)
+            | Failure::DeadlineExceeded(_)
+            | Failure::Server { .. }
+            | Failure::RateLimited { .. }
+            | Failure::BadResponse { .. }
+            | Failure::BodyTooLarge { .. } => FillFailure::Retry,
+            _ => FillFailure::HistoryRefused,
+        }
+    }
+}
+
+/// Either a batch ready to deliver at once, or one that needs filling first.
+pub(crate) enum Plan {
+    Deliver(ParsedBody, RoomFills),
+    Fill(GapFiller),
+}
+
+impl GapFiller {
+    /// Plans the filling of `parsed`, an answer to a sync from `since`. Only an incremental
+    /// sync has gaps: an initial sync's limited timelines are simply where history starts.
+    pub(crate) fn plan(parsed: ParsedBody, since: Option<&str>, config: &Config) -> Plan {
+        let mut jobs = VecDeque::new();
+        let mut fills = RoomFills::new();
+        let fill = config.gap_fill.enabled && config.gap_fill.max_events_per_room > 0;
+        if let Some(since) = since {
+            for (room_id, prev_batch) in parsed.response().limited_timelines() {
+                let (from, to) = (prev_batch.to_owned(), since.to_owned());
+                if fill {
+                    jobs.push_back(Job {
+                        room_id: room_id.clone(),
+                        from,
+                        to,
+                        newest_first: Vec::new(),
+                        empty_pages: 0,
+                        attempts: 0,
+                    });
+                } else {
+                    fills.insert(room_id.clone(), unfilled(from, to, Vec::new()));
+                }
+            }
+        }
+        if jobs.is_empty() {
+            return Plan::Deliver(parsed, fills);
+        }
+        Plan::Fill(GapFiller {
+            parsed,
+            jobs,
+            fills,
+            held_bytes: 0,
+            budget: config.max_body_bytes,
+            failures: 0,
+        })
+    }
+
+    /// The request for the room being filled; `None` once every room is done.
+    pub(crate) fn next_request(&self, config: &Config) -> Option<PageRequest<'_>> {
+        let job = self.jobs.front()?;
+        let remaining = config
+            .gap_fill
+            .max_events_per_room
+            .saturating_sub(job.newest_first.len());
+        Some(PageRequest {
+            room_id: &job.room_id,
+            from: &job.from,
+            to: &job.to,
+            limit: (config.gap_fill.page_size as usize).min(remaining).max(1) as u32,
+        })
+    }
+
+    /// Takes one page for the room being filled. An `end` that could not be sent back is a
+    /// bad page: the failure is returned for the caller to report and retry.
+    pub(crate) fn on_page(&mut self, page: messages::Response, cap: usize) -> Result<(), String> {
+        if let Some(end) = &page.end {
+            token::check(end).map_err(|problem| problem.describe("end"))?;
+        }
+        let Some(job) = self.jobs.front_mut() else {
+            return Ok(());
+        };
+        job.attempts = 0;
+        let page_bytes: u64 = page
+            .chunk
+            .iter()
+            .map(|raw| raw.json().get().len() as u64)
+            .sum();
+        if self.held_bytes + page_bytes > self.budget {
+            // The whole page is dropped, so `from` still marks exactly where delivery stops.
+            log::warn!(
+                "gap fill of {} stops at the memory budget of {} bytes",
+                job.room_id,
+                self.budget
+            );
+            self.end_room();
+            return Ok(());
+        }
+        self.held_bytes += page_bytes;
+        let got = page.chunk.len();
+        job.newest_first
+            .extend(page.chunk.into_iter().map(|raw| raw.into_json()));
+        let rest = match page.end {
+            // No `end`, or no progress: the range is exhausted.
+            None => None,
+            Some(end) if end == job.from => None,
+            Some(end) if job.newest_first.len() >= cap => Some(end),
+            // An empty page with `end` means a filter hid events and more may follow; a run
+            // of them is reported as a gap rather than paged through forever.
+            Some(end) if got == 0 && job.empty_pages >= MAX_EMPTY_PAGES => Some(end),
+            Some(end) => {
+                job.empty_pages = if got == 0 { job.empty_pages + 1 } else { 0 };
+                job.from = end;
+                return Ok(());
+            }
+        };
+        if let Some(job) = self.jobs.pop_front() {
+            let fill = match rest {
+                Some(end) => unfilled(end, job.to, job.newest_first),
+                None => RoomFill {
+                    unfilled: None,
+                    newest_first: job.newest_first,
+                },
+            };
+            self.fills.insert(job.room_id, fill);
+        }
+        Ok(())
+    }
+
+    /// Counts a failure worth retrying; past the bounds, the room (or the batch's every room
+    /// left) is reported as a gap. Returns whether the same room is retried.
+    pub(crate) fn on_retryable_failure(&mut self) -> bool {
+        self.failures += 1;
+        if self.failures >= MAX_BATCH_FAILURES {
+            log::warn!(
+                "gap fill gives up on this batch after {} failures",
+                self.failures
+            );
+            while !self.jobs.is_empty() {
+                self.end_room();
+            }
+            return false;
+        }
+        let Some(job) = self.jobs.front_mut() else {
+            return false;
+        };
+        job.attempts += 1;
+        if job.attempts >= MAX_ROOM_ATTEMPTS {
+            self.end_room();
+            return false;
+        }
+        true
+    }
+
+    /// Ends filling the current room: what was fetched is kept, the rest becomes a gap.
+    pub(crate) fn end_room(&mut self) {
+        if let Some(job) = self.jobs.pop_front() {
+            self.fills
+                .insert(job.room_id, unfilled(job.from, job.to, job.newest_first));
+        }
+    }
+
+    /// Whether every room is done.
+    pub(crate) fn is_done(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Bytes of fetched events held for this batch (never above the budget).
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+
+    pub(crate) fn into_parts(self) -> (ParsedBody, RoomFills) {
+        (self.parsed, self.fills)
+    }
+}
+
+fn unfilled(
+    prev_batch: String,
+    previous_since: String,
+    newest_first: Vec<Box<RawValue>>,
+) -> RoomFill {
+    RoomFill {
+        unfilled: Some(Gap {
+            prev_batch,
+            previous_since,
+        }),
+        newest_first,
+    }
+}
