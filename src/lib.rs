@@ -156,6 +156,7 @@ mod normalize;
 mod request;
 mod response;
 mod scan;
+mod text;
 
 pub use backoff::BackoffPolicy;
 pub use checkpoint::FileCheckpointStore;
