@@ -13,6 +13,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::request::{RequestId, RequestKind};
+use crate::text::{capped, Escaped};
 
 /// How a failure is treated: the class decides the delay before the next attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,9 +24,9 @@ pub enum ErrorClass {
     /// 429: the machine waits for the larger of the server's requested wait (capped by
     /// [`Config::max_server_wait`](crate::Config::max_server_wait)) and its own backoff.
     RateLimited,
-    /// 401, 403, 400 and every other 4xx: retrying will not help until something outside
-    /// the machine changes (a new token, a fresh `since`). The machine keeps the service alive,
-    /// retrying only at the maximum backoff, until the caller stops it.
+    /// 3xx, 401, 403, 400 and every other 4xx: retrying will not help until something outside
+    /// the machine changes (the homeserver URL, a new token, a fresh `since`). The machine
+    /// keeps the service alive, retrying only at the maximum backoff, until the caller stops it.
     Fatal,
 }
 
@@ -51,26 +52,36 @@ pub enum TransportErrorKind {
 }
 
 /// A failure of the transport, handed to [`SyncMachine::handle_failure`](crate::SyncMachine::handle_failure).
+///
+/// `Display` escapes control characters in `detail`: I/O errors quote what the peer sent.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{kind:?}: {detail}")]
+#[error("{kind:?}: {}", Escaped(detail))]
 pub struct TransportFailure {
     /// What kind of failure.
     pub kind: TransportErrorKind,
-    /// A human-readable detail for logs. Never put the access token here.
+    /// A human-readable detail for logs, cut to about 1 KiB by [`new`](Self::new). Never put
+    /// the access token here.
     pub detail: String,
 }
 
 impl TransportFailure {
-    /// A transport failure of `kind` with a detail for logs.
+    /// A transport failure of `kind` with a detail for logs, cut to about 1 KiB (on a char
+    /// boundary, with a `… [+N bytes]` marker).
     pub fn new(kind: TransportErrorKind, detail: impl Into<String>) -> Self {
         Self {
             kind,
-            detail: detail.into(),
+            detail: capped(&detail.into()),
         }
     }
 }
 
 /// What exactly failed. The [`class`](Failure::class) decides what happens next.
+///
+/// Text the server chose (`errcode`, `message`, `location`, a `reason` quoting the body) is
+/// cut to about 1 KiB when the failure is built, on a char boundary and marked
+/// `… [+N bytes]`, and a body `excerpt` to 256 bytes, so `Debug` stays bounded. `Display`
+/// also escapes control characters (`\n`, `\u{1b}`, bidi controls), so a server cannot forge
+/// log lines or drive a terminal.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Failure {
@@ -119,20 +130,41 @@ pub enum Failure {
         /// Matrix `error`, if the body had one.
         message: Option<String>,
     },
-    /// The status was a success (or an unexpected 1xx/3xx) but the body is not what the
-    /// endpoint returns.
-    #[error("bad response (status {status}): {reason}; body starts with {excerpt:?}")]
+    /// The server answered 3xx: the homeserver URL is not where the server lives (`http://`
+    /// moved to `https://`, a bare domain sent on to its `matrix.` host, a server that moved).
+    ///
+    /// Redirects are not followed: the next request would carry the access token to whatever
+    /// address the answer names. Retrying the same URL gets the same answer, so the class is
+    /// [`Fatal`](ErrorClass::Fatal). Check that `location` is the server you meant, set
+    /// [`Config::homeserver`](crate::Config::homeserver) to it, and start again.
+    #[error(
+        "the homeserver redirected ({status}){}: set the homeserver URL to the final address",
+        fmt_location(location)
+    )]
+    Redirected {
+        /// HTTP status, 300 to 399.
+        status: u16,
+        /// The `Location` header, if there was one (lossily decoded, cut to about 1 KiB). It
+        /// may be relative to the request URL.
+        location: Option<String>,
+    },
+    /// The status was a success (or an unexpected 1xx, or above 599) but the body is not
+    /// what the endpoint returns.
+    #[error(
+        "bad response (status {status}): {}; body starts with {excerpt:?}",
+        Escaped(reason)
+    )]
     BadResponse {
         /// HTTP status.
         status: u16,
-        /// Why the body was rejected.
+        /// Why the body was rejected (it may quote the body, so it is cut to about 1 KiB).
         reason: String,
         /// The first bytes of the body, lossily decoded.
         excerpt: String,
     },
     /// The machine could not build its request (an unusable configuration value slipped past
     /// validation). Retrying at the maximum backoff keeps the service observable.
-    #[error("could not build the request: {0}")]
+    #[error("could not build the request: {}", Escaped(.0))]
     InvalidRequest(String),
     /// The body exceeded [`Config::max_body_bytes`](crate::Config::max_body_bytes).
     #[error("response body larger than the limit of {limit} bytes")]
@@ -144,10 +176,18 @@ pub enum Failure {
 
 fn fmt_errcode(errcode: &Option<String>, message: &Option<String>) -> String {
     match (errcode, message) {
-        (Some(c), Some(m)) => format!(" {c}: {m}"),
-        (Some(c), None) => format!(" {c}"),
-        (None, Some(m)) => format!(": {m}"),
+        (Some(c), Some(m)) => format!(" {}: {}", Escaped(c), Escaped(m)),
+        (Some(c), None) => format!(" {}", Escaped(c)),
+        (None, Some(m)) => format!(": {}", Escaped(m)),
         (None, None) => String::new(),
+    }
+}
+
+fn fmt_location(location: &Option<String>) -> String {
+    match location {
+        // Debug quotes, and escapes a `"` in the target along with the control characters.
+        Some(l) => format!(" to {l:?}"),
+        None => " without a Location header".to_owned(),
     }
 }
 
@@ -156,9 +196,10 @@ impl Failure {
     pub fn class(&self) -> ErrorClass {
         match self {
             Failure::RateLimited { .. } => ErrorClass::RateLimited,
-            Failure::UnknownToken { .. } | Failure::Refused { .. } | Failure::InvalidRequest(_) => {
-                ErrorClass::Fatal
-            }
+            Failure::Redirected { .. }
+            | Failure::UnknownToken { .. }
+            | Failure::Refused { .. }
+            | Failure::InvalidRequest(_) => ErrorClass::Fatal,
             Failure::Transport(_)
             | Failure::DeadlineExceeded(_)
             | Failure::Server { .. }
@@ -172,6 +213,7 @@ impl Failure {
         match self {
             Failure::Server { status, .. }
             | Failure::Refused { status, .. }
+            | Failure::Redirected { status, .. }
             | Failure::BadResponse { status, .. } => Some(*status),
             Failure::RateLimited { .. } => Some(429),
             Failure::UnknownToken { .. } => Some(401),
@@ -252,4 +294,123 @@ pub enum InputError {
     /// The machine was stopped; it takes no more input.
     #[error("the machine was stopped")]
     Stopped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EVIL: &str = "x\nstate: Live\x1b[2J\x1b]0;title\x07\u{85}\u{202e}";
+    const SHOWN: &str = r"x\nstate: Live\u{1b}[2J\u{1b}]0;title\u{7}\u{85}\u{202e}";
+
+    fn assert_one_safe_line(shown: &str) {
+        assert!(
+            !shown.contains(['\n', '\r', '\x1b', '\x07', '\u{85}', '\u{202e}']),
+            "{shown:?}"
+        );
+        assert!(shown.contains(SHOWN), "{shown}");
+    }
+
+    #[test]
+    fn a_transport_detail_is_capped_and_escaped() {
+        let failure = TransportFailure::new(TransportErrorKind::Reset, "r".repeat(20 << 20));
+        assert!(failure.detail.len() <= 1100 && failure.detail.ends_with(" bytes]"));
+        assert!(failure.to_string().len() <= 2048);
+        assert!(format!("{failure:?}").len() <= 2048);
+
+        let failure = TransportFailure::new(TransportErrorKind::Tls, EVIL);
+        assert_eq!(failure.to_string(), format!("Tls: {SHOWN}"));
+        // Escaped even when built without `new`: the field is public.
+        let failure = TransportFailure {
+            kind: TransportErrorKind::Other,
+            detail: EVIL.to_owned(),
+        };
+        assert_one_safe_line(&failure.to_string());
+        assert_one_safe_line(&Failure::Transport(failure).to_string());
+    }
+
+    #[test]
+    fn every_display_of_a_failure_escapes_server_text() {
+        let text = || Some(EVIL.to_owned());
+        let failures = [
+            Failure::Server {
+                status: 500,
+                errcode: text(),
+                message: text(),
+            },
+            Failure::Server {
+                status: 500,
+                errcode: None,
+                message: text(),
+            },
+            Failure::Refused {
+                status: 400,
+                errcode: text(),
+                message: None,
+            },
+            Failure::RateLimited {
+                retry_after: None,
+                errcode: text(),
+                message: text(),
+            },
+            Failure::Redirected {
+                status: 308,
+                location: text(),
+            },
+            Failure::BadResponse {
+                status: 200,
+                reason: EVIL.to_owned(),
+                excerpt: EVIL.to_owned(),
+            },
+            Failure::InvalidRequest(EVIL.to_owned()),
+        ];
+        for failure in failures {
+            assert_one_safe_line(&failure.to_string());
+            let error = SyncError {
+                failure,
+                class: ErrorClass::Fatal,
+                request: RequestKind::Sync {
+                    timeout: Duration::ZERO,
+                },
+                attempt: 1,
+                delay: Duration::from_secs(1),
+            };
+            assert_one_safe_line(&error.to_string());
+        }
+        // Ordinary text is shown as it is.
+        let failure = Failure::Refused {
+            status: 403,
+            errcode: Some("M_FORBIDDEN".to_owned()),
+            message: Some("Vous n'êtes pas membre de « 日本 »".to_owned()),
+        };
+        assert_eq!(
+            failure.to_string(),
+            "request refused with 403 M_FORBIDDEN: Vous n'êtes pas membre de « 日本 »"
+        );
+    }
+
+    #[test]
+    fn a_redirect_is_fatal_and_says_what_to_change() {
+        let failure = Failure::Redirected {
+            status: 301,
+            location: Some("https://matrix.example.org".to_owned()),
+        };
+        assert_eq!(failure.class(), ErrorClass::Fatal);
+        assert_eq!(failure.status(), Some(301));
+        assert_eq!(failure.errcode(), None);
+        assert_eq!(
+            failure.to_string(),
+            "the homeserver redirected (301) to \"https://matrix.example.org\": \
+             set the homeserver URL to the final address"
+        );
+        let failure = Failure::Redirected {
+            status: 302,
+            location: None,
+        };
+        assert_eq!(
+            failure.to_string(),
+            "the homeserver redirected (302) without a Location header: \
+             set the homeserver URL to the final address"
+        );
+    }
 }

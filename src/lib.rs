@@ -158,6 +158,7 @@ mod request;
 mod response;
 mod scan;
 mod schedule;
+mod text;
 mod token;
 
 pub use backoff::BackoffPolicy;
