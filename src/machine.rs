@@ -463,7 +463,9 @@ impl SyncMachine {
         if let Some(delay) = self.schedule.sync_answered(channel, productive, self.now) {
             log::debug!("nothing delivered: next sync in {} ms", delay.as_millis());
         }
-        if self.mode != Mode::LongPoll {
+        // Only the answer to a catch-up means caught up; a gap fill that failed during a
+        // long-poll's batch leaves the next sync a catch-up.
+        if channel == Channel::CatchUp && self.mode != Mode::LongPoll {
             self.mode = Mode::LongPoll;
             self.set_state(SyncState::Live);
         }
@@ -514,15 +516,21 @@ impl SyncMachine {
                 delay: Duration::ZERO,
             };
         };
-        match FillFailure::of(failure) {
-            FillFailure::Unauthorized => {
-                // Exactly a failed sync: the batch is dropped, `since` stays before it.
-                self.phase = Phase::Syncing { in_flight: None };
-                return self.sync_failed(failure);
-            }
-            FillFailure::HistoryRefused => filler.end_room(),
+        let meaning = FillFailure::of(failure);
+        if meaning == FillFailure::Unauthorized {
+            // Exactly a failed sync: the batch is dropped, `since` stays before it.
+            self.phase = Phase::Syncing { in_flight: None };
+            return self.sync_failed(failure);
+        }
+        // The contract: the first sync after any error catches up.
+        if self.mode == Mode::LongPoll {
+            self.mode = Mode::CatchUp;
+        }
+        match meaning {
+            FillFailure::HistoryRefused | FillFailure::Unauthorized => filler.end_room(),
             FillFailure::Retry => {
                 if filler.on_retryable_failure() {
+                    self.set_state(SyncState::BackingOff);
                     return self.schedule.fill_failed(failure, self.now);
                 }
             }

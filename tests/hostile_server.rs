@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use matrix_sync_service::{
-    defaults, BackoffPolicy, Config, ConfigError, ErrorClass, EventKind, Failure,
-    FilterDefinition, RequestKind, SyncFilter, SyncState, MAX_TOKEN_BYTES,
+    defaults, BackoffPolicy, Config, ConfigError, ErrorClass, EventKind, Failure, FilterDefinition,
+    RequestKind, SyncFilter, SyncState, MAX_TOKEN_BYTES,
 };
 
 use sim::{ms, secs, Feed, Homeserver, Kind, Reply, Sent, Server, Sim};
@@ -153,7 +153,10 @@ fn fresh_tokens_with_empty_rooms_answered_at_once_are_spaced_by_what_was_deliver
     sim.run_until(3 * HOUR);
     let n = sync_requests(&sim).len();
     // Was 1,055 requests per second.
-    assert!(n <= 3 * hourly_bound(&sim.machine.config().backoff, 0), "{n}");
+    assert!(
+        n <= 3 * hourly_bound(&sim.machine.config().backoff, 0),
+        "{n}"
+    );
     assert_within_bound(&sim, "empty joined rooms");
     assert_eq!(sim.last_checkpoint(), Some(format!("e{n}").as_str()));
 }
@@ -204,7 +207,10 @@ fn long_polls_fail(failure: fn() -> Reply) -> Sim<impl Server> {
 #[test]
 fn long_polls_that_always_fail_while_catch_ups_work_back_off_to_the_cap() {
     for (what, failure) in [
-        ("500", (|| Reply::error(ZERO, 500, "M_UNKNOWN", "")) as fn() -> Reply),
+        (
+            "500",
+            (|| Reply::error(ZERO, 500, "M_UNKNOWN", "")) as fn() -> Reply,
+        ),
         ("429 retry 0", || Reply::rate_limited(ZERO, 0, None)),
     ] {
         let sim = long_polls_fail(failure);
@@ -298,7 +304,11 @@ fn gap_fill_holds_no_more_than_the_body_cap_and_reports_the_rest_as_gaps() {
         .map(|e| e.room_id.clone().unwrap())
         .collect();
     assert_eq!(gaps, [OTHER, ROOM], "both rooms end in a gap item");
-    assert_eq!(sim.last_checkpoint(), Some("s1"), "and the batch is delivered");
+    assert_eq!(
+        sim.last_checkpoint(),
+        Some("s1"),
+        "and the batch is delivered"
+    );
 }
 
 // ---- 5. the token revoked in the middle of a batch -------------------------------------------
@@ -341,7 +351,11 @@ fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
         .iter()
         .filter_map(|e| e.event_id.clone())
         .collect();
-    assert_eq!(ids, ["$old", "$new"], "history and timeline, once, in order");
+    assert_eq!(
+        ids,
+        ["$old", "$new"],
+        "history and timeline, once, in order"
+    );
     assert!(!sim
         .log
         .events
@@ -461,7 +475,10 @@ fn gap_fills_carry_the_timeline_part_of_an_uploaded_filter() {
     assert_eq!(*kind, Kind::Messages { room: ROOM.into() });
     let filter: serde_json::Value = serde_json::from_str(filter.as_deref().unwrap()).unwrap();
     assert_eq!(filter["types"], serde_json::json!(["m.room.message"]));
-    assert!(filter.get("limit").is_none(), "the page size is the machine's");
+    assert!(
+        filter.get("limit").is_none(),
+        "the page size is the machine's"
+    );
 }
 
 // ---- 9. tokens that cannot make the round trip ----------------------------------------------------
@@ -487,7 +504,9 @@ fn tokens_too_long_empty_or_with_controls_are_bad_responses_never_stored_or_sent
         assert_eq!(sim.machine.since(), Some("s0"), "{what}: never stored");
         for r in &sim.log.requests {
             assert!(
-                r.since.as_deref().is_none_or(|s| s.len() <= MAX_TOKEN_BYTES),
+                r.since
+                    .as_deref()
+                    .is_none_or(|s| s.len() <= MAX_TOKEN_BYTES),
                 "{what}: never sent"
             );
         }
