@@ -241,9 +241,7 @@ impl SyncMachine {
                 in_flight: None,
                 ..
             } => {
-                let Some(page) = filler.next_request(&self.config) else {
-                    return None;
-                };
+                let page = filler.next_request(&self.config)?;
                 let http = request::messages_request(
                     &self.config,
                     page.room_id,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use matrix_sync_service::{
     defaults, BackoffPolicy, Config, ConfigError, ErrorClass, EventKind, Failure, FilterDefinition,
-    RequestKind, SyncFilter, SyncState, MAX_TOKEN_BYTES,
+    SyncFilter, SyncState, MAX_TOKEN_BYTES,
 };
 
 use sim::{ms, secs, Feed, Homeserver, Kind, Reply, Sent, Server, Sim};
@@ -449,8 +449,9 @@ fn gap_fills_carry_the_timeline_part_of_an_uploaded_filter() {
         id: "f1".into(),
         definition: Box::new(definition),
     });
-    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-    struct Recorder(std::rc::Rc<std::cell::RefCell<Vec<(Kind, Option<String>)>>>);
+    type Seen = std::rc::Rc<std::cell::RefCell<Vec<(Kind, Option<String>)>>>;
+    let seen = Seen::default();
+    struct Recorder(Seen);
     impl Server for Recorder {
         fn answer(&mut self, r: &Sent, http: &http::Request<Vec<u8>>) -> Reply {
             let filter = sim::query(http.uri(), "filter");
@@ -716,10 +717,4 @@ fn a_week_against_the_worst_server_stays_paced_bounded_and_loses_nothing() {
         hourly_bound(&sim.machine.config().backoff, delivering)
     );
     assert!(real > 10, "real batches got through: {real}");
-}
-
-// Keep the request kind import honest for readers: gap fills are `Messages`.
-#[allow(dead_code)]
-fn _kind(k: RequestKind) -> bool {
-    matches!(k, RequestKind::Messages { .. })
 }
