@@ -7,31 +7,105 @@
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
-//! checkpoint after the batch's lines are flushed. SIGINT or SIGTERM stop it cleanly (exit 0).
-//! Bad arguments or a missing token: one line on stderr, exit 2.
+//! checkpoint only after every line before it was written and flushed (at-least-once).
+//!
+//! Exit status (also in `--help`):
+//!
+//! * 0: stopped by SIGINT or SIGTERM (or SIGHUP).
+//! * 1: runtime failure: stdout closed at start, a write to stdout failed (including a broken
+//!   pipe, as when the consumer exits: `tail | head -1` ends with 1), a checkpoint that could
+//!   not be stored, the sync driver thread panicked. The checkpoint of a batch whose lines were
+//!   not all written is never stored.
+//! * 2: usage or configuration error: bad arguments, missing token, invalid configuration, a
+//!   `--since-file` that is not a regular file or whose directory is not writable.
+//!
+//! A signal stops it within about 100 ms even when stdout or stderr is a pipe nobody reads:
+//! if the main thread has not finished by then, the process ends at once with status 0,
+//! without destructors and without storing anything more (the last line on stdout may then be
+//! incomplete; it belongs to a batch whose checkpoint was not stored).
+//!
+//! Diagnostics never panic: a closed or broken stderr only loses them.
 
+use std::fmt::Display;
+use std::fs;
 use std::io::{self, BufWriter, Write};
+use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{never, select, Receiver};
+use crossbeam_channel::{bounded, never, select, Receiver};
 use matrix_sync_service::{
-    start, Config, Event, EventKind, FileCheckpointStore, SyncFilter, SyncService,
+    start, Config, Event, EventKind, FileCheckpointStore, ServiceError, SyncFilter, SyncService,
 };
 use serde_json::{json, Value};
 
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] (token in MATRIX_ACCESS_TOKEN)";
+
+const EXIT_STATUS: &str = "exit status:
+  0  stopped by SIGINT or SIGTERM
+  1  runtime failure: stdout closed or broken (also when the consumer exits, as with `| head`),
+     a checkpoint that could not be stored, the sync driver thread panicked
+  2  usage or configuration error: bad arguments, missing token, unusable --since-file";
+
+/// After a signal, how long the main thread may take to finish before the process ends anyway.
+const SIGNAL_GRACE: Duration = Duration::from_millis(100);
+
+/// How tail ends; each has its own exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    /// Stopped by SIGINT or SIGTERM (or `--help`).
+    Success = 0,
+    /// Stdout closed or broken, a checkpoint that could not be stored, a driver panic.
+    Failed = 1,
+    /// Bad arguments or configuration.
+    Usage = 2,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// Why tail ends early: its exit status and one line for stderr.
+#[derive(Debug)]
+struct Fatal {
+    exit: Exit,
+    message: String,
+}
+
+impl Fatal {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Usage,
+            message: message.into(),
+        }
+    }
+
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            exit: Exit::Failed,
+            message: message.into(),
+        }
+    }
+}
+
+/// One line on stderr. Never panics: a closed or broken stderr loses the line, nothing else.
+fn diagnostic(line: impl Display) {
+    let _ = writeln!(io::stderr(), "{line}");
+}
+
 struct Args {
     homeserver: String,
-    since_file: Option<FileCheckpointStore>,
+    since_file: Option<String>,
     timeline_limit: Option<u32>,
     fill_gaps: bool,
     timeout_ms: Option<u64>,
 }
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] (token in MATRIX_ACCESS_TOKEN)";
-
-fn parse_args() -> Result<Args, String> {
+/// The arguments, or `None` for `--help`.
+fn parse_args() -> Result<Option<Args>, String> {
     let mut args = std::env::args().skip(1);
     let mut parsed = Args {
         homeserver: std::env::var("MATRIX_HOMESERVER").unwrap_or_default(),
@@ -44,9 +118,7 @@ fn parse_args() -> Result<Args, String> {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--homeserver" => parsed.homeserver = value("--homeserver")?,
-            "--since-file" => {
-                parsed.since_file = Some(FileCheckpointStore::new(value("--since-file")?))
-            }
+            "--since-file" => parsed.since_file = Some(value("--since-file")?),
             "--timeline-limit" => {
                 let v = value("--timeline-limit")?;
                 parsed.timeline_limit = Some(
@@ -62,7 +134,7 @@ fn parse_args() -> Result<Args, String> {
                 );
             }
             "--no-fill-gaps" => parsed.fill_gaps = false,
-            "-h" | "--help" => return Err(USAGE.to_owned()),
+            "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
@@ -71,29 +143,45 @@ fn parse_args() -> Result<Args, String> {
             "missing --homeserver (or MATRIX_HOMESERVER); {USAGE}"
         ));
     }
-    Ok(parsed)
+    Ok(Some(parsed))
 }
 
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("tail: {message}");
-            ExitCode::from(2)
+        Ok(()) => Exit::Success.into(),
+        Err(fatal) => {
+            diagnostic(format_args!("tail: {}", fatal.message));
+            fatal.exit.into()
         }
     }
 }
 
-fn run() -> Result<(), String> {
-    let args = parse_args()?;
+fn run() -> Result<(), Fatal> {
+    if closed_stdout::was_closed() {
+        return Err(Fatal::failed(
+            "stdout is closed: refusing to run (events would be lost while checkpoints advance)",
+        ));
+    }
+    // First, before anything that can block (a FIFO as --since-file, a slow start).
+    let signalled = handle_signals()?;
+
+    let Some(args) = parse_args().map_err(Fatal::usage)? else {
+        let _ = writeln!(io::stdout(), "{USAGE}\n\n{EXIT_STATUS}");
+        return Ok(());
+    };
     let token = std::env::var("MATRIX_ACCESS_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
-        .ok_or("MATRIX_ACCESS_TOKEN is not set")?;
+        .ok_or_else(|| Fatal::usage("MATRIX_ACCESS_TOKEN is not set"))?;
     let mut config = Config::new(args.homeserver, token);
-    if let Some(store) = &args.since_file {
-        config.since = store.load().map_err(|e| format!("--since-file: {e}"))?;
-    }
+    let store = match args.since_file {
+        Some(path) => {
+            let (store, since) = open_since_file(path)?;
+            config.since = since;
+            Some(store)
+        }
+        None => None,
+    };
     if let Some(limit) = args.timeline_limit {
         config.filter = Some(SyncFilter::timeline_limit(limit));
     }
@@ -103,48 +191,121 @@ fn run() -> Result<(), String> {
     config.gap_fill.enabled = args.fill_gaps;
     config.jitter_seed = std::process::id() as u64;
 
-    let service = Arc::new(start(config).map_err(|e| format!("invalid configuration: {e}"))?);
-    let on_signal = service.clone();
-    ctrlc::set_handler(move || on_signal.stop()).map_err(|e| format!("signal handler: {e}"))?;
-    let outcome = pump(&service, args.since_file.as_ref());
+    let service = start(config).map_err(|e| Fatal::usage(format!("invalid configuration: {e}")))?;
+    let pumped = pump(&service, store.as_ref(), &signalled);
     service.stop();
-    if let Err(err) = service.join() {
-        eprintln!("error: {err}");
-    }
-    outcome.map_err(|e| format!("stdout: {e}"))
+    outcome(pumped, service.join())
 }
 
-fn pump(service: &SyncService, store: Option<&FileCheckpointStore>) -> io::Result<()> {
-    let stdout = io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
+/// The pump's result, then the driver thread's: a driver panic is a runtime failure.
+fn outcome(pumped: Result<(), Fatal>, joined: Result<(), ServiceError>) -> Result<(), Fatal> {
+    pumped?;
+    joined.map_err(|e| Fatal::failed(e.to_string()))
+}
+
+/// Installs the SIGINT/SIGTERM handler; the returned channel receives one message per signal.
+///
+/// The handler asks the main thread to stop, and if it has not finished within
+/// [`SIGNAL_GRACE`] (it may sit in a write to a pipe nobody reads), ends the process at once.
+fn handle_signals() -> Result<Receiver<()>, Fatal> {
+    let (tx, rx) = bounded(1);
+    ctrlc::set_handler(move || {
+        let _ = tx.try_send(());
+        thread::sleep(SIGNAL_GRACE);
+        // SAFETY: `_exit` takes no lock and runs no destructor, so it cannot deadlock on the
+        // stdout lock held by a blocked main thread. Skipping destructors and buffered output
+        // is intended: nothing more is stored, so every stored checkpoint still follows its
+        // flushed lines.
+        unsafe { libc::_exit(Exit::Success as i32) }
+    })
+    .map_err(|e| Fatal::failed(format!("could not install the signal handler: {e}")))?;
+    Ok(rx)
+}
+
+/// The store at `path` and the token it holds; refuses a file that is not regular (a FIFO
+/// would block the start) and a directory where the checkpoint could not be stored.
+fn open_since_file(path: String) -> Result<(FileCheckpointStore, Option<String>), Fatal> {
+    let store = FileCheckpointStore::new(path);
+    let unusable = |e: io::Error| Fatal::usage(format!("--since-file {:?}: {e}", store.path()));
+    refuse_non_regular(store.path()).map_err(unusable)?;
+    let since = store.load().map_err(unusable)?;
+    check_writable(&store).map_err(unusable)?;
+    Ok((store, since))
+}
+
+// TODO(merge): remove once FileCheckpointStore::load refuses a file that is not regular.
+fn refuse_non_regular(path: &Path) -> io::Result<()> {
+    match fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+// TODO(merge): replace with FileCheckpointStore::check_writable
+fn check_writable(store: &FileCheckpointStore) -> io::Result<()> {
+    let dir = match store.path().parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    tempfile::NamedTempFile::new_in(dir)
+        .map(drop)
+        .map_err(|e| io::Error::new(e.kind(), format!("directory not writable: {e}")))
+}
+
+/// Prints events until a signal, the end of the stream or a failure. A checkpoint is stored
+/// only after every line before it was written and flushed; any stdout error ends the pump.
+fn pump(
+    service: &SyncService,
+    store: Option<&FileCheckpointStore>,
+    signalled: &Receiver<()>,
+) -> Result<(), Fatal> {
+    let stdout_failed = |e: io::Error| Fatal::failed(format!("stdout: {e}"));
+    let mut out = BufWriter::new(io::stdout().lock());
     let mut errors: Receiver<_> = service.errors().clone();
     let mut states: Receiver<_> = service.states().clone();
     loop {
         select! {
+            recv(signalled) -> _ => {
+                // Best effort: these lines follow the last stored checkpoint.
+                let _ = out.flush();
+                return Ok(());
+            }
             recv(service.events()) -> event => {
                 let Ok(event) = event else { break };
-                serde_json::to_writer(&mut out, &line(&event))?;
-                out.write_all(b"\n")?;
+                write_line(&mut out, &event).map_err(stdout_failed)?;
                 if let EventKind::Checkpoint(checkpoint) = &event.kind {
-                    out.flush()?;
+                    out.flush().map_err(stdout_failed)?;
                     if let Some(store) = store {
-                        if let Err(e) = store.save(&checkpoint.next_batch) {
-                            eprintln!("error: could not store the checkpoint: {e}");
-                        }
+                        store.save(&checkpoint.next_batch).map_err(|e| {
+                            Fatal::failed(format!(
+                                "could not store the checkpoint in {:?}: {e}",
+                                store.path()
+                            ))
+                        })?;
                     }
                 }
             }
             recv(errors) -> error => match error {
-                Ok(error) => eprintln!("error: {error}"),
+                Ok(error @ ServiceError::Panicked(_)) => return Err(Fatal::failed(error.to_string())),
+                Ok(error) => diagnostic(format_args!("error: {error}")),
                 Err(_) => errors = never(),
             },
             recv(states) -> state => match state {
-                Ok(state) => eprintln!("state: {state:?}"),
+                Ok(state) => diagnostic(format_args!("state: {state:?}")),
                 Err(_) => states = never(),
             },
         }
     }
-    out.flush()
+    out.flush().map_err(stdout_failed)
+}
+
+fn write_line(out: &mut impl Write, event: &Event) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &line(event))?;
+    out.write_all(b"\n")
 }
 
 fn line(event: &Event) -> Value {
@@ -180,4 +341,72 @@ fn line(event: &Event) -> Value {
         _ => {}
     }
     line
+}
+
+/// Whether fd 1 was closed when the process started.
+///
+/// Rust's runtime reopens a closed stdout as `/dev/null` before `main`, so every write would
+/// succeed and checkpoints advance while events go nowhere. The check must run earlier: on
+/// Linux, from `.init_array`, which the loader runs before the runtime's own setup. Elsewhere
+/// it is compiled out (there is no equally simple hook), and a closed stdout goes undetected.
+#[cfg(target_os = "linux")]
+mod closed_stdout {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn check() {
+        // SAFETY: F_GETFD only reads the descriptor flags of fd 1; no memory is passed.
+        let flags = unsafe { libc::fcntl(libc::STDOUT_FILENO, libc::F_GETFD) };
+        let closed =
+            flags == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+        CLOSED.store(closed, Ordering::Relaxed);
+    }
+
+    // SAFETY: the loader calls each function pointer in `.init_array` once, before `main`, on
+    // the main thread; it passes (argc, argv, envp), which a C function without parameters
+    // ignores. `check` needs nothing from the Rust runtime: one syscall, errno, an atomic.
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static CHECK: extern "C" fn() = check;
+
+    pub fn was_closed() -> bool {
+        CLOSED.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod closed_stdout {
+    pub fn was_closed() -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_statuses_are_distinct_and_documented() {
+        assert_eq!(Exit::Success as u8, 0);
+        assert_eq!(Exit::Failed as u8, 1);
+        assert_eq!(Exit::Usage as u8, 2);
+        for code in ["0  stopped", "1  runtime failure", "2  usage"] {
+            assert!(EXIT_STATUS.contains(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_driver_panic_is_a_runtime_failure() {
+        let panicked = || Err(ServiceError::Panicked("boom".into()));
+        let fatal = outcome(Ok(()), panicked()).unwrap_err();
+        assert_eq!(fatal.exit, Exit::Failed);
+        assert!(fatal.message.contains("boom"));
+        let first = outcome(Err(Fatal::failed("stdout: broken pipe")), panicked()).unwrap_err();
+        assert_eq!(
+            (first.exit, first.message.as_str()),
+            (Exit::Failed, "stdout: broken pipe")
+        );
+        assert!(outcome(Ok(()), Ok(())).is_ok());
+    }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod fake_server;
 pub mod proxy;
 pub mod service;
 pub mod synapse;
