@@ -27,9 +27,7 @@
 //! Diagnostics never panic: a closed or broken stderr only loses them.
 
 use std::fmt::Display;
-use std::fs;
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
@@ -226,34 +224,11 @@ fn handle_signals() -> Result<Receiver<()>, Fatal> {
 /// would block the start) and a directory where the checkpoint could not be stored.
 fn open_since_file(path: String) -> Result<(FileCheckpointStore, Option<String>), Fatal> {
     let store = FileCheckpointStore::new(path);
-    let unusable = |e: io::Error| Fatal::usage(format!("--since-file {:?}: {e}", store.path()));
-    refuse_non_regular(store.path()).map_err(unusable)?;
+    // The store's errors name the file; a FIFO is refused without being opened.
+    let unusable = |e: io::Error| Fatal::usage(format!("--since-file: {e}"));
     let since = store.load().map_err(unusable)?;
-    check_writable(&store).map_err(unusable)?;
+    store.check_writable().map_err(unusable)?;
     Ok((store, since))
-}
-
-// TODO(merge): remove once FileCheckpointStore::load refuses a file that is not regular.
-fn refuse_non_regular(path: &Path) -> io::Result<()> {
-    match fs::metadata(path) {
-        Ok(meta) if !meta.is_file() => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )),
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-// TODO(merge): replace with FileCheckpointStore::check_writable
-fn check_writable(store: &FileCheckpointStore) -> io::Result<()> {
-    let dir = match store.path().parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    tempfile::NamedTempFile::new_in(dir)
-        .map(drop)
-        .map_err(|e| io::Error::new(e.kind(), format!("directory not writable: {e}")))
 }
 
 /// Prints events until a signal, the end of the stream or a failure. A checkpoint is stored
