@@ -25,6 +25,15 @@
 //! * **Gap fill up to 1,000 events per room and batch, pages of 100** ([`GAP_FILL_MAX_EVENTS`],
 //!   [`GAP_FILL_PAGE_SIZE`]): covers a client that was offline for hours in a busy room, in a few
 //!   requests; past it, history is better fetched on demand than before live events.
+//! * **Gap-fill memory budget: the body cap** ([`MAX_BODY_BYTES`]): the events fetched for one
+//!   batch never exceed what one response may weigh, so a pending batch costs at most about
+//!   three bodies (its own, the fills, the page being read) however many rooms are limited.
+//! * **Gap-fill retries: 3 per room, 8 per batch**: a blip is ridden out (three attempts span
+//!   about 1.5 s of backoff), while a room whose history keeps failing cannot hold the batch,
+//!   and a server failing every page cannot hold it past 8 backoff steps and deadlines.
+//! * **Pacing: the backoff schedule** (see the crate docs): an answer that delivered nothing and
+//!   was not held counts as a backoff step, so with these defaults a server gets at most 256
+//!   requests that deliver nothing in an hour, plus 16 for each answer that delivers.
 //! * **Dedup memory of 16,384 event ids** ([`DEDUP_CAPACITY`]): the overlaps it catches (gap fill
 //!   against timeline, state repeated in a limited sync) are within one or two batches. Ids are
 //!   kept as keyed 64-bit fingerprints (16 bytes each with the eviction order, about 0.3 MB in

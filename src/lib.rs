@@ -36,8 +36,9 @@
 //!   only) and `set_presence`; the token only in the `Authorization` header (marked sensitive,
 //!   so it never shows in `Debug`).
 //! * The first request, and the first after any error, uses `timeout=0`; then the long-poll
-//!   timeout. Each request has a deadline: the long-poll timeout plus a margin, or its own longer
-//!   one for the initial sync.
+//!   timeout. Each request has a deadline: the long-poll timeout plus a margin for a long-poll,
+//!   [`Config::catch_up_deadline`] for a `timeout=0` catch-up from a `since` (after days
+//!   offline it is as heavy as an initial sync), [`Config::initial_sync_deadline`] without one.
 //! * A sync body is parsed once, every event kept as a slice of the body; the machine keeps the
 //!   body until its batch is handed on, and builds each [`Event`] when it is polled, from the few
 //!   fields normalization reads (never the whole event into ruma's typed enums). So a batch
@@ -45,20 +46,48 @@
 //!   `Vec<u8>` and it is not even copied. ruma's id and key types validate what the machine
 //!   relies on, and ruma parses `/messages` pages. A 2xx body that does not parse is a
 //!   transient failure; `since` stays.
-//! * A long-poll answered early (in less than half its timeout) with `next_batch` equal to
-//!   `since` spaces the next request by the backoff schedule, so a server answering at once
-//!   cannot make the loop spin; one the server held for its timeout is followed at once.
+//! * **One pacing rule.** After every sync answer or failure, the next sync waits for the
+//!   current backoff step, unless the answer *delivered something* to the consumer (a server
+//!   event, not just a checkpoint or a gap item) or the server *held* the request for at least
+//!   half its timeout (a `timeout=0` catch-up has none to hold). Every failure and every answer
+//!   that did neither counts one more step. The count resets only after an answer that
+//!   delivered something (or was held) to a request at least as demanding as the one failing:
+//!   a catch-up that works proves nothing about long-polls cut by a proxy.
+//! * **The bound that follows.** Whatever a server answers, the sync requests that deliver
+//!   nothing are at most two per backoff step (the catch-up after a failure, and the long-poll
+//!   after it). With the defaults that is at most 2 × (8 + 120) = 256 in an hour: 8 steps below
+//!   the 60 s cap, then one step per at least 30 s (the cap less its jitter); each answer that
+//!   delivers something may start the 8-step ramp again. In general: `2 × (ramp × (d + 1) +
+//!   3600 s / ((1 − jitter) × max))` for `d` delivering answers in the hour. A long-poll is at
+//!   least [`defaults::MIN_LONG_POLL_TIMEOUT`], so a held one is at least half of that apart.
 //! * Failures are classified as [`ErrorClass`] says: transient (network, 5xx, bad body,
 //!   deadline) back off exponentially with seeded jitter; 429 waits the larger of the server's
-//!   wait (capped by [`Config::max_server_wait`]) and the backoff; fatal (401, 403, other 4xx)
-//!   retries only at the maximum backoff until stopped. Backoff resets after a success.
+//!   wait (capped by [`Config::max_server_wait`]) and the backoff; fatal (401, 403, other 4xx,
+//!   and a 3xx, reported with its `Location` as a configuration problem) retries only at the
+//!   maximum backoff until stopped.
+//! * A token the machine would store or send back (`next_batch`, a limited timeline's
+//!   `prev_batch`, a page's `end`) that is empty, holds a control character or is longer than
+//!   [`MAX_TOKEN_BYTES`] makes the response bad (transient): it is never stored, never put in
+//!   a URL. Tokens are otherwise kept byte for byte.
 //! * Order within a batch: to-device, device lists and key counts, global account data,
 //!   presence, then rooms (joined, invited, knocked, left). Per room: gap item, gap-fill events,
 //!   state, timeline, ephemeral, room account data. Then a [`Checkpoint`].
 //! * A limited timeline on an incremental sync is filled with `/rooms/{roomId}/messages` (from
-//!   its `prev_batch` back to the previous `since`), up to [`GapFill::max_events_per_room`];
-//!   past that, or with filling off, an [`EventKind::Gap`] item says what was not delivered.
-//!   Events already delivered in this run are not delivered again.
+//!   its `prev_batch` back to the previous `since`), up to [`GapFill::max_events_per_room`],
+//!   and within a memory budget: the fetched events held for one batch never exceed
+//!   [`Config::max_body_bytes`] (so a pending batch holds at most its body, that budget, and
+//!   the page being read). Past either bound, or with filling off, an [`EventKind::Gap`] item
+//!   says what was not delivered. The `/messages` requests carry the `room.timeline` part of
+//!   the sync filter (for an uploaded filter, of [`SyncFilter::Uploaded`]'s definition).
+//! * Gap-fill failures by meaning: 401 pauses the batch exactly like a failed sync (nothing
+//!   delivered, `since` unchanged, [`SyncState::Unauthorized`]); 403, 404, other 4xx or a
+//!   redirect end that room with a gap item; transient failures and 429 are retried with
+//!   backoff, at most 3 times per room and 8 times per batch, after which the room (or every
+//!   room left) ends with a gap item and the batch goes on. One room never stalls the account.
+//! * Events already delivered are not delivered again, within the memory of the last
+//!   [`Config::dedup_capacity`] event ids (16,384 by default): overlaps between a gap fill and
+//!   its timeline, or state repeated in a limited sync, are caught; an id older than that
+//!   window is not remembered.
 //! * Where this crate chose:
 //!   - [`SyncState::Live`] is announced when the catch-up batch (the answer to the `timeout=0`
 //!     request) has been handed on: the machine is caught up, and every later batch is live
@@ -69,10 +98,11 @@
 //!     one-time-key counts are reported only when they change.
 //!   - A 429's wait is `max(min(server wait, max_server_wait), backoff)`: the ceiling caps
 //!     what the server may ask, never the client's own backoff.
-//!   - A long-poll that comes back early and empty twice in a row is spaced like a repeated
-//!     token, so a server cannot make the loop spin with fresh but empty tokens either.
-//!   - A gap-fill request refused with a fatal error (say, 403 on history) ends filling that
-//!     room: the rest is reported as a gap and the batch is delivered.
+//!   - [`stop`](SyncMachine::stop) in the middle of a delivery drops the rest of the batch: its
+//!     checkpoint never comes, so `since` stays before it, and after the `Stopped` state nothing
+//!     more comes out.
+//!   - `long_poll_timeout` below 100 ms is refused by validation rather than run as polling:
+//!     the pacing rule tells a held long-poll from an instant answer by its timeout.
 //!
 //! The reasons behind the defaults are in [`defaults`].
 //!
