@@ -211,15 +211,17 @@ impl SyncMachine {
     }
 
     /// Stops the machine: the request in flight is abandoned, a batch not yet handed on is
-    /// dropped (its checkpoint never comes, so `since` stays before it), no more requests are
-    /// made, and every later input is refused with [`InputError::Stopped`]. After the
-    /// `Stopped` state, nothing more comes out. Idempotent.
+    /// dropped (its checkpoint never comes, so `since` stays before it), error reports not yet
+    /// polled are dropped, no more requests are made, and every later input is refused with
+    /// [`InputError::Stopped`]. The states polled end with `Stopped`; after it, nothing more
+    /// comes out. Idempotent.
     pub fn stop(&mut self) {
         if matches!(self.phase, Phase::Stopped) {
             return;
         }
         self.set_state(SyncState::Stopped);
         self.phase = Phase::Stopped;
+        self.errors.clear();
     }
 
     // ---- outputs --------------------------------------------------------------------------

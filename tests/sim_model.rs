@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
     BackoffPolicy, Config, ErrorClass, EventKind, Failure, InputError, RequestId, RequestKind,
-    SyncError, SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+    SyncError, SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::Checked;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 
@@ -388,7 +389,7 @@ impl Model {
 // ---- running a sequence ---------------------------------------------------------------------
 
 struct Run {
-    machine: SyncMachine,
+    machine: Checked,
     model: Model,
     origin: Instant,
     transcript: String,
@@ -410,7 +411,7 @@ fn matrix_error(status: u16, errcode: &str, extra: &str) -> http::Response<Vec<u
 impl Run {
     fn new(p: Params) -> Self {
         let origin = Instant::now();
-        let machine = SyncMachine::new(p.config(), origin).expect("valid config");
+        let machine = Checked::new(p.config(), origin).expect("valid config");
         let mut run = Self {
             machine,
             model: Model::new(p),

@@ -5,7 +5,9 @@
 //! a few templates, a fixture or raw bytes; a transport failure; time advancing; time going
 //! backwards; a stop. After every step the outputs are drained the way the crate docs say.
 //!
-//! Invariants checked:
+//! Invariants checked: those of the test kit's `Checked` wrapper, which every harness of the
+//! crate shares (nothing after a stop, pacing within the backoff schedule, no delivery of a
+//! batch whose gap fill failed on authentication, the gap-fill memory budget), and here:
 //! * no panic;
 //! * at most one request in flight: `poll_request` hands out nothing while one is outstanding,
 //!   and nothing while events wait to be drained;
@@ -27,6 +29,7 @@ use matrix_sync_service::{
     BackoffPolicy, Config, ErrorClass, EventKind, Failure, GapFill, InputError, OutgoingRequest,
     RequestId, RequestKind, SyncMachine, SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::Checked;
 use serde_json::{json, Value};
 
 const MAX_STEPS: usize = 48;
@@ -401,7 +404,7 @@ fn snapshot(m: &SyncMachine) -> Snapshot {
 }
 
 struct Harness {
-    m: SyncMachine,
+    m: Checked,
     base: Instant,
     now: Instant,
     outstanding: Option<Outstanding>,
@@ -651,7 +654,7 @@ impl Harness {
 fn run(s: &Scenario) -> String {
     let base = Instant::now();
     let config = config(&s.knobs);
-    let m = SyncMachine::new(config, base).expect("clamped config is valid");
+    let m = Checked::new(config, base).expect("clamped config is valid");
     let mut h = Harness {
         m,
         base,

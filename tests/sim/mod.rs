@@ -1,4 +1,5 @@
-//! A deterministic simulation harness for the sans-IO [`SyncMachine`].
+//! A deterministic simulation harness for the sans-IO `SyncMachine`, driven through the
+//! test kit's `Checked` wrapper, so every run also checks the shared invariants.
 //!
 //! * A scripted homeserver ([`Homeserver`]): a closure that sees every request the machine hands
 //!   out (kind, `since`, `timeout`, `/messages` `from`/`to`, send instant) and decides what
@@ -7,7 +8,7 @@
 //!   a `next_batch` token stream that writes valid sync bodies with new, uniquely numbered
 //!   events and remembers every batch it produced.
 //! * A simulated clock that only ever jumps to the next instant something happens: the arrival
-//!   of the scripted answer, or the machine's [`poll_timeout`](SyncMachine::poll_timeout),
+//!   of the scripted answer, or the machine's [`poll_timeout`](matrix_sync_service::SyncMachine::poll_timeout),
 //!   whichever is first (an answer wins a tie). No wall-clock time passes.
 //! * Everything is seeded ([`SplitMix64`]) and deterministic, and everything is recorded in a
 //!   [`Log`]: every request (send instant, kind, `since`, `timeout`, deadline, outcome), every
@@ -30,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
     Config, ErrorClass, Event, EventKind, Failure, InputError, OutgoingRequest, RequestId,
-    RequestKind, SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+    RequestKind, SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::Checked;
 
 /// The homeserver every simulated machine talks to (nothing is ever sent).
 pub const HOMESERVER: &str = "https://hs.example.org";
@@ -515,8 +517,8 @@ struct Flight {
 
 /// A machine, a scripted server and a simulated clock.
 pub struct Sim<S> {
-    /// The machine under test.
-    pub machine: SyncMachine,
+    /// The machine under test, its invariants checked at every call.
+    pub machine: Checked,
     /// The scripted server.
     pub server: S,
     /// Everything that happened.
@@ -535,7 +537,7 @@ impl<S: Server> Sim<S> {
     pub fn new(config: Config, server: S) -> Self {
         let origin = Instant::now();
         let last_checkpoint = config.since.clone();
-        let machine = SyncMachine::new(config, origin).expect("valid config");
+        let machine = Checked::new(config, origin).expect("valid config");
         Self {
             machine,
             server,

@@ -1,0 +1,401 @@
+//! Test support shared by the crate's tests and its fuzz targets.
+//!
+//! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
+//! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
+//! all drive the machine through it, so there is one list of invariants, here.
+//!
+//! * After [`stop`](Checked::stop), nothing more comes out: no request, event or error, no
+//!   wake-up, and `Stopped` is the last state.
+//! * Pacing: in any window of time, the sync requests that delivered nothing (failed, or
+//!   answered early with nothing for the consumer) are no more than the backoff schedule
+//!   allows: `2 × (d + 1)` ramps of the schedule's minimum delays fit in the window, `d` being
+//!   the answers in it that delivered something or were held by the server (windows are
+//!   checked up to two hours and eight such answers back). Each ramp is the
+//!   sequence of delays `(1 − jitter) × min(initial × factor^(n−1), max)`; with a jitter of 1
+//!   a delay may be zero and no bound exists, so none is checked.
+//! * `since` never passes a batch whose gap fill failed on authentication: after such a
+//!   failure, no event comes out before the next sync is sent.
+//! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
+
+use std::ops::Deref;
+use std::time::{Duration, Instant};
+
+use matrix_sync_service::{
+    BackoffPolicy, Config, ConfigError, Event, EventKind, Failure, InputError, OutgoingRequest,
+    RequestId, RequestKind, SyncError, SyncMachine, SyncState, TransportFailure,
+};
+
+/// How far back pacing windows are checked: the bound grows linearly past the ramp, so
+/// longer windows show nothing new, and a limit keeps week-long simulations fast.
+const WINDOW_HORIZON: Duration = Duration::from_secs(2 * 3600);
+/// Windows are checked back to this many delivering (or held) answers: each one allows two
+/// more ramps, so a window holding many is never where a spinning loop shows.
+const WINDOW_RESETS: usize = 8;
+
+/// A [`SyncMachine`] whose every input and output is checked against the invariants. Reading
+/// methods are reached through `Deref`; every method that changes the machine is wrapped.
+#[derive(Debug)]
+pub struct Checked {
+    machine: SyncMachine,
+    now: Instant,
+    invariants: Invariants,
+}
+
+impl Checked {
+    /// [`SyncMachine::new`], checked.
+    pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
+        let invariants = Invariants::new(&config);
+        Ok(Self {
+            machine: SyncMachine::new(config, now)?,
+            now,
+            invariants,
+        })
+    }
+
+    /// [`SyncMachine::handle_response`], checked.
+    pub fn handle_response<B: AsRef<[u8]> + Into<Vec<u8>>>(
+        &mut self,
+        id: RequestId,
+        response: http::Response<B>,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        let result = self.machine.handle_response(id, response, now);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        result
+    }
+
+    /// [`SyncMachine::handle_failure`], checked.
+    pub fn handle_failure(
+        &mut self,
+        id: RequestId,
+        failure: TransportFailure,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        let result = self.machine.handle_failure(id, failure, now);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        result
+    }
+
+    /// [`SyncMachine::handle_timeout`], checked.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
+        let awaited = self.machine.in_flight().map(|(id, _, _)| id);
+        let result = self.machine.handle_timeout(now);
+        let gone = awaited.filter(|_| self.machine.in_flight().is_none());
+        self.after_input(gone.map(|id| (id, now)), now, &result);
+        result
+    }
+
+    /// [`SyncMachine::stop`], checked.
+    pub fn stop(&mut self) {
+        self.machine.stop();
+        self.invariants.stopped = true;
+        self.check_machine();
+    }
+
+    /// [`SyncMachine::poll_request`], checked.
+    #[must_use]
+    pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
+        let request = self.machine.poll_request();
+        if let Some(request) = &request {
+            self.invariants.sent(request, self.now);
+        }
+        request
+    }
+
+    /// [`SyncMachine::poll_event`], checked.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let event = self.machine.poll_event();
+        if let Some(event) = &event {
+            self.invariants.event(event);
+        }
+        event
+    }
+
+    /// [`SyncMachine::poll_error`], checked.
+    #[must_use]
+    pub fn poll_error(&mut self) -> Option<SyncError> {
+        let error = self.machine.poll_error();
+        if let Some(error) = &error {
+            self.invariants.error(error);
+        }
+        error
+    }
+
+    /// [`SyncMachine::poll_state`], checked.
+    #[must_use]
+    pub fn poll_state(&mut self) -> Option<SyncState> {
+        let state = self.machine.poll_state();
+        if let Some(state) = state {
+            self.invariants.state(state);
+        }
+        state
+    }
+
+    fn after_input(
+        &mut self,
+        answered: Option<(RequestId, Instant)>,
+        now: Instant,
+        result: &Result<(), InputError>,
+    ) {
+        if result.is_ok() {
+            self.now = now;
+        }
+        if let Some((id, at)) = answered {
+            self.invariants.answered(id, at);
+        }
+        self.check_machine();
+    }
+
+    fn check_machine(&self) {
+        let m = &self.machine;
+        assert!(
+            m.gap_fill_bytes() <= self.invariants.budget,
+            "gap fill holds {} bytes, over the budget of {}",
+            m.gap_fill_bytes(),
+            self.invariants.budget
+        );
+        if self.invariants.stopped {
+            assert_eq!(m.poll_timeout(), None, "a wake-up after stop");
+            assert!(m.in_flight().is_none(), "a request in flight after stop");
+            assert_eq!(m.state(), SyncState::Stopped);
+        }
+    }
+}
+
+impl Deref for Checked {
+    type Target = SyncMachine;
+
+    fn deref(&self) -> &SyncMachine {
+        &self.machine
+    }
+}
+
+#[derive(Debug)]
+struct SyncRecord {
+    sent: Instant,
+    timeout: Duration,
+    answered: Option<Instant>,
+    failed: bool,
+    delivered: bool,
+}
+
+impl SyncRecord {
+    /// The server used the timeout it was given (and did not fail).
+    fn held(&self) -> bool {
+        !self.failed
+            && self
+                .answered
+                .is_some_and(|at| at.saturating_duration_since(self.sent) >= self.timeout / 2)
+    }
+
+    /// Ends a run of the backoff schedule: something reached the consumer, or a long-poll
+    /// was held.
+    fn resets(&self) -> bool {
+        !self.failed && (self.delivered || (self.held() && !self.timeout.is_zero()))
+    }
+
+    /// Counted against the schedule: failed, or answered early with nothing delivered.
+    /// (A catch-up, with no timeout to hold, is followed at once by design.)
+    fn unproductive(&self) -> bool {
+        self.answered.is_some() && (self.failed || (!self.delivered && !self.held()))
+    }
+}
+
+#[derive(Debug)]
+struct Invariants {
+    budget: u64,
+    /// `ramp[n]`: the least time `n + 1` consecutive counted requests take; `None` without a
+    /// bound (jitter 1).
+    ramp: Option<Ramp>,
+    stopped: bool,
+    saw_stopped: bool,
+    syncs: Vec<SyncRecord>,
+    /// The request awaited, and whether it is a sync.
+    awaited: Option<(RequestId, bool)>,
+    /// A gap fill failed on authentication: its batch must not be delivered.
+    batch_dropped: bool,
+}
+
+impl Invariants {
+    fn new(config: &Config) -> Self {
+        Self {
+            budget: config.max_body_bytes,
+            ramp: Ramp::new(&config.backoff),
+            stopped: false,
+            saw_stopped: false,
+            syncs: Vec::new(),
+            awaited: None,
+            batch_dropped: false,
+        }
+    }
+
+    fn nothing_after_stop(&self, what: &str) {
+        assert!(!self.stopped, "{what} after stop");
+        assert!(!self.saw_stopped, "{what} after the Stopped state");
+    }
+
+    fn sent(&mut self, request: &OutgoingRequest, now: Instant) {
+        self.nothing_after_stop("a request");
+        let sync = matches!(request.kind, RequestKind::Sync { .. });
+        self.awaited = Some((request.id, sync));
+        if let RequestKind::Sync { timeout } = request.kind {
+            self.batch_dropped = false;
+            self.check_pacing(now);
+            self.syncs.push(SyncRecord {
+                sent: now,
+                timeout,
+                answered: None,
+                failed: false,
+                delivered: false,
+            });
+        }
+    }
+
+    fn answered(&mut self, id: RequestId, at: Instant) {
+        if let Some((awaited, sync)) = self.awaited {
+            if awaited == id {
+                self.awaited = None;
+                if sync {
+                    if let Some(record) = self.syncs.last_mut() {
+                        record.answered = Some(at);
+                    }
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, event: &Event) {
+        self.nothing_after_stop("an event");
+        assert!(
+            !self.batch_dropped,
+            "an event of a batch whose gap fill failed on authentication: {event:?}"
+        );
+        let synthetic = matches!(
+            event.kind,
+            EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::Leave
+        );
+        if !synthetic {
+            if let Some(record) = self.syncs.last_mut() {
+                record.delivered = true;
+            }
+        }
+    }
+
+    fn error(&mut self, error: &SyncError) {
+        self.nothing_after_stop("an error");
+        match &error.request {
+            RequestKind::Sync { .. } => {
+                if let Some(record) = self.syncs.last_mut() {
+                    record.failed = true;
+                }
+            }
+            RequestKind::Messages { .. } => {
+                let auth = matches!(
+                    error.failure,
+                    Failure::UnknownToken { .. } | Failure::Refused { status: 401, .. }
+                );
+                if auth {
+                    self.batch_dropped = true;
+                    // The batch failed like its sync would have.
+                    if let Some(record) = self.syncs.last_mut() {
+                        record.failed = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn state(&mut self, state: SyncState) {
+        assert!(!self.saw_stopped, "state {state:?} after the Stopped state");
+        self.saw_stopped = state == SyncState::Stopped;
+    }
+
+    /// A sync goes out at `now`: every window ending here holds no more counted requests
+    /// than the schedule allows.
+    fn check_pacing(&self, now: Instant) {
+        let Some(ramp) = &self.ramp else { return };
+        let (mut counted, mut resets) = (0usize, 0usize);
+        for record in self.syncs.iter().rev() {
+            let window = now.saturating_duration_since(record.sent);
+            if window > WINDOW_HORIZON || resets > WINDOW_RESETS {
+                break;
+            }
+            counted += usize::from(record.unproductive());
+            resets += usize::from(record.resets());
+            let allowed = 2 * (resets + 1) * ramp.steps_within(window);
+            assert!(
+                counted <= allowed,
+                "{counted} sync requests that delivered nothing within {window:?} \
+                 ({resets} delivering or held answers): the schedule allows {allowed}"
+            );
+        }
+    }
+}
+
+/// The least time consecutive counted requests take under a backoff policy.
+#[derive(Debug)]
+struct Ramp {
+    /// `sums[n]`: the least time from the first to the `(n + 1)`-th request, while delays grow.
+    sums: Vec<Duration>,
+    /// The least delay once at the cap.
+    at_cap: Duration,
+}
+
+impl Ramp {
+    fn new(policy: &BackoffPolicy) -> Option<Self> {
+        let keep = 1.0 - policy.jitter;
+        if keep <= 0.0 {
+            return None;
+        }
+        let mut sums = vec![Duration::ZERO];
+        let mut n = 1;
+        while policy.base_delay(n) < policy.max && n < 10_000 {
+            let last = *sums.last().unwrap_or(&Duration::ZERO);
+            sums.push(last + policy.base_delay(n).mul_f64(keep));
+            n += 1;
+        }
+        let at_cap = policy.max.mul_f64(keep);
+        (!at_cap.is_zero()).then_some(Self { sums, at_cap })
+    }
+
+    /// How many counted requests fit in `window`.
+    fn steps_within(&self, window: Duration) -> usize {
+        let ramped = self.sums.partition_point(|sum| *sum <= window);
+        if ramped < self.sums.len() {
+            return ramped;
+        }
+        let rest = window.saturating_sub(*self.sums.last().unwrap_or(&Duration::ZERO));
+        ramped + (rest.as_nanos() / self.at_cap.as_nanos()) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ramp_counts_the_schedule_s_least_delays() {
+        let policy = BackoffPolicy {
+            jitter: 0.5,
+            ..BackoffPolicy::default()
+        };
+        let ramp = Ramp::new(&policy).unwrap();
+        // Least delays: 250 ms, 500 ms, 1 s, 2 s, ... then 30 s at the cap.
+        assert_eq!(ramp.steps_within(Duration::ZERO), 1);
+        assert_eq!(ramp.steps_within(Duration::from_millis(249)), 1);
+        assert_eq!(ramp.steps_within(Duration::from_millis(250)), 2);
+        assert_eq!(ramp.steps_within(Duration::from_millis(750)), 3);
+        let ramp_time = *ramp.sums.last().unwrap();
+        assert_eq!(ramp.steps_within(ramp_time), ramp.sums.len());
+        assert_eq!(
+            ramp.steps_within(ramp_time + Duration::from_secs(60)),
+            ramp.sums.len() + 2
+        );
+        let no_bound = BackoffPolicy {
+            jitter: 1.0,
+            ..BackoffPolicy::default()
+        };
+        assert!(Ramp::new(&no_bound).is_none());
+    }
+}
