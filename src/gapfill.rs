@@ -261,3 +261,206 @@ fn unfilled(
         newest_first,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma_common::serde::Raw;
+    use serde_json::json;
+
+    use super::*;
+
+    fn config(max_events_per_room: usize, page_size: u32) -> Config {
+        let mut config = Config::new("https://example.org", "token");
+        config.gap_fill.max_events_per_room = max_events_per_room;
+        config.gap_fill.page_size = page_size;
+        config
+    }
+
+    fn room(n: u32) -> OwnedRoomId {
+        format!("!r{n}:example.org").try_into().unwrap()
+    }
+
+    /// An incremental sync answer in which `rooms` rooms have a limited timeline.
+    fn filler(rooms: u32, config: &Config) -> GapFiller {
+        let join: serde_json::Map<String, serde_json::Value> = (0..rooms)
+            .map(|n| {
+                let timeline =
+                    json!({ "limited": true, "prev_batch": format!("p{n}"), "events": [] });
+                (room(n).to_string(), json!({ "timeline": timeline }))
+            })
+            .collect();
+        let body = json!({ "next_batch": "n1", "rooms": { "join": join } });
+        let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
+        match GapFiller::plan(parsed, Some("s0"), config) {
+            Plan::Fill(filler) => filler,
+            Plan::Deliver(..) => panic!("limited timelines of an incremental sync are filled"),
+        }
+    }
+
+    fn page(events: usize, end: Option<&str>) -> messages::Response {
+        let mut page = messages::Response::new();
+        page.end = end.map(str::to_owned);
+        page.chunk = (0..events)
+            .map(|i| {
+                let event = json!({ "type": "m.room.message", "event_id": format!("$e{i}") });
+                Raw::from_json(serde_json::value::to_raw_value(&event).unwrap())
+            })
+            .collect();
+        page
+    }
+
+    #[test]
+    fn failures_are_sorted_by_what_they_mean() {
+        let refused = |status| Failure::Refused {
+            status,
+            errcode: None,
+            message: None,
+        };
+        assert_eq!(FillFailure::of(&refused(401)), FillFailure::Unauthorized);
+        assert_eq!(FillFailure::of(&refused(403)), FillFailure::HistoryRefused);
+        let server = Failure::Server {
+            status: 502,
+            errcode: None,
+            message: None,
+        };
+        assert_eq!(FillFailure::of(&server), FillFailure::Retry);
+    }
+
+    #[test]
+    fn filling_is_planned_only_when_enabled_with_a_positive_cap() {
+        let mut off = config(10, 5);
+        off.gap_fill.enabled = false;
+        let mut zero = config(0, 5);
+        zero.gap_fill.enabled = true;
+        for config in [off, zero] {
+            let body = json!({ "next_batch": "n1", "rooms": { "join": {
+                "!r0:example.org": { "timeline": { "limited": true, "prev_batch": "p0" } } } } });
+            let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
+            let Plan::Deliver(_, fills) = GapFiller::plan(parsed, Some("s0"), &config) else {
+                panic!("nothing to fill");
+            };
+            let gap = fills[&room(0)].unfilled.as_ref().unwrap();
+            assert_eq!(
+                (gap.prev_batch.as_str(), gap.previous_since.as_str()),
+                ("p0", "s0")
+            );
+        }
+        // A cap of one still fills.
+        let _ = filler(1, &config(1, 5));
+    }
+
+    #[test]
+    fn the_limit_never_passes_the_cap_and_is_at_least_one() {
+        let config = config(7, 5);
+        let mut f = filler(1, &config);
+        let r = f.next_request(&config).unwrap();
+        assert_eq!((r.from, r.to, r.limit), ("p0", "s0", 5));
+        f.on_page(page(5, Some("e1")), 7).unwrap();
+        let r = f.next_request(&config).unwrap();
+        assert_eq!((r.from, r.limit), ("e1", 2));
+        assert!(!f.is_done());
+        f.on_page(page(2, Some("e2")), 7).unwrap();
+        assert!(f.is_done());
+        assert!(f.next_request(&config).is_none());
+        let (_, fills) = f.into_parts();
+        let fill = &fills[&room(0)];
+        assert_eq!(fill.newest_first.len(), 7);
+        assert_eq!(fill.unfilled.as_ref().unwrap().prev_batch, "e2");
+    }
+
+    #[test]
+    fn a_page_that_ends_where_it_started_or_without_end_exhausts_the_room() {
+        let config = config(100, 10);
+        let mut f = filler(2, &config);
+        f.on_page(page(3, Some("p0")), 100).unwrap();
+        f.on_page(page(1, None), 100).unwrap();
+        assert!(f.is_done());
+        let (_, fills) = f.into_parts();
+        assert!(fills[&room(0)].unfilled.is_none());
+        assert!(fills[&room(1)].unfilled.is_none());
+        assert_eq!(fills[&room(0)].newest_first.len(), 3);
+    }
+
+    #[test]
+    fn a_bad_end_is_refused_before_anything_is_taken() {
+        let config = config(100, 10);
+        let mut f = filler(1, &config);
+        assert!(f.on_page(page(2, Some("")), 100).is_err());
+        assert_eq!(f.held_bytes(), 0);
+        assert_eq!(f.next_request(&config).unwrap().from, "p0");
+    }
+
+    #[test]
+    fn a_run_of_empty_pages_is_reported_as_a_gap() {
+        let config = config(100, 10);
+        let mut f = filler(1, &config);
+        for n in 1..=MAX_EMPTY_PAGES {
+            f.on_page(page(0, Some(&format!("x{n}"))), 100).unwrap();
+            assert!(!f.is_done(), "empty page {n}");
+        }
+        // A page with events restarts the count.
+        f.on_page(page(1, Some("y")), 100).unwrap();
+        for n in 1..=MAX_EMPTY_PAGES {
+            f.on_page(page(0, Some(&format!("z{n}"))), 100).unwrap();
+            assert!(!f.is_done(), "empty page {n} after events");
+        }
+        f.on_page(page(0, Some("last")), 100).unwrap();
+        assert!(f.is_done());
+        let (_, fills) = f.into_parts();
+        let fill = &fills[&room(0)];
+        assert_eq!(fill.unfilled.as_ref().unwrap().prev_batch, "last");
+        assert_eq!(fill.newest_first.len(), 1);
+    }
+
+    #[test]
+    fn the_memory_budget_drops_the_page_that_would_pass_it() {
+        let mut config = config(100, 10);
+        let one = page(1, Some("a")).chunk[0].json().get().len() as u64;
+        config.max_body_bytes = 3 * one;
+        let mut f = filler(2, &config);
+        f.on_page(page(2, Some("a")), 100).unwrap();
+        assert_eq!(f.held_bytes(), 2 * one);
+        // Exactly at the budget is allowed.
+        f.on_page(page(1, Some("b")), 100).unwrap();
+        assert_eq!(f.held_bytes(), 3 * one);
+        f.on_page(page(1, Some("c")), 100).unwrap();
+        assert_eq!(
+            f.held_bytes(),
+            3 * one,
+            "the page past the budget is dropped"
+        );
+        assert!(!f.is_done(), "the next room is still filled");
+        f.on_page(page(1, None), 100).unwrap();
+        let (_, fills) = f.into_parts();
+        assert_eq!(fills[&room(0)].unfilled.as_ref().unwrap().prev_batch, "b");
+        assert_eq!(fills[&room(0)].newest_first.len(), 3);
+        assert!(fills[&room(1)].newest_first.is_empty());
+    }
+
+    #[test]
+    fn retries_are_bounded_per_room_and_per_batch() {
+        let config = config(100, 10);
+        let mut f = filler(4, &config);
+        for _ in 1..MAX_ROOM_ATTEMPTS {
+            assert!(f.on_retryable_failure());
+        }
+        assert!(!f.on_retryable_failure(), "room 0 ends");
+        assert_eq!(f.next_request(&config).unwrap().room_id, &room(1));
+        // A page restarts the room's count but not the batch's.
+        assert!(f.on_retryable_failure());
+        f.on_page(page(1, Some("m")), 100).unwrap();
+        for _ in 1..MAX_ROOM_ATTEMPTS {
+            assert!(f.on_retryable_failure());
+        }
+        assert!(!f.on_retryable_failure(), "room 1 ends");
+        // Seven failures so far; the eighth gives up on every room left.
+        assert!(!f.is_done());
+        assert!(!f.on_retryable_failure(), "the batch gives up");
+        assert!(f.is_done());
+        assert!(!f.on_retryable_failure());
+        let (_, fills) = f.into_parts();
+        assert_eq!(fills.len(), 4);
+        assert!(fills.values().all(|fill| fill.unfilled.is_some()));
+        assert_eq!(fills[&room(1)].unfilled.as_ref().unwrap().prev_batch, "m");
+    }
+}
