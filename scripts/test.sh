@@ -17,7 +17,7 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (default features, and the pure machine alone)"
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --no-default-features --lib --tests -- -D warnings
 
 step "the pure machine pulls in no I/O crates"
@@ -31,6 +31,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 
 step "tests of the pure machine, without the driver"
 cargo test --no-default-features
+
+step "the test kit's own tests"
+cargo test -p matrix-sync-testkit
 
 step "every test, with the driver and a real Synapse"
 cargo test

@@ -271,6 +271,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_or_an_unproductive_answer_makes_the_next_request_wait() {
+        let mut s = schedule();
+        let t = Instant::now();
+        s.sync_failed(Channel::LongPoll, &server_error(), t);
+        assert!(!s.is_due(t));
+        assert_eq!(s.next_send(t), t + Duration::from_millis(500));
+        assert!(s.is_due(t + Duration::from_millis(500)));
+        s.sent();
+        s.fill_failed(&server_error(), t);
+        assert_eq!(s.next_send(t), t + Duration::from_millis(500));
+        s.sent();
+        s.sync_answered(Channel::LongPoll, false, t);
+        assert_eq!(s.next_send(t), t + Duration::from_millis(1000));
+    }
+
+    #[test]
     fn held_means_at_least_half_the_timeout() {
         let t = Instant::now();
         let timeout = Duration::from_secs(30);
