@@ -173,15 +173,15 @@ mod tests {
         assert_eq!(class(429, "{}"), ErrorClass::RateLimited);
         assert_eq!(
             class(401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#),
-            ErrorClass::Fatal
+            ErrorClass::NeedsUser
         );
-        assert_eq!(class(401, "{}"), ErrorClass::Fatal);
+        assert_eq!(class(401, "{}"), ErrorClass::NeedsUser);
         assert_eq!(
             class(403, r#"{"errcode":"M_FORBIDDEN"}"#),
-            ErrorClass::Fatal
+            ErrorClass::NeedsUser
         );
-        assert_eq!(class(404, ""), ErrorClass::Fatal);
-        assert_eq!(class(302, ""), ErrorClass::Fatal);
+        assert_eq!(class(404, ""), ErrorClass::NeedsUser);
+        assert_eq!(class(302, ""), ErrorClass::NeedsUser);
         assert_eq!(class(101, ""), ErrorClass::Transient);
         assert!(run(200, &[], "{}").is_ok());
     }
@@ -305,7 +305,7 @@ mod tests {
                     location: Some("https://matrix.example.org/".to_owned())
                 }
             );
-            assert_eq!(failure.class(), ErrorClass::Fatal);
+            assert_eq!(failure.class(), ErrorClass::NeedsUser);
             assert_eq!(failure.status(), Some(code));
             assert_eq!(
                 failure.to_string(),

@@ -9,7 +9,6 @@ use std::time::Duration;
 use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
 
-use crate::backoff::BackoffPolicy;
 use crate::defaults;
 use crate::token::{self, TokenProblem};
 
@@ -241,6 +240,73 @@ impl Config {
     }
 }
 
+// ---- backoff ------------------------------------------------------------------------------
+
+/// How delays grow between consecutive failures.
+///
+/// The `n`-th consecutive failure (from 1) waits `min(initial * factor^(n-1), max)`, of which
+/// jitter removes a random fraction in `[0, jitter)`: every delay lies in
+/// `[(1 - jitter) * base, base]`, never above `max`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackoffPolicy {
+    /// Delay after the first failure.
+    pub initial: Duration,
+    /// Growth factor, at least 1.
+    pub factor: f64,
+    /// Cap on every delay; also the fixed delay after a fatal error.
+    pub max: Duration,
+    /// Fraction in `[0, 1]` of each delay that jitter may remove.
+    pub jitter: f64,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        Self {
+            initial: defaults::BACKOFF_INITIAL,
+            factor: defaults::BACKOFF_FACTOR,
+            max: defaults::BACKOFF_MAX,
+            jitter: defaults::BACKOFF_JITTER,
+        }
+    }
+}
+
+impl BackoffPolicy {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let day = Duration::from_secs(86_400);
+        check_duration(
+            "backoff.initial",
+            self.initial,
+            Duration::from_millis(1),
+            day,
+        )?;
+        check_duration("backoff.max", self.max, self.initial, day)?;
+        if !(1.0..=100.0).contains(&self.factor) {
+            return Err(ConfigError::Invalid {
+                field: "backoff.factor",
+                reason: "must be within 1..=100",
+            });
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err(ConfigError::Invalid {
+                field: "backoff.jitter",
+                reason: "must be within 0..=1",
+            });
+        }
+        Ok(())
+    }
+
+    /// The delay before jitter for the `attempt`-th consecutive failure (1-based).
+    pub fn base_delay(&self, attempt: u32) -> Duration {
+        let exponent = attempt.saturating_sub(1).min(1024) as i32;
+        let secs = self.initial.as_secs_f64() * self.factor.powi(exponent);
+        if !secs.is_finite() || secs >= self.max.as_secs_f64() {
+            self.max
+        } else {
+            Duration::from_secs_f64(secs).min(self.max)
+        }
+    }
+}
+
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -344,6 +410,95 @@ pub enum ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_delays_double_up_to_the_cap() {
+        let p = BackoffPolicy::default();
+        let ms: Vec<u128> = (1..=9).map(|n| p.base_delay(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000]
+        );
+        assert_eq!(p.base_delay(u32::MAX), p.max);
+    }
+
+    #[test]
+    fn validation_rejects_each_unusable_field() {
+        let ok = BackoffPolicy::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let field = |p: BackoffPolicy| match p.validate() {
+            Err(
+                ConfigError::DurationOutOfRange { field, .. } | ConfigError::Invalid { field, .. },
+            ) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(BackoffPolicy {
+                initial: Duration::ZERO,
+                ..ok.clone()
+            }),
+            "backoff.initial"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                max: Duration::from_millis(100),
+                ..ok.clone()
+            }),
+            "backoff.max"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                max: Duration::from_secs(86_401),
+                ..ok.clone()
+            }),
+            "backoff.max"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                factor: 0.5,
+                ..ok.clone()
+            }),
+            "backoff.factor"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                factor: f64::NAN,
+                ..ok.clone()
+            }),
+            "backoff.factor"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                jitter: 1.5,
+                ..ok.clone()
+            }),
+            "backoff.jitter"
+        );
+        assert_eq!(
+            field(BackoffPolicy {
+                jitter: -0.1,
+                ..ok.clone()
+            }),
+            "backoff.jitter"
+        );
+        assert_eq!(
+            BackoffPolicy {
+                factor: 1.0,
+                jitter: 1.0,
+                ..ok.clone()
+            }
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(
+            BackoffPolicy {
+                max: ok.initial,
+                ..ok
+            }
+            .validate(),
+            Ok(())
+        );
+    }
 
     fn check(url: &str) -> Result<(), ConfigError> {
         Config::new(url, "t").validate()

@@ -24,10 +24,11 @@ pub enum ErrorClass {
     /// 429: the machine waits for the larger of the server's requested wait (capped by
     /// [`Config::max_server_wait`](crate::Config::max_server_wait)) and its own backoff.
     RateLimited,
-    /// 3xx, 401, 403, 400 and every other 4xx: retrying will not help until something outside
-    /// the machine changes (the homeserver URL, a new token, a fresh `since`). The machine
-    /// keeps the service alive, retrying only at the maximum backoff, until the caller stops it.
-    Fatal,
+    /// 3xx, 401, 403, 400 and every other 4xx: the server refused, and retrying will not help
+    /// until the user changes something (the homeserver URL, a new token, a fresh `since`).
+    /// The machine keeps the service alive, retrying only at the maximum backoff, until the
+    /// caller stops it or a request succeeds again.
+    NeedsUser,
 }
 
 /// Why a request failed below HTTP: reported by whoever performs the I/O.
@@ -135,7 +136,7 @@ pub enum Failure {
     ///
     /// Redirects are not followed: the next request would carry the access token to whatever
     /// address the answer names. Retrying the same URL gets the same answer, so the class is
-    /// [`Fatal`](ErrorClass::Fatal). Check that `location` is the server you meant, set
+    /// [`NeedsUser`](ErrorClass::NeedsUser). Check that `location` is the server you meant, set
     /// [`Config::homeserver`](crate::Config::homeserver) to it, and start again.
     #[error(
         "the homeserver redirected ({status}){}: set the homeserver URL to the final address",
@@ -199,7 +200,7 @@ impl Failure {
             Failure::Redirected { .. }
             | Failure::UnknownToken { .. }
             | Failure::Refused { .. }
-            | Failure::InvalidRequest(_) => ErrorClass::Fatal,
+            | Failure::InvalidRequest(_) => ErrorClass::NeedsUser,
             Failure::Transport(_)
             | Failure::DeadlineExceeded(_)
             | Failure::Server { .. }
@@ -237,7 +238,7 @@ impl Failure {
 ///
 /// By the time you see it, the machine has already scheduled the retry `delay` from now;
 /// there is nothing you must do. Stop the service if the class is
-/// [`Fatal`](ErrorClass::Fatal) and you cannot fix the cause (for example, log in again).
+/// [`NeedsUser`](ErrorClass::NeedsUser) and you cannot fix the cause (for example, log in again).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyncError {
     /// What failed.
@@ -368,7 +369,7 @@ mod tests {
             assert_one_safe_line(&failure.to_string());
             let error = SyncError {
                 failure,
-                class: ErrorClass::Fatal,
+                class: ErrorClass::NeedsUser,
                 request: RequestKind::Sync {
                     timeout: Duration::ZERO,
                 },
@@ -395,7 +396,7 @@ mod tests {
             status: 301,
             location: Some("https://matrix.example.org".to_owned()),
         };
-        assert_eq!(failure.class(), ErrorClass::Fatal);
+        assert_eq!(failure.class(), ErrorClass::NeedsUser);
         assert_eq!(failure.status(), Some(301));
         assert_eq!(failure.errcode(), None);
         assert_eq!(

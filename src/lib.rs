@@ -62,7 +62,7 @@
 //!   least [`defaults::MIN_LONG_POLL_TIMEOUT`], so a held one is at least half of that apart.
 //! * Failures are classified as [`ErrorClass`] says: transient (network, 5xx, bad body,
 //!   deadline) back off exponentially with seeded jitter; 429 waits the larger of the server's
-//!   wait (capped by [`Config::max_server_wait`]) and the backoff; fatal (401, 403, other 4xx,
+//!   wait (capped by [`Config::max_server_wait`]) and the backoff; refusals, class `NeedsUser` (401, 403, other 4xx,
 //!   and a 3xx, reported with its `Location` as a configuration problem) retries only at the
 //!   maximum backoff until stopped.
 //! * A token the machine would store or send back (`next_batch`, a limited timeline's
@@ -80,7 +80,7 @@
 //!   says what was not delivered. The `/messages` requests carry the `room.timeline` part of
 //!   the sync filter (for an uploaded filter, of [`SyncFilter::Uploaded`]'s definition).
 //! * Gap-fill failures by meaning: 401 pauses the batch exactly like a failed sync (nothing
-//!   delivered, `since` unchanged, [`SyncState::Unauthorized`]); 403, 404, other 4xx or a
+//!   delivered, `since` unchanged, [`SyncState::Refused`]); 403, 404, other 4xx or a
 //!   redirect end that room with a gap item; transient failures and 429 are retried with
 //!   backoff, at most 3 times per room and 8 times per batch, after which the room (or every
 //!   room left) ends with a gap item and the batch goes on. One room never stalls the account.
@@ -171,7 +171,6 @@
 //! ```
 #![warn(missing_docs)]
 
-mod backoff;
 mod batch;
 mod checkpoint;
 mod classify;
@@ -191,9 +190,8 @@ mod schedule;
 mod text;
 mod token;
 
-pub use backoff::BackoffPolicy;
 pub use checkpoint::FileCheckpointStore;
-pub use config::{AccessToken, Config, ConfigError, GapFill, SyncFilter};
+pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
 #[cfg(feature = "driver")]
 pub use driver::{start, ServiceError, SyncService};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};

@@ -28,9 +28,10 @@ pub enum SyncState {
     Live,
     /// Waiting after a transient failure or a rate limit.
     BackingOff,
-    /// A fatal failure (401 unknown token, 403, 400 unknown `since`, other 4xx): retrying only
-    /// at the maximum backoff until stopped or until a request succeeds again.
-    Unauthorized,
+    /// Refused by the server (3xx, 401 unknown token, 403, 400 unknown `since`, other 4xx;
+    /// the reason is the [`Failure`] of the error reported with it): retrying only at the
+    /// maximum backoff until stopped or until a request succeeds again.
+    Refused,
     /// Stopped; no more requests.
     Stopped,
 }
@@ -435,7 +436,7 @@ impl SyncMachine {
             };
         let full_state = self.mode == Mode::First && self.config.full_state;
         let http = request::sync_request(&self.config, since, timeout, full_state);
-        if self.state != SyncState::Unauthorized && self.mode != Mode::LongPoll {
+        if self.state != SyncState::Refused && self.mode != Mode::LongPoll {
             self.set_state(self.catch_up_state());
         }
         (http, RequestKind::Sync { timeout }, deadline)
@@ -481,7 +482,7 @@ impl SyncMachine {
             self.mode = Mode::CatchUp;
         }
         let state = match failure.class() {
-            ErrorClass::Fatal => SyncState::Unauthorized,
+            ErrorClass::NeedsUser => SyncState::Refused,
             ErrorClass::Transient | ErrorClass::RateLimited => SyncState::BackingOff,
         };
         self.set_state(state);
@@ -557,7 +558,7 @@ impl SyncMachine {
         if let Err(reason) = check_tokens(&parsed) {
             return self.fail(in_flight, bad_response(status.as_u16(), reason, b""));
         }
-        if self.state == SyncState::Unauthorized {
+        if self.state == SyncState::Refused {
             self.set_state(self.catch_up_state());
         }
         let timeout = match in_flight.kind {

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::backoff::{Backoff, BackoffPolicy};
+use crate::config::BackoffPolicy;
 use crate::error::{ErrorClass, Failure};
 
 /// The kind of sync request an outcome belongs to, ordered by what its success proves.
@@ -146,7 +146,7 @@ fn wait_after(backoff: &mut Backoff, failure: &Failure, max_server_wait: Duratio
             };
             own.max(asked.min(max_server_wait))
         }
-        ErrorClass::Fatal => backoff.next_fatal(),
+        ErrorClass::NeedsUser => backoff.next_fatal(),
     };
     Retry {
         attempt: backoff.attempt(),
@@ -154,9 +154,115 @@ fn wait_after(backoff: &mut Backoff, failure: &Failure, max_server_wait: Duratio
     }
 }
 
+// ---- the jitter generator and the failure counter ------------------------------------------
+
+/// SplitMix64: tiny, fast, and the same sequence on every platform for a seed.
+#[derive(Clone, Debug)]
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub(crate) fn next_unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// Consecutive-failure counter and the delays it yields.
+#[derive(Clone, Debug)]
+pub(crate) struct Backoff {
+    policy: BackoffPolicy,
+    attempt: u32,
+    rng: SplitMix64,
+}
+
+impl Backoff {
+    pub(crate) fn new(policy: BackoffPolicy, seed: u64) -> Self {
+        Self {
+            policy,
+            attempt: 0,
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// Counts one more failure and returns its jittered delay.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        let base = self.policy.base_delay(self.attempt);
+        let cut = self.policy.jitter * self.rng.next_unit();
+        base.mul_f64(1.0 - cut).min(self.policy.max)
+    }
+
+    /// Counts one more failure that waits the maximum (fatal errors).
+    pub(crate) fn next_fatal(&mut self) -> Duration {
+        self.attempt = self.attempt.saturating_add(1);
+        self.policy.max
+    }
+
+    pub(crate) fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stays_within_bounds_and_is_seeded() {
+        let policy = BackoffPolicy::default();
+        let mut a = Backoff::new(policy.clone(), 7);
+        let mut b = Backoff::new(policy.clone(), 7);
+        for n in 1..=50 {
+            let d = a.next_delay();
+            assert_eq!(d, b.next_delay());
+            let base = policy.base_delay(n);
+            assert!(d <= base && d >= base.mul_f64(0.5), "{d:?} vs {base:?}");
+        }
+        let mut c = Backoff::new(policy, 8);
+        let mut a = Backoff::new(BackoffPolicy::default(), 7);
+        let differs = (0..10).any(|_| a.next_delay() != c.next_delay());
+        assert!(differs, "different seeds must give different jitter");
+    }
+
+    #[test]
+    fn zero_jitter_gives_the_base_and_reset_restarts() {
+        let policy = BackoffPolicy {
+            jitter: 0.0,
+            ..BackoffPolicy::default()
+        };
+        let mut b = Backoff::new(policy, 1);
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+        assert_eq!(b.next_delay(), Duration::from_millis(1000));
+        assert_eq!(b.attempt(), 2);
+        b.reset();
+        assert_eq!(b.attempt(), 0);
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+        assert_eq!(b.next_fatal(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn splitmix_matches_reference_values() {
+        // First outputs of SplitMix64 seeded with 0 (reference implementation by Vigna).
+        let mut r = SplitMix64::new(0);
+        assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+    }
 
     fn schedule() -> Schedule {
         let policy = BackoffPolicy {

@@ -341,8 +341,8 @@ fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
     sim.run_while(100, |s| s.log.errors.is_empty());
     assert!(sim.log.events.is_empty(), "nothing delivered");
     assert_eq!(sim.machine.since(), Some("s0"), "since unchanged");
-    assert_eq!(sim.machine.state(), SyncState::Unauthorized);
-    assert_eq!(sim.log.errors[0].class, ErrorClass::Fatal);
+    assert_eq!(sim.machine.state(), SyncState::Refused);
+    assert_eq!(sim.log.errors[0].class, ErrorClass::NeedsUser);
     // The token works again (the application replaced it): the same batch comes back whole.
     sim.run_until(secs(300));
     let ids: Vec<_> = sim
@@ -560,7 +560,7 @@ fn a_redirect_is_reported_with_its_location_and_retried_at_the_maximum_backoff()
     sim.run_until(HOUR);
     let max = sim.machine.config().backoff.max;
     let e = &sim.log.errors[0];
-    assert_eq!(e.class, ErrorClass::Fatal);
+    assert_eq!(e.class, ErrorClass::NeedsUser);
     assert_eq!(e.delay, max);
     match &e.failure {
         Failure::Redirected { status, location } => {

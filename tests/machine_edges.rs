@@ -119,7 +119,7 @@ fn a_fatal_gap_fill_failure_reports_the_rest_as_a_gap_and_delivers_the_batch() {
     );
     let errors = h.take_errors();
     assert_eq!(errors.len(), 1);
-    assert_eq!(errors[0].class, ErrorClass::Fatal);
+    assert_eq!(errors[0].class, ErrorClass::NeedsUser);
     assert_eq!(
         errors[0].delay,
         std::time::Duration::ZERO,
@@ -136,11 +136,7 @@ fn a_fatal_gap_fill_failure_reports_the_rest_as_a_gap_and_delivers_the_batch() {
     let bodies: Vec<&str> = events[1..].iter().map(|e| e.body.as_str()).collect();
     assert_eq!(bodies, ["$g1", "$g2", "newest", ""]);
     assert_eq!(checkpoint(events.last().unwrap()), Some("s2"));
-    assert_ne!(
-        h.m.state(),
-        SyncState::Unauthorized,
-        "the sync itself is fine"
-    );
+    assert_ne!(h.m.state(), SyncState::Refused, "the sync itself is fine");
     let req = h.next_request();
     assert_eq!(path(&req), "/_matrix/client/v3/sync");
 }
@@ -156,12 +152,12 @@ fn a_long_poll_while_live_changes_no_state() {
         "a long-poll from Live stays Live"
     );
     h.reply(&req, 401, r#"{"errcode":"M_UNKNOWN_TOKEN","error":"gone"}"#);
-    assert_eq!(h.take_states(), [SyncState::Unauthorized]);
+    assert_eq!(h.take_states(), [SyncState::Refused]);
     let req = h.next_request();
     assert_eq!(query(&req)["timeout"], "0");
     assert!(
         h.take_states().is_empty(),
-        "retrying while unauthorized stays Unauthorized"
+        "retrying while unauthorized stays Refused"
     );
     h.respond(&req, json_response(&empty_sync("s1")));
     assert_eq!(h.take_states(), [SyncState::CatchingUp, SyncState::Live]);

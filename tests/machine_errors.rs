@@ -470,7 +470,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
                         soft_logout,
                         message: Some("Invalid access token passed.".to_owned()),
                     },
-                    class: ErrorClass::Fatal,
+                    class: ErrorClass::NeedsUser,
                     request: RequestKind::Sync {
                         timeout: if attempt == 1 {
                             Duration::from_secs(30)
@@ -484,7 +484,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
             );
             assert_eq!(err.failure.status(), Some(401));
             assert_eq!(err.failure.errcode(), Some("M_UNKNOWN_TOKEN"));
-            assert_eq!(h.m.state(), SyncState::Unauthorized);
+            assert_eq!(h.m.state(), SyncState::Refused);
             assert_eq!(h.m.since(), Some("s0"));
             let failed_at = h.now;
             req = retry_after(&mut h, failed_at, Duration::from_secs(60));
@@ -492,7 +492,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
         }
         assert_eq!(
             h.take_states(),
-            [SyncState::Unauthorized],
+            [SyncState::Refused],
             "stays unauthorized while retrying"
         );
 
@@ -535,11 +535,7 @@ fn a_success_after_unauthorized_catches_up_then_goes_live() {
     assert_eq!(kinds(&events), ["message", "checkpoint"]);
     assert_eq!(
         h.take_states(),
-        [
-            SyncState::Unauthorized,
-            SyncState::CatchingUp,
-            SyncState::Live
-        ]
+        [SyncState::Refused, SyncState::CatchingUp, SyncState::Live]
     );
 }
 
@@ -582,7 +578,7 @@ fn bad_since_forbidden_and_other_4xx_are_fatal_with_errcode_and_message() {
                         errcode: errcode.map(str::to_owned),
                         message: message.map(str::to_owned),
                     },
-                    class: ErrorClass::Fatal,
+                    class: ErrorClass::NeedsUser,
                     request: RequestKind::Sync {
                         timeout: Duration::ZERO
                     },
@@ -597,15 +593,12 @@ fn bad_since_forbidden_and_other_4xx_are_fatal_with_errcode_and_message() {
             if let Some(m) = message {
                 assert!(shown.contains(m), "{shown}");
             }
-            assert_eq!(h.m.state(), SyncState::Unauthorized);
+            assert_eq!(h.m.state(), SyncState::Refused);
             assert_eq!(h.m.since(), Some("s_unknown_to_the_server"));
             let failed_at = h.now;
             req = retry_after(&mut h, failed_at, Duration::from_secs(60));
         }
-        assert_eq!(
-            h.take_states(),
-            [SyncState::CatchingUp, SyncState::Unauthorized]
-        );
+        assert_eq!(h.take_states(), [SyncState::CatchingUp, SyncState::Refused]);
     }
 }
 

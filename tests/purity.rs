@@ -1,7 +1,6 @@
 //! The machine's modules never read a clock, sleep, spawn threads or touch sockets.
 
 const MACHINE_MODULES: &[&str] = &[
-    "backoff.rs",
     "batch.rs",
     "classify.rs",
     "config.rs",

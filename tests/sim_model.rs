@@ -267,7 +267,7 @@ impl Model {
                 (Some(_), true) => matrix_sync_service::defaults::CATCH_UP_DEADLINE,
                 (Some(_), false) => timeout + self.p.deadline_margin,
             };
-        if self.catching_up && self.state != SyncState::Unauthorized {
+        if self.catching_up && self.state != SyncState::Refused {
             self.set_state(if self.since.is_some() {
                 SyncState::CatchingUp
             } else {
@@ -297,7 +297,7 @@ impl Model {
         let jittered = (b.mul_f64(1.0 - policy.jitter), b);
         let class = failure.class();
         let delay = match (&failure, class) {
-            (_, ErrorClass::Fatal) => (policy.max, policy.max),
+            (_, ErrorClass::NeedsUser) => (policy.max, policy.max),
             (Failure::RateLimited { retry_after, .. }, ErrorClass::RateLimited) => {
                 let asked = retry_after.unwrap_or_default().min(self.p.max_server_wait);
                 (asked.max(jittered.0), asked.max(jittered.1))
@@ -305,8 +305,8 @@ impl Model {
             _ => jittered,
         };
         self.catching_up = true;
-        self.set_state(if class == ErrorClass::Fatal {
-            SyncState::Unauthorized
+        self.set_state(if class == ErrorClass::NeedsUser {
+            SyncState::Refused
         } else {
             SyncState::BackingOff
         });
@@ -321,7 +321,7 @@ impl Model {
     /// A 200 that parsed: its `next_batch` and new events.
     fn succeed(&mut self, next_batch: &str, new_events: &[String]) {
         let flight = self.flight.take().expect("a request was answered");
-        if self.state == SyncState::Unauthorized {
+        if self.state == SyncState::Refused {
             self.set_state(if self.since.is_some() {
                 SyncState::CatchingUp
             } else {
@@ -949,7 +949,7 @@ fn model_sanity_a_fixed_sequence() {
         "state Live",
         "state BackingOff",
         "state CatchingUp",
-        "state Unauthorized",
+        "state Refused",
         "state Stopped",
         "DeadlineExceeded(60s)",
         "delay: 300s",

@@ -223,7 +223,7 @@ fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
                     panic!("unexpected failure {error}");
                 };
                 assert!(!soft_logout);
-                assert_eq!(error.class, ErrorClass::Fatal);
+                assert_eq!(error.class, ErrorClass::NeedsUser);
                 assert_eq!(error.failure.errcode(), Some("M_UNKNOWN_TOKEN"));
                 assert_eq!(error.delay, Duration::from_secs(2));
                 seen.push(Instant::now());
@@ -231,7 +231,7 @@ fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
             other => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(service.state(), SyncState::Unauthorized);
+    assert_eq!(service.state(), SyncState::Refused);
     assert!(!service.is_finished(), "the service stays alive");
     for pair in seen.windows(2) {
         let gap = pair[1] - pair[0];

@@ -467,7 +467,7 @@ fn a_redirect_is_reported_with_its_location_once_and_not_retried_for_a_minute() 
         "says what to change: {show}"
     );
     assert!(error.contains("60000 ms"), "retried at the maximum: {show}");
-    assert!(run.states().contains(&"Unauthorized"), "{show}");
+    assert!(run.states().contains(&"Refused"), "{show}");
     assert!(!run.ended_by_itself, "{show}");
     assert_eq!(run.code, Some(STOPPED), "{show}");
     assert!(run.lines.is_empty(), "{show}");
@@ -522,7 +522,7 @@ fn a_gap_fill_answered_401_fails_the_whole_batch() {
     assert!(run.events().is_empty(), "no event delivered: {show}");
     assert!(run.lines.is_empty(), "no checkpoint either: {show}");
     assert_eq!(run.since.as_deref(), Some("s0"), "since unchanged: {show}");
-    assert!(run.states().contains(&"Unauthorized"), "{show}");
+    assert!(run.states().contains(&"Refused"), "{show}");
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "{show}");
     assert!(errors[0].contains("401"), "{show}");

@@ -669,7 +669,7 @@ const STATES: [&str; 6] = [
     "CatchingUp",
     "Live",
     "BackingOff",
-    "Unauthorized",
+    "Refused",
     "Stopped",
 ];
 

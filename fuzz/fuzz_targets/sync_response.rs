@@ -202,7 +202,7 @@ fn expected_class(status: u16) -> ErrorClass {
     match status {
         429 => ErrorClass::RateLimited,
         500..=599 => ErrorClass::Transient,
-        400..=499 => ErrorClass::Fatal,
+        400..=499 => ErrorClass::NeedsUser,
         _ => ErrorClass::Transient,
     }
 }

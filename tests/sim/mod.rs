@@ -492,10 +492,10 @@ pub fn assert_valid_transitions(states: &[(Duration, SyncState)]) {
     for pair in states.windows(2) {
         let ((_, from), (at, to)) = (pair[0], pair[1]);
         let ok = match from {
-            InitialSync | CatchingUp => matches!(to, Live | BackingOff | Unauthorized | Stopped),
-            Live => matches!(to, BackingOff | Unauthorized | Stopped),
+            InitialSync | CatchingUp => matches!(to, Live | BackingOff | Refused | Stopped),
+            Live => matches!(to, BackingOff | Refused | Stopped),
             BackingOff => matches!(to, InitialSync | CatchingUp | Stopped),
-            Unauthorized => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
+            Refused => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
             Stopped => false,
         };
         assert!(ok, "state {from:?} -> {to:?} at {at:?} is not allowed");
