@@ -34,7 +34,8 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, never, select, Receiver};
 use matrix_sync_service::{
-    start, Config, Event, EventKind, FileCheckpointStore, ServiceError, SyncFilter, SyncService,
+    start, Config, Event, EventKind, FileCheckpointStore, ServiceError, StartError, SyncFilter,
+    SyncService,
 };
 use serde_json::{json, Value};
 
@@ -189,7 +190,10 @@ fn run() -> Result<(), Fatal> {
     config.gap_fill.enabled = args.fill_gaps;
     config.jitter_seed = std::process::id() as u64;
 
-    let service = start(config).map_err(|e| Fatal::usage(format!("invalid configuration: {e}")))?;
+    let service = start(config).map_err(|e| match e {
+        StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
+        other => Fatal::failed(other.to_string()),
+    })?;
     let pumped = pump(&service, store.as_ref(), &signalled);
     service.stop();
     outcome(pumped, service.join())

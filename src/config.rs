@@ -129,10 +129,6 @@ pub struct Config {
     pub gap_fill: GapFill,
     /// How many recently delivered event ids are remembered to suppress duplicates.
     pub dedup_capacity: usize,
-    /// Capacity of the driver's bounded `events` channel.
-    pub event_channel_capacity: usize,
-    /// Capacity of the driver's `errors` channel (oldest dropped when full).
-    pub error_channel_capacity: usize,
 }
 
 impl Config {
@@ -156,8 +152,6 @@ impl Config {
             allow_insecure_http: false,
             gap_fill: GapFill::default(),
             dedup_capacity: defaults::DEDUP_CAPACITY,
-            event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
-            error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
         }
     }
 
@@ -225,8 +219,6 @@ impl Config {
         let counts = [
             ("gap_fill.page_size", self.gap_fill.page_size as usize),
             ("dedup_capacity", self.dedup_capacity),
-            ("event_channel_capacity", self.event_channel_capacity),
-            ("error_channel_capacity", self.error_channel_capacity),
         ];
         for (field, value) in counts {
             if value == 0 {

@@ -39,7 +39,7 @@
 //!   kept as keyed 64-bit fingerprints (16 bytes each with the eviction order, about 0.3 MB in
 //!   all): the chance that two of 16,384 ids collide, which would skip one event, is about
 //!   10⁻¹¹.
-//! * **Channels: 1,024 events, 64 errors**: enough to absorb a batch without stalling the driver;
+//! * **Driver channels: 1,024 events, 64 errors** (`DriverConfig`): enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
 
 use std::time::Duration;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use crate::{
-    Config, ConfigError, Event, OutgoingRequest, SyncError, SyncMachine, SyncState,
+    defaults, Config, ConfigError, Event, OutgoingRequest, SyncError, SyncMachine, SyncState,
     TransportErrorKind, TransportFailure,
 };
 
@@ -54,23 +54,83 @@ struct Shared {
     state: Mutex<SyncState>,
 }
 
-/// Validates `config`, then spawns the driver thread. Sync starts at once.
-pub fn start(config: Config) -> Result<SyncService, ConfigError> {
+/// What only the driver uses: the capacities of its channels. The machine's own configuration
+/// is [`Config`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DriverConfig {
+    /// Capacity of the bounded `events` channel: while it is full the driver waits
+    /// (backpressure, never loss).
+    pub event_channel_capacity: usize,
+    /// Capacity of the `errors` channel (oldest dropped when full).
+    pub error_channel_capacity: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
+            error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
+        }
+    }
+}
+
+impl DriverConfig {
+    /// The defaults, to change field by field.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let counts = [
+            ("event_channel_capacity", self.event_channel_capacity),
+            ("error_channel_capacity", self.error_channel_capacity),
+        ];
+        for (field, value) in counts {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must not be zero",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why [`start`] returned no service.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A field of the configuration is unusable: fix it and start again.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The operating system refused a thread (resource limits): nothing was started; retry
+    /// later or raise the limit.
+    #[error("could not spawn the driver thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
+/// Validates `config`, then spawns the driver thread with the default [`DriverConfig`].
+/// Sync starts at once.
+pub fn start(config: Config) -> Result<SyncService, StartError> {
+    start_with(config, DriverConfig::default())
+}
+
+/// [`start`] with driver options of your own.
+pub fn start_with(config: Config, driver: DriverConfig) -> Result<SyncService, StartError> {
+    driver.validate()?;
     let machine = SyncMachine::new(config, Instant::now())?;
-    let (driver, service) = wire(machine);
-    let thread = spawn(driver, Driver::run).map_err(|_| ConfigError::Invalid {
-        field: "thread",
-        reason: "could not spawn the driver thread",
-    })?;
+    let (driver, service) = wire(machine, &driver);
+    let thread = spawn(driver, Driver::run).map_err(StartError::Spawn)?;
     *lock(&service.thread) = Some(thread);
     Ok(service)
 }
 
 /// The driver and its handle, connected by their channels; the thread is not started yet.
-fn wire(machine: SyncMachine) -> (Driver, SyncService) {
-    let config = machine.config();
-    let (event_tx, event_rx) = bounded(config.event_channel_capacity);
-    let (error_tx, error_rx) = bounded(config.error_channel_capacity);
+fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
+    let (event_tx, event_rx) = bounded(options.event_channel_capacity);
+    let (error_tx, error_rx) = bounded(options.error_channel_capacity);
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let agent = new_agent();
@@ -393,7 +453,7 @@ mod tests {
     fn a_panic_in_the_driver_thread_reaches_errors_and_join() {
         let config = Config::new("http://127.0.0.1:9", "token");
         let machine = SyncMachine::new(config, Instant::now()).unwrap();
-        let (driver, service) = wire(machine);
+        let (driver, service) = wire(machine, &DriverConfig::default());
         let thread = spawn(driver, |_| panic!("boom")).unwrap();
         let joined = thread
             .join()

@@ -167,7 +167,7 @@
 //!     }
 //! }
 //! # }
-//! # Ok::<(), matrix_sync_service::ConfigError>(())
+//! # Ok::<(), matrix_sync_service::StartError>(())
 //! ```
 #![warn(missing_docs)]
 
@@ -193,7 +193,7 @@ mod token;
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
 #[cfg(feature = "driver")]
-pub use driver::{start, ServiceError, SyncService};
+pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, Gap, Relation};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use support::service::tail_binary;
 
 use matrix_sync_service::{
-    start, BackoffPolicy, Config, ConfigError, ErrorClass, Failure, ServiceError, SyncState,
-    TransportErrorKind,
+    start, start_with, BackoffPolicy, Config, ConfigError, DriverConfig, ErrorClass, Failure,
+    ServiceError, StartError, SyncState, TransportErrorKind,
 };
 
 /// A loopback URL nothing listens on.
@@ -25,13 +25,14 @@ fn closed_port_url() -> String {
 #[test]
 fn errors_never_block_the_sync_and_the_oldest_are_dropped_and_counted() {
     let mut config = Config::new(closed_port_url(), "token");
-    config.error_channel_capacity = 2;
+    let mut driver = DriverConfig::new();
+    driver.error_channel_capacity = 2;
     config.backoff = BackoffPolicy {
         initial: Duration::from_millis(1),
         max: Duration::from_millis(5),
         ..BackoffPolicy::default()
     };
-    let service = start(config).unwrap();
+    let service = start_with(config, driver).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while service.dropped_errors() < 5 {
         assert!(
@@ -92,7 +93,10 @@ fn stop_during_a_backoff_wait_is_immediate() {
 
 #[test]
 fn start_refuses_bad_configurations_field_by_field() {
-    let bad = |config: Config| start(config).unwrap_err();
+    let bad = |config: Config| match start(config) {
+        Err(StartError::Config(e)) => e,
+        other => panic!("{other:?}"),
+    };
     assert_eq!(
         bad(Config::new("http://127.0.0.1:1", "")),
         ConfigError::MissingAccessToken
@@ -118,14 +122,14 @@ fn start_refuses_bad_configurations_field_by_field() {
             ..
         }
     ));
-    let mut config = Config::new("https://matrix.example.org", "t");
-    config.event_channel_capacity = 0;
+    let mut driver = DriverConfig::new();
+    driver.event_channel_capacity = 0;
     assert!(matches!(
-        bad(config),
-        ConfigError::Invalid {
+        start_with(Config::new("https://matrix.example.org", "t"), driver),
+        Err(StartError::Config(ConfigError::Invalid {
             field: "event_channel_capacity",
             ..
-        }
+        }))
     ));
     let mut config = Config::new("http://matrix.example.org", "t");
     config.allow_insecure_http = true;

@@ -7,7 +7,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    start, BackoffPolicy, ErrorClass, Event, EventKind, Failure, ServiceError, SyncState,
+    start, start_with, BackoffPolicy, DriverConfig, ErrorClass, Event, EventKind, Failure,
+    ServiceError, SyncState,
 };
 use support::client::Account;
 use support::service::{collect_until, config_for, drain_until_live, tail_binary, time_to_close};
@@ -149,9 +150,9 @@ fn stop_works_while_blocked_on_a_full_events_channel() {
     for i in 0..10 {
         alice.send_text(&room, &format!("backlog {i}"));
     }
-    let mut config = config_for(&alice);
-    config.event_channel_capacity = 1;
-    let service = start(config).expect("valid config");
+    let mut driver = DriverConfig::new();
+    driver.event_channel_capacity = 1;
+    let service = start_with(config_for(&alice), driver).expect("valid config");
     // The initial batch has far more than one event: the driver blocks on the full channel.
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(
