@@ -36,6 +36,7 @@ impl fmt::Debug for AccessToken {
 
 /// Which events the server should send.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub enum SyncFilter {
     /// A filter sent inline with every request (and reused, in its `room.timeline` part,
     /// for gap-filling `/messages` requests).
@@ -93,6 +94,7 @@ impl Default for GapFill {
 /// Everything the machine and the driver need. Build it with [`Config::new`], change the
 /// public fields, and let [`SyncMachine::new`](crate::SyncMachine::new) (or `start`) validate it.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Config {
     /// Base URL of the homeserver, such as `https://matrix.example.org`.
     pub homeserver: String,

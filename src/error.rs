@@ -17,6 +17,7 @@ use crate::text::{capped, Escaped};
 
 /// How a failure is treated: the class decides the delay before the next attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorClass {
     /// Network trouble, 5xx, deadline passed, a body that is not a sync response.
     /// The machine backs off exponentially (with jitter) and retries.
@@ -33,6 +34,7 @@ pub enum ErrorClass {
 
 /// Why a request failed below HTTP: reported by whoever performs the I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum TransportErrorKind {
     /// The connection could not be established (refused, unreachable).
     Connect,

@@ -202,6 +202,10 @@ pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;
 
+/// The ruma crates whose types this API uses (ids, filters, presence), re-exported so that an
+/// application names exactly the versions the machine was built with.
+pub use {ruma_client_api, ruma_common, ruma_events};
+
 /// The README's examples, compiled as doctests so they stay true.
 #[cfg(all(doctest, feature = "driver"))]
 #[doc = include_str!("../README.md")]

@@ -19,6 +19,7 @@ use crate::token;
 
 /// What the service is doing, as reported by [`SyncMachine::poll_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum SyncState {
     /// The first sync, without `since`, is under way.
     InitialSync,

@@ -131,6 +131,7 @@ pub struct Relation {
 
 /// One normalized item of the event stream.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Event {
     /// What it is.
     pub kind: EventKind,

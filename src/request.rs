@@ -26,6 +26,7 @@ impl fmt::Display for RequestId {
 
 /// What a request is for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum RequestKind {
     /// `GET /_matrix/client/v3/sync`.
     Sync {

@@ -493,6 +493,7 @@ fn response_for(
                     }
                     page
                 }
+                other => panic!("a request kind this test does not know: {other:?}"),
             };
             json_response(&body)
         }

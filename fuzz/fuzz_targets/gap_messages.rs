@@ -155,6 +155,7 @@ impl Harness {
                 true
             }
             RequestKind::Sync { .. } => false,
+            other => panic!("a request kind this target does not know: {other:?}"),
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use matrix_sync_service::{
-    Config, ErrorClass, Event, EventKind, OutgoingRequest, RequestKind, SyncError, SyncMachine,
+    Config, ErrorClass, MAX_TOKEN_BYTES, Event, EventKind, OutgoingRequest, RequestKind, SyncError, SyncMachine,
 };
 use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
@@ -202,9 +202,21 @@ fn expected_class(status: u16) -> ErrorClass {
     match status {
         429 => ErrorClass::RateLimited,
         500..=599 => ErrorClass::Transient,
-        400..=499 => ErrorClass::NeedsUser,
+        300..=499 => ErrorClass::NeedsUser,
         _ => ErrorClass::Transient,
     }
+}
+
+/// Whether every token the machine keeps (`next_batch`, a limited timeline's `prev_batch`)
+/// is one it may store: not empty, no control character, at most `MAX_TOKEN_BYTES`.
+fn tokens_round_trip(response: &sync::Response) -> bool {
+    let storable = |t: &str| {
+        !t.is_empty() && t.len() <= MAX_TOKEN_BYTES && !t.chars().any(char::is_control)
+    };
+    let limited = |t: &sync::Timeline| !t.limited || t.prev_batch.as_deref().is_none_or(storable);
+    storable(&response.next_batch)
+        && response.rooms.join.values().all(|r| limited(&r.timeline))
+        && response.rooms.leave.values().all(|r| limited(&r.timeline))
 }
 
 fn run(input: Input<'_>) {
@@ -229,10 +241,13 @@ fn run(input: Input<'_>) {
     let since_before = m.since().map(str::to_owned);
     let code = input.status.as_u16();
     let body = input.body;
-    // The oracle: ruma's own parse of the body, independent of the machine.
+    // The oracle: ruma's own parse of the body, independent of the machine, less the tokens
+    // the machine must refuse because it could not store or send them back.
     let parsed = if input.status.is_success() {
         let r = http::Response::builder().status(200).body(body).unwrap();
-        sync::Response::try_from_http_response(r).ok()
+        sync::Response::try_from_http_response(r)
+            .ok()
+            .filter(tokens_round_trip)
     } else {
         None
     };

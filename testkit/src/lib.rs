@@ -303,6 +303,7 @@ impl Invariants {
                     }
                 }
             }
+            other => panic!("a request kind the invariants do not know: {other:?}"),
         }
     }
 

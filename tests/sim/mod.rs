@@ -497,6 +497,7 @@ pub fn assert_valid_transitions(states: &[(Duration, SyncState)]) {
             BackingOff => matches!(to, InitialSync | CatchingUp | Stopped),
             Refused => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
             Stopped => false,
+            other => panic!("a state the transition table does not know: {other:?}"),
         };
         assert!(ok, "state {from:?} -> {to:?} at {at:?} is not allowed");
     }
