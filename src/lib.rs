@@ -18,8 +18,10 @@
 //! 1. Feed the machine one input: [`handle_response`](SyncMachine::handle_response),
 //!    [`handle_failure`](SyncMachine::handle_failure) or
 //!    [`handle_timeout`](SyncMachine::handle_timeout), each with the current `Instant`.
-//! 2. Drain its outputs until each says `None`: events, errors, states, then
-//!    [`poll_request`](SyncMachine::poll_request). Send what it returns.
+//! 2. Drain its outputs until each says `None`: events, errors and states are independent
+//!    queues, drained in any order; then [`poll_request`](SyncMachine::poll_request), and send
+//!    what it returns. The one ordering that matters: no request is handed out while events
+//!    wait, so drain the events first.
 //! 3. Wait for whichever comes first: the response, or
 //!    [`poll_timeout`](SyncMachine::poll_timeout). Go to 1.
 //! 4. Every request has an id; answer it with the same id. An answer the machine no longer
