@@ -169,7 +169,7 @@
 //!     }
 //! }
 //! # }
-//! # Ok::<(), matrix_sync_service::StartError>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![warn(missing_docs)]
 
@@ -199,7 +199,7 @@ pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, Sync
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, Gap, Relation};
-pub use request::{OutgoingRequest, RequestId, RequestKind};
+pub use request::{InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;

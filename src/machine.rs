@@ -13,7 +13,7 @@ use crate::dedup::Dedup;
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
 use crate::gapfill::{FillFailure, GapFiller, Plan};
 use crate::normalize::{Event, EventKind};
-use crate::request::{self, OutgoingRequest, RequestId, RequestKind};
+use crate::request::{self, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 use crate::schedule::{self, Channel, Retry, Schedule};
 use crate::token;
 
@@ -198,9 +198,7 @@ impl SyncMachine {
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
         self.check_input(now)?;
         self.now = now;
-        let expired = self
-            .in_flight()
-            .is_some_and(|(_, _, deadline)| now >= deadline);
+        let expired = self.in_flight().is_some_and(|f| now >= f.deadline);
         if expired {
             if let Some(in_flight) = self.in_flight_slot().and_then(Option::take) {
                 let waited = in_flight
@@ -356,10 +354,14 @@ impl SyncMachine {
     }
 
     /// The request awaited, if any, with its deadline.
-    pub fn in_flight(&self) -> Option<(RequestId, &RequestKind, Instant)> {
+    pub fn in_flight(&self) -> Option<InFlightRequest<'_>> {
         match &self.phase {
             Phase::Syncing { in_flight } | Phase::FillingGaps { in_flight, .. } => {
-                in_flight.as_ref().map(|f| (f.id, &f.kind, f.deadline))
+                in_flight.as_ref().map(|f| InFlightRequest {
+                    id: f.id,
+                    kind: &f.kind,
+                    deadline: f.deadline,
+                })
             }
             _ => None,
         }
@@ -406,7 +408,7 @@ impl SyncMachine {
     fn accept(&mut self, id: RequestId, now: Instant) -> Result<InFlight, InputError> {
         self.check_input(now)?;
         match self.in_flight() {
-            Some((awaited, _, _)) if awaited == id => {}
+            Some(awaited) if awaited.id == id => {}
             _ if id.0 < self.next_id => return Err(InputError::StaleRequest(id)),
             _ => return Err(InputError::UnknownRequest(id)),
         }

@@ -50,6 +50,19 @@ impl RequestKind {
     }
 }
 
+/// The request the machine awaits, as [`SyncMachine::in_flight`](crate::SyncMachine::in_flight)
+/// reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InFlightRequest<'a> {
+    /// Its id.
+    pub id: RequestId,
+    /// What it is for.
+    pub kind: &'a RequestKind,
+    /// When the machine gives up on it.
+    pub deadline: Instant,
+}
+
 /// A request the machine wants sent: give its response (or failure) back with the same `id`.
 ///
 /// The `Authorization` header is marked sensitive, so `Debug` does not show the token.

@@ -231,7 +231,8 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
         "initial sync deadline"
     );
     assert_eq!(h.m.poll_timeout(), Some(req.deadline));
-    let (id, kind, deadline) = h.m.in_flight().unwrap();
+    let awaited = h.m.in_flight().unwrap();
+    let (id, kind, deadline) = (awaited.id, awaited.kind, awaited.deadline);
     assert_eq!(
         (id, kind.clone(), deadline),
         (req.id, req.kind.clone(), req.deadline)

@@ -398,7 +398,7 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
         // The request we hold is no longer awaited (answered, failed, timed out, stopped).
         if current
             .as_ref()
-            .is_some_and(|r| m.in_flight().map(|f| f.0) != Some(r.id))
+            .is_some_and(|r| m.in_flight().map(|f| f.id) != Some(r.id))
         {
             current = None;
         }
@@ -413,7 +413,7 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
             assert!(!stopped, "a request after stop");
             assert_eq!(req.id, RequestId(issued), "ids are handed out in order");
             assert!(m.poll_request().is_none(), "two requests at once");
-            assert_eq!(m.in_flight().map(|f| f.0), Some(req.id));
+            assert_eq!(m.in_flight().map(|f| f.id), Some(req.id));
             assert!(req.deadline > now);
             assert!(!req.http.uri().to_string().contains(TOKEN));
             issued += 1;
@@ -429,7 +429,7 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
             None => assert!(stopped, "no wake-up instant but not stopped"),
             Some(at) => {
                 assert!(at > now, "wake-up {at:?} is due but no request was given");
-                if let Some((_, _, deadline)) = m.in_flight() {
+                if let Some(deadline) = m.in_flight().map(|f| f.deadline) {
                     assert_eq!(at, deadline);
                 }
             }

@@ -434,7 +434,7 @@ impl Run {
             m.since(),
             m.state(),
             m.in_flight()
-                .map(|(id, kind, deadline)| (id, kind.clone(), deadline - self.origin)),
+                .map(|f| (f.id, f.kind.clone(), f.deadline - self.origin)),
             m.poll_timeout().map(|t| t - self.origin)
         )
     }
@@ -579,7 +579,7 @@ impl Run {
         assert_eq!(m.since(), model.since.as_deref(), "since");
         assert_eq!(m.state(), model.state, "state");
         assert_eq!(
-            m.in_flight().map(|(id, _, deadline)| (id, deadline)),
+            m.in_flight().map(|f| (f.id, f.deadline)),
             model.flight.as_ref().map(|f| (f.id, self.at(f.deadline))),
             "in flight"
         );

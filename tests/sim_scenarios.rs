@@ -534,7 +534,7 @@ fn stalled_long_poll_hits_timeout_plus_margin_and_late_answers_change_nothing() 
         let before = (
             m.since().map(str::to_owned),
             m.state(),
-            m.in_flight().map(|(id, k, d)| (id, k.clone(), d)),
+            m.in_flight().map(|f| (f.id, f.kind.clone(), f.deadline)),
             m.poll_timeout(),
         );
         let body = br#"{"next_batch":"late","rooms":{"join":{"!room:example.org":{"timeline":{"events":[{"type":"m.room.message","event_id":"$late","sender":"@a:example.org","origin_server_ts":1,"content":{"body":"late"}}]}}}}}"#;
@@ -554,7 +554,7 @@ fn stalled_long_poll_hits_timeout_plus_margin_and_late_answers_change_nothing() 
         let after = (
             m.since().map(str::to_owned),
             m.state(),
-            m.in_flight().map(|(id, k, d)| (id, k.clone(), d)),
+            m.in_flight().map(|f| (f.id, f.kind.clone(), f.deadline)),
             m.poll_timeout(),
         );
         assert_eq!(before, after);

@@ -397,7 +397,7 @@ struct Snapshot {
 fn snapshot(m: &SyncMachine) -> Snapshot {
     Snapshot {
         since: m.since().map(str::to_owned),
-        in_flight: m.in_flight().map(|(id, kind, at)| (id, kind.clone(), at)),
+        in_flight: m.in_flight().map(|f| (f.id, f.kind.clone(), f.deadline)),
         timeout: m.poll_timeout(),
         state: m.state(),
     }
@@ -429,7 +429,7 @@ impl Harness {
         );
         assert!(req.id.0 >= self.issued, "ids go up");
         assert!(req.deadline > self.now, "deadline not in the future");
-        let in_flight = self.m.in_flight().map(|(id, _, at)| (id, at));
+        let in_flight = self.m.in_flight().map(|f| (f.id, f.deadline));
         assert_eq!(in_flight, Some((req.id, req.deadline)));
         self.issued = req.id.0 + 1;
         self.outstanding = Some(Outstanding {
@@ -507,7 +507,7 @@ impl Harness {
                 Some(o) => assert_eq!(wake, o.deadline, "wake at the deadline"),
                 None => assert!(wake > self.now, "a request is due but was not handed out"),
             }
-            let in_flight = self.m.in_flight().map(|(id, _, _)| id);
+            let in_flight = self.m.in_flight().map(|f| f.id);
             assert_eq!(in_flight, self.outstanding.map(|o| o.id));
         }
     }

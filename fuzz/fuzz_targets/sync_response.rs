@@ -183,7 +183,7 @@ fn check_request(m: &SyncMachine, req: &OutgoingRequest) {
     if matches!(req.kind, RequestKind::Sync { .. }) {
         assert_eq!(query_since(req).as_deref(), m.since(), "the sync carries since");
     }
-    assert_eq!(m.in_flight().map(|f| f.0), Some(req.id));
+    assert_eq!(m.in_flight().map(|f| f.id), Some(req.id));
 }
 
 /// Ids of events that the machine deduplicates must be unique across the run.

@@ -78,7 +78,7 @@ impl Checked {
 
     /// [`SyncMachine::handle_timeout`], checked.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
-        let awaited = self.machine.in_flight().map(|(id, _, _)| id);
+        let awaited = self.machine.in_flight().map(|f| f.id);
         let result = self.machine.handle_timeout(now);
         let gone = awaited.filter(|_| self.machine.in_flight().is_none());
         self.after_input(gone.map(|id| (id, now)), now, &result);

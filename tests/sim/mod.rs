@@ -804,7 +804,7 @@ impl<S: Server> Sim<S> {
 
     /// After an input that may have made the machine give up on the request in flight.
     fn check_abandoned(&mut self) {
-        let awaited = self.machine.in_flight().map(|(id, _, _)| id);
+        let awaited = self.machine.in_flight().map(|f| f.id);
         if let Some(flight) = self.flight.take() {
             if awaited == Some(flight.id) {
                 self.flight = Some(flight);
