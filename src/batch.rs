@@ -363,7 +363,7 @@ mod tests {
 
     #[test]
     fn key_counts_are_reported_when_either_part_is_present_and_only_when_changed() {
-        let (mut dedup, mut last) = (Dedup::new(8, 0), None);
+        let (mut dedup, mut last) = (Dedup::new(8), None);
         let fallback =
             r#"{"next_batch":"a","device_unused_fallback_key_types":["signed_curve25519"]}"#;
         let counts = r#"{"next_batch":"b","device_one_time_keys_count":{"signed_curve25519":5}}"#;
@@ -397,7 +397,7 @@ mod tests {
 
     #[test]
     fn events_seen_before_are_skipped_but_stripped_state_and_to_device_are_not() {
-        let (mut dedup, mut last) = (Dedup::new(8, 0), None);
+        let (mut dedup, mut last) = (Dedup::new(8), None);
         let body = r#"{"next_batch":"a","to_device":{"events":[{"type":"t","event_id":"$d:x"}]},
             "rooms":{"join":{"!r:x":{"timeline":{"events":[
                 {"type":"m.room.message","event_id":"$m:x"},{"type":"m.room.message","event_id":"$m:x"}]}}},

@@ -36,9 +36,9 @@
 //!   requests that deliver nothing in an hour, plus 16 for each answer that delivers.
 //! * **Dedup memory of 16,384 event ids** ([`DEDUP_CAPACITY`]): the overlaps it catches (gap fill
 //!   against timeline, state repeated in a limited sync) are within one or two batches. Ids are
-//!   kept as keyed 64-bit fingerprints (16 bytes each with the eviction order, about 0.3 MB in
-//!   all): the chance that two of 16,384 ids collide, which would skip one event, is about
-//!   10⁻¹¹.
+//!   kept as 64-bit fingerprints under a key drawn at random for each machine (foldhash; 16
+//!   bytes each with the eviction order, about 0.3 MB in all): the chance that two of 16,384
+//!   ids collide, which would skip one event, is about 10⁻¹¹, and no server can aim for it.
 //! * **Driver channels: 1,024 events, 64 errors** (`DriverConfig`): enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
 

@@ -6,8 +6,10 @@
 //! * [`SyncMachine`], the sans-IO core: pure and synchronous. It consumes HTTP responses (or
 //!   transport failures) and time ticks, and yields the requests to send, the instant it next
 //!   wants to be woken, normalized [`Event`]s, [`SyncError`] reports and [`SyncState`] changes.
-//!   It never reads a clock, sleeps, does I/O or spawns a thread; its only randomness (backoff
-//!   jitter) comes from [`Config::jitter_seed`]. Same inputs, same outputs, bit for bit.
+//!   It never reads a clock, sleeps, does I/O or spawns a thread; backoff jitter comes from
+//!   [`Config::jitter_seed`]. Same inputs, same outputs, bit for bit. (The dedup key is drawn
+//!   at random per machine, so that no server can aim for a fingerprint collision; it changes
+//!   no output unless two ids collide, about 10⁻¹¹ per run.)
 //! * The blocking driver ([`start`], feature `driver`, on by default): one thread running
 //!   `ureq`, publishing over `crossbeam-channel` behind a [`SyncService`] handle with `events`,
 //!   `errors`, `states` and an idempotent `stop()`. With `default-features = false` the crate

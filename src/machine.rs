@@ -132,7 +132,7 @@ impl SyncMachine {
                 config.jitter_seed,
                 config.max_server_wait,
             ),
-            dedup: Dedup::new(config.dedup_capacity, config.jitter_seed),
+            dedup: Dedup::new(config.dedup_capacity),
             config,
             now,
             phase: Phase::Syncing { in_flight: None },
