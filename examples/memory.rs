@@ -112,11 +112,7 @@ fn reset_rss_peak() -> bool {
 /// Heap bytes held by an event's fields other than `raw` (string capacities and ids).
 fn owned_heap_bytes(e: &matrix_sync_service::Event) -> usize {
     let id = |s: Option<&str>| s.map_or(0, str::len);
-    let event_type = match &e.event_type {
-        std::borrow::Cow::Owned(owned) => owned.capacity(),
-        std::borrow::Cow::Borrowed(_) => 0,
-    };
-    event_type
+    e.event_type.heap_bytes()
         + e.body.capacity()
         + e.state_key.as_ref().map_or(0, String::capacity)
         + id(e.room_id.as_ref().map(|r| r.as_str()))

@@ -200,7 +200,7 @@ pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncF
 pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
-pub use normalize::{Checkpoint, Event, EventKind, Gap, Relation};
+pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
 pub use request::{InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 pub use token::MAX_TOKEN_BYTES;
 

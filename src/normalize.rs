@@ -6,6 +6,7 @@
 //! failing the event, so nothing the server sent is dropped for being odd.
 
 use std::borrow::Cow;
+use std::fmt;
 
 use ruma_common::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
@@ -129,6 +130,70 @@ pub struct Relation {
     pub key: Option<String>,
 }
 
+/// An event's `type`: reads as a `&str` (`Deref`, `AsRef<str>`, `Display`, comparisons with
+/// strings, serialized as a string). The types the specification defines are not allocated.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventType(Cow<'static, str>);
+
+impl EventType {
+    /// The type as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Heap bytes this value holds: zero for the types the specification defines.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            Cow::Owned(owned) => owned.capacity(),
+            Cow::Borrowed(_) => 0,
+        }
+    }
+}
+
+impl std::ops::Deref for EventType {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for EventType {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq<str> for EventType {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for EventType {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl serde::Serialize for EventType {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 /// One normalized item of the event stream.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -136,8 +201,7 @@ pub struct Event {
     /// What it is.
     pub kind: EventKind,
     /// The event's `type` (for synthetic items: `device_lists`, `gap`, `checkpoint`, ...).
-    /// Borrowed for the types the specification defines, owned for the others.
-    pub event_type: Cow<'static, str>,
+    pub event_type: EventType,
     /// The room, for room events.
     pub room_id: Option<OwnedRoomId>,
     /// The event id, where the event has one.
@@ -172,7 +236,7 @@ impl Event {
     ) -> Self {
         Event {
             kind,
-            event_type: Cow::Borrowed(event_type),
+            event_type: EventType(Cow::Borrowed(event_type)),
             room_id,
             event_id: None,
             sender: None,
@@ -284,8 +348,9 @@ pub(crate) fn normalize(
         _ => None,
     };
     Event {
-        event_type: known_type(event_type)
-            .map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
+        event_type: EventType(
+            known_type(event_type).map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
+        ),
         event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
         sender: fields.sender.and_then(|s| UserId::parse(s.as_ref()).ok()),
         origin_server_ts: fields
