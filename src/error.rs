@@ -44,11 +44,13 @@ pub enum TransportErrorKind {
     Dns,
     /// The TLS handshake or record layer failed.
     Tls,
-    /// The client-side deadline passed (for a timer the driver owns).
+    /// The client-side deadline passed (for a timer the driver owns). Reported by the machine
+    /// as [`Failure::DeadlineExceeded`], like a deadline it noticed itself.
     TimedOut,
     /// The body ended before its announced length.
     Truncated,
     /// The body was larger than [`Config::max_body_bytes`](crate::Config::max_body_bytes).
+    /// Reported by the machine as [`Failure::BodyTooLarge`].
     BodyTooLarge,
     /// Any other I/O failure.
     Other,

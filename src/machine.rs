@@ -181,6 +181,10 @@ impl SyncMachine {
     }
 
     /// Reports that request `id` failed below HTTP (connect, reset, TLS, truncated body...).
+    ///
+    /// One fact, one failure, whoever noticed it: a transport that timed out is reported as
+    /// [`Failure::DeadlineExceeded`], one that stopped reading at the body cap as
+    /// [`Failure::BodyTooLarge`], exactly as when the machine notices them itself.
     pub fn handle_failure(
         &mut self,
         id: RequestId,
@@ -188,7 +192,18 @@ impl SyncMachine {
         now: Instant,
     ) -> Result<(), InputError> {
         let in_flight = self.accept(id, now)?;
-        self.fail(in_flight, Failure::Transport(failure));
+        let failure = match failure.kind {
+            crate::TransportErrorKind::TimedOut => Failure::DeadlineExceeded(
+                in_flight
+                    .deadline
+                    .saturating_duration_since(in_flight.sent_at),
+            ),
+            crate::TransportErrorKind::BodyTooLarge => Failure::BodyTooLarge {
+                limit: self.config.max_body_bytes,
+            },
+            _ => Failure::Transport(failure),
+        };
+        self.fail(in_flight, failure);
         Ok(())
     }
 

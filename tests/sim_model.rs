@@ -791,10 +791,16 @@ impl Run {
                 } else {
                     let id = self.model.flight.as_ref().expect("in flight").id;
                     let now = self.at(self.model.now);
+                    let deadline = self.model.flight.as_ref().expect("in flight").deadline;
+                    let sent = self.model.flight.as_ref().expect("in flight").sent;
                     self.machine
                         .handle_failure(id, failure.clone(), now)
                         .expect("the awaited request");
-                    self.failed(Failure::Transport(failure));
+                    // A transport timeout is the deadline, whoever noticed it.
+                    self.failed(match kind {
+                        TransportErrorKind::TimedOut => Failure::DeadlineExceeded(deadline - sent),
+                        _ => Failure::Transport(failure),
+                    });
                 }
             }
             Cmd::Advance(ms) => {

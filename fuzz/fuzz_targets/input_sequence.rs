@@ -584,10 +584,12 @@ impl Harness {
                 let failure = TransportFailure::new(kind.kind(), "fuzz");
                 let before = snapshot(&self.m);
                 let result = self.m.handle_failure(id, failure, at);
-                if self.check_result(id, result, before) {
+                let applied = self.check_result(id, result, before);
+                if applied {
                     self.now = at;
                 }
-                self.drain(false);
+                // A transport timeout is reported as the deadline, whoever noticed it.
+                self.drain(applied && kind.kind() == TransportErrorKind::TimedOut);
             }
             Step::Advance { ms } => {
                 let at = self.now + Duration::from_millis(u64::from(*ms));
