@@ -281,12 +281,10 @@ impl std::error::Error for SyncError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum InputError {
-    /// The id was never handed out by this machine.
-    #[error("no request with id {0} was ever sent")]
-    UnknownRequest(RequestId),
-    /// The request was abandoned (its deadline passed, or it was superseded); its response
-    /// must be discarded.
-    #[error("request {0} is no longer awaited")]
+    /// The machine does not wait for this request: it was answered already, abandoned (its
+    /// deadline passed, or the machine stopped), or it is another machine's. Discard the
+    /// response.
+    #[error("request {0} is not awaited")]
     StaleRequest(RequestId),
     /// `now` is earlier than an instant the machine was already given.
     #[error("time went backwards: {now:?} is before {last:?}")]

@@ -277,7 +277,7 @@ impl SyncMachine {
             self.set_state(SyncState::CatchingUp);
         }
         self.schedule.sent();
-        let id = RequestId(self.next_id);
+        let id = RequestId::new(self.next_id);
         self.next_id += 1;
         let in_flight = InFlight {
             id,
@@ -424,8 +424,7 @@ impl SyncMachine {
         self.check_input(now)?;
         match self.in_flight() {
             Some(awaited) if awaited.id == id => {}
-            _ if id.0 < self.next_id => return Err(InputError::StaleRequest(id)),
-            _ => return Err(InputError::UnknownRequest(id)),
+            _ => return Err(InputError::StaleRequest(id)),
         }
         self.now = now;
         self.in_flight_slot()

@@ -15,8 +15,15 @@ use ruma_common::OwnedRoomId;
 use crate::config::{Config, SyncFilter};
 
 /// Identifies one request handed out by the machine; its response must carry the same id.
+/// Opaque: only the machine makes them, in increasing order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequestId(pub u64);
+pub struct RequestId(u64);
+
+impl RequestId {
+    pub(crate) fn new(n: u64) -> Self {
+        Self(n)
+    }
+}
 
 impl fmt::Display for RequestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

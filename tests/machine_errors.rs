@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use matrix_sync_service::{
-    BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestId, RequestKind, SyncError,
-    SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+    BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestKind, SyncError, SyncMachine,
+    SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::foreign_request_id;
 
 const INCREMENTAL: &str = "synapse-incremental.json";
 const E401: &str = "synapse-401-unknown-token.json";
@@ -699,16 +700,17 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
         now,
     );
     assert_eq!(stale, Err(InputError::StaleRequest(first.id)));
-    let unknown = RequestId(req.id.0 + 1000);
+    // Ids are opaque: the only ones not this machine's in flight are stale or another's.
+    let unknown = foreign_request_id(50);
     let got =
         h.m.handle_response(unknown, json_response(&empty_sync("x")), now);
-    assert_eq!(got, Err(InputError::UnknownRequest(unknown)));
+    assert_eq!(got, Err(InputError::StaleRequest(unknown)));
     let got = h.m.handle_failure(
         unknown,
         TransportFailure::new(TransportErrorKind::Dns, "?"),
         now,
     );
-    assert_eq!(got, Err(InputError::UnknownRequest(unknown)));
+    assert_eq!(got, Err(InputError::StaleRequest(unknown)));
     // A later `now` on a refused input does not move the clock either.
     let later = now + Duration::from_secs(5);
     let got =
@@ -753,15 +755,12 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn a_response_nobody_asked_for_before_any_request_is_unknown() {
+fn a_response_nobody_asked_for_before_any_request_is_stale() {
     let mut m = SyncMachine::new(config(), Instant::now()).unwrap();
     assert_eq!(m.poll_state(), Some(SyncState::InitialSync));
-    let got = m.handle_response(
-        RequestId(0),
-        json_response(&empty_sync("x")),
-        Instant::now(),
-    );
-    assert_eq!(got, Err(InputError::UnknownRequest(RequestId(0))));
+    let foreign = foreign_request_id(0);
+    let got = m.handle_response(foreign, json_response(&empty_sync("x")), Instant::now());
+    assert_eq!(got, Err(InputError::StaleRequest(foreign)));
     assert_eq!(m.since(), None);
     assert!(m.in_flight().is_none());
     assert_eq!(m.state(), SyncState::InitialSync);

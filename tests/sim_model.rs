@@ -19,7 +19,7 @@ use matrix_sync_service::{
     BackoffPolicy, Config, ErrorClass, EventKind, Failure, InputError, RequestId, RequestKind,
     SyncError, SyncState, TransportErrorKind, TransportFailure,
 };
-use matrix_sync_testkit::Checked;
+use matrix_sync_testkit::{foreign_request_id, Checked};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 
@@ -193,7 +193,8 @@ struct Model {
     catching_up: bool,
     state: SyncState,
     stopped: bool,
-    next_id: u64,
+    /// Every id the machine handed out, in order (ids are opaque: the model only records them).
+    ids: Vec<RequestId>,
     next_token: u64,
     next_event: u64,
     events: VecDeque<ExpectedEvent>,
@@ -232,7 +233,7 @@ impl Model {
             catching_up: true,
             state,
             stopped: false,
-            next_id: 0,
+            ids: Vec::new(),
             next_token: 1,
             next_event: 1,
             events: VecDeque::new(),
@@ -254,7 +255,12 @@ impl Model {
     }
 
     /// The request the machine must hand out now.
-    fn send(&mut self) -> Flight {
+    fn send(&mut self, id: RequestId) -> Flight {
+        assert!(
+            self.ids.last().is_none_or(|last| id > *last),
+            "ids are handed out in increasing order"
+        );
+        self.ids.push(id);
         let catch_up = self.catching_up || self.since.is_none();
         let timeout = if catch_up {
             Duration::ZERO
@@ -275,14 +281,13 @@ impl Model {
             });
         }
         let flight = Flight {
-            id: RequestId(self.next_id),
+            id,
             sent: self.now,
             deadline,
             since: self.since.clone(),
             timeout,
             catch_up,
         };
-        self.next_id += 1;
         self.flight = Some(flight.clone());
         flight
     }
@@ -497,8 +502,7 @@ impl Run {
         match (request, self.model.request_due()) {
             (None, false) => {}
             (Some(r), true) => {
-                let f = self.model.send();
-                assert_eq!(r.id, f.id);
+                let f = self.model.send(r.id);
                 assert_eq!(r.kind, RequestKind::Sync { timeout: f.timeout });
                 assert_eq!(r.deadline, self.at(f.deadline), "deadline");
                 let uri = r.http.uri();
@@ -624,7 +628,12 @@ impl Run {
 
     fn respond(&mut self, response: http::Response<Vec<u8>>) -> Option<Flight> {
         if !self.ensure_in_flight() {
-            let id = RequestId(self.model.next_id.saturating_sub(1));
+            let id = self
+                .model
+                .ids
+                .last()
+                .copied()
+                .unwrap_or_else(|| foreign_request_id(0));
             let now = self.at(self.model.now);
             assert_eq!(
                 self.machine.handle_response(id, response, now),
@@ -785,7 +794,8 @@ impl Run {
                 if !self.ensure_in_flight() {
                     let now = self.at(self.model.now);
                     assert_eq!(
-                        self.machine.handle_failure(RequestId(0), failure, now),
+                        self.machine
+                            .handle_failure(foreign_request_id(0), failure, now),
                         Err(InputError::Stopped)
                     );
                 } else {
@@ -821,10 +831,8 @@ impl Run {
                 let now = self.at(self.model.now);
                 let ok = || response(200, &[], r#"{"next_batch":"never"}"#.to_owned());
                 let in_flight = self.model.flight.as_ref().map(|f| f.id);
-                let stale = (0..self.model.next_id)
-                    .rev()
-                    .map(RequestId)
-                    .find(|id| Some(*id) != in_flight);
+                let stale =
+                    (self.model.ids.iter().rev().copied()).find(|id| Some(*id) != in_flight);
                 let (result, expected) = match (variant, stale) {
                     (0, Some(id)) => (
                         self.machine.handle_response(id, ok(), now),
@@ -841,10 +849,11 @@ impl Run {
                         )
                     }
                     _ => {
-                        let id = RequestId(self.model.next_id + 7);
+                        // Another machine's id, past all of ours: never awaited here.
+                        let id = foreign_request_id(self.model.ids.len());
                         (
                             self.machine.handle_response(id, ok(), now),
-                            InputError::UnknownRequest(id),
+                            InputError::StaleRequest(id),
                         )
                     }
                 };

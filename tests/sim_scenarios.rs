@@ -458,7 +458,7 @@ fn stalled_initial_sync_hits_its_own_deadline_and_late_answers_are_stale() {
     assert_eq!(log.late_answers[0].at, deadline + secs(1));
     assert_eq!(
         log.late_answers[0].result,
-        Err(InputError::StaleRequest(RequestId(0)))
+        Err(InputError::StaleRequest(first.id))
     );
     assert!(
         log.events.is_empty(),

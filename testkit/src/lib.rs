@@ -171,6 +171,27 @@ impl Deref for Checked {
     }
 }
 
+/// The `n`-th request id (from 0) of a fresh machine. Ids are opaque, so a test that needs one
+/// the machine under test never handed out takes another machine's, past all of its own.
+pub fn foreign_request_id(n: usize) -> RequestId {
+    let mut now = Instant::now();
+    let config = Config::new("https://foreign.example.org", "token");
+    let mut other = SyncMachine::new(config, now).expect("a valid configuration");
+    let mut id = None;
+    for _ in 0..=n {
+        let request = other.poll_request().expect("a request is due");
+        id = Some(request.id);
+        let failure = TransportFailure::new(matrix_sync_service::TransportErrorKind::Reset, "x");
+        other
+            .handle_failure(request.id, failure, now)
+            .expect("awaited");
+        while other.poll_error().is_some() {}
+        now = other.poll_timeout().expect("a retry is scheduled");
+        other.handle_timeout(now).expect("time moves forward");
+    }
+    id.expect("at least one request")
+}
+
 #[derive(Debug)]
 struct SyncRecord {
     sent: Instant,
