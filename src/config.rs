@@ -218,19 +218,21 @@ impl Config {
                 reason: "must not be zero",
             });
         }
-        let counts = [
+        check_nonzero(&[
             ("gap_fill.page_size", self.gap_fill.page_size as usize),
             ("dedup_capacity", self.dedup_capacity),
-        ];
-        for (field, value) in counts {
-            if value == 0 {
-                return Err(ConfigError::Invalid {
-                    field,
-                    reason: "must not be zero",
-                });
-            }
-        }
-        Ok(())
+        ])
+    }
+}
+
+/// The first of `counts` that is zero, as the error naming its field.
+pub(crate) fn check_nonzero(counts: &[(&'static str, usize)]) -> Result<(), ConfigError> {
+    match counts.iter().find(|(_, value)| *value == 0) {
+        Some((field, _)) => Err(ConfigError::Invalid {
+            field,
+            reason: "must not be zero",
+        }),
+        None => Ok(()),
     }
 }
 

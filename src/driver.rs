@@ -82,19 +82,10 @@ impl DriverConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let counts = [
+        crate::config::check_nonzero(&[
             ("event_channel_capacity", self.event_channel_capacity),
             ("error_channel_capacity", self.error_channel_capacity),
-        ];
-        for (field, value) in counts {
-            if value == 0 {
-                return Err(ConfigError::Invalid {
-                    field,
-                    reason: "must not be zero",
-                });
-            }
-        }
-        Ok(())
+        ])
     }
 }
 

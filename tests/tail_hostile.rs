@@ -11,7 +11,6 @@ mod support;
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
@@ -74,19 +73,6 @@ fn syncs(requests: &[Request]) -> Vec<&Request> {
 }
 
 // ---- the tail process ----------------------------------------------------------------------
-
-/// The tail binary, refusing one older than its source (run `cargo build --examples`).
-fn fresh_tail() -> PathBuf {
-    let binary = tail_binary();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tail.rs");
-    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&binary) >= modified(&source),
-        "{} is older than examples/tail.rs: run `cargo build --examples` first",
-        binary.display()
-    );
-    binary
-}
 
 /// A running tail, killed when dropped (a failed assertion leaves no process behind).
 struct Tail(Child);
@@ -197,7 +183,7 @@ fn run_tail(server: &FakeServer, args: &[&str], since: Option<&str>, window: Dur
     if let Some(token) = since {
         fs::write(&since_file, format!("{token}\n")).unwrap();
     }
-    let mut command = Command::new(fresh_tail());
+    let mut command = Command::new(tail_binary());
     command
         .args(["--homeserver", &server.url()])
         .arg("--since-file")

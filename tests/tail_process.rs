@@ -96,22 +96,9 @@ fn wait_for_gate(gate: &AtomicBool, within: Duration) {
 
 // ---- the tail process ----------------------------------------------------------------------
 
-/// The tail binary, refusing one older than its source (run `cargo build --examples`).
-fn fresh_tail() -> PathBuf {
-    let binary = tail_binary();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tail.rs");
-    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&binary) >= modified(&source),
-        "{} is older than examples/tail.rs: run `cargo build --examples` first",
-        binary.display()
-    );
-    binary
-}
-
 /// `tail --homeserver <server>` with a token and stdin from /dev/null.
 fn tail_command(server: &FakeServer) -> Command {
-    let mut command = Command::new(fresh_tail());
+    let mut command = Command::new(tail_binary());
     command
         .args(["--homeserver", &server.url()])
         .env("MATRIX_ACCESS_TOKEN", "secret-token")
@@ -545,7 +532,7 @@ fn a_broken_stderr_pipe_neither_panics_nor_stops_tail() {
 
 #[test]
 fn help_lists_the_exit_statuses_on_stdout() {
-    let output = Command::new(fresh_tail()).arg("--help").output().unwrap();
+    let output = Command::new(tail_binary()).arg("--help").output().unwrap();
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
     for line in [

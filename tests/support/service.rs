@@ -94,5 +94,13 @@ pub fn tail_binary() -> std::path::PathBuf {
         "{} is missing: `cargo test` builds the examples; run the tests through cargo",
         tail.display()
     );
+    // A stale binary would test old behaviour: refuse one older than its source.
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tail.rs");
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        modified(&tail) >= modified(&source),
+        "{} is older than examples/tail.rs: run `cargo build --examples` first",
+        tail.display()
+    );
     tail
 }
