@@ -295,7 +295,7 @@ fn line(event: &Event) -> Value {
         "event_id": event.event_id,
         "sender": event.sender,
         "origin_server_ts": event.origin_server_ts,
-        "body": event.body_opt(),
+        "body": event.body.as_deref(),
     });
     let extra = &mut line;
     if let Some(key) = &event.state_key {

@@ -69,7 +69,17 @@ impl SyncFilter {
 }
 
 /// Gap filling: what the machine does when a room's timeline comes back `limited`.
+///
+/// Start from [`GapFill::default`] and change what differs:
+///
+/// ```
+/// use matrix_sync_service::GapFill;
+/// let gap_fill = GapFill::default().with_max_events_per_room(200).with_page_size(50);
+/// assert!(gap_fill.enabled);
+/// assert!(!GapFill::disabled().enabled);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GapFill {
     /// Fetch the missing events with `/rooms/{roomId}/messages`. When off, a gap item reports
     /// each gap instead.
@@ -88,6 +98,37 @@ impl Default for GapFill {
             max_events_per_room: defaults::GAP_FILL_MAX_EVENTS,
             page_size: defaults::GAP_FILL_PAGE_SIZE,
         }
+    }
+}
+
+impl GapFill {
+    /// No filling: every gap is reported as a gap item.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// Sets [`enabled`](Self::enabled).
+    #[must_use]
+    pub fn with_enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Sets [`max_events_per_room`](Self::max_events_per_room).
+    #[must_use]
+    pub fn with_max_events_per_room(mut self, max: usize) -> Self {
+        self.max_events_per_room = max;
+        self
+    }
+
+    /// Sets [`page_size`](Self::page_size).
+    #[must_use]
+    pub fn with_page_size(mut self, page_size: u32) -> Self {
+        self.page_size = page_size;
+        self
     }
 }
 
@@ -243,7 +284,20 @@ pub(crate) fn check_nonzero(counts: &[(&'static str, usize)]) -> Result<(), Conf
 /// The `n`-th consecutive failure (from 1) waits `min(initial * factor^(n-1), max)`, of which
 /// jitter removes a random fraction in `[0, jitter)`: every delay lies in
 /// `[(1 - jitter) * base, base]`, never above `max`.
+///
+/// Start from [`BackoffPolicy::default`] and change what differs:
+///
+/// ```
+/// use std::time::Duration;
+/// use matrix_sync_service::BackoffPolicy;
+/// let backoff = BackoffPolicy::default()
+///     .with_initial(Duration::from_millis(250))
+///     .with_max(Duration::from_secs(30))
+///     .with_jitter(0.0);
+/// assert_eq!(backoff.factor, 2.0);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BackoffPolicy {
     /// Delay after the first failure.
     pub initial: Duration,
@@ -267,6 +321,34 @@ impl Default for BackoffPolicy {
 }
 
 impl BackoffPolicy {
+    /// Sets [`initial`](Self::initial).
+    #[must_use]
+    pub fn with_initial(mut self, initial: Duration) -> Self {
+        self.initial = initial;
+        self
+    }
+
+    /// Sets [`factor`](Self::factor).
+    #[must_use]
+    pub fn with_factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+
+    /// Sets [`max`](Self::max).
+    #[must_use]
+    pub fn with_max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Sets [`jitter`](Self::jitter).
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let day = Duration::from_secs(86_400);
         check_duration(

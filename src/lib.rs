@@ -135,7 +135,7 @@
 //!     while let Some(event) = machine.poll_event() {
 //!         match event.kind {
 //!             EventKind::Checkpoint(_) => checkpoints += 1,
-//!             _ => bodies.push(event.body),
+//!             _ => bodies.extend(event.body),
 //!         }
 //!     }
 //!     while let Some(error) = machine.poll_error() {

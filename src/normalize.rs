@@ -212,8 +212,9 @@ pub struct Event {
     pub origin_server_ts: Option<MilliSecondsSinceUnixEpoch>,
     /// `state_key`, for state events.
     pub state_key: Option<String>,
-    /// `content.body`, empty when the event has none (always empty for encrypted events).
-    pub body: String,
+    /// `content.body` when it is a string; `None` when the event has none, and always for
+    /// encrypted events (whose content is ciphertext).
+    pub body: Option<String>,
     /// `content.m.relates_to`, where present.
     pub relation: Option<Relation>,
     /// The target of a redaction (`redacts`, top-level or in `content`).
@@ -223,11 +224,6 @@ pub struct Event {
 }
 
 impl Event {
-    /// The body, or `None` when the event has none.
-    pub fn body_opt(&self) -> Option<&str> {
-        (!self.body.is_empty()).then_some(self.body.as_str())
-    }
-
     fn synthetic(
         kind: EventKind,
         event_type: &'static str,
@@ -242,7 +238,7 @@ impl Event {
             sender: None,
             origin_server_ts: None,
             state_key: None,
-            body: String::new(),
+            body: None,
             relation: None,
             redacts: None,
             raw,
@@ -323,9 +319,9 @@ pub(crate) fn normalize(
     let fields = event_fields(raw.get());
     let event_type = fields.event_type.as_deref().unwrap_or_default();
     let kind = kind_of(section, event_type, fields.state_key.is_some());
-    let body = match (&kind, fields.body) {
-        (EventKind::Encrypted, _) | (_, None) => String::new(),
-        (_, Some(body)) => body.into_owned(),
+    let body = match kind {
+        EventKind::Encrypted => None,
+        _ => fields.body.map(Cow::into_owned),
     };
     let relation = match (fields.rel_type, fields.rel_event_id, fields.in_reply_to) {
         (Some(rel_type), Some(id), _) => parse_event_id(&id).map(|event_id| Relation {
@@ -485,7 +481,7 @@ mod tests {
             Section::Timeline,
         );
         assert_eq!(e.kind, EventKind::Message);
-        assert_eq!(e.body, "say \"hi\"");
+        assert_eq!(e.body.as_deref(), Some("say \"hi\""));
         assert_eq!(e.relation.unwrap().rel_type, "m.in_reply_to");
         assert_eq!(e.origin_server_ts.unwrap().0, js_int::uint!(5));
     }
@@ -499,7 +495,7 @@ mod tests {
         );
         assert_eq!(e.kind, EventKind::Message);
         assert!(e.event_id.is_none() && e.sender.is_none() && e.origin_server_ts.is_none());
-        assert_eq!(e.body, "");
+        assert_eq!(e.body, None);
         assert!(e.relation.is_none());
         let e = norm(r#"[1,2,3]"#, Section::Timeline);
         assert_eq!(e.kind, EventKind::OtherTimeline);
@@ -530,6 +526,6 @@ mod tests {
             Section::Timeline,
         );
         assert_eq!(e.kind, EventKind::Encrypted);
-        assert_eq!(e.body, "");
+        assert_eq!(e.body, None);
     }
 }
