@@ -9,6 +9,7 @@ use std::time::Duration;
 use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
 
+use crate::auth::{self, RefreshMethod, RefreshToken};
 use crate::defaults;
 use crate::token::{self, TokenProblem};
 
@@ -141,6 +142,15 @@ pub struct Config {
     pub homeserver: String,
     /// The access token, sent in the `Authorization` header only.
     pub access_token: AccessToken,
+    /// The refresh token: with one, the machine refreshes the access token ahead of
+    /// [`access_token_expires_in`](Self::access_token_expires_in), and once after a 401
+    /// `M_UNKNOWN_TOKEN`, handing the new credentials out before using them.
+    pub refresh_token: Option<RefreshToken>,
+    /// How long the access token lives from when the machine is created (`expires_in_ms` of
+    /// the login, less the time since). `None`: unknown, refreshed only after a 401.
+    pub access_token_expires_in: Option<Duration>,
+    /// Where the refresh token is exchanged.
+    pub refresh: RefreshMethod,
     /// Resume from this `next_batch` token (for instance a stored checkpoint).
     pub since: Option<String>,
     /// Filter for `/sync`.
@@ -180,6 +190,9 @@ impl Config {
         Self {
             homeserver: homeserver.into(),
             access_token: AccessToken::new(access_token),
+            refresh_token: None,
+            access_token_expires_in: None,
+            refresh: RefreshMethod::Matrix,
             since: None,
             filter: None,
             long_poll_timeout: defaults::LONG_POLL_TIMEOUT,
@@ -200,7 +213,7 @@ impl Config {
 
     /// Checks every field; the first unusable one is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_homeserver(&self.homeserver, self.allow_insecure_http)?;
+        validate_url(&self.homeserver, self.allow_insecure_http)?;
         let token = self.access_token.expose();
         if token.is_empty() {
             return Err(ConfigError::MissingAccessToken);
@@ -208,6 +221,38 @@ impl Config {
         // A header value takes visible ASCII only; anything else fails every request.
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ConfigError::InvalidAccessToken);
+        }
+        if self
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| !auth::usable(t.expose()))
+        {
+            return Err(ConfigError::Invalid {
+                field: "refresh_token",
+                reason: "empty or not visible ASCII",
+            });
+        }
+        if let RefreshMethod::OAuth {
+            token_endpoint,
+            client_id,
+        } = &self.refresh
+        {
+            validate_url(token_endpoint, self.allow_insecure_http).map_err(|e| match e {
+                ConfigError::InvalidHomeserver { reason } => ConfigError::Invalid {
+                    field: "refresh.token_endpoint",
+                    reason,
+                },
+                _ => ConfigError::Invalid {
+                    field: "refresh.token_endpoint",
+                    reason: "plain http is only allowed to loopback",
+                },
+            })?;
+            if client_id.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "refresh.client_id",
+                    reason: "must not be empty",
+                });
+            }
         }
         if let Some(since) = &self.since {
             match token::check(since) {
@@ -405,7 +450,9 @@ pub(crate) fn check_duration(
     Ok(())
 }
 
-fn validate_homeserver(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+/// An absolute http(s) URL without fragment, user info or query; plain http to loopback
+/// only, unless allowed.
+fn validate_url(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
     let bad = |reason| ConfigError::InvalidHomeserver { reason };
     // Checked on the text: a fragment would silently drop every path the machine appends.
     if url.contains('#') {

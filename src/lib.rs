@@ -175,6 +175,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod auth;
 mod batch;
 mod checkpoint;
 mod classify;
@@ -194,10 +195,13 @@ mod schedule;
 mod text;
 mod token;
 
+pub use auth::{Credentials, RefreshMethod, RefreshToken};
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
 #[cfg(feature = "driver")]
-pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
+pub use driver::{
+    start, start_with, DriverConfig, ServiceError, StartError, StoreCredentials, SyncService,
+};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
