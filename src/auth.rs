@@ -149,9 +149,7 @@ impl Auth {
     /// The state for credentials that start (or were set) at `now`.
     pub(crate) fn fresh(expires: Option<(Instant, Duration)>, can_refresh: bool) -> Self {
         Auth::Valid {
-            refresh_at: expires
-                .filter(|_| can_refresh)
-                .map(refresh_instant),
+            refresh_at: expires.filter(|_| can_refresh).map(refresh_instant),
             unproven: false,
         }
     }
@@ -225,7 +223,11 @@ pub(crate) fn parse_refresh(body: &[u8], old: &RefreshToken) -> Result<Credentia
         .or(answer.expires_in.map(Duration::from_secs));
     let credentials = Credentials {
         access_token: AccessToken::new(answer.access_token),
-        refresh_token: Some(answer.refresh_token.map_or_else(|| old.clone(), RefreshToken)),
+        refresh_token: Some(
+            answer
+                .refresh_token
+                .map_or_else(|| old.clone(), RefreshToken),
+        ),
         expires_in,
     };
     if credentials.is_usable() {
@@ -274,7 +276,10 @@ mod tests {
         let mut config = Config::new("https://example.org", "old-access");
         let token = RefreshToken::new("r&t=1");
         let matrix = refresh_request(&config, &token).unwrap();
-        assert_eq!(matrix.uri(), "https://example.org/_matrix/client/v3/refresh");
+        assert_eq!(
+            matrix.uri(),
+            "https://example.org/_matrix/client/v3/refresh"
+        );
         assert_eq!(matrix.body(), br#"{"refresh_token":"r&t=1"}"#);
         assert!(matrix.headers().get("authorization").is_none());
         config.refresh = RefreshMethod::OAuth {

@@ -200,8 +200,7 @@ impl SyncMachine {
         }
         if let Auth::Valid { unproven, .. } = &mut self.auth {
             // A request worked with these credentials: a later 401 may be refreshed again.
-            if in_flight.credentials == self.credentials && in_flight.kind != RequestKind::Refresh
-            {
+            if in_flight.credentials == self.credentials && in_flight.kind != RequestKind::Refresh {
                 *unproven = false;
             }
         }
@@ -406,18 +405,24 @@ impl SyncMachine {
         }
         let idle = matches!(
             self.phase,
-            Phase::Syncing { in_flight: None } | Phase::FillingGaps { in_flight: None, .. }
+            Phase::Syncing { in_flight: None }
+                | Phase::FillingGaps {
+                    in_flight: None,
+                    ..
+                }
         );
-        let refresh_token = self.config.refresh_token.as_ref().filter(|_| {
-            match self.auth {
+        let refresh_token = self
+            .config
+            .refresh_token
+            .as_ref()
+            .filter(|_| match self.auth {
                 Auth::Expired => true,
                 Auth::Valid {
                     refresh_at: Some(at),
                     ..
                 } => at <= self.now,
                 _ => false,
-            }
-        });
+            });
         let (http, kind, deadline) = match (&self.phase, refresh_token) {
             (_, Some(token)) if idle => (
                 auth::refresh_request(&self.config, token).map_err(|e| e.to_string()),
@@ -617,9 +622,7 @@ impl SyncMachine {
     }
 
     /// The next sync request: its HTTP form, kind and deadline.
-    fn build_sync(
-        &mut self,
-    ) -> (Result<http::Request<Vec<u8>>, String>, RequestKind, Instant) {
+    fn build_sync(&mut self) -> (Result<http::Request<Vec<u8>>, String>, RequestKind, Instant) {
         let since = self.since.as_deref();
         let timeout = match self.mode {
             Mode::First | Mode::CatchUp => Duration::ZERO,
@@ -769,7 +772,10 @@ impl SyncMachine {
     fn fail(&mut self, in_flight: InFlight, mut failure: Failure) {
         let refused_token = matches!(failure, Failure::UnknownToken { .. })
             && in_flight.kind != RequestKind::Refresh;
-        let retry = match refused_token.then(|| self.token_refused(&in_flight)).flatten() {
+        let retry = match refused_token
+            .then(|| self.token_refused(&in_flight))
+            .flatten()
+        {
             Some(retry) => retry,
             None => match &in_flight.kind {
                 RequestKind::Sync { .. } => self.sync_failed(&failure),
