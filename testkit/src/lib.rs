@@ -17,6 +17,11 @@
 //!   failure, no event comes out before the next sync is sent.
 //! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
 
+#[cfg(feature = "net")]
+pub mod client;
+#[cfg(feature = "net")]
+pub mod synapse;
+
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
