@@ -60,8 +60,8 @@ fn sync_errors(service: &SyncService) -> Vec<SyncError> {
     service
         .errors()
         .try_iter()
-        .filter_map(|e| match e {
-            ServiceError::Sync(e) => Some(e),
+        .map(|e| match e {
+            ServiceError::Sync(e) => e,
             other => panic!("{other}"),
         })
         .collect()
