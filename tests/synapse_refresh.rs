@@ -39,7 +39,10 @@ fn refreshing(account: &Account, known_expiry: bool) -> Config {
     if known_expiry {
         config.access_token_expires_in = account.expires_in_ms.map(Duration::from_millis);
         let lifetime = config.access_token_expires_in.expect("an expiry");
-        assert!(lifetime <= LIFETIME && lifetime > LIFETIME / 2, "{lifetime:?}");
+        assert!(
+            lifetime <= LIFETIME && lifetime > LIFETIME / 2,
+            "{lifetime:?}"
+        );
     }
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(2));
     config
@@ -183,8 +186,15 @@ fn an_expiry_unknown_to_the_client_is_met_by_one_refresh_and_a_retry_after_its_4
     );
     // The first token's expiry is unknown: it is met by a 401. Synapse's refresh answers
     // carry `expires_in_ms`, so the tokens after it are refreshed ahead of time.
-    assert_eq!(unknown_tokens(&errors), 1, "the first token's expiry is met by a 401");
-    assert!(refreshes >= 2, "{refreshes} refreshes in 25 s with tokens living 10 s");
+    assert_eq!(
+        unknown_tokens(&errors),
+        1,
+        "the first token's expiry is met by a 401"
+    );
+    assert!(
+        refreshes >= 2,
+        "{refreshes} refreshes in 25 s with tokens living 10 s"
+    );
     assert!(
         errors
             .iter()
@@ -404,4 +414,116 @@ fn oauth_refresh_through_a_token_endpoint_double_rotates_tokens_and_invalid_gran
     assert_eq!(refused.failure.errcode(), Some("invalid_grant"));
     eprintln!("{grants} OAuth grants; ended with {refused}");
     service.stop();
+}
+
+#[test]
+fn tail_killed_right_after_a_refresh_goes_on_from_its_files_with_the_rotated_refresh_token() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let alice = Account::register_refreshable(&synapse().base_url(), "alice");
+    let bob = Account::register(&synapse().base_url(), "bob");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    let since_file = dir.path().join("since");
+    let initial = serde_json::json!({
+        "access_token": alice.access_token,
+        "refresh_token": alice.refresh_token,
+        "expires_in_ms": alice.expires_in_ms,
+    });
+    std::fs::write(&token_file, initial.to_string()).unwrap();
+    let stored = || std::fs::read_to_string(&token_file).unwrap();
+    let refresh_token = |text: &str| {
+        let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        value["refresh_token"].as_str().unwrap().to_owned()
+    };
+    let spawn_tail = || {
+        Command::new(support::service::tail_binary())
+            .args([
+                "--homeserver",
+                &synapse().base_url(),
+                "--timeout-ms",
+                "2000",
+            ])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--since-file")
+            .arg(&since_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Lines of stdout on a thread, so the test can watch the files meanwhile.
+    let collect = |child: &mut std::process::Child| {
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let log = errors.clone();
+        thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                log.lock().unwrap().push(line);
+            }
+        });
+        (rx, errors)
+    };
+
+    let mut first = spawn_tail();
+    let (lines, first_errors) = collect(&mut first);
+    let sender = send_spread(&bob, &room, 20, Duration::from_millis(400));
+    // Kill it the moment the refreshed credentials are on disk.
+    let deadline = Instant::now() + LIFETIME * 2;
+    let before = stored();
+    while stored() == before {
+        assert!(Instant::now() < deadline, "no refresh stored");
+        thread::sleep(Duration::from_millis(5));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let rotated = refresh_token(&stored());
+    assert_ne!(rotated, alice.refresh_token.clone().unwrap());
+    let mut printed: Vec<String> = lines.try_iter().collect();
+    thread::sleep(Duration::from_secs(1));
+
+    let mut second = spawn_tail();
+    let (lines, second_errors) = collect(&mut second);
+    let sent = sender.join().unwrap();
+    // Until every message was printed and tail refreshed again with the rotated token.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let printed_all = |printed: &[String]| {
+        sent.iter()
+            .all(|id| printed.iter().any(|l| l.contains(&format!("\"{id}\""))))
+    };
+    while !(printed_all(&printed) && refresh_token(&stored()) != rotated) {
+        assert!(
+            Instant::now() < deadline,
+            "errors: {:?}",
+            second_errors.lock().unwrap()
+        );
+        printed.extend(lines.recv_timeout(Duration::from_millis(100)).ok());
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
+    second.wait().unwrap();
+    let errors = second_errors.lock().unwrap();
+    assert!(
+        !errors
+            .iter()
+            .any(|l| l.contains("M_FORBIDDEN") || l.contains("session")),
+        "{errors:?}"
+    );
+    eprintln!(
+        "first run: {:?}; second run: {:?}",
+        first_errors.lock().unwrap(),
+        errors
+    );
 }
