@@ -76,6 +76,16 @@ pub struct DriverConfig {
     /// [`SyncMachine::poll_credentials`]). Without it they are used at once and live only in
     /// memory: a restart then needs a new login if the refresh token rotated.
     pub on_credentials: Option<Arc<StoreCredentials>>,
+    /// Route requests through the proxy named by `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
+    /// (as curl reads them, `NO_PROXY` included), read once at start. On by default; off means
+    /// always direct. Ignored with [`agent`](Self::agent).
+    pub proxy_from_env: bool,
+    /// The application's own agent (its proxy, TLS roots, resolver) instead of the driver's.
+    /// The guarantees stay: every request is sent with statuses as values, no redirects
+    /// followed, its deadline, and the body cap. [`SyncService::stop`] shuts this agent down
+    /// to abort the request in flight, and clones share its pool: give the service an agent
+    /// of its own.
+    pub agent: Option<ureq::Agent>,
 }
 
 impl Default for DriverConfig {
@@ -84,6 +94,8 @@ impl Default for DriverConfig {
             event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
             error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
             on_credentials: None,
+            proxy_from_env: true,
+            agent: None,
         }
     }
 }
@@ -94,6 +106,8 @@ impl std::fmt::Debug for DriverConfig {
             .field("event_channel_capacity", &self.event_channel_capacity)
             .field("error_channel_capacity", &self.error_channel_capacity)
             .field("on_credentials", &self.on_credentials.is_some())
+            .field("proxy_from_env", &self.proxy_from_env)
+            .field("agent", &self.agent.is_some())
             .finish()
     }
 }
@@ -162,7 +176,10 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
-    let agent = new_agent();
+    let agent = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| new_agent(options.proxy_from_env));
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
@@ -330,10 +347,14 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-fn new_agent() -> ureq::Agent {
+fn new_agent(proxy_from_env: bool) -> ureq::Agent {
+    let proxy = proxy_from_env.then(ureq::Proxy::try_from_env).flatten();
+    if let Some(proxy) = &proxy {
+        log::info!("requests go through the proxy at {}", proxy.host());
+    }
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .proxy(None)
+        .proxy(proxy)
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_resolve(Some(CONNECT_TIMEOUT))
         .max_redirects(0)
@@ -516,8 +537,11 @@ fn perform(
             "deadline passed before sending",
         ));
     }
+    // Set on every request, so that an application's own agent keeps the guarantees.
     let http = agent
         .configure_request(request.http)
+        .http_status_as_error(false)
+        .max_redirects(0)
         .timeout_global(Some(timeout))
         .build();
     let response = agent.run(http).map_err(|e| transport_failure(e, false))?;

@@ -6,6 +6,7 @@
 #[allow(unused_imports)]
 pub use matrix_sync_testkit::{client, synapse};
 
+pub mod connect_proxy;
 pub mod fake_server;
 pub mod proxy;
 pub mod service;
