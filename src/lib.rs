@@ -183,6 +183,7 @@ mod dedup;
 pub mod defaults;
 #[cfg(feature = "driver")]
 mod driver;
+pub mod e2ee;
 mod error;
 mod gapfill;
 mod machine;
@@ -196,12 +197,16 @@ mod token;
 
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
+#[cfg(all(feature = "driver", feature = "e2ee"))]
+pub use driver::start_encrypted;
 #[cfg(feature = "driver")]
 pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
+#[cfg(feature = "e2ee")]
+pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
-pub use request::{InFlightRequest, OutgoingRequest, RequestId, RequestKind};
+pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;

@@ -176,6 +176,11 @@ impl SyncMachine {
             RequestKind::Messages { .. } => {
                 self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
+            // The machine never sends the E2EE stage's requests.
+            RequestKind::Crypto(_) => self.fail(
+                in_flight,
+                Failure::InvalidRequest("not a sync request".into()),
+            ),
         }
         Ok(())
     }
@@ -508,7 +513,7 @@ impl SyncMachine {
 
     fn fail(&mut self, in_flight: InFlight, failure: Failure) {
         let retry = match &in_flight.kind {
-            RequestKind::Sync { .. } => self.sync_failed(&failure),
+            RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
             RequestKind::Messages { .. } => self.fill_failed(&failure),
         };
         log::warn!(
@@ -580,7 +585,7 @@ impl SyncMachine {
         }
         let timeout = match in_flight.kind {
             RequestKind::Sync { timeout } => timeout,
-            RequestKind::Messages { .. } => Duration::ZERO,
+            RequestKind::Messages { .. } | RequestKind::Crypto(_) => Duration::ZERO,
         };
         let answer = Answer {
             channel: self.mode.channel(),
