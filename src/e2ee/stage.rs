@@ -234,6 +234,14 @@ impl fmt::Debug for E2ee {
     }
 }
 
+impl Drop for E2ee {
+    fn drop(&mut self) {
+        // The SQLite store's connection pool closes its connections on the runtime.
+        let _context = self.runtime.enter();
+        self.olm = None;
+    }
+}
+
 impl E2ee {
     /// Creates the stage for the account of `sync` (homeserver, token, backoff policy), at
     /// `now`. With both ids configured, the store is opened here (an unusable store is an
@@ -291,6 +299,8 @@ impl E2ee {
     }
 
     fn open(&mut self, user: &OwnedUserId, device: &OwnedDeviceId) -> Result<(), E2eeError> {
+        // The SQLite store's connection pool needs the runtime even to be dropped.
+        let _context = self.runtime.enter();
         let crypto = |what| {
             move |e: &dyn fmt::Display| E2eeError::Crypto {
                 what,
