@@ -2,8 +2,14 @@
 //!
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
-//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N]
+//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
+//!     [--e2ee --store DIR]
 //! ```
+//!
+//! With `--e2ee --store DIR` (feature `e2ee`) encrypted rooms are decrypted, with the crypto
+//! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the
+//! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
+//! plaintext one plus `"encrypted": true`, an undecryptable one says why.
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
@@ -39,7 +45,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] (token in MATRIX_ACCESS_TOKEN)";
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--e2ee --store DIR] (token in MATRIX_ACCESS_TOKEN)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -101,6 +107,8 @@ struct Args {
     timeline_limit: Option<u32>,
     fill_gaps: bool,
     timeout_ms: Option<u64>,
+    /// `--e2ee --store DIR`: the crypto store's directory.
+    e2ee_store: Option<String>,
 }
 
 /// The arguments, or `None` for `--help`.
@@ -112,7 +120,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         timeline_limit: None,
         fill_gaps: true,
         timeout_ms: None,
+        e2ee_store: None,
     };
+    let (mut e2ee, mut store) = (false, None);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
@@ -133,10 +143,17 @@ fn parse_args() -> Result<Option<Args>, String> {
                 );
             }
             "--no-fill-gaps" => parsed.fill_gaps = false,
+            "--e2ee" => e2ee = true,
+            "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
+    parsed.e2ee_store = match (e2ee, store) {
+        (true, Some(dir)) => Some(dir),
+        (false, None) => None,
+        _ => return Err(format!("--e2ee and --store DIR go together; {USAGE}")),
+    };
     if parsed.homeserver.is_empty() {
         return Err(format!(
             "missing --homeserver (or MATRIX_HOMESERVER); {USAGE}"
@@ -190,13 +207,45 @@ fn run() -> Result<(), Fatal> {
     config.gap_fill.enabled = args.fill_gaps;
     config.jitter_seed = std::process::id() as u64;
 
-    let service = start(config).map_err(|e| match e {
+    let service = start_service(config, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
     })?;
     let pumped = pump(&service, store.as_ref(), &signalled);
     service.stop();
     outcome(pumped, service.join())
+}
+
+/// The service, with the E2EE stage when `--e2ee --store DIR` asked for it.
+fn start_service(
+    config: Config,
+    e2ee_store: Option<String>,
+) -> Result<Result<SyncService, StartError>, Fatal> {
+    let Some(dir) = e2ee_store else {
+        return Ok(start(config));
+    };
+    #[cfg(feature = "e2ee")]
+    {
+        use matrix_sync_service::{start_encrypted, CryptoStore, DriverConfig, E2eeConfig};
+        let passphrase = std::env::var("MATRIX_STORE_PASSPHRASE").ok();
+        let store = CryptoStore::Sqlite {
+            dir: dir.into(),
+            passphrase: passphrase.filter(|p| !p.is_empty()),
+        };
+        let mut e2ee = E2eeConfig::new(store);
+        e2ee.device_id = std::env::var("MATRIX_DEVICE_ID")
+            .ok()
+            .filter(|d| !d.is_empty())
+            .map(Into::into);
+        Ok(start_encrypted(config, DriverConfig::default(), e2ee))
+    }
+    #[cfg(not(feature = "e2ee"))]
+    {
+        let _ = (config, dir);
+        Err(Fatal::usage(
+            "--e2ee: this tail was built without the e2ee feature",
+        ))
+    }
 }
 
 /// The pump's result, then the driver thread's: a driver panic is a runtime failure.
@@ -308,6 +357,7 @@ fn line(event: &Event) -> Value {
     if let Some(target) = &event.redacts {
         extra["redacts"] = json!(target);
     }
+    encryption_fields(event, extra);
     match &event.kind {
         EventKind::Checkpoint(c) => {
             extra["next_batch"] = json!(c.next_batch);
@@ -320,6 +370,27 @@ fn line(event: &Event) -> Value {
         _ => {}
     }
     line
+}
+
+/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
+fn encryption_fields(event: &Event, line: &mut Value) {
+    use matrix_sync_service::e2ee::Encryption;
+    match event.encryption.as_deref() {
+        Some(Encryption::Decrypted(d)) => {
+            line["encrypted"] = json!(true);
+            line["sender_device"] = json!(d.sender_device);
+            line["verification"] = json!(d.verification.name());
+            if d.late {
+                line["late"] = json!(true);
+            }
+        }
+        Some(Encryption::Undecryptable(u)) => {
+            line["encrypted"] = json!(true);
+            line["undecryptable"] = json!(u.reason.to_string());
+        }
+        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
+        _ => {}
+    }
 }
 
 /// Whether fd 1 was closed when the process started.
