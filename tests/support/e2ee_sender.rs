@@ -218,6 +218,14 @@ impl Sender {
         self.share(room, users, defer)
     }
 
+    /// Drops the outbound room key of `room`: the next share makes a new one.
+    pub fn discard_room_key(&self, room: &str) {
+        let room_id = ruma16::RoomId::parse(room).expect("room id");
+        self.runtime
+            .block_on(self.olm.discard_room_key(&room_id))
+            .expect("discard room key");
+    }
+
     /// Sends to-device requests that [`prepare`](Self::prepare) deferred.
     pub fn deliver(&self, shares: &[Arc<ToDeviceRequest>]) {
         for share in shares {
