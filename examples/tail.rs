@@ -374,7 +374,7 @@ fn line(event: &Event) -> Value {
 
 /// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
 fn encryption_fields(event: &Event, line: &mut Value) {
-    use matrix_sync_service::e2ee::Encryption;
+    use matrix_sync_service::Encryption;
     match event.encryption.as_deref() {
         Some(Encryption::Decrypted(d)) => {
             line["encrypted"] = json!(true);

@@ -183,7 +183,10 @@ mod dedup;
 pub mod defaults;
 #[cfg(feature = "driver")]
 mod driver;
+#[cfg(feature = "e2ee")]
 pub mod e2ee;
+#[cfg(not(feature = "e2ee"))]
+mod e2ee;
 mod error;
 mod gapfill;
 mod machine;
@@ -203,6 +206,7 @@ pub use driver::start_encrypted;
 pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
 #[cfg(feature = "e2ee")]
 pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};
+pub use e2ee::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};

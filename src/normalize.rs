@@ -223,7 +223,7 @@ pub struct Event {
     pub raw: Box<RawValue>,
     /// What the E2EE stage (feature `e2ee`) found for an encrypted room event; `None` for
     /// every other event.
-    pub encryption: Option<Box<crate::e2ee::Encryption>>,
+    pub encryption: Option<Box<crate::Encryption>>,
 }
 
 impl Event {
