@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
-//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N]
+//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
+//!     [--e2ee --store DIR]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
@@ -13,6 +14,11 @@
 //! `/refresh`, or the OAuth 2.0 token endpoint given), the file is rewritten atomically, mode
 //! 0600, with the new credentials before they are used: a restart from it goes on with the
 //! rotated refresh token.
+//!
+//! With `--e2ee --store DIR` (feature `e2ee`) encrypted rooms are decrypted, with the crypto
+//! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the
+//! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
+//! plaintext one plus `"encrypted": true`, an undecryptable one says why.
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
@@ -48,7 +54,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -114,6 +120,8 @@ struct Args {
     token_file: Option<String>,
     oauth_token_endpoint: Option<String>,
     oauth_client_id: Option<String>,
+    /// `--e2ee --store DIR`: the crypto store's directory.
+    e2ee_store: Option<String>,
 }
 
 /// The arguments, or `None` for `--help`.
@@ -128,7 +136,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         token_file: None,
         oauth_token_endpoint: None,
         oauth_client_id: None,
+        e2ee_store: None,
     };
+    let (mut e2ee, mut store) = (false, None);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
@@ -154,6 +164,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                 parsed.oauth_token_endpoint = Some(value("--oauth-token-endpoint")?)
             }
             "--oauth-client-id" => parsed.oauth_client_id = Some(value("--oauth-client-id")?),
+            "--e2ee" => e2ee = true,
+            "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -164,6 +176,11 @@ fn parse_args() -> Result<Option<Args>, String> {
     if parsed.oauth_token_endpoint.is_some() && parsed.token_file.is_none() {
         return Err("OAuth refresh needs --token-file (for the refresh token)".to_owned());
     }
+    parsed.e2ee_store = match (e2ee, store) {
+        (true, Some(dir)) => Some(dir),
+        (false, None) => None,
+        _ => return Err(format!("--e2ee and --store DIR go together; {USAGE}")),
+    };
     if parsed.homeserver.is_empty() {
         return Err(format!(
             "missing --homeserver (or MATRIX_HOMESERVER); {USAGE}"
@@ -243,13 +260,46 @@ fn run() -> Result<(), Fatal> {
     if let Some(file) = token_file {
         driver = driver.on_credentials(move |credentials| file.save(credentials));
     }
-    let service = start_with(config, driver).map_err(|e| match e {
+    let service = start_service(config, driver, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
     })?;
     let pumped = pump(&service, store.as_ref(), &signalled);
     service.stop();
     outcome(pumped, service.join())
+}
+
+/// The service, with the E2EE stage when `--e2ee --store DIR` asked for it.
+fn start_service(
+    config: Config,
+    driver: DriverConfig,
+    e2ee_store: Option<String>,
+) -> Result<Result<SyncService, StartError>, Fatal> {
+    let Some(dir) = e2ee_store else {
+        return Ok(start_with(config, driver));
+    };
+    #[cfg(feature = "e2ee")]
+    {
+        use matrix_sync_service::{start_encrypted, CryptoStore, E2eeConfig};
+        let passphrase = std::env::var("MATRIX_STORE_PASSPHRASE").ok();
+        let store = CryptoStore::Sqlite {
+            dir: dir.into(),
+            passphrase: passphrase.filter(|p| !p.is_empty()),
+        };
+        let mut e2ee = E2eeConfig::new(store);
+        e2ee.device_id = std::env::var("MATRIX_DEVICE_ID")
+            .ok()
+            .filter(|d| !d.is_empty())
+            .map(Into::into);
+        Ok(start_encrypted(config, driver, e2ee))
+    }
+    #[cfg(not(feature = "e2ee"))]
+    {
+        let _ = (config, driver, dir);
+        Err(Fatal::usage(
+            "--e2ee: this tail was built without the e2ee feature",
+        ))
+    }
 }
 
 /// The pump's result, then the driver thread's: a driver panic is a runtime failure.
@@ -433,6 +483,7 @@ fn line(event: &Event) -> Value {
     if let Some(target) = &event.redacts {
         extra["redacts"] = json!(target);
     }
+    encryption_fields(event, extra);
     match &event.kind {
         EventKind::Checkpoint(c) => {
             extra["next_batch"] = json!(c.next_batch);
@@ -445,6 +496,27 @@ fn line(event: &Event) -> Value {
         _ => {}
     }
     line
+}
+
+/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
+fn encryption_fields(event: &Event, line: &mut Value) {
+    use matrix_sync_service::Encryption;
+    match event.encryption.as_deref() {
+        Some(Encryption::Decrypted(d)) => {
+            line["encrypted"] = json!(true);
+            line["sender_device"] = json!(d.sender_device);
+            line["verification"] = json!(d.verification.name());
+            if d.late {
+                line["late"] = json!(true);
+            }
+        }
+        Some(Encryption::Undecryptable(u)) => {
+            line["encrypted"] = json!(true);
+            line["undecryptable"] = json!(u.reason.to_string());
+        }
+        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
+        _ => {}
+    }
 }
 
 /// Whether fd 1 was closed when the process started.

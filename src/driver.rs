@@ -21,6 +21,13 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATE_CHANNEL_CAPACITY: usize = 64;
 
+// The E2EE stage on the driver thread (its own loop, reusing the driver's parts).
+#[cfg(feature = "e2ee")]
+#[path = "e2ee/driver.rs"]
+mod e2ee;
+#[cfg(feature = "e2ee")]
+pub use e2ee::start_encrypted;
+
 /// What reaches the `errors` channel.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,6 +38,11 @@ pub enum ServiceError {
     /// The driver thread panicked (a bug in this crate); the service has ended.
     #[error("the sync driver thread panicked: {0}")]
     Panicked(String),
+    /// The end-to-end encryption stage failed a step (feature `e2ee`); it goes on as
+    /// [`crate::e2ee`] describes.
+    #[cfg(feature = "e2ee")]
+    #[error(transparent)]
+    E2ee(crate::E2eeError),
 }
 
 /// A running sync service: one driver thread, its channels, and `stop`.
@@ -151,6 +163,10 @@ pub enum StartError {
     /// later or raise the limit.
     #[error("could not spawn the driver thread: {0}")]
     Spawn(#[source] io::Error),
+    /// The end-to-end encryption stage could not be set up (its store did not open).
+    #[cfg(feature = "e2ee")]
+    #[error("could not set up end-to-end encryption: {0}")]
+    E2ee(#[source] crate::E2eeError),
 }
 
 /// Validates `config`, then spawns the driver thread with the default [`DriverConfig`].
@@ -212,7 +228,7 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
 /// the join, and the machine is stopped either way so the final state reads `Stopped`.
 fn spawn(
     mut driver: Driver,
-    body: fn(&mut Driver),
+    body: impl FnOnce(&mut Driver) + Send + 'static,
 ) -> std::io::Result<JoinHandle<Result<(), ServiceError>>> {
     thread::Builder::new()
         .name("matrix-sync".to_owned())

@@ -219,8 +219,12 @@ pub struct Event {
     pub relation: Option<Relation>,
     /// The target of a redaction (`redacts`, top-level or in `content`).
     pub redacts: Option<OwnedEventId>,
-    /// The event's own JSON, as the server sent it.
+    /// The event's own JSON, as the server sent it (for an event the E2EE stage decrypted:
+    /// the decrypted event).
     pub raw: Box<RawValue>,
+    /// What the E2EE stage (feature `e2ee`) found for an encrypted room event; `None` for
+    /// every other event.
+    pub encryption: Option<Box<crate::Encryption>>,
 }
 
 impl Event {
@@ -330,6 +334,7 @@ impl Event {
             relation: None,
             redacts: None,
             raw,
+            encryption: None,
         }
     }
 
@@ -448,6 +453,7 @@ pub(crate) fn normalize(
         relation,
         redacts,
         raw,
+        encryption: None,
     }
 }
 
