@@ -10,6 +10,7 @@ use matrix_sync_service::{
     BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestKind, SyncError, SyncMachine,
     SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::backoff::{base_delay, ReferenceBackoff};
 use matrix_sync_testkit::foreign_request_id;
 
 const INCREMENTAL: &str = "synapse-incremental.json";
@@ -85,7 +86,7 @@ fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
 fn transport_failures_back_off_with_the_documented_jittered_delays() {
     let mut c = config();
     c.jitter_seed = 0x5EED_1234_ABCD;
-    let mut reference = ReferenceBackoff::new(&c);
+    let mut reference = ReferenceBackoff::from_config(&c);
     let mut h = Harness::new(c);
     let kinds = [
         TransportErrorKind::Connect,
@@ -138,7 +139,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
     }
     // The jitter really is there (seeded, not zero), and the cap holds.
     let bases: Vec<Duration> = (1..=10)
-        .map(|n| reference_base(&BackoffPolicy::default(), n))
+        .map(|n| base_delay(&BackoffPolicy::default(), n))
         .collect();
     assert_eq!(bases[0], Duration::from_millis(500));
     assert_eq!(bases[7], Duration::from_secs(60));
@@ -374,7 +375,7 @@ fn rate_limit_waits_for_the_larger_of_server_wait_and_backoff() {
         let mut c = config();
         c.jitter_seed = 99;
         c.max_server_wait = cap;
-        let mut reference = ReferenceBackoff::new(&c);
+        let mut reference = ReferenceBackoff::from_config(&c);
         let mut h = live_harness(c);
         let mut req = h.request();
         for attempt in 1..=3 {
@@ -459,7 +460,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
         assert!(body.contains(&format!("\"soft_logout\":{soft_logout}")));
         let mut c = config();
         c.jitter_seed = 3;
-        let mut reference = ReferenceBackoff::new(&c);
+        let mut reference = ReferenceBackoff::from_config(&c);
         let mut h = live_harness(c);
         let mut req = h.request();
         for attempt in 1..=4 {
@@ -627,7 +628,7 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
         h.reply(&req, 200, body.clone());
         let err = one_error(&mut h);
         let delay = BackoffPolicy::default().base_delay(attempt);
-        assert_eq!(delay, reference_base(&BackoffPolicy::default(), attempt));
+        assert_eq!(delay, base_delay(&BackoffPolicy::default(), attempt));
         match &err.failure {
             Failure::BadResponse {
                 status,

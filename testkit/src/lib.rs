@@ -17,8 +17,17 @@
 //!   failure, no event comes out before the next sync is sent.
 //! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
 
+pub mod backoff;
 #[cfg(feature = "net")]
 pub mod client;
+pub mod cpu_clock;
+#[cfg(feature = "net")]
+pub mod fake_server;
+pub mod gen;
+#[cfg(feature = "net")]
+pub mod proxy;
+pub mod query;
+pub mod rng;
 #[cfg(feature = "net")]
 pub mod synapse;
 
@@ -377,9 +386,9 @@ impl Ramp {
         }
         let mut sums = vec![Duration::ZERO];
         let mut n = 1;
-        while policy.base_delay(n) < policy.max && n < 10_000 {
+        while backoff::base_delay(policy, n) < policy.max && n < 10_000 {
             let last = *sums.last().unwrap_or(&Duration::ZERO);
-            sums.push(last + policy.base_delay(n).mul_f64(keep));
+            sums.push(last + backoff::base_delay(policy, n).mul_f64(keep));
             n += 1;
         }
         let at_cap = policy.max.mul_f64(keep);

@@ -1,15 +1,14 @@
 //! Shared helpers for the machine tests: fixtures, HTTP responses, a fake clock, a driver that
-//! pumps the machine like the canonical loop, and a reference implementation of the backoff.
+//! pumps the machine like the canonical loop; the reference backoff is the test kit's.
 #![allow(dead_code)]
 
-mod query;
-pub use query::percent_decode;
+pub use matrix_sync_testkit::query::decode_path as percent_decode;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    BackoffPolicy, Config, Event, EventKind, OutgoingRequest, SyncError, SyncMachine, SyncState,
+    Config, Event, EventKind, OutgoingRequest, SyncError, SyncMachine, SyncState,
 };
 
 /// Loopback homeserver: nothing is ever sent, the machine is sans-IO.
@@ -109,74 +108,12 @@ pub fn message_sync(
 
 /// The decoded query parameters of a request (each key at most once).
 pub fn query(req: &OutgoingRequest) -> BTreeMap<String, String> {
-    let mut map = BTreeMap::new();
-    if let Some(q) = req.http.uri().query() {
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let old = map.insert(percent_decode(k), percent_decode(v));
-            assert!(old.is_none(), "query key {k} repeated in {q}");
-        }
-    }
-    map
+    matrix_sync_testkit::query::uri_params(req.http.uri())
 }
 
 /// The decoded path of a request.
 pub fn path(req: &OutgoingRequest) -> String {
     percent_decode(req.http.uri().path())
-}
-
-// ---- the reference backoff ----------------------------------------------------------------------
-
-/// SplitMix64, written from its published definition.
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// `min(initial * factor^(attempt-1), max)`.
-pub fn reference_base(policy: &BackoffPolicy, attempt: u32) -> Duration {
-    let secs = policy.initial.as_secs_f64() * policy.factor.powi(attempt as i32 - 1);
-    if secs >= policy.max.as_secs_f64() {
-        policy.max
-    } else {
-        Duration::from_secs_f64(secs).min(policy.max)
-    }
-}
-
-/// The documented jittered delays: one generator per machine, one draw per transient or
-/// rate-limited failure.
-pub struct ReferenceBackoff {
-    pub policy: BackoffPolicy,
-    pub rng: SplitMix64,
-}
-
-impl ReferenceBackoff {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            policy: config.backoff.clone(),
-            rng: SplitMix64(config.jitter_seed),
-        }
-    }
-
-    /// The delay of the `attempt`-th consecutive failure; draws one number.
-    pub fn delay(&mut self, attempt: u32) -> Duration {
-        let base = reference_base(&self.policy, attempt);
-        let u = self.rng.next_unit();
-        base.mul_f64(1.0 - self.policy.jitter * u)
-            .min(self.policy.max)
-    }
 }
 
 // ---- driving the machine ------------------------------------------------------------------------
