@@ -674,10 +674,14 @@ fn snapshot(m: &SyncMachine) -> String {
     )
 }
 
-fn assert_no_output(m: &mut SyncMachine) {
-    assert!(m.poll_event().is_none());
-    assert!(m.poll_error().is_none());
-    assert!(m.poll_state().is_none());
+/// Nothing to poll: no event, error or state (of a machine, checked or not).
+macro_rules! assert_no_output {
+    ($m:expr) => {{
+        let m = &mut $m;
+        assert!(m.poll_event().is_none());
+        assert!(m.poll_error().is_none());
+        assert!(m.poll_state().is_none());
+    }};
 }
 
 #[test]
@@ -738,7 +742,7 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
         Err(back)
     );
     assert_eq!(snapshot(&h.m), before);
-    assert_no_output(&mut h.m);
+    assert_no_output!(h.m);
     assert!(
         h.m.poll_request().is_none(),
         "the request is still in flight"
@@ -765,7 +769,7 @@ fn a_response_nobody_asked_for_before_any_request_is_stale() {
     assert_eq!(m.since(), None);
     assert!(m.in_flight().is_none());
     assert_eq!(m.state(), SyncState::InitialSync);
-    assert_no_output(&mut m);
+    assert_no_output!(m);
 }
 
 // ---- timeouts in the query -------------------------------------------------------------------------
@@ -993,7 +997,7 @@ fn stop_is_idempotent_and_refuses_later_inputs() {
     assert_eq!(h.m.handle_timeout(now), Err(InputError::Stopped));
     assert_eq!(h.m.handle_timeout(h.now), Err(InputError::Stopped));
     h.m.stop();
-    assert_no_output(&mut h.m);
+    assert_no_output!(h.m);
     assert!(h.m.poll_request().is_none());
     assert_eq!(h.m.since().map(str::to_owned), since);
     assert_eq!(h.m.state(), SyncState::Stopped);

@@ -24,6 +24,7 @@ pub mod cpu_clock;
 #[cfg(feature = "net")]
 pub mod fake_server;
 pub mod gen;
+pub mod harness;
 #[cfg(feature = "net")]
 pub mod proxy;
 pub mod query;
