@@ -16,6 +16,16 @@
 //! * `since` never passes a batch whose gap fill failed on authentication: after such a
 //!   failure, no event comes out before the next sync is sent.
 //! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
+//! * `since` moves only when a checkpoint is handed on, to that checkpoint's token: never on
+//!   another event, never on an input. A refused input changes nothing (state, request in
+//!   flight, wake-up instant).
+//! * Requests: one at a time (none while one is in flight), ids increasing, the one handed out
+//!   is the one in flight, its deadline in the future, the access token never in its URL, and
+//!   a sync asks from the current `since`.
+//! * Never stuck ([`Checked::assert_waiting`], once everything is drained): stopped, or a
+//!   wake-up in the future, at the deadline of the request in flight if there is one.
+//! * Errors: at least attempt 1, the class of their failure, and a delay within the backoff
+//!   cap (for rate limits, the larger of it and `max_server_wait`).
 
 pub mod backoff;
 #[cfg(feature = "net")]
@@ -36,8 +46,9 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    BackoffPolicy, Config, ConfigError, Event, EventKind, Failure, InputError, OutgoingRequest,
-    RequestId, RequestKind, SyncError, SyncMachine, SyncState, TransportFailure,
+    AccessToken, BackoffPolicy, Config, ConfigError, ErrorClass, Event, EventKind, Failure,
+    InputError, OutgoingRequest, RequestId, RequestKind, SyncError, SyncMachine, SyncState,
+    TransportFailure,
 };
 
 /// How far back pacing windows are checked: the bound grows linearly past the ramp, so
@@ -74,8 +85,9 @@ impl Checked {
         response: http::Response<B>,
         now: Instant,
     ) -> Result<(), InputError> {
+        let before = self.snapshot();
         let result = self.machine.handle_response(id, response, now);
-        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result, before);
         result
     }
 
@@ -86,17 +98,19 @@ impl Checked {
         failure: TransportFailure,
         now: Instant,
     ) -> Result<(), InputError> {
+        let before = self.snapshot();
         let result = self.machine.handle_failure(id, failure, now);
-        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result, before);
         result
     }
 
     /// [`SyncMachine::handle_timeout`], checked.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
+        let before = self.snapshot();
         let awaited = self.machine.in_flight().map(|f| f.id);
         let result = self.machine.handle_timeout(now);
         let gone = awaited.filter(|_| self.machine.in_flight().is_none());
-        self.after_input(gone.map(|id| (id, now)), now, &result);
+        self.after_input(gone.map(|id| (id, now)), now, &result, before);
         result
     }
 
@@ -110,8 +124,31 @@ impl Checked {
     /// [`SyncMachine::poll_request`], checked.
     #[must_use]
     pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
+        let in_flight = self.machine.in_flight().is_some();
         let request = self.machine.poll_request();
         if let Some(request) = &request {
+            assert!(!in_flight, "a second request while one is in flight");
+            assert_eq!(
+                self.machine.in_flight().map(|f| f.id),
+                Some(request.id),
+                "the request handed out is not the one in flight"
+            );
+            assert!(
+                request.deadline > self.now,
+                "a request already past its deadline"
+            );
+            let uri = request.http.uri();
+            assert!(
+                !uri.to_string().contains(self.invariants.token.expose()),
+                "the access token is in the URL"
+            );
+            if let RequestKind::Sync { .. } = request.kind {
+                assert_eq!(
+                    query::uri_param(uri, "since").as_deref(),
+                    self.machine.since(),
+                    "a sync asks from another token than since"
+                );
+            }
             self.invariants.sent(request, self.now);
         }
         request
@@ -120,8 +157,21 @@ impl Checked {
     /// [`SyncMachine::poll_event`], checked.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
+        let before = self.machine.since().map(str::to_owned);
         let event = self.machine.poll_event();
         if let Some(event) = &event {
+            match &event.kind {
+                EventKind::Checkpoint(cp) => assert_eq!(
+                    self.machine.since(),
+                    Some(cp.next_batch.as_str()),
+                    "since after a checkpoint is not its token"
+                ),
+                _ => assert_eq!(
+                    self.machine.since(),
+                    before.as_deref(),
+                    "since moved on a non-checkpoint event {event:?}"
+                ),
+            }
             self.invariants.event(event);
         }
         event
@@ -147,14 +197,56 @@ impl Checked {
         state
     }
 
+    /// What an input must not change by itself (`since`), and what a refused one must not
+    /// change at all.
+    fn snapshot(&self) -> Snapshot {
+        let m = &self.machine;
+        Snapshot {
+            since: m.since().map(str::to_owned),
+            rest: format!(
+                "state {:?}, in flight {:?}, wake-up {:?}",
+                m.state(),
+                m.in_flight(),
+                m.poll_timeout()
+            ),
+        }
+    }
+
+    /// Asserts the machine is waiting for something, as it must be once everything is drained
+    /// and `poll_request` gave nothing: stopped, with no wake-up; or a wake-up in the future,
+    /// at the deadline of the request in flight if there is one.
+    pub fn assert_waiting(&self) {
+        let m = &self.machine;
+        match m.poll_timeout() {
+            None => assert!(
+                self.invariants.stopped,
+                "no wake-up instant but not stopped"
+            ),
+            Some(at) => {
+                assert!(
+                    at > self.now,
+                    "wake-up {at:?} is due but no request was given"
+                );
+                if let Some(deadline) = m.in_flight().map(|f| f.deadline) {
+                    assert_eq!(at, deadline, "the wake-up is not the deadline in flight");
+                }
+            }
+        }
+    }
+
     fn after_input(
         &mut self,
         answered: Option<(RequestId, Instant)>,
         now: Instant,
         result: &Result<(), InputError>,
+        before: Snapshot,
     ) {
+        let after = self.snapshot();
         if result.is_ok() {
             self.now = now;
+            assert_eq!(after.since, before.since, "an input moved since by itself");
+        } else {
+            assert_eq!(after, before, "a refused input changed the machine");
         }
         if let Some((id, at)) = answered {
             self.invariants.answered(id, at);
@@ -176,6 +268,13 @@ impl Checked {
             assert_eq!(m.state(), SyncState::Stopped);
         }
     }
+}
+
+/// What [`Checked`] compares across an input.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    since: Option<String>,
+    rest: String,
 }
 
 impl Deref for Checked {
@@ -241,6 +340,14 @@ impl SyncRecord {
 #[derive(Debug)]
 struct Invariants {
     budget: u64,
+    /// The access token, never to be seen in a URL.
+    token: AccessToken,
+    /// The most an error may say to wait: the backoff cap, and for rate limits
+    /// `max_server_wait` if larger.
+    backoff_max: Duration,
+    rate_limited_max: Duration,
+    /// The last request id handed out.
+    last_id: Option<RequestId>,
     /// `ramp[n]`: the least time `n + 1` consecutive counted requests take; `None` without a
     /// bound (jitter 1).
     ramp: Option<Ramp>,
@@ -257,6 +364,10 @@ impl Invariants {
     fn new(config: &Config) -> Self {
         Self {
             budget: config.max_body_bytes,
+            token: config.access_token.clone(),
+            backoff_max: config.backoff.max,
+            rate_limited_max: config.backoff.max.max(config.max_server_wait),
+            last_id: None,
             ramp: Ramp::new(&config.backoff),
             stopped: false,
             saw_stopped: false,
@@ -273,6 +384,11 @@ impl Invariants {
 
     fn sent(&mut self, request: &OutgoingRequest, now: Instant) {
         self.nothing_after_stop("a request");
+        assert!(
+            self.last_id.is_none_or(|last| request.id > last),
+            "request ids are not handed out in increasing order"
+        );
+        self.last_id = Some(request.id);
         let sync = matches!(request.kind, RequestKind::Sync { .. });
         self.awaited = Some((request.id, sync));
         if let RequestKind::Sync { timeout } = request.kind {
@@ -320,6 +436,17 @@ impl Invariants {
 
     fn error(&mut self, error: &SyncError) {
         self.nothing_after_stop("an error");
+        assert!(error.attempt >= 1, "an error of attempt 0: {error:?}");
+        assert_eq!(error.class, error.failure.class(), "{error:?}");
+        let bound = match error.class {
+            ErrorClass::RateLimited => self.rate_limited_max,
+            _ => self.backoff_max,
+        };
+        assert!(
+            error.delay <= bound,
+            "delay {:?} above {bound:?}: {error:?}",
+            error.delay
+        );
         match &error.request {
             RequestKind::Sync { .. } => {
                 if let Some(record) = self.syncs.last_mut() {
