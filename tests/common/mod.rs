@@ -7,8 +7,11 @@ pub use matrix_sync_testkit::harness::{checkpoint, kinds, response, response_wit
 pub use matrix_sync_testkit::query::decode_path as percent_decode;
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use matrix_sync_service::{Config, OutgoingRequest};
+use serde_json::json;
+
+use matrix_sync_service::{Config, OutgoingRequest, SyncError, SyncState};
 
 /// Loopback homeserver: nothing is ever sent, the machine is sans-IO.
 pub const HOMESERVER: &str = "http://127.0.0.1:8008";
@@ -49,7 +52,7 @@ pub fn json_response(value: &serde_json::Value) -> http::Response<Vec<u8>> {
 
 /// A sync body with nothing in it but `next_batch` (and the key counts Synapse always sends).
 pub fn empty_sync(next_batch: &str) -> serde_json::Value {
-    serde_json::json!({
+    json!({
         "next_batch": next_batch,
         "device_one_time_keys_count": {"signed_curve25519": 0},
         "device_unused_fallback_key_types": []
@@ -68,7 +71,7 @@ pub fn message_sync(
         .iter()
         .enumerate()
         .map(|(i, body)| {
-            serde_json::json!({
+            json!({
                 "type": "m.room.message",
                 "event_id": format!("${prefix}_{i}:localhost"),
                 "sender": "@alice:localhost",
@@ -77,7 +80,7 @@ pub fn message_sync(
             })
         })
         .collect();
-    serde_json::json!({
+    json!({
         "next_batch": next_batch,
         "rooms": {"join": {room: {"timeline": {"events": events, "limited": false}}}}
     })
@@ -93,4 +96,111 @@ pub fn query(req: &OutgoingRequest) -> BTreeMap<String, String> {
 /// The decoded path of a request.
 pub fn path(req: &OutgoingRequest) -> String {
     percent_decode(req.http.uri().path())
+}
+
+// ---- the machine tests' shared steps ----------------------------------------------------------
+
+pub const INCREMENTAL: &str = "synapse-incremental.json";
+pub const E401: &str = "synapse-401-unknown-token.json";
+pub const E429: &str = "synapse-429-limit-exceeded.json";
+pub const E400: &str = "synapse-400-invalid-since.json";
+
+pub fn one_error(h: &mut Harness) -> SyncError {
+    let errors = h.take_errors();
+    assert_eq!(errors.len(), 1, "expected exactly one error: {errors:?}");
+    errors.into_iter().next().unwrap()
+}
+
+/// Waits for the retry and checks it comes exactly `delay` after `failed_at`.
+pub fn retry_after(
+    h: &mut Harness,
+    failed_at: Instant,
+    delay: Duration,
+) -> matrix_sync_service::OutgoingRequest {
+    assert_eq!(
+        h.m.poll_timeout(),
+        Some(failed_at + delay),
+        "wake-up at the end of the backoff"
+    );
+    if !delay.is_zero() {
+        assert!(
+            h.m.poll_request().is_none(),
+            "no request during the backoff"
+        );
+        // Just before the end: still nothing.
+        h.advance(delay - Duration::from_nanos(1));
+        assert!(
+            h.m.poll_request().is_none(),
+            "no request before the backoff ended"
+        );
+    }
+    let req = h.next_request();
+    assert_eq!(
+        h.now - failed_at,
+        delay,
+        "retry sent exactly after the delay"
+    );
+    req
+}
+
+pub fn timeout_param(req: &matrix_sync_service::OutgoingRequest) -> String {
+    query(req)
+        .get("timeout")
+        .cloned()
+        .expect("timeout in query")
+}
+
+pub fn since_param(req: &matrix_sync_service::OutgoingRequest) -> Option<String> {
+    query(req).get("since").cloned()
+}
+
+/// A machine that completed its initial sync (token `s0`) and is live.
+pub fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
+    c.since = None;
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.respond(&req, json_response(&empty_sync("s0")));
+    assert_eq!(h.m.since(), Some("s0"));
+    assert_eq!(h.m.state(), SyncState::Live);
+    h.take_events();
+    h.take_states();
+    h
+}
+
+pub const EDGE_ROOM: &str = "!r:x";
+
+pub fn limited_sync(next_batch: &str, prev_batch: &str) -> serde_json::Value {
+    json!({
+        "next_batch": next_batch,
+        "rooms": {"join": {EDGE_ROOM: {"timeline": {
+            "limited": true,
+            "prev_batch": prev_batch,
+            "events": [{"type": "m.room.message", "event_id": "$t1", "sender": "@a:x",
+                        "origin_server_ts": 1, "content": {"body": "newest"}}]
+        }}}}
+    })
+}
+
+pub fn page(ids: &[&str], end: Option<&str>) -> serde_json::Value {
+    let chunk: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            json!({"type": "m.room.message", "event_id": id, "sender": "@a:x",
+                   "origin_server_ts": 1, "room_id": EDGE_ROOM, "content": {"body": id}})
+        })
+        .collect();
+    let mut page = json!({"chunk": chunk, "start": "s"});
+    if let Some(end) = end {
+        page["end"] = json!(end);
+    }
+    page
+}
+
+pub fn live_with_since(mut c: matrix_sync_service::Config) -> Harness {
+    c.since = Some("s0".to_owned());
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.respond(&req, json_response(&empty_sync("s1")));
+    h.take_events();
+    h
 }
