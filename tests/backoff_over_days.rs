@@ -1,10 +1,8 @@
 //! Long-running failure scenarios, played on a simulated clock against a scripted homeserver
-//! (see `sim/mod.rs`). A simulated day of failures takes a fraction of a second of wall time;
+//! (see the test kit's `sim`). A simulated day of failures takes a fraction of a second of wall time;
 //! the flapping server, which gets hundreds of thousands of sync responses parsed, runs two
 //! simulated days in a debug build and a full week with `--release` (`SIM_FLAP_DAYS`
 //! overrides).
-
-mod sim;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -14,6 +12,7 @@ use matrix_sync_service::{
 };
 
 use matrix_sync_testkit::backoff::{base_delay, ReferenceBackoff};
+use matrix_sync_testkit::sim;
 use sim::{ms, secs, Feed, Homeserver, Kind, Outcome, Reply, Sent, Sim};
 
 const ZERO: Duration = Duration::ZERO;

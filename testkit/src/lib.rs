@@ -39,6 +39,7 @@ pub mod harness;
 pub mod proxy;
 pub mod query;
 pub mod rng;
+pub mod sim;
 #[cfg(feature = "net")]
 pub mod synapse;
 

@@ -19,19 +19,17 @@
 //! the input. Besides the kit's invariants, every step asserts what the harness can see of the
 //! protocol (`since` equals the last checkpoint handed on, the URL agrees with the request
 //! kind, no wake-ups that lead nowhere).
-#![allow(dead_code)]
-
-pub use matrix_sync_testkit::rng::SplitMix64;
+pub use crate::rng::SplitMix64;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::Checked;
 use matrix_sync_service::{
     Config, ErrorClass, Event, EventKind, Failure, InputError, OutgoingRequest, RequestId,
     RequestKind, SyncState, TransportErrorKind, TransportFailure,
 };
-use matrix_sync_testkit::Checked;
 
 /// The homeserver every simulated machine talks to (nothing is ever sent).
 pub const HOMESERVER: &str = "https://hs.example.org";
@@ -557,7 +555,7 @@ impl<S: Server> Sim<S> {
     fn send(&mut self, out: OutgoingRequest) {
         // One request at a time and no token in the URL: the kit's Checked asserts those.
         let uri = out.http.uri().clone();
-        let path = matrix_sync_testkit::query::uri_path(&uri);
+        let path = crate::query::uri_path(&uri);
         let kind = if path.ends_with("/v3/sync") {
             Kind::Sync
         } else if let Some(room) = path
@@ -785,7 +783,7 @@ impl<S: Server> Sim<S> {
 
 /// The percent-decoded value of query parameter `key`.
 pub fn query(uri: &http::Uri, key: &str) -> Option<String> {
-    matrix_sync_testkit::query::uri_param(uri, key)
+    crate::query::uri_param(uri, key)
 }
 
 /// `ms` milliseconds.
