@@ -29,7 +29,7 @@ pub fn base_delay(policy: &BackoffPolicy, attempt: u32) -> Duration {
 pub struct ReferenceBackoff {
     pub policy: BackoffPolicy,
     pub rng: SplitMix64,
-    /// Failures counted by [`ReferenceBackoff::next`].
+    /// Failures counted by [`ReferenceBackoff::next_delay`].
     pub attempt: u32,
 }
 

@@ -4,8 +4,9 @@
 //! to the machine's next wake-up. Every input and output also goes through the invariants of
 //! [`Checked`].
 //!
-//! The scripted-server simulations (`tests/sim`) drive a [`Checked`] machine the same way,
-//! with a scripted homeserver and a recorded log on top.
+//! The scripted-server simulations ([`crate::sim`]) drive a [`Checked`] machine the same
+//! way, with a scripted homeserver, a clock that jumps to the next answer or wake-up, and a
+//! recorded log on top.
 
 use std::time::{Duration, Instant};
 

@@ -1,4 +1,14 @@
-//! Test support shared by the crate's tests and its fuzz targets.
+//! Test support shared by the crate's tests, benchmarks, examples and fuzz targets.
+//!
+//! * [`Checked`]: the one list of invariants (below), asserted at every call.
+//! * [`harness`]: a simulated clock the test moves, around a [`Checked`] machine; [`sim`]: a
+//!   scripted homeserver and a clock that jumps to the next event, around one too.
+//! * [`backoff`]: the documented backoff, replayed independently; [`rng`]: the one seeded
+//!   generator; [`query`]: requests read back; [`gen`]: realistic large sync bodies;
+//!   [`cpu_clock`]: CPU-time clocks.
+//! * With the `net` feature (default): [`synapse`], a throwaway Synapse (also as the
+//!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
+//!   proxy, and [`fake_server`], a scripted loopback HTTP server.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
