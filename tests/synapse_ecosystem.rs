@@ -165,3 +165,67 @@ fn real_reactions_typing_and_receipts_read_as_typed_values() {
     assert_eq!((read.as_str(), kind.as_str()), (message.as_str(), "m.read"));
     service.stop();
 }
+
+#[test]
+fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let silent: Vec<_> = (0..5)
+        .map(|_| Account::register(&synapse.base_url(), "silent"))
+        .collect();
+    let mut invited: Vec<&str> = vec![&alice.user_id];
+    invited.extend(silent.iter().map(|a| a.user_id.as_str()));
+    let room = bob.create_room(&invited);
+    alice.join(&room);
+    for member in &silent {
+        member.join(&room);
+    }
+    // More messages than Synapse's default timeline of 10: the joins fall out of it, so the
+    // members come only through the state section, which the filter decides.
+    for i in 0..12 {
+        bob.send_text(&room, &format!("only bob speaks {i}"));
+    }
+    let members_seen = |filter: Option<matrix_sync_service::SyncFilter>| {
+        let mut config = config_for(&alice);
+        let sends_filter = filter.is_some();
+        config.filter = filter;
+        let service = start_with(config, DriverConfig::default()).expect("valid config");
+        let events = collect_until(&service, Duration::from_secs(20), |events| {
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Checkpoint(_)))
+        });
+        service.stop();
+        let mut members: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Member)
+            .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
+            .filter_map(|e| e.state_key.clone())
+            .collect();
+        members.sort();
+        members.dedup();
+        eprintln!("filter sent: {sends_filter}: {} members", members.len());
+        members
+    };
+    use matrix_sync_service::SyncFilter;
+    let default = matrix_sync_service::Config::new("https://x.org", "t").filter;
+    assert!(
+        matches!(&default, Some(SyncFilter::Definition(d)) if !d.room.state.lazy_load_options.is_disabled()),
+        "the default filter lazy-loads members"
+    );
+    // A timeline of one event (bob's last message), so the members come only through the
+    // state section, which lazy-loading decides.
+    let lazy = members_seen(Some(SyncFilter::timeline_limit(1)));
+    let all = members_seen(Some(
+        SyncFilter::from_json(r#"{"room":{"timeline":{"limit":1}}}"#).unwrap(),
+    ));
+    assert_eq!(all.len(), 7, "{all:?}");
+    assert!(
+        lazy.contains(&bob.user_id),
+        "the sender's member event comes along"
+    );
+    // Synapse leaves out members it judges the client does not need; how many it keeps
+    // is its choice, that it keeps fewer is the filter's effect.
+    assert!(lazy.len() < all.len(), "lazy {lazy:?} against all {all:?}");
+}
