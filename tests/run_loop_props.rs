@@ -59,6 +59,10 @@ enum Op {
     Backwards(u32),
     /// The caller stops the machine.
     Stop,
+    /// The application answers the credentials handed out: stored, or not.
+    Store(bool),
+    /// The application sets an access token of its own (`set_access_token`).
+    SetToken(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -85,6 +89,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => any::<u64>().prop_map(Op::WrongId),
         4 => (1u32..10_000).prop_map(Op::Backwards),
         1 => Just(Op::Stop),
+        6 => any::<bool>().prop_map(Op::Store),
+        2 => any::<u8>().prop_map(Op::SetToken),
     ]
 }
 
@@ -173,6 +179,11 @@ fn build_config(p: &Params) -> Config {
     if p.small_bodies {
         c.max_body_bytes = 700;
     }
+    // Half the runs hold a refresh token, and know when the access token expires.
+    if p.seed % 2 == 0 {
+        c.refresh_token = Some(matrix_sync_service::RefreshToken::new("rt_start"));
+        c.access_token_expires_in = Some(Duration::from_millis(p.initial_deadline_ms));
+    }
     c
 }
 
@@ -227,6 +238,8 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
     let mut issued: Vec<RequestId> = Vec::new();
     let mut counter: u64 = 0;
     let mut stopped = false;
+    // Credentials handed out and not yet answered.
+    let mut credentials_out = false;
 
     // Drains everything, checking that checkpoints carry tokens that were fed.
     let drain = |m: &mut Checked, log: &mut Vec<String>, allowed: &BTreeSet<String>| {
@@ -245,10 +258,13 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
         while let Some(state) = m.poll_state() {
             log.push(format!("state {state:?}"));
         }
+        m.poll_credentials()
+            .map(|c| log.push(format!("credentials {c:?}")))
     };
 
-    drain(&mut m, &mut log, &allowed);
+    credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
     for op in ops {
+        let waiting_for_store = credentials_out;
         let mut refused = false;
         // An instant 200 with the token it was asked with and nothing in it.
         let mut idle_answer = false;
@@ -343,6 +359,30 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
                 stopped = true;
                 Ok(())
             }
+            Op::Store(stored) => {
+                let r = if *stored {
+                    m.handle_credentials_stored(now)
+                } else {
+                    m.handle_credentials_not_stored("injected", now)
+                };
+                if stopped {
+                    r
+                } else if waiting_for_store {
+                    credentials_out = false;
+                    r
+                } else {
+                    refused = true;
+                    assert_eq!(r, Err(InputError::NoCredentialsPending));
+                    r
+                }
+            }
+            Op::SetToken(n) => {
+                let r = m.set_access_token(&format!("set_token_{n}"), now);
+                if r.is_ok() {
+                    credentials_out = false;
+                }
+                r
+            }
             // A response op with nothing in flight, or a plain wake-up.
             _ => match m.poll_timeout() {
                 Some(at) if at > now => {
@@ -363,7 +403,7 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
         } else if !refused {
             assert!(result.is_ok(), "{op:?} refused: {result:?}");
         }
-        drain(&mut m, &mut log, &allowed);
+        credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
 
         // The request we hold is no longer awaited (answered, failed, timed out, stopped).
         if current
@@ -384,7 +424,10 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
             log.push(format!("request {req:?}"));
             current = Some(req);
         }
-        drain(&mut m, &mut log, &allowed);
+        credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
+        if credentials_out {
+            assert!(m.in_flight().is_none(), "a request while credentials wait");
+        }
         if let Some(since) = m.since() {
             assert!(allowed.contains(since), "since {since} was never fed");
         }
@@ -441,6 +484,11 @@ fn response_for(
                         })
                     }
                 }
+                RequestKind::Refresh => json!({
+                    "access_token": format!("at{counter}"),
+                    "refresh_token": format!("rt{counter}"),
+                    "expires_in_ms": 1 + *counter * 997 % 600_000,
+                }),
                 RequestKind::Messages { .. } => {
                     let mut page = json!({"chunk": events, "start": format!("st{counter}")});
                     if *end {
@@ -547,4 +595,26 @@ fn a_long_healthy_run_delivers_every_batch() {
         log.iter().any(|l| l.contains("Messages {")),
         "gap filling exercised"
     );
+}
+
+/// The generated runs do reach the refresh paths: refresh requests, credentials handed out,
+/// and their answers (so the property above covers them).
+#[test]
+fn the_generated_runs_play_refreshes_and_their_answers() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let (mut refreshes, mut handed_out) = (0, 0);
+    for _ in 0..200 {
+        let p = params().new_tree(&mut runner).unwrap().current();
+        let ops = prop::collection::vec(op(), 1..60)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let log = run(&p, &ops, Instant::now() + Duration::from_secs(3600));
+        refreshes += log.iter().filter(|l| l.contains("kind: Refresh")).count();
+        handed_out += log.iter().filter(|l| l.starts_with("credentials")).count();
+    }
+    eprintln!("{refreshes} refresh requests, {handed_out} credentials handed out");
+    assert!(refreshes > 20 && handed_out > 5, "{refreshes} {handed_out}");
 }
