@@ -180,7 +180,7 @@ fn build_config(p: &Params) -> Config {
         c.max_body_bytes = 700;
     }
     // Half the runs hold a refresh token, and know when the access token expires.
-    if p.seed % 2 == 0 {
+    if p.seed.is_multiple_of(2) {
         c.refresh_token = Some(matrix_sync_service::RefreshToken::new("rt_start"));
         c.access_token_expires_in = Some(Duration::from_millis(p.initial_deadline_ms));
     }
