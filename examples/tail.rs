@@ -3,7 +3,7 @@
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
 //!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
-//!     [--e2ee --store DIR]
+//!     [--format json|text] [--raw] [--e2ee --store DIR]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
@@ -19,6 +19,11 @@
 //! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the
 //! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
 //! plaintext one plus `"encrypted": true`, an undecryptable one says why.
+//!
+//! `--format text` prints one readable line per event a person cares about (`[room] sender:
+//! body`, edits, replies, reactions, who is typing, who read what, membership); the default
+//! `--format json` prints one JSON object per event with the fields that apply (absent ones
+//! left out), and `--raw` adds the event as the server sent it.
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
@@ -54,7 +59,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -117,6 +122,7 @@ struct Args {
     timeline_limit: Option<u32>,
     fill_gaps: bool,
     timeout_ms: Option<u64>,
+    output: Output,
     token_file: Option<String>,
     oauth_token_endpoint: Option<String>,
     oauth_client_id: Option<String>,
@@ -133,6 +139,10 @@ fn parse_args() -> Result<Option<Args>, String> {
         timeline_limit: None,
         fill_gaps: true,
         timeout_ms: None,
+        output: Output {
+            text: false,
+            raw: false,
+        },
         token_file: None,
         oauth_token_endpoint: None,
         oauth_client_id: None,
@@ -142,6 +152,12 @@ fn parse_args() -> Result<Option<Args>, String> {
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
+            "--raw" => parsed.output.raw = true,
+            "--format" => match value("--format")?.as_str() {
+                "json" => parsed.output.text = false,
+                "text" => parsed.output.text = true,
+                other => return Err(format!("--format: json or text, not {other:?}")),
+            },
             "--homeserver" => parsed.homeserver = value("--homeserver")?,
             "--since-file" => parsed.since_file = Some(value("--since-file")?),
             "--timeline-limit" => {
@@ -264,7 +280,7 @@ fn run() -> Result<(), Fatal> {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
     })?;
-    let pumped = pump(&service, store.as_ref(), &signalled);
+    let pumped = pump(&service, store.as_ref(), &signalled, args.output);
     service.stop();
     outcome(pumped, service.join())
 }
@@ -416,6 +432,7 @@ fn pump(
     service: &SyncService,
     store: Option<&FileCheckpointStore>,
     signalled: &Receiver<()>,
+    output: Output,
 ) -> Result<(), Fatal> {
     let stdout_failed = |e: io::Error| Fatal::failed(format!("stdout: {e}"));
     let mut out = BufWriter::new(io::stdout().lock());
@@ -430,7 +447,7 @@ fn pump(
             }
             recv(service.events()) -> event => {
                 let Ok(event) = event else { break };
-                write_line(&mut out, &event).map_err(stdout_failed)?;
+                write_line(&mut out, &event, output).map_err(stdout_failed)?;
                 if let EventKind::Checkpoint(checkpoint) = &event.kind {
                     out.flush().map_err(stdout_failed)?;
                     if let Some(store) = store {
@@ -457,21 +474,122 @@ fn pump(
     out.flush().map_err(stdout_failed)
 }
 
-fn write_line(out: &mut impl Write, event: &Event) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &line(event))?;
+/// How events are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Output {
+    text: bool,
+    raw: bool,
+}
+
+fn write_line(out: &mut impl Write, event: &Event, output: Output) -> io::Result<()> {
+    if output.text {
+        return match text_line(event) {
+            Some(text) => writeln!(out, "{text}"),
+            None => Ok(()),
+        };
+    }
+    let mut line = line(event);
+    if output.raw {
+        line["raw"] = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+    }
+    serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")
 }
 
+/// One readable line per event a person cares about; `None` for the rest (checkpoints,
+/// device lists, account data...), which only the JSON format shows.
+fn text_line(event: &Event) -> Option<String> {
+    let room = event.room_id.as_ref().map_or("", |r| r.as_str());
+    let sender = event.sender.as_ref().map_or("?", |s| s.as_str());
+    let body = event.body.as_deref().unwrap_or("");
+    let target = |e: &matrix_sync_service::ruma_common::OwnedEventId| e.to_string();
+    let text = match &event.kind {
+        EventKind::Message => match &event.relation {
+            Some(rel) if rel.rel_type == "m.replace" => {
+                format!("{sender} edited {}: {body}", target(&rel.event_id))
+            }
+            Some(rel) if rel.rel_type == "m.in_reply_to" => {
+                format!("{sender} replied to {}: {body}", target(&rel.event_id))
+            }
+            _ => format!("{sender}: {body}"),
+        },
+        EventKind::Reaction => match &event.relation {
+            Some(rel) => format!(
+                "{sender} reacted {} to {}",
+                rel.key.as_deref().unwrap_or("?"),
+                target(&rel.event_id)
+            ),
+            None => format!("{sender} reacted"),
+        },
+        EventKind::Redaction => match &event.redacts {
+            Some(t) => format!("{sender} redacted {}", target(t)),
+            None => format!("{sender} redacted an event"),
+        },
+        EventKind::Typing => {
+            let who: Vec<String> = event
+                .typing_user_ids()
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            match who.as_slice() {
+                [] => "nobody is typing".to_owned(),
+                _ => format!("typing: {}", who.join(", ")),
+            }
+        }
+        EventKind::Receipt => {
+            let read: Vec<String> = event
+                .receipts()
+                .iter()
+                .map(|(e, _, u)| format!("{u} read {e}"))
+                .collect();
+            if read.is_empty() {
+                return None;
+            }
+            read.join("; ")
+        }
+        EventKind::Member => {
+            let membership: Value = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+            let membership = membership["content"]["membership"].as_str().unwrap_or("?");
+            let who = event.state_key.as_deref().unwrap_or(sender);
+            format!("{who}: {membership}")
+        }
+        EventKind::Encrypted => match event.encryption.as_deref() {
+            Some(matrix_sync_service::Encryption::Undecryptable(u)) => {
+                format!("{sender}: (undecryptable: {})", u.reason)
+            }
+            _ => format!("{sender}: (encrypted)"),
+        },
+        EventKind::Invite => format!("invited by {sender}"),
+        EventKind::Leave => "left the room".to_owned(),
+        EventKind::Gap(_) => "(some history was not fetched)".to_owned(),
+        EventKind::State => format!("{sender} set {}", event.event_type),
+        _ => return None,
+    };
+    let encrypted = match event.encryption.as_deref() {
+        Some(matrix_sync_service::Encryption::Decrypted(_)) => " [encrypted]",
+        _ => "",
+    };
+    Some(match room {
+        "" => format!("{text}{encrypted}"),
+        room => format!("[{room}] {text}{encrypted}"),
+    })
+}
+
+/// The JSON line: the fields that apply, absent ones left out.
 fn line(event: &Event) -> Value {
-    let mut line = json!({
-        "kind": event.kind.name(),
-        "type": event.event_type,
-        "room_id": event.room_id,
-        "event_id": event.event_id,
-        "sender": event.sender,
-        "origin_server_ts": event.origin_server_ts,
-        "body": event.body.as_deref(),
-    });
+    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
+    let fields = [
+        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
+        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
+        ("sender", event.sender.as_ref().map(|s| json!(s))),
+        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
+        ("body", event.body.as_deref().map(|b| json!(b))),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            line[name] = value;
+        }
+    }
     let extra = &mut line;
     if let Some(key) = &event.state_key {
         extra["state_key"] = json!(key);
