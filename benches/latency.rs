@@ -20,13 +20,6 @@
 //! Without `--bench` (as under `cargo test --benches`) it only says it was skipped: it needs
 //! Synapse and the release `tail` binary, and takes about a minute.
 
-#[allow(dead_code)]
-#[path = "../tests/support/client.rs"]
-mod client;
-#[allow(dead_code)]
-#[path = "../tests/support/synapse.rs"]
-mod synapse;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -37,9 +30,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use client::Account;
+use matrix_sync_testkit::client::{self, Account};
+use matrix_sync_testkit::synapse::Synapse;
 use serde_json::Value;
-use synapse::Synapse;
 
 /// Messages bob sends.
 const MESSAGES: usize = 100;

@@ -113,7 +113,7 @@ fn reset_rss_peak() -> bool {
 fn owned_heap_bytes(e: &matrix_sync_service::Event) -> usize {
     let id = |s: Option<&str>| s.map_or(0, str::len);
     e.event_type.heap_bytes()
-        + e.body.capacity()
+        + e.body.as_ref().map_or(0, String::capacity)
         + e.state_key.as_ref().map_or(0, String::capacity)
         + id(e.room_id.as_ref().map(|r| r.as_str()))
         + id(e.event_id.as_ref().map(|r| r.as_str()))

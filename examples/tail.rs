@@ -4,7 +4,16 @@
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
 //!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
 //!     [--e2ee --store DIR]
+//! cargo run --release --example tail -- --homeserver URL --token-file PATH \
+//!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
+//!
+//! With `--token-file` the credentials come from a JSON file, `{"access_token": ...,
+//! "refresh_token": ..., "expires_in_ms": ...}` (the last two optional; `expires_in_ms` counts
+//! from the file's modification time). When the token is refreshed (through the homeserver's
+//! `/refresh`, or the OAuth 2.0 token endpoint given), the file is rewritten atomically, mode
+//! 0600, with the new credentials before they are used: a restart from it goes on with the
+//! rotated refresh token.
 //!
 //! With `--e2ee --store DIR` (feature `e2ee`) encrypted rooms are decrypted, with the crypto
 //! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the
@@ -40,18 +49,19 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, never, select, Receiver};
 use matrix_sync_service::{
-    start, Config, Event, EventKind, FileCheckpointStore, ServiceError, StartError, SyncFilter,
-    SyncService,
+    start_with, Config, Credentials, DriverConfig, Event, EventKind, FileCheckpointStore,
+    RefreshMethod, ServiceError, StartError, SyncFilter, SyncService,
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--e2ee --store DIR] (token in MATRIX_ACCESS_TOKEN)";
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
   1  runtime failure: stdout closed or broken (also when the consumer exits, as with `| head`),
      a checkpoint that could not be stored, the sync driver thread panicked
-  2  usage or configuration error: bad arguments, missing token, unusable --since-file";
+  2  usage or configuration error: bad arguments, missing token, unusable --since-file
+     or --token-file";
 
 /// After a signal, how long the main thread may take to finish before the process ends anyway.
 const SIGNAL_GRACE: Duration = Duration::from_millis(100);
@@ -107,6 +117,9 @@ struct Args {
     timeline_limit: Option<u32>,
     fill_gaps: bool,
     timeout_ms: Option<u64>,
+    token_file: Option<String>,
+    oauth_token_endpoint: Option<String>,
+    oauth_client_id: Option<String>,
     /// `--e2ee --store DIR`: the crypto store's directory.
     e2ee_store: Option<String>,
 }
@@ -120,6 +133,9 @@ fn parse_args() -> Result<Option<Args>, String> {
         timeline_limit: None,
         fill_gaps: true,
         timeout_ms: None,
+        token_file: None,
+        oauth_token_endpoint: None,
+        oauth_client_id: None,
         e2ee_store: None,
     };
     let (mut e2ee, mut store) = (false, None);
@@ -143,11 +159,22 @@ fn parse_args() -> Result<Option<Args>, String> {
                 );
             }
             "--no-fill-gaps" => parsed.fill_gaps = false,
+            "--token-file" => parsed.token_file = Some(value("--token-file")?),
+            "--oauth-token-endpoint" => {
+                parsed.oauth_token_endpoint = Some(value("--oauth-token-endpoint")?)
+            }
+            "--oauth-client-id" => parsed.oauth_client_id = Some(value("--oauth-client-id")?),
             "--e2ee" => e2ee = true,
             "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
+    }
+    if parsed.oauth_token_endpoint.is_some() != parsed.oauth_client_id.is_some() {
+        return Err("--oauth-token-endpoint and --oauth-client-id go together".to_owned());
+    }
+    if parsed.oauth_token_endpoint.is_some() && parsed.token_file.is_none() {
+        return Err("OAuth refresh needs --token-file (for the refresh token)".to_owned());
     }
     parsed.e2ee_store = match (e2ee, store) {
         (true, Some(dir)) => Some(dir),
@@ -185,11 +212,33 @@ fn run() -> Result<(), Fatal> {
         let _ = writeln!(io::stdout(), "{USAGE}\n\n{EXIT_STATUS}");
         return Ok(());
     };
-    let token = std::env::var("MATRIX_ACCESS_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Fatal::usage("MATRIX_ACCESS_TOKEN is not set"))?;
-    let mut config = Config::new(args.homeserver, token);
+    let token_file = args.token_file.map(TokenFile::open).transpose()?;
+    let mut config = match &token_file {
+        Some(file) => {
+            let credentials = file.load()?;
+            let mut config = Config::new(args.homeserver, credentials.access_token.expose());
+            config.refresh_token = credentials.refresh_token;
+            config.access_token_expires_in = credentials.expires_in;
+            config
+        }
+        None => {
+            let token = std::env::var("MATRIX_ACCESS_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    Fatal::usage("MATRIX_ACCESS_TOKEN is not set (nor --token-file given)")
+                })?;
+            Config::new(args.homeserver, token)
+        }
+    };
+    if let (Some(token_endpoint), Some(client_id)) =
+        (args.oauth_token_endpoint, args.oauth_client_id)
+    {
+        config.refresh = RefreshMethod::OAuth {
+            token_endpoint,
+            client_id,
+        };
+    }
     let store = match args.since_file {
         Some(path) => {
             let (store, since) = open_since_file(path)?;
@@ -207,7 +256,11 @@ fn run() -> Result<(), Fatal> {
     config.gap_fill.enabled = args.fill_gaps;
     config.jitter_seed = std::process::id() as u64;
 
-    let service = start_service(config, args.e2ee_store)?.map_err(|e| match e {
+    let mut driver = DriverConfig::default();
+    if let Some(file) = token_file {
+        driver = driver.on_credentials(move |credentials| file.save(credentials));
+    }
+    let service = start_service(config, driver, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
     })?;
@@ -219,14 +272,15 @@ fn run() -> Result<(), Fatal> {
 /// The service, with the E2EE stage when `--e2ee --store DIR` asked for it.
 fn start_service(
     config: Config,
+    driver: DriverConfig,
     e2ee_store: Option<String>,
 ) -> Result<Result<SyncService, StartError>, Fatal> {
     let Some(dir) = e2ee_store else {
-        return Ok(start(config));
+        return Ok(start_with(config, driver));
     };
     #[cfg(feature = "e2ee")]
     {
-        use matrix_sync_service::{start_encrypted, CryptoStore, DriverConfig, E2eeConfig};
+        use matrix_sync_service::{start_encrypted, CryptoStore, E2eeConfig};
         let passphrase = std::env::var("MATRIX_STORE_PASSPHRASE").ok();
         let store = CryptoStore::Sqlite {
             dir: dir.into(),
@@ -237,11 +291,11 @@ fn start_service(
             .ok()
             .filter(|d| !d.is_empty())
             .map(Into::into);
-        Ok(start_encrypted(config, DriverConfig::default(), e2ee))
+        Ok(start_encrypted(config, driver, e2ee))
     }
     #[cfg(not(feature = "e2ee"))]
     {
-        let _ = (config, dir);
+        let _ = (config, driver, dir);
         Err(Fatal::usage(
             "--e2ee: this tail was built without the e2ee feature",
         ))
@@ -282,6 +336,78 @@ fn open_since_file(path: String) -> Result<(FileCheckpointStore, Option<String>)
     let since = store.load().map_err(unusable)?;
     store.check_writable().map_err(unusable)?;
     Ok((store, since))
+}
+
+/// The `--token-file`: credentials as JSON, replaced atomically (through the same store as the
+/// since-file) with mode 0600.
+struct TokenFile {
+    store: FileCheckpointStore,
+}
+
+impl TokenFile {
+    /// Refuses what `--since-file` refuses, and makes the file private: it holds secrets.
+    fn open(path: String) -> Result<Self, Fatal> {
+        let store = FileCheckpointStore::new(path);
+        let unusable = |e: io::Error| Fatal::usage(format!("--token-file: {e}"));
+        store.check_writable().map_err(unusable)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let metadata = std::fs::metadata(store.path()).map_err(unusable)?;
+            if metadata.permissions().mode() & 0o077 != 0 {
+                let private = std::fs::Permissions::from_mode(0o600);
+                std::fs::set_permissions(store.path(), private).map_err(unusable)?;
+            }
+        }
+        Ok(Self { store })
+    }
+
+    /// The credentials; the expiry counts from the file's modification time.
+    fn load(&self) -> Result<Credentials, Fatal> {
+        let unusable = |e: String| Fatal::usage(format!("--token-file: {e}"));
+        let text = self
+            .store
+            .load()
+            .map_err(|e| unusable(e.to_string()))?
+            .ok_or_else(|| unusable("empty".to_owned()))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| unusable(e.to_string()))?;
+        let access_token = value["access_token"]
+            .as_str()
+            .ok_or_else(|| unusable("no access_token".to_owned()))?;
+        let mut credentials = Credentials::new(access_token);
+        if let Some(refresh_token) = value["refresh_token"].as_str() {
+            credentials = credentials.with_refresh_token(refresh_token);
+        }
+        if let Some(ms) = value["expires_in_ms"].as_u64() {
+            let written = std::fs::metadata(self.store.path())
+                .and_then(|m| m.modified())
+                .map_err(|e| unusable(e.to_string()))?;
+            let age = written.elapsed().unwrap_or_default();
+            credentials =
+                credentials.with_expires_in(Duration::from_millis(ms).saturating_sub(age));
+        }
+        Ok(credentials)
+    }
+
+    /// Stores refreshed credentials; called by the driver before it uses them.
+    fn save(
+        &self,
+        credentials: &Credentials,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut value = json!({ "access_token": credentials.access_token.expose() });
+        if let Some(refresh_token) = &credentials.refresh_token {
+            value["refresh_token"] = json!(refresh_token.expose());
+        }
+        if let Some(expires_in) = credentials.expires_in {
+            value["expires_in_ms"] = json!(expires_in.as_millis() as u64);
+        }
+        self.store.save(&value.to_string())?;
+        diagnostic(format_args!(
+            "tail: credentials refreshed and stored in {}",
+            self.store.path().display()
+        ));
+        Ok(())
+    }
 }
 
 /// Prints events until a signal, the end of the stream or a failure. A checkpoint is stored
@@ -344,7 +470,7 @@ fn line(event: &Event) -> Value {
         "event_id": event.event_id,
         "sender": event.sender,
         "origin_server_ts": event.origin_server_ts,
-        "body": event.body_opt(),
+        "body": event.body.as_deref(),
     });
     let extra = &mut line;
     if let Some(key) = &event.state_key {

@@ -13,6 +13,9 @@
 #   DEMO_SKIP_TAIL=1   do everything except building and running the example
 #   DEMO_PAUSE=SECS    pause between bob's actions (default 1)
 #   SYNAPSE_VENV       see scripts/synapse.sh
+#
+# The homeserver is the test kit's throwaway Synapse (its `synapse` binary starts it,
+# registers the users and stops it on SIGTERM), the same one the integration tests use.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,7 +27,8 @@ SKIP_TAIL="${DEMO_SKIP_TAIL:-}"
 DIR=""
 TAIL_BIN=""
 TAIL_PID=""
-SYNAPSE_STARTED=""
+SYNAPSE_BIN=""
+SYNAPSE_PID=""
 
 say() {
     echo "demo: $*" >&2
@@ -46,9 +50,10 @@ cleanup() {
         fi
         wait "${TAIL_PID}" 2>/dev/null || true
     fi
-    if [ -n "${SYNAPSE_STARTED}" ]; then
+    if [ -n "${SYNAPSE_PID}" ]; then
         say "stopping Synapse"
-        bash "${SYNAPSE_SH}" stop "${DIR}" || true
+        kill -TERM "${SYNAPSE_PID}" 2>/dev/null || true
+        wait "${SYNAPSE_PID}" 2>/dev/null || true
     fi
     if [ -n "${DIR}" ]; then
         rm -rf "${DIR}"
@@ -103,45 +108,65 @@ bob_says() {
         rooms "${ROOM}" send m.room.message @TXN | field event_id
 }
 
+# built_exe NAME KIND: the executable of NAME (KIND bin or example) among cargo's JSON
+# messages on stdin.
+built_exe() {
+    python3 -c '
+import json, sys
+name, kind = sys.argv[1:]
+exe = ""
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == name \
+            and kind in msg["target"]["kind"] and msg.get("executable"):
+        exe = msg["executable"]
+print(exe)' "$1" "$2"
+}
+
 command -v python3 >/dev/null 2>&1 || { echo "demo: python3 is required" >&2; exit 1; }
+command -v cargo >/dev/null 2>&1 || { echo "demo: cargo is required" >&2; exit 1; }
 cd "${REPO_ROOT}"
 
 say "installing Synapse (first run only)"
 bash "${SYNAPSE_SH}" install
 
+say "building the test kit's Synapse starter (cargo build -p matrix-sync-testkit --bin synapse)"
+SYNAPSE_BIN="$(cargo build -p matrix-sync-testkit --bin synapse --message-format=json-render-diagnostics \
+    | built_exe synapse bin)"
+[ -n "${SYNAPSE_BIN}" ] && [ -x "${SYNAPSE_BIN}" ] || { echo "demo: could not build the Synapse starter" >&2; exit 1; }
+
 if [ -z "${SKIP_TAIL}" ]; then
-    command -v cargo >/dev/null 2>&1 || { echo "demo: cargo is required" >&2; exit 1; }
     say "building the tail example (cargo build --release --example tail)"
     # Run the built binary directly rather than through `cargo run`: it starts
     # at once (no waiting on a build-directory lock held by another cargo)
     # and SIGTERM reaches the example itself.
     TAIL_BIN="$(cargo build --release --example tail --message-format=json-render-diagnostics \
-        | python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "tail" \
-            and "example" in msg["target"]["kind"] and msg.get("executable"):
-        exe = msg["executable"]
-print(exe)')"
+        | built_exe tail example)"
     [ -n "${TAIL_BIN}" ] && [ -x "${TAIL_BIN}" ] || { echo "demo: could not build the tail example" >&2; exit 1; }
 fi
 
 DIR="$(mktemp -d -t matrix-sync-demo.XXXXXX)"
-PORT="$(bash "${SYNAPSE_SH}" free-port)"
-BASE_URL="http://127.0.0.1:${PORT}"
-say "starting a throwaway Synapse on ${BASE_URL}"
-bash "${SYNAPSE_SH}" init "${DIR}" "${PORT}"
-SYNAPSE_STARTED=1
-bash "${SYNAPSE_SH}" start "${DIR}" "${PORT}"
-
-say "registering alice and bob"
-ALICE_JSON="$(bash "${SYNAPSE_SH}" register "${BASE_URL}" alice "alice-demo-password")"
-BOB_JSON="$(bash "${SYNAPSE_SH}" register "${BASE_URL}" bob "bob-demo-password")"
-ALICE_TOKEN="$(field access_token <<<"${ALICE_JSON}")"
-BOB_TOKEN="$(field access_token <<<"${BOB_JSON}")"
-BOB_ID="$(field user_id <<<"${BOB_JSON}")"
+say "starting a throwaway Synapse and registering alice and bob"
+"${SYNAPSE_BIN}" --user alice:alice-demo-password --user bob:bob-demo-password \
+    >"${DIR}/synapse.json" </dev/null &
+SYNAPSE_PID=$!
+# The starter prints one line once Synapse is healthy and the users exist.
+for _ in $(seq 1 1200); do
+    [ -s "${DIR}/synapse.json" ] && break
+    kill -0 "${SYNAPSE_PID}" 2>/dev/null || { SYNAPSE_PID=""; echo "demo: Synapse did not start" >&2; exit 1; }
+    sleep 0.1
+done
+[ -s "${DIR}/synapse.json" ] || { echo "demo: Synapse did not start within 120 s" >&2; exit 1; }
+# user FIELD NAME: a field of a registered user's answer.
+user() {
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["users"][sys.argv[2]][sys.argv[1]])' "$1" "$2" \
+        <"${DIR}/synapse.json"
+}
+BASE_URL="$(field base_url <"${DIR}/synapse.json")"
+ALICE_TOKEN="$(user access_token alice)"
+BOB_TOKEN="$(user access_token bob)"
+BOB_ID="$(user user_id bob)"
+say "Synapse is running on ${BASE_URL}"
 
 say "alice creates a room and invites bob"
 ROOM="$(mx POST "${ALICE_TOKEN}" '{"preset":"private_chat","name":"demo"}' createRoom | field room_id)"

@@ -9,6 +9,7 @@ use std::time::Duration;
 use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
 
+use crate::auth::{self, RefreshMethod, RefreshToken};
 use crate::defaults;
 use crate::token::{self, TokenProblem};
 
@@ -69,7 +70,17 @@ impl SyncFilter {
 }
 
 /// Gap filling: what the machine does when a room's timeline comes back `limited`.
+///
+/// Start from [`GapFill::default`] and change what differs:
+///
+/// ```
+/// use matrix_sync_service::GapFill;
+/// let gap_fill = GapFill::default().with_max_events_per_room(200).with_page_size(50);
+/// assert!(gap_fill.enabled);
+/// assert!(!GapFill::disabled().enabled);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GapFill {
     /// Fetch the missing events with `/rooms/{roomId}/messages`. When off, a gap item reports
     /// each gap instead.
@@ -91,6 +102,37 @@ impl Default for GapFill {
     }
 }
 
+impl GapFill {
+    /// No filling: every gap is reported as a gap item.
+    pub fn disabled() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    /// Sets [`enabled`](Self::enabled).
+    #[must_use]
+    pub fn with_enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Sets [`max_events_per_room`](Self::max_events_per_room).
+    #[must_use]
+    pub fn with_max_events_per_room(mut self, max: usize) -> Self {
+        self.max_events_per_room = max;
+        self
+    }
+
+    /// Sets [`page_size`](Self::page_size).
+    #[must_use]
+    pub fn with_page_size(mut self, page_size: u32) -> Self {
+        self.page_size = page_size;
+        self
+    }
+}
+
 /// Everything the machine and the driver need. Build it with [`Config::new`], change the
 /// public fields, and let [`SyncMachine::new`](crate::SyncMachine::new) (or `start`) validate it.
 #[derive(Clone, Debug)]
@@ -100,6 +142,15 @@ pub struct Config {
     pub homeserver: String,
     /// The access token, sent in the `Authorization` header only.
     pub access_token: AccessToken,
+    /// The refresh token: with one, the machine refreshes the access token ahead of
+    /// [`access_token_expires_in`](Self::access_token_expires_in), and once after a 401
+    /// `M_UNKNOWN_TOKEN`, handing the new credentials out before using them.
+    pub refresh_token: Option<RefreshToken>,
+    /// How long the access token lives from when the machine is created (`expires_in_ms` of
+    /// the login, less the time since). `None`: unknown, refreshed only after a 401.
+    pub access_token_expires_in: Option<Duration>,
+    /// Where the refresh token is exchanged.
+    pub refresh: RefreshMethod,
     /// Resume from this `next_batch` token (for instance a stored checkpoint).
     pub since: Option<String>,
     /// Filter for `/sync`.
@@ -139,6 +190,9 @@ impl Config {
         Self {
             homeserver: homeserver.into(),
             access_token: AccessToken::new(access_token),
+            refresh_token: None,
+            access_token_expires_in: None,
+            refresh: RefreshMethod::Matrix,
             since: None,
             filter: None,
             long_poll_timeout: defaults::LONG_POLL_TIMEOUT,
@@ -159,7 +213,7 @@ impl Config {
 
     /// Checks every field; the first unusable one is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_homeserver(&self.homeserver, self.allow_insecure_http)?;
+        validate_url(&self.homeserver, self.allow_insecure_http)?;
         let token = self.access_token.expose();
         if token.is_empty() {
             return Err(ConfigError::MissingAccessToken);
@@ -167,6 +221,38 @@ impl Config {
         // A header value takes visible ASCII only; anything else fails every request.
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ConfigError::InvalidAccessToken);
+        }
+        if self
+            .refresh_token
+            .as_ref()
+            .is_some_and(|t| !auth::usable(t.expose()))
+        {
+            return Err(ConfigError::Invalid {
+                field: "refresh_token",
+                reason: "empty or not visible ASCII",
+            });
+        }
+        if let RefreshMethod::OAuth {
+            token_endpoint,
+            client_id,
+        } = &self.refresh
+        {
+            validate_url(token_endpoint, self.allow_insecure_http).map_err(|e| match e {
+                ConfigError::InvalidHomeserver { reason } => ConfigError::Invalid {
+                    field: "refresh.token_endpoint",
+                    reason,
+                },
+                _ => ConfigError::Invalid {
+                    field: "refresh.token_endpoint",
+                    reason: "plain http is only allowed to loopback",
+                },
+            })?;
+            if client_id.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "refresh.client_id",
+                    reason: "must not be empty",
+                });
+            }
         }
         if let Some(since) = &self.since {
             match token::check(since) {
@@ -243,7 +329,20 @@ pub(crate) fn check_nonzero(counts: &[(&'static str, usize)]) -> Result<(), Conf
 /// The `n`-th consecutive failure (from 1) waits `min(initial * factor^(n-1), max)`, of which
 /// jitter removes a random fraction in `[0, jitter)`: every delay lies in
 /// `[(1 - jitter) * base, base]`, never above `max`.
+///
+/// Start from [`BackoffPolicy::default`] and change what differs:
+///
+/// ```
+/// use std::time::Duration;
+/// use matrix_sync_service::BackoffPolicy;
+/// let backoff = BackoffPolicy::default()
+///     .with_initial(Duration::from_millis(250))
+///     .with_max(Duration::from_secs(30))
+///     .with_jitter(0.0);
+/// assert_eq!(backoff.factor, 2.0);
+/// ```
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BackoffPolicy {
     /// Delay after the first failure.
     pub initial: Duration,
@@ -267,6 +366,34 @@ impl Default for BackoffPolicy {
 }
 
 impl BackoffPolicy {
+    /// Sets [`initial`](Self::initial).
+    #[must_use]
+    pub fn with_initial(mut self, initial: Duration) -> Self {
+        self.initial = initial;
+        self
+    }
+
+    /// Sets [`factor`](Self::factor).
+    #[must_use]
+    pub fn with_factor(mut self, factor: f64) -> Self {
+        self.factor = factor;
+        self
+    }
+
+    /// Sets [`max`](Self::max).
+    #[must_use]
+    pub fn with_max(mut self, max: Duration) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Sets [`jitter`](Self::jitter).
+    #[must_use]
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let day = Duration::from_secs(86_400);
         check_duration(
@@ -323,7 +450,9 @@ pub(crate) fn check_duration(
     Ok(())
 }
 
-fn validate_homeserver(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+/// An absolute http(s) URL without fragment, user info or query; plain http to loopback
+/// only, unless allowed.
+fn validate_url(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
     let bad = |reason| ConfigError::InvalidHomeserver { reason };
     // Checked on the text: a fragment would silently drop every path the machine appends.
     if url.contains('#') {

@@ -39,6 +39,12 @@
 //!   kept as 64-bit fingerprints under a key drawn at random for each machine (foldhash; 16
 //!   bytes each with the eviction order, about 0.3 MB in all): the chance that two of 16,384
 //!   ids collide, which would skip one event, is about 10⁻¹¹, and no server can aim for it.
+//! * **Refresh a minute before expiry, or at four fifths of a short lifetime**
+//!   ([`REFRESH_LEAD`]): a minute covers a refresh that needs a few retries or a slow token
+//!   endpoint, so a steady sync never meets an expired token; a token living seconds (tests,
+//!   strict deployments) would be refreshed in a loop with a fixed minute, so its lead is a
+//!   fifth of its lifetime. The lifetime is counted from when the refresh request was sent,
+//!   so a slow answer only makes the refresh earlier.
 //! * **Driver channels: 1,024 events, 64 errors** (`DriverConfig`): enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
 
@@ -72,6 +78,9 @@ pub const GAP_FILL_MAX_EVENTS: usize = 1000;
 pub const GAP_FILL_PAGE_SIZE: u32 = 100;
 /// Event ids remembered for dedup.
 pub const DEDUP_CAPACITY: usize = 16_384;
+/// How long before a known expiry the access token is refreshed, at most (at most a fifth of
+/// the token's lifetime).
+pub const REFRESH_LEAD: Duration = Duration::from_secs(60);
 /// Capacity of the driver's events channel.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// Capacity of the driver's errors channel.

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use crate::{
-    defaults, Config, ConfigError, Event, OutgoingRequest, SyncError, SyncMachine, SyncState,
-    TransportErrorKind, TransportFailure,
+    defaults, Config, ConfigError, Credentials, Event, InputError, OutgoingRequest, SyncError,
+    SyncMachine, SyncState, TransportErrorKind, TransportFailure,
 };
 
 /// Connect and resolve are the only steps `Agent::shutdown` cannot interrupt; bound them so a
@@ -60,15 +60,23 @@ pub struct SyncService {
 struct Shared {
     /// Dropped by `stop()`: every `select!` on the receiving side wakes at once.
     stop: Mutex<Option<Sender<()>>>,
+    /// Credentials set by the application, for the driver thread to put in force.
+    credentials: Sender<SetCredentials>,
     /// A clone of the driver's agent, to abort its in-flight request on stop.
     agent: Mutex<Option<ureq::Agent>>,
     dropped_errors: AtomicU64,
     state: Mutex<SyncState>,
 }
 
-/// What only the driver uses: the capacities of its channels. The machine's own configuration
-/// is [`Config`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Stores refreshed credentials durably; called on the driver thread before they are used.
+/// An `Err` (its text is reported) keeps the old credentials and offers the new ones again
+/// after the maximum backoff. See [`DriverConfig::on_credentials`].
+pub type StoreCredentials =
+    dyn Fn(&Credentials) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync;
+
+/// What only the driver uses: the capacities of its channels and where refreshed credentials
+/// are stored. The machine's own configuration is [`Config`].
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct DriverConfig {
     /// Capacity of the bounded `events` channel: while it is full the driver waits
@@ -76,6 +84,20 @@ pub struct DriverConfig {
     pub event_channel_capacity: usize,
     /// Capacity of the `errors` channel (oldest dropped when full).
     pub error_channel_capacity: usize,
+    /// Called with refreshed credentials before they are used (see
+    /// [`SyncMachine::poll_credentials`]). Without it they are used at once and live only in
+    /// memory: a restart then needs a new login if the refresh token rotated.
+    pub on_credentials: Option<Arc<StoreCredentials>>,
+    /// Route requests through the proxy named by `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
+    /// (as curl reads them, `NO_PROXY` included), read once at start. On by default; off means
+    /// always direct. Ignored with [`agent`](Self::agent).
+    pub proxy_from_env: bool,
+    /// The application's own agent (its proxy, TLS roots, resolver) instead of the driver's.
+    /// The guarantees stay: every request is sent with statuses as values, no redirects
+    /// followed, its deadline, and the body cap. [`SyncService::stop`] shuts this agent down
+    /// to abort the request in flight, and clones share its pool: give the service an agent
+    /// of its own.
+    pub agent: Option<ureq::Agent>,
 }
 
 impl Default for DriverConfig {
@@ -83,7 +105,22 @@ impl Default for DriverConfig {
         Self {
             event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
             error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
+            on_credentials: None,
+            proxy_from_env: true,
+            agent: None,
         }
+    }
+}
+
+impl std::fmt::Debug for DriverConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriverConfig")
+            .field("event_channel_capacity", &self.event_channel_capacity)
+            .field("error_channel_capacity", &self.error_channel_capacity)
+            .field("on_credentials", &self.on_credentials.is_some())
+            .field("proxy_from_env", &self.proxy_from_env)
+            .field("agent", &self.agent.is_some())
+            .finish()
     }
 }
 
@@ -91,6 +128,20 @@ impl DriverConfig {
     /// The defaults, to change field by field.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets [`on_credentials`](Self::on_credentials): `store` must have written both tokens
+    /// durably when it returns `Ok`.
+    #[must_use]
+    pub fn on_credentials(
+        mut self,
+        store: impl Fn(&Credentials) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        self.on_credentials = Some(Arc::new(store));
+        self
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -140,9 +191,14 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
     let (error_tx, error_rx) = bounded(options.error_channel_capacity);
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
-    let agent = new_agent();
+    let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
+    let agent = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| new_agent(options.proxy_from_env));
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
+        credentials: credentials_tx,
         agent: Mutex::new(Some(agent.clone())),
         dropped_errors: AtomicU64::new(0),
         state: Mutex::new(machine.state()),
@@ -154,6 +210,8 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
         errors: Lossy::new(error_tx, &error_rx, &shared, true),
         states: Lossy::new(state_tx, &state_rx, &shared, false),
         stop: stop_rx,
+        credentials: credentials_rx,
+        store: options.on_credentials.clone(),
         shared: shared.clone(),
     };
     let service = SyncService {
@@ -216,6 +274,35 @@ impl SyncService {
         self.shared.dropped_errors.load(Ordering::Relaxed)
     }
 
+    /// Replaces the access token, keeping the refresh token (see
+    /// [`SyncMachine::set_access_token`]): it takes effect on the next request, and a service
+    /// waiting after a refusal retries at once. Callable from any thread.
+    pub fn set_access_token(&self, access_token: impl Into<String>) -> Result<(), InputError> {
+        self.set(Credentials::new(access_token), true)
+    }
+
+    /// Replaces the credentials (see [`SyncMachine::set_credentials`]): they take effect on
+    /// the next request; `since`, dedup and a pending batch are kept. Callable from any
+    /// thread. [`InputError::UnusableCredentials`] when a token could not go in a request,
+    /// [`InputError::Stopped`] once the service ended.
+    pub fn set_credentials(&self, credentials: Credentials) -> Result<(), InputError> {
+        self.set(credentials, false)
+    }
+
+    fn set(&self, credentials: Credentials, keep_refresh_token: bool) -> Result<(), InputError> {
+        if !credentials.is_usable() {
+            return Err(InputError::UnusableCredentials);
+        }
+        let command = SetCredentials {
+            credentials,
+            keep_refresh_token,
+        };
+        self.shared
+            .credentials
+            .send(command)
+            .map_err(|_| InputError::Stopped)
+    }
+
     /// Stops the service: aborts the in-flight request and any backoff wait; the channels
     /// close right after. Idempotent, callable from any thread, also after the thread ended.
     pub fn stop(&self) {
@@ -276,10 +363,14 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-fn new_agent() -> ureq::Agent {
+fn new_agent(proxy_from_env: bool) -> ureq::Agent {
+    let proxy = proxy_from_env.then(ureq::Proxy::try_from_env).flatten();
+    if let Some(proxy) = &proxy {
+        log::info!("requests go through the proxy at {}", proxy.host());
+    }
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .proxy(None)
+        .proxy(proxy)
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_resolve(Some(CONNECT_TIMEOUT))
         .max_redirects(0)
@@ -330,11 +421,19 @@ struct Driver {
     errors: Lossy<ServiceError>,
     states: Lossy<SyncState>,
     stop: Receiver<()>,
+    credentials: Receiver<SetCredentials>,
+    store: Option<Arc<StoreCredentials>>,
     shared: Arc<Shared>,
 }
 
 /// Why the loop ends.
 struct Stopped;
+
+/// Credentials set through the handle; `keep_refresh_token` for `set_access_token`.
+struct SetCredentials {
+    credentials: Credentials,
+    keep_refresh_token: bool,
+}
 
 impl Driver {
     fn run(&mut self) {
@@ -344,6 +443,9 @@ impl Driver {
 
     /// One turn of the canonical loop: drain the outputs, then send a request or wait.
     fn step(&mut self) -> Result<(), Stopped> {
+        while let Ok(set) = self.credentials.try_recv() {
+            self.put_in_force(set);
+        }
         self.drain()?;
         if let Some(request) = self.machine.poll_request() {
             let id = request.id;
@@ -366,6 +468,7 @@ impl Driver {
         if !wait.is_zero() {
             select! {
                 recv(self.stop) -> _ => return Err(Stopped),
+                recv(self.credentials) -> set => if let Ok(set) = set { self.put_in_force(set) },
                 default(wait) => {}
             }
         }
@@ -386,8 +489,40 @@ impl Driver {
                 recv(self.stop) -> _ => return Err(Stopped),
             }
         }
+        while let Some(credentials) = self.machine.poll_credentials() {
+            self.store(&credentials);
+            while let Some(error) = self.machine.poll_error() {
+                self.errors.push(ServiceError::Sync(error));
+            }
+        }
         self.publish_states();
         self.check_stop()
+    }
+
+    /// Hands refreshed credentials to the application's store and tells the machine.
+    fn store(&mut self, credentials: &Credentials) {
+        let stored = match &self.store {
+            Some(store) => store(credentials).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+        let now = Instant::now();
+        let answered = match stored {
+            Ok(()) => self.machine.handle_credentials_stored(now),
+            Err(reason) => self.machine.handle_credentials_not_stored(reason, now),
+        };
+        if let Err(err) = answered {
+            log::warn!("credentials answer refused by the machine: {err}");
+        }
+    }
+
+    fn put_in_force(&mut self, set: SetCredentials) {
+        let mut credentials = set.credentials;
+        if set.keep_refresh_token {
+            credentials.refresh_token = self.machine.config().refresh_token.clone();
+        }
+        if let Err(err) = self.machine.set_credentials(credentials, Instant::now()) {
+            log::warn!("new credentials refused by the machine: {err}");
+        }
     }
 
     fn publish_states(&mut self) {
@@ -418,8 +553,11 @@ fn perform(
             "deadline passed before sending",
         ));
     }
+    // Set on every request, so that an application's own agent keeps the guarantees.
     let http = agent
         .configure_request(request.http)
+        .http_status_as_error(false)
+        .max_redirects(0)
         .timeout_global(Some(timeout))
         .build();
     let response = agent.run(http).map_err(|e| transport_failure(e, false))?;

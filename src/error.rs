@@ -177,6 +177,28 @@ pub enum Failure {
         /// The configured limit.
         limit: u64,
     },
+    /// The refresh endpoint refused the refresh token (401, 403, or a 4xx such as OAuth 2.0's
+    /// `invalid_grant`): it is unknown, reused or expired, and the session is over. No more
+    /// refreshes are made ([`SyncState::SessionEnded`](crate::SyncState::SessionEnded)); log
+    /// in again and hand the new credentials to `set_credentials`.
+    #[error(
+        "the refresh token was refused ({status}{}): the session is over, log in again",
+        fmt_errcode(errcode, message)
+    )]
+    RefreshRefused {
+        /// HTTP status.
+        status: u16,
+        /// Matrix `errcode`, or the OAuth 2.0 `error` code.
+        errcode: Option<String>,
+        /// Matrix `error`, or the OAuth 2.0 `error_description`.
+        message: Option<String>,
+    },
+    /// The application reported that it could not store refreshed credentials. They are not
+    /// used (with rotation, losing them would end the session): the machine offers them again
+    /// after the maximum backoff
+    /// ([`SyncState::CredentialsNotStored`](crate::SyncState::CredentialsNotStored)).
+    #[error("the refreshed credentials could not be stored: {}", Escaped(.0))]
+    CredentialsNotStored(String),
 }
 
 fn fmt_errcode(errcode: &Option<String>, message: &Option<String>) -> String {
@@ -204,6 +226,8 @@ impl Failure {
             Failure::Redirected { .. }
             | Failure::UnknownToken { .. }
             | Failure::Refused { .. }
+            | Failure::RefreshRefused { .. }
+            | Failure::CredentialsNotStored(_)
             | Failure::InvalidRequest(_) => ErrorClass::NeedsUser,
             Failure::Transport(_)
             | Failure::DeadlineExceeded(_)
@@ -218,6 +242,7 @@ impl Failure {
         match self {
             Failure::Server { status, .. }
             | Failure::Refused { status, .. }
+            | Failure::RefreshRefused { status, .. }
             | Failure::Redirected { status, .. }
             | Failure::BadResponse { status, .. } => Some(*status),
             Failure::RateLimited { .. } => Some(429),
@@ -231,6 +256,7 @@ impl Failure {
         match self {
             Failure::Server { errcode, .. }
             | Failure::Refused { errcode, .. }
+            | Failure::RefreshRefused { errcode, .. }
             | Failure::RateLimited { errcode, .. } => errcode.as_deref(),
             Failure::UnknownToken { .. } => Some("M_UNKNOWN_TOKEN"),
             _ => None,
@@ -297,6 +323,14 @@ pub enum InputError {
     /// The machine was stopped; it takes no more input.
     #[error("the machine was stopped")]
     Stopped,
+    /// An answer about stored credentials, but none were handed out by
+    /// [`poll_credentials`](crate::SyncMachine::poll_credentials) and left unanswered.
+    #[error("no credentials were handed out to be stored")]
+    NoCredentialsPending,
+    /// Credentials given to `set_credentials` or `set_access_token` with a token that is
+    /// empty or not visible ASCII (it could not go in a request). Nothing changed.
+    #[error("a token is empty or holds characters other than visible ASCII")]
+    UnusableCredentials,
 }
 
 #[cfg(test)]

@@ -20,8 +20,9 @@
 //! 1. Feed the machine one input: [`handle_response`](SyncMachine::handle_response),
 //!    [`handle_failure`](SyncMachine::handle_failure) or
 //!    [`handle_timeout`](SyncMachine::handle_timeout), each with the current `Instant`.
-//! 2. Drain its outputs until each says `None`: events, errors and states are independent
-//!    queues, drained in any order; then [`poll_request`](SyncMachine::poll_request), and send
+//! 2. Drain its outputs until each says `None`: events, errors, states and
+//!    [`poll_credentials`](SyncMachine::poll_credentials) are independent queues, drained in
+//!    any order (answer credentials before asking for the next request); then [`poll_request`](SyncMachine::poll_request), and send
 //!    what it returns. The one ordering that matters: no request is handed out while events
 //!    wait, so drain the events first.
 //! 3. Wait for whichever comes first: the response, or
@@ -88,6 +89,20 @@
 //!   redirect end that room with a gap item; transient failures and 429 are retried with
 //!   backoff, at most 3 times per room and 8 times per batch, after which the room (or every
 //!   room left) ends with a gap item and the batch goes on. One room never stalls the account.
+//! * **Tokens that expire.** With [`Config::refresh_token`], the machine refreshes the access
+//!   token ([`RequestKind::Refresh`], at most one request in flight as always, through
+//!   `/v3/refresh` or an OAuth 2.0 token endpoint, [`RefreshMethod`]) ahead of a known expiry
+//!   ([`Config::access_token_expires_in`], by [`defaults::REFRESH_LEAD`]), and once after a
+//!   401 `M_UNKNOWN_TOKEN` to a sync or gap fill, which is then retried from the same `since`
+//!   (nothing delivered twice). New credentials come out of
+//!   [`poll_credentials`](SyncMachine::poll_credentials) and are used only once the
+//!   application answered [`handle_credentials_stored`](SyncMachine::handle_credentials_stored);
+//!   nothing is sent in between. A refused refresh (401, 403, 400 `invalid_grant`) ends the
+//!   session ([`SyncState::SessionEnded`], [`Failure::RefreshRefused`]): no more refreshes,
+//!   syncs only at the maximum backoff. A failing one (network, 5xx) is retried with backoff,
+//!   keeping the old tokens. [`set_credentials`](SyncMachine::set_credentials) replaces them
+//!   live; a machine waiting after a refusal retries at once. The reasons are in the `auth`
+//!   module's source and in [`defaults`].
 //! * Events already delivered are not delivered again, within the memory of the last
 //!   [`Config::dedup_capacity`] event ids (16,384 by default): overlaps between a gap fill and
 //!   its timeline, or state repeated in a limited sync, are caught; an id older than that
@@ -135,7 +150,7 @@
 //!     while let Some(event) = machine.poll_event() {
 //!         match event.kind {
 //!             EventKind::Checkpoint(_) => checkpoints += 1,
-//!             _ => bodies.push(event.body),
+//!             _ => bodies.extend(event.body),
 //!         }
 //!     }
 //!     while let Some(error) = machine.poll_error() {
@@ -175,6 +190,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod auth;
 mod batch;
 mod checkpoint;
 mod classify;
@@ -198,12 +214,15 @@ mod schedule;
 mod text;
 mod token;
 
+pub use auth::{Credentials, RefreshMethod, RefreshToken};
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
 #[cfg(all(feature = "driver", feature = "e2ee"))]
 pub use driver::start_encrypted;
 #[cfg(feature = "driver")]
-pub use driver::{start, start_with, DriverConfig, ServiceError, StartError, SyncService};
+pub use driver::{
+    start, start_with, DriverConfig, ServiceError, StartError, StoreCredentials, SyncService,
+};
 #[cfg(feature = "e2ee")]
 pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};
 pub use e2ee::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};

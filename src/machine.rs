@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use ruma_client_api::message::get_message_events::v3 as messages;
 use ruma_common::api::IncomingResponseExt;
 
+use crate::auth::{self, Auth, Credentials};
 use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
@@ -33,6 +34,15 @@ pub enum SyncState {
     /// the reason is the [`Failure`] of the error reported with it): retrying only at the
     /// maximum backoff until stopped or until a request succeeds again.
     Refused,
+    /// The refresh token was refused ([`Failure::RefreshRefused`]): the session is over.
+    /// No more refreshes are made; syncs go on at the maximum backoff with the last access
+    /// token until new credentials are set
+    /// ([`set_credentials`](SyncMachine::set_credentials)).
+    SessionEnded,
+    /// The application could not store refreshed credentials
+    /// ([`Failure::CredentialsNotStored`]): nothing is sent, and they are offered again
+    /// after the maximum backoff.
+    CredentialsNotStored,
     /// Stopped; no more requests.
     Stopped,
 }
@@ -63,6 +73,8 @@ struct InFlight {
     kind: RequestKind,
     sent_at: Instant,
     deadline: Instant,
+    /// Which credentials it was sent with: a 401 to replaced ones says nothing of the new.
+    credentials: u64,
 }
 
 /// What the sync behind a batch was, for pacing once the batch is handed on.
@@ -110,6 +122,9 @@ pub struct SyncMachine {
     states: VecDeque<SyncState>,
     dedup: Dedup,
     last_key_counts: Option<KeyCounts>,
+    auth: Auth,
+    /// Counts the credentials put in force (refreshed or set); requests carry the count.
+    credentials: u64,
 }
 
 impl SyncMachine {
@@ -125,7 +140,13 @@ impl SyncMachine {
         } else {
             SyncState::InitialSync
         };
+        let auth = Auth::fresh(
+            auth::expiry(now, config.access_token_expires_in),
+            config.refresh_token.is_some(),
+        );
         Ok(Self {
+            auth,
+            credentials: 0,
             since: config.since.clone(),
             schedule: Schedule::new(
                 config.backoff.clone(),
@@ -168,14 +189,27 @@ impl SyncMachine {
             return Ok(());
         }
         if let Err(failure) = classify(parts.status, &parts.headers, bytes) {
+            let failure = match in_flight.kind {
+                RequestKind::Refresh if auth::ends_session(&failure) => {
+                    auth::refused(parts.status.as_u16(), bytes)
+                }
+                _ => failure,
+            };
             self.fail(in_flight, failure);
             return Ok(());
+        }
+        if let Auth::Valid { unproven, .. } = &mut self.auth {
+            // A request worked with these credentials: a later 401 may be refreshed again.
+            if in_flight.credentials == self.credentials && in_flight.kind != RequestKind::Refresh {
+                *unproven = false;
+            }
         }
         match in_flight.kind {
             RequestKind::Sync { .. } => self.on_sync(in_flight, parts.status, body.into()),
             RequestKind::Messages { .. } => {
                 self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
+            RequestKind::Refresh => self.on_refresh(in_flight, parts.status, bytes),
             // The machine never sends the E2EE stage's requests.
             RequestKind::Crypto(_) => self.fail(
                 in_flight,
@@ -244,7 +278,125 @@ impl SyncMachine {
         self.errors.clear();
     }
 
+    /// Answers the credentials [`poll_credentials`](Self::poll_credentials) handed out: the
+    /// application stored them, so the machine uses them from the next request on.
+    ///
+    /// Refused with [`InputError::NoCredentialsPending`] when none were handed out.
+    pub fn handle_credentials_stored(&mut self, now: Instant) -> Result<(), InputError> {
+        self.check_input(now)?;
+        let Auth::Storing {
+            new,
+            expires_at,
+            offer_at: None,
+            after_401,
+        } = &self.auth
+        else {
+            return Err(InputError::NoCredentialsPending);
+        };
+        let (new, expires_at, after_401) = (new.clone(), *expires_at, *after_401);
+        self.now = now;
+        log::info!("refreshed credentials stored; using them from the next request");
+        self.put_in_force(new, expires_at);
+        if let Auth::Valid { unproven, .. } = &mut self.auth {
+            *unproven = after_401;
+        }
+        if self.state == SyncState::CredentialsNotStored {
+            self.set_state(self.resumed_state());
+        }
+        Ok(())
+    }
+
+    /// Answers the credentials [`poll_credentials`](Self::poll_credentials) handed out: the
+    /// application could not store them (`reason` is reported). They are not used: the
+    /// machine reports [`Failure::CredentialsNotStored`], enters
+    /// [`SyncState::CredentialsNotStored`], sends nothing, and offers them again after the
+    /// maximum backoff.
+    pub fn handle_credentials_not_stored(
+        &mut self,
+        reason: impl Into<String>,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        self.check_input(now)?;
+        if !matches!(self.auth, Auth::Storing { offer_at: None, .. }) {
+            return Err(InputError::NoCredentialsPending);
+        }
+        self.now = now;
+        let retry = self.schedule.hold_max(now);
+        if let Auth::Storing { offer_at, .. } = &mut self.auth {
+            *offer_at = Some(now + retry.delay);
+        }
+        let failure = Failure::CredentialsNotStored(crate::text::capped(&reason.into()));
+        log::error!("{failure}");
+        self.set_state(SyncState::CredentialsNotStored);
+        self.report(failure, RequestKind::Refresh, retry);
+        Ok(())
+    }
+
+    /// Replaces the credentials (for applications that manage tokens themselves). They take
+    /// effect on the next request; `since`, dedup and a pending batch are kept. A machine
+    /// waiting after a refusal ([`SyncState::Refused`], [`SyncState::SessionEnded`],
+    /// [`SyncState::CredentialsNotStored`]) retries at once. A refresh in flight, or
+    /// refreshed credentials not yet stored, are dropped: these win.
+    ///
+    /// Refused with [`InputError::UnusableCredentials`] (nothing changes) when a token is
+    /// empty or not visible ASCII. `expires_in` counts from `now`.
+    pub fn set_credentials(
+        &mut self,
+        credentials: Credentials,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        self.check_input(now)?;
+        if !credentials.is_usable() {
+            return Err(InputError::UnusableCredentials);
+        }
+        self.now = now;
+        let expires_at = auth::expiry(now, credentials.expires_in);
+        self.put_in_force(credentials, expires_at);
+        if matches!(
+            self.state,
+            SyncState::Refused | SyncState::SessionEnded | SyncState::CredentialsNotStored
+        ) {
+            self.schedule.lift_wait();
+            if self.state != SyncState::Refused {
+                self.set_state(self.resumed_state());
+            }
+        }
+        Ok(())
+    }
+
+    /// [`set_credentials`](Self::set_credentials) with a new access token alone: the
+    /// refresh token in force (if any) is kept, the expiry becomes unknown.
+    pub fn set_access_token(
+        &mut self,
+        access_token: impl Into<String>,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        let mut credentials = Credentials::new(access_token);
+        credentials.refresh_token = self.config.refresh_token.clone();
+        self.set_credentials(credentials, now)
+    }
+
     // ---- outputs --------------------------------------------------------------------------
+
+    /// Refreshed credentials to store before the machine uses them. When one comes out, store
+    /// it durably (both tokens: with rotation the old refresh token is dead once the new
+    /// access token is used), then call
+    /// [`handle_credentials_stored`](Self::handle_credentials_stored), or
+    /// [`handle_credentials_not_stored`](Self::handle_credentials_not_stored) if that failed.
+    /// No request goes out in between. Poll it with the other outputs after every input.
+    #[must_use]
+    pub fn poll_credentials(&mut self) -> Option<Credentials> {
+        let Auth::Storing { new, offer_at, .. } = &mut self.auth else {
+            return None;
+        };
+        match offer_at {
+            Some(at) if *at <= self.now => {
+                *offer_at = None;
+                Some(new.clone())
+            }
+            _ => None,
+        }
+    }
 
     /// The next request to send, if one is due now.
     ///
@@ -253,16 +405,44 @@ impl SyncMachine {
     /// request is in flight at any time.
     #[must_use]
     pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
-        if !self.schedule.is_due(self.now) {
+        if matches!(self.auth, Auth::Storing { .. }) || !self.schedule.is_due(self.now) {
             return None;
         }
-        let (http, kind, deadline) = match &self.phase {
-            Phase::Syncing { in_flight: None } => self.build_sync(),
-            Phase::FillingGaps {
-                filler,
-                in_flight: None,
-                ..
-            } => {
+        let idle = matches!(
+            self.phase,
+            Phase::Syncing { in_flight: None }
+                | Phase::FillingGaps {
+                    in_flight: None,
+                    ..
+                }
+        );
+        let refresh_token = self
+            .config
+            .refresh_token
+            .as_ref()
+            .filter(|_| match self.auth {
+                Auth::Expired => true,
+                Auth::Valid {
+                    refresh_at: Some(at),
+                    ..
+                } => at <= self.now,
+                _ => false,
+            });
+        let (http, kind, deadline) = match (&self.phase, refresh_token) {
+            (_, Some(token)) if idle => (
+                auth::refresh_request(&self.config, token).map_err(|e| e.to_string()),
+                RequestKind::Refresh,
+                self.now + self.config.deadline_margin,
+            ),
+            (Phase::Syncing { in_flight: None }, _) => self.build_sync(),
+            (
+                Phase::FillingGaps {
+                    filler,
+                    in_flight: None,
+                    ..
+                },
+                _,
+            ) => {
                 let page = filler.next_request(&self.config)?;
                 let http = request::messages_request(
                     &self.config,
@@ -270,7 +450,8 @@ impl SyncMachine {
                     page.from,
                     page.to,
                     page.limit,
-                );
+                )
+                .map_err(|e| e.to_string());
                 let kind = RequestKind::Messages {
                     room_id: page.room_id.clone(),
                 };
@@ -289,6 +470,7 @@ impl SyncMachine {
             kind: kind.clone(),
             sent_at: self.now,
             deadline,
+            credentials: self.credentials,
         };
         match http {
             Ok(http) => {
@@ -304,7 +486,7 @@ impl SyncMachine {
                 })
             }
             Err(err) => {
-                self.fail(in_flight, Failure::InvalidRequest(err.to_string()));
+                self.fail(in_flight, Failure::InvalidRequest(err));
                 None
             }
         }
@@ -349,6 +531,13 @@ impl SyncMachine {
     /// not after the last `now` means a request is due: call `poll_request`.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if let (Auth::Storing { offer_at, .. }, false) =
+            (&self.auth, matches!(self.phase, Phase::Stopped))
+        {
+            // Nothing goes out before the application answers; a refused store is offered
+            // again at `offer_at`.
+            return *offer_at;
+        }
         match &self.phase {
             Phase::Delivering { .. } | Phase::Stopped => None,
             Phase::Syncing { in_flight: Some(f) }
@@ -438,13 +627,7 @@ impl SyncMachine {
     }
 
     /// The next sync request: its HTTP form, kind and deadline.
-    fn build_sync(
-        &mut self,
-    ) -> (
-        Result<http::Request<Vec<u8>>, request::BuildError>,
-        RequestKind,
-        Instant,
-    ) {
+    fn build_sync(&mut self) -> (Result<http::Request<Vec<u8>>, String>, RequestKind, Instant) {
         let since = self.since.as_deref();
         let timeout = match self.mode {
             Mode::First | Mode::CatchUp => Duration::ZERO,
@@ -457,7 +640,8 @@ impl SyncMachine {
                 (Some(_), Mode::LongPoll) => timeout + self.config.deadline_margin,
             };
         let full_state = self.mode == Mode::First && self.config.full_state;
-        let http = request::sync_request(&self.config, since, timeout, full_state);
+        let http = request::sync_request(&self.config, since, timeout, full_state)
+            .map_err(|e| e.to_string());
         if self.state != SyncState::Refused && self.mode != Mode::LongPoll {
             self.set_state(self.catch_up_state());
         }
@@ -504,6 +688,7 @@ impl SyncMachine {
             self.mode = Mode::CatchUp;
         }
         let state = match failure.class() {
+            ErrorClass::NeedsUser if matches!(self.auth, Auth::Ended) => SyncState::SessionEnded,
             ErrorClass::NeedsUser => SyncState::Refused,
             ErrorClass::Transient | ErrorClass::RateLimited => SyncState::BackingOff,
         };
@@ -511,23 +696,110 @@ impl SyncMachine {
         retry
     }
 
-    fn fail(&mut self, in_flight: InFlight, failure: Failure) {
-        let retry = match &in_flight.kind {
-            RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
-            RequestKind::Messages { .. } => self.fill_failed(&failure),
+    /// A 401 `M_UNKNOWN_TOKEN` to a sync or gap fill: retried at once when it was sent with
+    /// credentials replaced since, or after one refresh when a refresh token is in hand and
+    /// these credentials were not themselves the fruit of a refresh after a 401. `None`: a
+    /// refusal like any other.
+    fn token_refused(&mut self, in_flight: &InFlight) -> Option<Retry> {
+        let now = Retry {
+            attempt: 1,
+            delay: Duration::ZERO,
         };
+        if in_flight.credentials != self.credentials {
+            return Some(now);
+        }
+        let fresh = matches!(
+            self.auth,
+            Auth::Valid {
+                unproven: false,
+                ..
+            }
+        );
+        if self.config.refresh_token.is_some() && fresh {
+            log::info!("access token refused: refreshing, then retrying");
+            self.auth = Auth::Expired;
+            return Some(now);
+        }
+        None
+    }
+
+    /// A refresh failed: a refusal ends the session; anything else is retried with backoff,
+    /// holding every other request only if the access token is known to be dead.
+    fn refresh_failed(&mut self, in_flight: &InFlight, failure: &Failure) -> Retry {
+        if in_flight.credentials != self.credentials {
+            // The credentials were replaced meanwhile: this refresh is moot.
+            return Retry {
+                attempt: 1,
+                delay: Duration::ZERO,
+            };
+        }
+        if matches!(failure, Failure::RefreshRefused { .. }) {
+            self.auth = Auth::Ended;
+            self.set_state(SyncState::SessionEnded);
+            return self.schedule.hold_max(self.now);
+        }
+        let dead = matches!(self.auth, Auth::Expired);
+        let retry = self.schedule.refresh_failed(failure, self.now, dead);
+        match &mut self.auth {
+            Auth::Valid { refresh_at, .. } => *refresh_at = Some(self.now + retry.delay),
+            _ if failure.class() == ErrorClass::NeedsUser => self.set_state(SyncState::Refused),
+            _ => self.set_state(SyncState::BackingOff),
+        }
+        retry
+    }
+
+    /// Puts `credentials` in force for the next request.
+    fn put_in_force(&mut self, credentials: Credentials, expires_at: Option<(Instant, Duration)>) {
+        self.config.access_token = credentials.access_token;
+        self.config.refresh_token = credentials.refresh_token;
+        self.credentials += 1;
+        self.auth = Auth::fresh(expires_at, self.config.refresh_token.is_some());
+    }
+
+    /// The state to show when a wait on the application or the user is over.
+    fn resumed_state(&self) -> SyncState {
+        match self.mode {
+            Mode::LongPoll => SyncState::Live,
+            Mode::First | Mode::CatchUp => self.catch_up_state(),
+        }
+    }
+
+    fn report(&mut self, failure: Failure, request: RequestKind, retry: Retry) {
+        self.errors.push_back(SyncError {
+            class: failure.class(),
+            failure,
+            request,
+            attempt: retry.attempt,
+            delay: retry.delay,
+        });
+    }
+
+    fn fail(&mut self, in_flight: InFlight, mut failure: Failure) {
+        let refused_token = matches!(failure, Failure::UnknownToken { .. })
+            && in_flight.kind != RequestKind::Refresh;
+        let retry = match refused_token
+            .then(|| self.token_refused(&in_flight))
+            .flatten()
+        {
+            Some(retry) => retry,
+            None => match &in_flight.kind {
+                RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
+                RequestKind::Messages { .. } => self.fill_failed(&failure),
+                RequestKind::Refresh => self.refresh_failed(&in_flight, &failure),
+            },
+        };
+        if let (RequestKind::Refresh, Failure::BadResponse { excerpt, .. }) =
+            (&in_flight.kind, &mut failure)
+        {
+            // A refresh answer carries tokens: never quote it.
+            excerpt.clear();
+        }
         log::warn!(
             "{} request {} failed: {failure}",
             in_flight.kind.name(),
             in_flight.id
         );
-        self.errors.push_back(SyncError {
-            class: failure.class(),
-            failure,
-            request: in_flight.kind,
-            attempt: retry.attempt,
-            delay: retry.delay,
-        });
+        self.report(failure, in_flight.kind, retry);
     }
 
     /// A gap-fill request failed: what it means decides between failing the batch, ending
@@ -580,12 +852,14 @@ impl SyncMachine {
         if let Err(reason) = check_tokens(&parsed) {
             return self.fail(in_flight, bad_response(status.as_u16(), reason, b""));
         }
-        if self.state == SyncState::Refused {
+        if matches!(self.state, SyncState::Refused | SyncState::SessionEnded) {
             self.set_state(self.catch_up_state());
         }
         let timeout = match in_flight.kind {
             RequestKind::Sync { timeout } => timeout,
-            RequestKind::Messages { .. } | RequestKind::Crypto(_) => Duration::ZERO,
+            RequestKind::Messages { .. } | RequestKind::Refresh | RequestKind::Crypto(_) => {
+                Duration::ZERO
+            }
         };
         let answer = Answer {
             channel: self.mode.channel(),
@@ -604,6 +878,29 @@ impl SyncMachine {
                     answer,
                     in_flight: None,
                 }
+            }
+        }
+    }
+
+    fn on_refresh(&mut self, in_flight: InFlight, status: http::StatusCode, body: &[u8]) {
+        if in_flight.credentials != self.credentials {
+            log::info!("refresh answer for credentials replaced since: ignored");
+            return;
+        }
+        let Some(old) = self.config.refresh_token.clone() else {
+            return;
+        };
+        match auth::parse_refresh(body, &old) {
+            Err(reason) => self.fail(in_flight, bad_response(status.as_u16(), reason, b"")),
+            Ok(new) => {
+                log::info!("access token refreshed; handing it out to be stored");
+                self.schedule.refresh_answered();
+                self.auth = Auth::Storing {
+                    expires_at: auth::expiry(in_flight.sent_at, new.expires_in),
+                    new,
+                    offer_at: Some(self.now),
+                    after_401: matches!(self.auth, Auth::Expired),
+                };
             }
         }
     }

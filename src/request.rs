@@ -45,6 +45,9 @@ pub enum RequestKind {
         /// The room whose gap is being filled.
         room_id: OwnedRoomId,
     },
+    /// A token refresh: `POST /_matrix/client/v3/refresh`, or the OAuth 2.0 token endpoint
+    /// (see [`RefreshMethod`](crate::RefreshMethod)). Its body carries the refresh token.
+    Refresh,
     /// A request of the end-to-end encryption stage (feature `e2ee`); the machine never
     /// makes one.
     Crypto(CryptoRequestKind),
@@ -91,6 +94,7 @@ impl RequestKind {
         match self {
             RequestKind::Sync { .. } => "sync",
             RequestKind::Messages { .. } => "messages",
+            RequestKind::Refresh => "refresh",
             RequestKind::Crypto(kind) => kind.name(),
         }
     }
@@ -111,8 +115,8 @@ pub struct InFlightRequest<'a> {
 
 /// A request the machine wants sent: give its response (or failure) back with the same `id`.
 ///
-/// The `Authorization` header is marked sensitive, so `Debug` does not show the token.
-#[derive(Debug)]
+/// `Debug` shows no secret: the `Authorization` header is marked sensitive, and the body
+/// (a refresh request's carries the refresh token) is shown by its length only.
 #[must_use = "a request the machine handed out must be sent, or the machine waits for it until its deadline"]
 pub struct OutgoingRequest {
     /// The id to hand back with the response.
@@ -123,6 +127,20 @@ pub struct OutgoingRequest {
     pub http: http::Request<Vec<u8>>,
     /// When the machine gives up on it; a driver should abort the transfer by then.
     pub deadline: Instant,
+}
+
+impl fmt::Debug for OutgoingRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingRequest")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("method", self.http.method())
+            .field("uri", self.http.uri())
+            .field("headers", self.http.headers())
+            .field("body_bytes", &self.http.body().len())
+            .field("deadline", &self.deadline)
+            .finish()
+    }
 }
 
 /// Error building a request: a bug in us or in ruma, reported rather than panicking.

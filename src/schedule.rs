@@ -38,6 +38,7 @@ pub(crate) struct Retry {
 pub(crate) struct Schedule {
     sync: Backoff,
     fill: Backoff,
+    refresh: Backoff,
     /// The most demanding kind of sync request that went unproductive since the last reset.
     failing: Option<Channel>,
     /// The next request may not go out before this instant.
@@ -50,7 +51,8 @@ impl Schedule {
         Self {
             sync: Backoff::new(policy.clone(), seed),
             // A different stream, so gap fills do not shift the sync's jitter.
-            fill: Backoff::new(policy, seed ^ 0x5EED_F111_6A95_0000),
+            fill: Backoff::new(policy.clone(), seed ^ 0x5EED_F111_6A95_0000),
+            refresh: Backoff::new(policy, seed ^ 0x5EED_0EF2_E540_0000),
             failing: None,
             send_at: None,
             max_server_wait,
@@ -112,6 +114,38 @@ impl Schedule {
         let retry = wait_after(&mut self.fill, failure, self.max_server_wait);
         self.send_at = Some(now + retry.delay);
         retry
+    }
+
+    /// A refresh failed at `now` in a way worth retrying. `hold`: nothing else may go out
+    /// before the retry (the access token is known to be dead); otherwise only the refresh
+    /// waits, and syncs go on with the token still valid.
+    pub(crate) fn refresh_failed(&mut self, failure: &Failure, now: Instant, hold: bool) -> Retry {
+        let retry = wait_after(&mut self.refresh, failure, self.max_server_wait);
+        if hold {
+            self.send_at = Some(now + retry.delay);
+        }
+        retry
+    }
+
+    /// A refresh answered: its retries start over.
+    pub(crate) fn refresh_answered(&mut self) {
+        self.refresh.reset();
+    }
+
+    /// Nothing goes out before the maximum backoff from `now` (the session ended, or new
+    /// credentials could not be stored). Returns the report of the wait.
+    pub(crate) fn hold_max(&mut self, now: Instant) -> Retry {
+        let delay = self.refresh.next_fatal();
+        self.send_at = Some(now + delay);
+        Retry {
+            attempt: self.refresh.attempt(),
+            delay,
+        }
+    }
+
+    /// The wait in force is lifted: the next request may go out at once.
+    pub(crate) fn lift_wait(&mut self) {
+        self.send_at = None;
     }
 
     /// A gap-fill page arrived, or a room is done: its retries start over.

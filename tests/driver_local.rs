@@ -27,11 +27,9 @@ fn errors_never_block_the_sync_and_the_oldest_are_dropped_and_counted() {
     let mut config = Config::new(closed_port_url(), "token");
     let mut driver = DriverConfig::new();
     driver.error_channel_capacity = 2;
-    config.backoff = BackoffPolicy {
-        initial: Duration::from_millis(1),
-        max: Duration::from_millis(5),
-        ..BackoffPolicy::default()
-    };
+    config.backoff = BackoffPolicy::default()
+        .with_initial(Duration::from_millis(1))
+        .with_max(Duration::from_millis(5));
     let service = start_with(config, driver).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while service.dropped_errors() < 5 {
@@ -68,12 +66,10 @@ fn errors_never_block_the_sync_and_the_oldest_are_dropped_and_counted() {
 #[test]
 fn stop_during_a_backoff_wait_is_immediate() {
     let mut config = Config::new(closed_port_url(), "token");
-    config.backoff = BackoffPolicy {
-        initial: Duration::from_secs(30),
-        max: Duration::from_secs(60),
-        jitter: 0.0,
-        ..BackoffPolicy::default()
-    };
+    config.backoff = BackoffPolicy::default()
+        .with_initial(Duration::from_secs(30))
+        .with_max(Duration::from_secs(60))
+        .with_jitter(0.0);
     let service = start(config).unwrap();
     let Ok(ServiceError::Sync(error)) = service.errors().recv_timeout(Duration::from_secs(5))
     else {

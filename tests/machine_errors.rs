@@ -656,7 +656,7 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
     // The whole body parses: delivered (the key counts are those of `s0`: not repeated).
     h.reply(&req, 200, full);
     assert_eq!(h.events.len(), 12, "{:?}", kinds(&h.events));
-    assert_eq!(h.events[0].body, "after the first sync");
+    assert_eq!(h.events[0].body.as_deref(), Some("after the first sync"));
     assert_eq!(h.m.since(), Some("s7641_53_2_135_14_1_2_17_0_1_1_1_1_1"));
 }
 

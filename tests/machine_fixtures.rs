@@ -56,7 +56,7 @@ fn actual(e: &Event) -> Item {
         sender: e.sender.as_ref().map(|r| r.to_string()),
         ts: e.origin_server_ts.map(|t| u64::from(t.0)),
         state_key: e.state_key.clone(),
-        body: e.body.clone(),
+        body: e.body.clone().unwrap_or_default(),
         relation: e
             .relation
             .as_ref()
@@ -308,10 +308,7 @@ fn gap_config(previous_since: &str, filter: &Value) -> Config {
     let mut c = config();
     c.since = Some(previous_since.to_owned());
     c.filter = Some(SyncFilter::from_json(&filter.to_string()).expect("fixture filter"));
-    c.gap_fill = GapFill {
-        page_size: 12,
-        ..GapFill::default()
-    };
+    c.gap_fill = GapFill::default().with_page_size(12);
     c
 }
 
@@ -472,7 +469,7 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
         last.event_id.as_ref().unwrap().as_str(),
         "$h3KTuafUen-NegBnFnWCIdroUBnP3g6-XsP6xxt1Nfk"
     );
-    assert_eq!(last.body, "cat.png");
+    assert_eq!(last.body.as_deref(), Some("cat.png"));
     let msgs: Vec<&Event> = events
         .iter()
         .filter(|e| e.kind == EventKind::Message)
@@ -486,7 +483,11 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
         "@fx_ben_s1:localhost"
     );
     assert!(
-        msgs[0].body.starts_with("msg 0 room 8 emoji 🎉"),
+        msgs[0]
+            .body
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("msg 0 room 8 emoji 🎉"),
         "{:?}",
         msgs[0].body
     );
@@ -504,7 +505,7 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
     };
     let edit = find("$AOQrOstbq2rHC4nRtDaSrD4Y0Lj_TJye_TAtxNR9HU0");
     assert_eq!(edit.kind, EventKind::Message);
-    assert_eq!(edit.body, "* fixed");
+    assert_eq!(edit.body.as_deref(), Some("* fixed"));
     let rel = edit.relation.as_ref().unwrap();
     assert_eq!(rel.rel_type, "m.replace");
     assert_eq!(
@@ -514,7 +515,7 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
     assert_eq!(rel.key, None);
     let reaction = find("$HJGmXZrT8d1JDCUYCviBuWwdQhp1gdrdT57IewtiKaU");
     assert_eq!(reaction.kind, EventKind::Reaction);
-    assert_eq!(reaction.body, "");
+    assert_eq!(reaction.body, None);
     let rel = reaction.relation.as_ref().unwrap();
     assert_eq!(rel.rel_type, "m.annotation");
     assert_eq!(
@@ -530,7 +531,10 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
     );
     let redacted = find("$xECkIYbmFq9JX1eZCzvsTjxRIZ8G8ssKNI-Ft-JJ5qY");
     assert_eq!(
-        (redacted.kind.clone(), redacted.body.as_str()),
+        (
+            redacted.kind.clone(),
+            redacted.body.as_deref().unwrap_or_default()
+        ),
         (EventKind::Message, "")
     );
     let relations = |rel_type: &str| {
@@ -544,7 +548,7 @@ fn initial_sync_is_normalized_exactly_and_since_moves_at_the_checkpoint() {
         (12, 12)
     );
     for e in events.iter().filter(|e| e.kind == EventKind::Encrypted) {
-        assert_eq!(e.body, "");
+        assert_eq!(e.body, None);
         assert!(e.raw.get().contains("ciphertext"));
     }
 
@@ -631,7 +635,7 @@ fn incremental_after_initial_is_live_and_exact() {
             "checkpoint"
         ]
     );
-    assert_eq!(events[0].body, "after the first sync");
+    assert_eq!(events[0].body.as_deref(), Some("after the first sync"));
     assert_eq!(
         events[0].event_id.as_ref().unwrap().as_str(),
         "$Lu_wHlsMQ61EaLHrJh8m2Z9HR0ivXBJdy45KFFF7-rs"
@@ -892,7 +896,10 @@ fn gap_is_filled_oldest_first_before_the_timeline() {
     assert_eq!(events.len(), 32);
     assert_eq!(events[0].kind, EventKind::OneTimeKeyCounts);
     let messages = &events[1..31];
-    let bodies: Vec<&str> = messages.iter().map(|e| e.body.as_str()).collect();
+    let bodies: Vec<&str> = messages
+        .iter()
+        .map(|e| e.body.as_deref().unwrap_or_default())
+        .collect();
     let expected: Vec<String> = (0..30).map(|i| format!("gap message {i}")).collect();
     assert_eq!(bodies, expected);
     let ids: HashSet<String> = messages
@@ -963,7 +970,10 @@ fn gap_fill_off_reports_a_gap_item() {
     let raw: Value = serde_json::from_str(gap.raw.get()).unwrap();
     assert_eq!(raw["prev_batch"].as_str(), Some(gf.prev_batch()));
     assert_eq!(raw["room_id"].as_str(), Some(gf.room_id.as_str()));
-    let bodies: Vec<&str> = events[2..7].iter().map(|e| e.body.as_str()).collect();
+    let bodies: Vec<&str> = events[2..7]
+        .iter()
+        .map(|e| e.body.as_deref().unwrap_or_default())
+        .collect();
     assert_eq!(
         bodies,
         [
@@ -1004,7 +1014,10 @@ fn gap_fill_cap_gives_filled_events_and_a_gap_item() {
         })
     );
     assert_eq!(events[1].room_id.as_ref().unwrap().as_str(), gf.room_id);
-    let bodies: Vec<&str> = events[2..19].iter().map(|e| e.body.as_str()).collect();
+    let bodies: Vec<&str> = events[2..19]
+        .iter()
+        .map(|e| e.body.as_deref().unwrap_or_default())
+        .collect();
     let expected: Vec<String> = (13..30).map(|i| format!("gap message {i}")).collect();
     assert_eq!(bodies, expected);
     assert_eq!(checkpoint(&events[19]), Some(gf.next_batch()));
@@ -1033,7 +1046,7 @@ fn gap_fill_overlapping_the_timeline_delivers_each_event_once() {
     let bodies: Vec<&str> = events
         .iter()
         .filter(|e| e.kind == EventKind::Message)
-        .map(|e| e.body.as_str())
+        .map(|e| e.body.as_deref().unwrap_or_default())
         .collect();
     let expected: Vec<String> = (0..30).map(|i| format!("gap message {i}")).collect();
     assert_eq!(bodies, expected);

@@ -154,22 +154,20 @@ fn params() -> impl Strategy<Value = Params> {
 fn build_config(p: &Params) -> Config {
     let mut c = config();
     c.jitter_seed = p.seed;
-    c.backoff = BackoffPolicy {
-        initial: Duration::from_millis(p.initial_ms),
-        factor: p.factor,
-        max: Duration::from_millis(p.initial_ms + p.extra_max_ms),
-        jitter: p.jitter,
-    };
+    c.backoff = BackoffPolicy::default()
+        .with_initial(Duration::from_millis(p.initial_ms))
+        .with_factor(p.factor)
+        .with_max(Duration::from_millis(p.initial_ms + p.extra_max_ms))
+        .with_jitter(p.jitter);
     c.max_server_wait = Duration::from_millis(p.max_server_wait_ms);
     c.since = p.since.then(|| "start_token".to_owned());
     c.long_poll_timeout = Duration::from_millis(p.long_poll_ms);
     c.deadline_margin = Duration::from_millis(p.margin_ms);
     c.initial_sync_deadline = Duration::from_millis(p.initial_deadline_ms);
-    c.gap_fill = GapFill {
-        enabled: p.gap_enabled,
-        max_events_per_room: p.gap_max,
-        page_size: p.page_size,
-    };
+    c.gap_fill = GapFill::default()
+        .with_enabled(p.gap_enabled)
+        .with_max_events_per_room(p.gap_max)
+        .with_page_size(p.page_size);
     if p.small_bodies {
         c.max_body_bytes = 700;
     }

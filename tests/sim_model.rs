@@ -118,12 +118,11 @@ fn params() -> impl Strategy<Value = Params> {
         .prop_map(
             |((initial, factor, extra, jitter), wait, poll, margin, deadline, since, seed)| {
                 Params {
-                    backoff: BackoffPolicy {
-                        initial: Duration::from_millis(initial),
-                        factor,
-                        max: Duration::from_millis(initial + extra),
-                        jitter,
-                    },
+                    backoff: BackoffPolicy::default()
+                        .with_initial(Duration::from_millis(initial))
+                        .with_factor(factor)
+                        .with_max(Duration::from_millis(initial + extra))
+                        .with_jitter(jitter),
                     max_server_wait: Duration::from_millis(wait),
                     long_poll_timeout: Duration::from_millis(poll),
                     deadline_margin: Duration::from_millis(margin),

@@ -57,12 +57,11 @@ fn default_policy() -> BackoffPolicy {
     let policy = BackoffPolicy::default();
     assert_eq!(
         policy,
-        BackoffPolicy {
-            initial: ms(500),
-            factor: 2.0,
-            max: secs(60),
-            jitter: 0.5,
-        },
+        BackoffPolicy::default()
+            .with_initial(ms(500))
+            .with_factor(2.0)
+            .with_max(secs(60))
+            .with_jitter(0.5),
         "the scenarios assume the documented default backoff"
     );
     policy

@@ -71,11 +71,9 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
     config.homeserver = proxy.url();
     config.long_poll_timeout = Duration::from_secs(2);
     config.deadline_margin = Duration::from_secs(1);
-    config.backoff = BackoffPolicy {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(1),
-        ..Default::default()
-    };
+    config.backoff = BackoffPolicy::default()
+        .with_initial(Duration::from_millis(100))
+        .with_max(Duration::from_secs(1));
     config.filter = Some(SyncFilter::timeline_limit(5));
     let service = start(config).expect("valid config");
 
@@ -217,10 +215,7 @@ fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
     let mut config = config_for(&alice);
-    config.backoff = BackoffPolicy {
-        max: Duration::from_secs(1),
-        ..Default::default()
-    };
+    config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");
     drain_until_live(&service);
 

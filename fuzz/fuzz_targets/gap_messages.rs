@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use matrix_sync_service::{
-    Config, ErrorClass, EventKind, GapFill, OutgoingRequest, RequestKind, SyncFilter,
-    SyncMachine, TransportErrorKind, TransportFailure,
+    Config, ErrorClass, EventKind, GapFill, OutgoingRequest, RequestKind, SyncFilter, SyncMachine,
+    TransportErrorKind, TransportFailure,
 };
 use serde_json::Value;
 
@@ -70,10 +70,7 @@ fn config(f: &Fixture) -> Config {
     let mut c = Config::new("https://example.org", "fuzz_secret_token");
     c.since = Some(f.previous_since.clone());
     c.filter = Some(SyncFilter::from_json(&f.filter).expect("fixture filter"));
-    c.gap_fill = GapFill {
-        page_size: 12,
-        ..GapFill::default()
-    };
+    c.gap_fill = GapFill::default().with_page_size(12);
     c
 }
 
@@ -90,7 +87,10 @@ impl Harness {
         loop {
             let before = self.m.since().map(str::to_owned);
             let Some(e) = self.m.poll_event() else { break };
-            assert!(self.checkpoint.is_none(), "an event after the checkpoint: {e:?}");
+            assert!(
+                self.checkpoint.is_none(),
+                "an event after the checkpoint: {e:?}"
+            );
             match &e.kind {
                 EventKind::Checkpoint(c) => {
                     assert_eq!(c.next_batch, f.next_batch, "checkpoint of another batch");
@@ -103,7 +103,10 @@ impl Harness {
                 }
             }
             if let Some(id) = &e.event_id {
-                assert!(self.seen.insert(id.to_string()), "event {id} delivered twice");
+                assert!(
+                    self.seen.insert(id.to_string()),
+                    "event {id} delivered twice"
+                );
             }
         }
         while let Some(err) = self.m.poll_error() {
@@ -112,7 +115,11 @@ impl Harness {
                 ErrorClass::RateLimited => config.backoff.max.max(config.max_server_wait),
                 _ => config.backoff.max,
             };
-            assert!(err.delay <= cap, "delay {:?} above {cap:?}: {err}", err.delay);
+            assert!(
+                err.delay <= cap,
+                "delay {:?} above {cap:?}: {err}",
+                err.delay
+            );
         }
         while self.m.poll_state().is_some() {}
         if self.checkpoint.is_none() {
@@ -151,7 +158,10 @@ impl Harness {
         match &req.kind {
             RequestKind::Messages { room_id } => {
                 assert_eq!(room_id.as_str(), fixture().room_id);
-                assert!(self.checkpoint.is_none(), "gap filling after the checkpoint");
+                assert!(
+                    self.checkpoint.is_none(),
+                    "gap filling after the checkpoint"
+                );
                 true
             }
             RequestKind::Sync { .. } => false,
@@ -191,7 +201,10 @@ fuzz_target!(|data: &[u8]| {
     h.respond(&req, 200, 0, &f.response);
     let mut req = h.request();
     assert!(h.is_gap_fill(&req), "a limited timeline is filled first");
-    assert!(h.seen.is_empty(), "nothing delivered before the gap is filled");
+    assert!(
+        h.seen.is_empty(),
+        "nothing delivered before the gap is filled"
+    );
 
     for round in rounds(data).take(MAX_ROUNDS) {
         let Some((&control, body)) = round.split_first() else {
@@ -235,7 +248,11 @@ fuzz_target!(|data: &[u8]| {
         req = h.request();
     }
     assert!(!h.is_gap_fill(&req), "still filling after empty pages");
-    assert_eq!(h.checkpoint.as_deref(), Some(f.next_batch.as_str()), "batch not delivered");
+    assert_eq!(
+        h.checkpoint.as_deref(),
+        Some(f.next_batch.as_str()),
+        "batch not delivered"
+    );
     assert_eq!(h.m.since(), Some(f.next_batch.as_str()));
     for id in &f.timeline_ids {
         assert!(h.seen.contains(id), "timeline event {id} lost");

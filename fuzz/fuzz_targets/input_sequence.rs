@@ -252,10 +252,18 @@ enum Fixture {
 fn event(ev: &Ev) -> Value {
     let id = format!("$e{}:example.org", ev.id % 16);
     let mut e = match ev.kind % 5 {
-        0 => json!({"type": "m.room.message", "content": {"msgtype": "m.text", "body": format!("m{}", ev.id)}}),
-        1 => json!({"type": "m.room.encrypted", "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x", "body": "leak"}}),
-        2 => json!({"type": "m.room.member", "state_key": "@u:example.org", "content": {"membership": "join"}}),
-        3 => json!({"type": "m.reaction", "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e0:example.org", "key": "+"}}}),
+        0 => {
+            json!({"type": "m.room.message", "content": {"msgtype": "m.text", "body": format!("m{}", ev.id)}})
+        }
+        1 => {
+            json!({"type": "m.room.encrypted", "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x", "body": "leak"}})
+        }
+        2 => {
+            json!({"type": "m.room.member", "state_key": "@u:example.org", "content": {"membership": "join"}})
+        }
+        3 => {
+            json!({"type": "m.reaction", "content": {"m.relates_to": {"rel_type": "m.annotation", "event_id": "$e0:example.org", "key": "+"}}})
+        }
         _ => json!({"type": "m.room.redaction", "redacts": "$e1:example.org", "content": {}}),
     };
     e["event_id"] = json!(id);
@@ -360,19 +368,17 @@ fn config(k: &Knobs) -> Config {
     c.since = k.resume.map(Tok::text);
     let initial = Duration::from_millis(u64::from(k.backoff_initial_ms.max(1)));
     let span = Duration::from_millis(u64::from(k.backoff_span_ms) % 3_600_000);
-    c.backoff = BackoffPolicy {
-        initial,
-        factor: 1.0 + f64::from(k.factor_32ths) / 32.0,
-        max: initial + span,
-        jitter: f64::from(k.jitter_255ths) / 255.0,
-    };
+    c.backoff = BackoffPolicy::default()
+        .with_initial(initial)
+        .with_factor(1.0 + f64::from(k.factor_32ths) / 32.0)
+        .with_max(initial + span)
+        .with_jitter(f64::from(k.jitter_255ths) / 255.0);
     c.jitter_seed = k.seed;
     c.max_server_wait = Duration::from_secs(u64::from(k.max_server_wait_s) % 7200);
-    c.gap_fill = GapFill {
-        enabled: k.gap_fill,
-        max_events_per_room: usize::from(k.gap_max % 40),
-        page_size: u32::from(k.page_size % 20).max(1),
-    };
+    c.gap_fill = GapFill::default()
+        .with_enabled(k.gap_fill)
+        .with_max_events_per_room(usize::from(k.gap_max % 40))
+        .with_page_size(u32::from(k.page_size % 20).max(1));
     c.long_poll_timeout = Duration::from_secs(u64::from(k.long_poll_s % 60).max(1));
     c.deadline_margin = Duration::from_millis(u64::from(k.margin_ms.max(1)));
     c.initial_sync_deadline = Duration::from_secs(u64::from(k.initial_deadline_s.max(1)));
@@ -428,7 +434,10 @@ impl Harness {
             "a second request while {:?} is in flight",
             self.outstanding.map(|o| o.id)
         );
-        assert!(self.issued.last().is_none_or(|last| req.id > *last), "ids go up");
+        assert!(
+            self.issued.last().is_none_or(|last| req.id > *last),
+            "ids go up"
+        );
         assert!(req.deadline > self.now, "deadline not in the future");
         let in_flight = self.m.in_flight().map(|f| (f.id, f.deadline));
         assert_eq!(in_flight, Some((req.id, req.deadline)));
@@ -452,7 +461,10 @@ impl Harness {
         // A request handed out means no event was waiting.
         if let Some(req) = self.m.poll_request() {
             self.on_request(req);
-            assert!(self.m.poll_event().is_none(), "request handed out before events drained");
+            assert!(
+                self.m.poll_event().is_none(),
+                "request handed out before events drained"
+            );
         }
         loop {
             let before = self.m.since().map(str::to_owned);
@@ -469,8 +481,11 @@ impl Harness {
             }
             note!(
                 self,
-                "event {:?} {:?} {:?} {}",
-                e.kind, e.room_id, e.event_id, e.body
+                "event {:?} {:?} {:?} {:?}",
+                e.kind,
+                e.room_id,
+                e.event_id,
+                e.body
             );
         }
         let mut deadline_error = false;
@@ -480,7 +495,11 @@ impl Harness {
                 ErrorClass::RateLimited => config.backoff.max.max(config.max_server_wait),
                 _ => config.backoff.max,
             };
-            assert!(err.delay <= cap, "delay {:?} above {cap:?}: {err}", err.delay);
+            assert!(
+                err.delay <= cap,
+                "delay {:?} above {cap:?}: {err}",
+                err.delay
+            );
             assert!(err.attempt >= 1, "attempts count from 1: {err}");
             match err.failure {
                 Failure::DeadlineExceeded(_) => deadline_error = true,
@@ -503,7 +522,10 @@ impl Harness {
             assert!(self.m.in_flight().is_none(), "in flight after stop");
             assert_eq!(self.m.state(), SyncState::Stopped);
         } else {
-            let wake = self.m.poll_timeout().expect("a wake-up instant while running");
+            let wake = self
+                .m
+                .poll_timeout()
+                .expect("a wake-up instant while running");
             match self.outstanding {
                 Some(o) => assert_eq!(wake, o.deadline, "wake at the deadline"),
                 None => assert!(wake > self.now, "a request is due but was not handed out"),
@@ -515,13 +537,14 @@ impl Harness {
 
     fn target(&self, to: &Target) -> RequestId {
         match to {
-            Target::InFlight => self
-                .outstanding
-                .map_or_else(|| self.foreign(), |o| o.id),
+            Target::InFlight => self.outstanding.map_or_else(|| self.foreign(), |o| o.id),
             // One of ours, or another machine's past all of ours.
             Target::Id(n) => {
                 let pick = usize::from(*n) % (self.issued.len() + 2);
-                self.issued.get(pick).copied().unwrap_or_else(|| self.foreign())
+                self.issued
+                    .get(pick)
+                    .copied()
+                    .unwrap_or_else(|| self.foreign())
             }
         }
     }
@@ -532,7 +555,12 @@ impl Harness {
     }
 
     /// Checks the result of an input for request `id` at `at`; returns whether it was applied.
-    fn check_result(&mut self, id: RequestId, result: Result<(), InputError>, before: Snapshot) -> bool {
+    fn check_result(
+        &mut self,
+        id: RequestId,
+        result: Result<(), InputError>,
+        before: Snapshot,
+    ) -> bool {
         note!(self, "input {id} -> {result:?}");
         if self.stopped {
             assert_eq!(result, Err(InputError::Stopped));
@@ -545,7 +573,11 @@ impl Harness {
             }
         }
         if result.is_err() {
-            assert_eq!(snapshot(&self.m), before, "a refused input changed the machine");
+            assert_eq!(
+                snapshot(&self.m),
+                before,
+                "a refused input changed the machine"
+            );
             return false;
         }
         self.outstanding = None;
@@ -577,11 +609,7 @@ impl Harness {
                 }
                 self.drain(false);
             }
-            Step::Fail {
-                to,
-                kind,
-                after_ms,
-            } => {
+            Step::Fail { to, kind, after_ms } => {
                 let id = self.target(to);
                 let at = self.now + Duration::from_millis(u64::from(*after_ms));
                 let failure = TransportFailure::new(kind.kind(), "fuzz");
@@ -603,7 +631,9 @@ impl Harness {
                 self.timeout(at);
             }
             Step::Backwards { ms, respond } => {
-                let Some(at) = self.now.checked_sub(Duration::from_millis(u64::from(*ms).max(1)))
+                let Some(at) = self
+                    .now
+                    .checked_sub(Duration::from_millis(u64::from(*ms).max(1)))
                 else {
                     return;
                 };
@@ -625,7 +655,11 @@ impl Harness {
                         "time going backwards gave {result:?}"
                     );
                 }
-                assert_eq!(snapshot(&self.m), before, "a refused input changed the machine");
+                assert_eq!(
+                    snapshot(&self.m),
+                    before,
+                    "a refused input changed the machine"
+                );
                 self.drain(false);
             }
             Step::Stop => {

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use http::{HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use matrix_sync_service::{
-    Config, ErrorClass, MAX_TOKEN_BYTES, Event, EventKind, OutgoingRequest, RequestKind, SyncError, SyncMachine,
+    Config, ErrorClass, Event, EventKind, OutgoingRequest, RequestKind, SyncError, SyncMachine,
+    MAX_TOKEN_BYTES,
 };
 use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
@@ -108,7 +109,11 @@ fn drain(m: &mut SyncMachine) -> Drained {
         let Some(event) = m.poll_event() else { break };
         match &event.kind {
             EventKind::Checkpoint(c) => assert_eq!(m.since(), Some(c.next_batch.as_str())),
-            _ => assert_eq!(m.since(), before.as_deref(), "since moved without a checkpoint"),
+            _ => assert_eq!(
+                m.since(),
+                before.as_deref(),
+                "since moved without a checkpoint"
+            ),
         }
         out.events.push(event);
     }
@@ -125,7 +130,11 @@ fn check_delay(config: &Config, error: &SyncError) {
         ErrorClass::RateLimited => config.backoff.max.max(config.max_server_wait),
         _ => config.backoff.max,
     };
-    assert!(error.delay <= cap, "delay {:?} above cap {cap:?}: {error}", error.delay);
+    assert!(
+        error.delay <= cap,
+        "delay {:?} above cap {cap:?}: {error}",
+        error.delay
+    );
 }
 
 /// The `since` query parameter of a sync request, percent-decoded.
@@ -168,7 +177,8 @@ fn next_request(m: &mut SyncMachine, now: &mut Instant) -> (OutgoingRequest, Dra
     }
     let wake = m.poll_timeout().expect("no request and no wake-up instant");
     *now = (*now).max(wake);
-    m.handle_timeout(*now).expect("waking at poll_timeout is accepted");
+    m.handle_timeout(*now)
+        .expect("waking at poll_timeout is accepted");
     let more = drain(m);
     drained.events.extend(more.events);
     drained.errors.extend(more.errors);
@@ -179,9 +189,16 @@ fn next_request(m: &mut SyncMachine, now: &mut Instant) -> (OutgoingRequest, Dra
 }
 
 fn check_request(m: &SyncMachine, req: &OutgoingRequest) {
-    assert!(!req.http.uri().to_string().contains(TOKEN), "token in the URI");
+    assert!(
+        !req.http.uri().to_string().contains(TOKEN),
+        "token in the URI"
+    );
     if matches!(req.kind, RequestKind::Sync { .. }) {
-        assert_eq!(query_since(req).as_deref(), m.since(), "the sync carries since");
+        assert_eq!(
+            query_since(req).as_deref(),
+            m.since(),
+            "the sync carries since"
+        );
     }
     assert_eq!(m.in_flight().map(|f| f.id), Some(req.id));
 }
@@ -189,7 +206,10 @@ fn check_request(m: &SyncMachine, req: &OutgoingRequest) {
 /// Ids of events that the machine deduplicates must be unique across the run.
 fn check_unique(seen: &mut HashSet<String>, events: &[Event]) {
     for e in events {
-        if matches!(e.kind, EventKind::Invite | EventKind::Knock | EventKind::ToDevice) {
+        if matches!(
+            e.kind,
+            EventKind::Invite | EventKind::Knock | EventKind::ToDevice
+        ) {
             continue;
         }
         if let Some(id) = &e.event_id {
@@ -210,9 +230,8 @@ fn expected_class(status: u16) -> ErrorClass {
 /// Whether every token the machine keeps (`next_batch`, a limited timeline's `prev_batch`)
 /// is one it may store: not empty, no control character, at most `MAX_TOKEN_BYTES`.
 fn tokens_round_trip(response: &sync::Response) -> bool {
-    let storable = |t: &str| {
-        !t.is_empty() && t.len() <= MAX_TOKEN_BYTES && !t.chars().any(char::is_control)
-    };
+    let storable =
+        |t: &str| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES && !t.chars().any(char::is_control);
     let limited = |t: &sync::Timeline| !t.limited || t.prev_batch.as_deref().is_none_or(storable);
     storable(&response.next_batch)
         && response.rooms.join.values().all(|r| limited(&r.timeline))
@@ -259,7 +278,10 @@ fn run(input: Input<'_>) {
     let response = builder.body(body).expect("valid parts");
     now += Duration::from_millis(10);
     m.handle_response(req.id, response, now).expect("awaited");
-    assert!(m.in_flight().is_none(), "the answered request is no longer in flight");
+    assert!(
+        m.in_flight().is_none(),
+        "the answered request is no longer in flight"
+    );
 
     let drained = drain(&mut m);
     check_unique(&mut seen, &drained.events);
@@ -280,9 +302,17 @@ fn run(input: Input<'_>) {
             assert!(input.status.is_success(), "only a 2xx can be accepted");
         }
         None => {
-            assert_eq!(m.since(), since_before.as_deref(), "since moved on a bad response");
+            assert_eq!(
+                m.since(),
+                since_before.as_deref(),
+                "since moved on a bad response"
+            );
             assert!(drained.events.is_empty(), "events from a bad response");
-            assert_eq!(drained.errors.len(), 1, "exactly one error for a bad response");
+            assert_eq!(
+                drained.errors.len(),
+                1,
+                "exactly one error for a bad response"
+            );
             let error = &drained.errors[0];
             assert_eq!(error.failure.status(), Some(code), "{error}");
             assert_eq!(error.class, expected_class(code), "{error}");
@@ -298,7 +328,10 @@ fn run(input: Input<'_>) {
                 check_request(&m, &req);
                 assert!(more.errors.is_empty());
                 let gap_fill = matches!(req.kind, RequestKind::Messages { .. });
-                assert!(idle || gap_fill, "a valid response was neither delivered nor pending");
+                assert!(
+                    idle || gap_fill,
+                    "a valid response was neither delivered nor pending"
+                );
                 assert!(
                     since_before.is_some() || !gap_fill,
                     "gap filling on an initial sync"

@@ -17,6 +17,11 @@
 //!   failure, no event comes out before the next sync is sent.
 //! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
 
+#[cfg(feature = "net")]
+pub mod client;
+#[cfg(feature = "net")]
+pub mod synapse;
+
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
@@ -398,10 +403,7 @@ mod tests {
 
     #[test]
     fn the_ramp_counts_the_schedule_s_least_delays() {
-        let policy = BackoffPolicy {
-            jitter: 0.5,
-            ..BackoffPolicy::default()
-        };
+        let policy = BackoffPolicy::default().with_jitter(0.5);
         let ramp = Ramp::new(&policy).unwrap();
         // Least delays: 250 ms, 500 ms, 1 s, 2 s, ... then 30 s at the cap.
         assert_eq!(ramp.steps_within(Duration::ZERO), 1);
@@ -414,10 +416,7 @@ mod tests {
             ramp.steps_within(ramp_time + Duration::from_secs(60)),
             ramp.sums.len() + 2
         );
-        let no_bound = BackoffPolicy {
-            jitter: 1.0,
-            ..BackoffPolicy::default()
-        };
+        let no_bound = BackoffPolicy::default().with_jitter(1.0);
         assert!(Ramp::new(&no_bound).is_none());
     }
 }

@@ -418,7 +418,7 @@ impl Delivered {
             kind: event.kind.clone(),
             event_id: event.event_id.as_ref().map(|e| e.to_string()),
             room_id: event.room_id.as_ref().map(|r| r.to_string()),
-            body: event.body.clone(),
+            body: event.body.clone().unwrap_or_default(),
         }
     }
 

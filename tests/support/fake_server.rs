@@ -29,6 +29,8 @@ pub struct Request {
     pub target: String,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+    /// The body (as announced by `Content-Length`).
+    pub body: Vec<u8>,
 }
 
 impl Request {
@@ -172,7 +174,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
 }
 
 /// The next request on the connection, or `None` once the client closed it (or the server
-/// is stopping while the connection is idle). Request bodies are read and dropped.
+/// is stopping while the connection is idle).
 fn read_request(reader: &mut BufReader<TcpStream>, shared: &Shared) -> io::Result<Option<Request>> {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -204,27 +206,28 @@ fn read_request(reader: &mut BufReader<TcpStream>, shared: &Shared) -> io::Resul
         .filter_map(|line| line.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    let request = Request {
+    let mut request = Request {
         method,
         target,
         headers,
+        body: Vec::new(),
     };
     let length: u64 = request
         .header("content-length")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut rest = reader.take(length);
-    read_fully(&mut rest, shared)?;
+    read_fully(&mut rest, &mut request.body, shared)?;
     Ok(Some(request))
 }
 
-/// Reads `reader` to its end, waiting through read timeouts.
-fn read_fully(reader: &mut impl Read, shared: &Shared) -> io::Result<()> {
+/// Reads `reader` to its end into `body`, waiting through read timeouts.
+fn read_fully(reader: &mut impl Read, body: &mut Vec<u8>, shared: &Shared) -> io::Result<()> {
     let mut buf = [0u8; 8192];
     loop {
         match reader.read(&mut buf) {
             Ok(0) => return Ok(()),
-            Ok(_) => {}
+            Ok(n) => body.extend_from_slice(&buf[..n]),
             Err(e)
                 if matches!(
                     e.kind(),

@@ -1,9 +1,12 @@
-//! Shared helpers for the integration tests: a throwaway Synapse homeserver,
-//! a minimal blocking Matrix client, and a fault-injecting proxy.
+//! Shared helpers for the integration tests that need the driver: a throwaway Synapse
+//! homeserver and a minimal blocking Matrix client (from the test kit), a fake server, a
+//! fault-injecting proxy and the service wrapper.
 #![allow(dead_code)]
 
-pub mod client;
+#[allow(unused_imports)]
+pub use matrix_sync_testkit::{client, synapse};
+
+pub mod connect_proxy;
 pub mod fake_server;
 pub mod proxy;
 pub mod service;
-pub mod synapse;

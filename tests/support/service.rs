@@ -71,7 +71,7 @@ pub fn bodies_in(events: &[Event], room: &str) -> Vec<String> {
         .iter()
         .filter(|e| e.kind == EventKind::Message)
         .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
-        .map(|e| e.body.clone())
+        .filter_map(|e| e.body.clone())
         .collect()
 }
 

@@ -1,14 +1,18 @@
-//! A throwaway Synapse homeserver for integration tests.
+//! A throwaway Synapse homeserver for integration tests, benchmarks and the demo: the one
+//! implementation of its lifecycle (free port, configuration, health wait, stop).
 //!
-//! Each [`Synapse`] runs in its own data directory under
-//! `target/tmp/synapse-test/` (or `target/synapse-test/`), listening on a free
-//! loopback port.  The server runs under `scripts/synapse.sh supervise`,
-//! whose stdin is a pipe held by this process: when the test process exits,
-//! for whatever reason, the pipe closes and the supervisor stops Synapse, so
-//! no server outlives its tests.
+//! Each [`Synapse`] runs in its own data directory under `target/tmp/synapse-test/`,
+//! listening on a free loopback port. Its configuration is the file Synapse generates
+//! (`homeserver.yaml`) and, read after it, `test.yaml`: the test settings (loopback listener,
+//! open registration, relaxed rate limits) and any [`SynapseOptions::config`] on top.
 //!
-//! Synapse is installed into `.synapse/venv` on first use (once per process).
-//! If it cannot be installed or started the tests panic: they never skip.
+//! The server runs under `scripts/synapse.sh supervise`, whose stdin is a pipe held by this
+//! process: when the process exits, for whatever reason, the pipe closes and the supervisor
+//! stops Synapse, so no server outlives its tests.
+//!
+//! Synapse is installed into `.synapse/venv` on first use (once per process) by
+//! `scripts/synapse.sh install`. If it cannot be installed or started the tests panic: they
+//! never skip.
 
 use std::fs;
 use std::io::Write;
@@ -20,12 +24,56 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::{json, Map, Value};
+
 /// How long to wait for `/health` to answer 200 after spawning Synapse.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long to wait for the supervisor to exit after asking it to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How many fresh ports to try when Synapse dies during startup.
 const START_ATTEMPTS: u32 = 3;
+
+/// How to start a [`Synapse`]: settings of `homeserver.yaml` on top of the test ones.
+#[derive(Clone, Debug, Default)]
+pub struct SynapseOptions {
+    config: Map<String, Value>,
+}
+
+impl SynapseOptions {
+    /// The test settings only.
+    pub fn new() -> SynapseOptions {
+        SynapseOptions::default()
+    }
+
+    /// Sets the top-level `homeserver.yaml` setting `key` to `value` (a later call for the
+    /// same key wins), e.g. `.config("refreshable_access_token_lifetime", json!("10s"))`.
+    /// The value replaces the test setting of that key, if any, as a whole.
+    pub fn config(mut self, key: &str, value: Value) -> SynapseOptions {
+        self.config.insert(key.to_string(), value);
+        self
+    }
+
+    /// Every key of the JSON object `settings`, as [`SynapseOptions::config`] does.
+    /// Panics if `settings` is not an object.
+    pub fn configs(mut self, settings: Value) -> SynapseOptions {
+        match settings {
+            Value::Object(map) => self.config.extend(map),
+            other => panic!("Synapse settings must be a JSON object, not {other}"),
+        }
+        self
+    }
+
+    /// Access tokens that expire after `lifetime` (a Synapse duration: `"10s"`, `"5m"`)
+    /// and come with a refresh token when the client asks for one.
+    pub fn refreshable_access_token_lifetime(self, lifetime: &str) -> SynapseOptions {
+        self.config("refreshable_access_token_lifetime", json!(lifetime))
+    }
+
+    /// Starts Synapse with these options: [`Synapse::start_with`].
+    pub fn start(self) -> Synapse {
+        Synapse::start_with(self)
+    }
+}
 
 /// A running (or killed) throwaway Synapse.
 pub struct Synapse {
@@ -44,12 +92,17 @@ impl Synapse {
     /// Panics with the reason (and the tail of the Synapse log) if Synapse
     /// cannot be installed or started.
     pub fn start() -> Synapse {
+        Synapse::start_with(SynapseOptions::new())
+    }
+
+    /// Like [`Synapse::start`], with extra settings (see [`SynapseOptions`]).
+    pub fn start_with(options: SynapseOptions) -> Synapse {
         ensure_installed();
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
             let dir = fresh_dir();
-            init(&dir, port);
+            init(&dir, port, &options.config);
             let mut synapse = Synapse {
                 port,
                 dir,
@@ -267,8 +320,10 @@ impl Drop for Synapse {
     }
 }
 
+/// The repository: the parent of the test kit's own directory.
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let kit = Path::new(env!("CARGO_MANIFEST_DIR"));
+    kit.parent().unwrap_or(kit).to_path_buf()
 }
 
 fn script() -> PathBuf {
@@ -277,11 +332,16 @@ fn script() -> PathBuf {
 
 /// Parent of all test data directories.
 fn test_root() -> PathBuf {
-    let base = match option_env!("CARGO_TARGET_TMPDIR") {
+    repo_root().join("target").join("tmp").join("synapse-test")
+}
+
+/// The virtualenv `scripts/synapse.sh install` installs Synapse into.
+fn venv_python() -> PathBuf {
+    let venv = match std::env::var_os("SYNAPSE_VENV") {
         Some(dir) => PathBuf::from(dir),
-        None => repo_root().join("target"),
+        None => repo_root().join(".synapse").join("venv"),
     };
-    base.join("synapse-test")
+    venv.join("bin").join("python")
 }
 
 /// Installs Synapse (once per process) and removes data directories left
@@ -365,23 +425,105 @@ fn free_port() -> u16 {
     panic!("could not find an unused loopback port");
 }
 
-/// `synapse.sh init DIR PORT`; panics with its output on failure.
-fn init(dir: &Path, port: u16) {
-    let out = Command::new("bash")
-        .arg(script())
-        .arg("init")
+/// Writes the configuration into `dir`: the file Synapse generates (keys, SQLite database
+/// and log paths), `test.yaml` with the test settings and `extra` on top, and a log
+/// configuration at WARNING level. Panics with Synapse's output on failure.
+fn init(dir: &Path, port: u16, extra: &Map<String, Value>) {
+    let config = dir.join("homeserver.yaml");
+    let out = Command::new(venv_python())
+        .args(["-m", "synapse.app.homeserver", "--server-name", "localhost"])
+        .arg("--config-path")
+        .arg(&config)
+        .arg("--data-directory")
         .arg(dir)
-        .arg(port.to_string())
+        .args(["--generate-config", "--report-stats=no"])
+        .current_dir(dir)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script().display()));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", venv_python().display()));
     if !out.status.success() {
         panic!(
-            "`synapse.sh init {} {port}` failed ({}):\n{}{}",
-            dir.display(),
+            "generating {} failed ({}):\n{}{}",
+            config.display(),
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let mut settings = test_settings(port);
+    settings.extend(extra.clone());
+    // JSON is YAML: Synapse reads this file after homeserver.yaml, key by key.
+    let text = serde_json::to_string_pretty(&Value::Object(settings)).expect("JSON settings");
+    write(&dir.join("test.yaml"), &text);
+    write(&dir.join("localhost.log.config"), &log_config(dir));
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// The settings every test Synapse has: one plain HTTP client listener on the loopback port,
+/// open registration, no federation lookups or previews, and rate limits tests never reach.
+fn test_settings(port: u16) -> Map<String, Value> {
+    let relaxed = json!({"per_second": 10000, "burst_count": 100000});
+    let settings = json!({
+        "listeners": [{
+            "port": port,
+            "bind_addresses": ["127.0.0.1"],
+            "type": "http",
+            "tls": false,
+            "x_forwarded": false,
+            "resources": [{"names": ["client"], "compress": false}],
+        }],
+        // Synapse refuses to start without an explicit answer; never phone home.
+        "report_stats": false,
+        "enable_registration": true,
+        "enable_registration_without_verification": true,
+        "suppress_key_server_warning": true,
+        "trusted_key_servers": [],
+        "presence": {"enabled": true},
+        "url_preview_enabled": false,
+        // Tests create many rooms, users and events quickly.
+        "rc_message": relaxed,
+        "rc_registration": relaxed,
+        "rc_registration_token_validity": relaxed,
+        "rc_login": {"address": relaxed, "account": relaxed, "failed_attempts": relaxed},
+        "rc_room_creation": relaxed,
+        "rc_joins": {"local": relaxed, "remote": relaxed},
+        "rc_joins_per_room": relaxed,
+        "rc_invites": {"per_room": relaxed, "per_user": relaxed, "per_issuer": relaxed},
+        "rc_3pid_validation": relaxed,
+        "rc_admin_redaction": relaxed,
+        "rc_key_requests": relaxed,
+        "rc_presence": {"per_user": relaxed},
+    });
+    match settings {
+        Value::Object(map) => map,
+        _ => unreachable!("the settings are an object"),
+    }
+}
+
+/// Logs to `dir/homeserver.log` at WARNING level.
+fn log_config(dir: &Path) -> String {
+    format!(
+        "version: 1
+formatters:
+  precise:
+    format: '%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s'
+handlers:
+  file:
+    class: logging.FileHandler
+    formatter: precise
+    filename: {}
+    encoding: utf8
+loggers:
+  synapse.storage.SQL:
+    level: WARNING
+root:
+  level: WARNING
+  handlers: [file]
+disable_existing_loggers: false
+",
+        dir.join("homeserver.log").display()
+    )
 }

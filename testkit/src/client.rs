@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
 /// Password of every account made by [`Account::register`].
@@ -25,18 +26,21 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
+/// Everything but RFC 3986's unreserved characters is percent-encoded in a path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes one path segment (room ids, event ids, user ids, types).
 pub fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    utf8_percent_encode(segment, SEGMENT).to_string()
+}
+
+/// `<prefix>-<unique suffix>`, lowercased: a user name no other test takes.
+fn unique_name(prefix: &str) -> String {
+    format!("{}-{}", prefix.to_lowercase(), unique())
 }
 
 /// A value unique within this process and, with the pid and clock, across
@@ -108,6 +112,12 @@ pub struct Account {
     pub user_id: String,
     pub access_token: String,
     pub device_id: String,
+    /// The refresh token, when one was asked for ([`Account::register_refreshable`],
+    /// [`Account::login_refreshable`]) and the homeserver gave one.
+    pub refresh_token: Option<String>,
+    /// How long the access token is valid, when the homeserver says (it does for
+    /// refreshable tokens).
+    pub expires_in_ms: Option<u64>,
     base: String,
     agent: ureq::Agent,
 }
@@ -117,6 +127,7 @@ impl std::fmt::Debug for Account {
         f.debug_struct("Account")
             .field("user_id", &self.user_id)
             .field("device_id", &self.device_id)
+            .field("expires_in_ms", &self.expires_in_ms)
             .field("base", &self.base)
             .finish_non_exhaustive()
     }
@@ -126,15 +137,41 @@ impl Account {
     /// Registers a new user named `<prefix>-<unique suffix>` (lowercased)
     /// with password [`PASSWORD`].
     pub fn register(base_url: &str, username_prefix: &str) -> Account {
+        Account::register_as(base_url, &unique_name(username_prefix), PASSWORD)
+    }
+
+    /// Like [`Account::register`], asking for a refresh token (`"refresh_token": true`):
+    /// the account has [`refresh_token`](Account::refresh_token) and
+    /// [`expires_in_ms`](Account::expires_in_ms) when the homeserver issues refreshable
+    /// tokens (Synapse: `refreshable_access_token_lifetime`, see
+    /// [`SynapseOptions`](crate::synapse::SynapseOptions)).
+    pub fn register_refreshable(base_url: &str, username_prefix: &str) -> Account {
+        let username = unique_name(username_prefix);
+        Account::register_request(base_url, &username, PASSWORD, true)
+    }
+
+    /// Registers the user `username` exactly (no suffix) with `password`.
+    pub fn register_as(base_url: &str, username: &str, password: &str) -> Account {
+        Account::register_request(base_url, username, password, false)
+    }
+
+    fn register_request(
+        base_url: &str,
+        username: &str,
+        password: &str,
+        refresh_token: bool,
+    ) -> Account {
         let base = base_url.trim_end_matches('/').to_string();
         let agent = agent();
-        let username = format!("{}-{}", username_prefix.to_lowercase(), unique());
         let url = format!("{base}/_matrix/client/v3/register");
-        let body = json!({
+        let mut body = json!({
             "username": username,
-            "password": PASSWORD,
+            "password": password,
             "auth": {"type": "m.login.dummy"},
         });
+        if refresh_token {
+            body["refresh_token"] = json!(true);
+        }
         let (status, resp) = request(&agent, "POST", &url, None, Some(&body));
         if status != 200 {
             panic!("registering {username} failed: {status} {resp}");
@@ -145,14 +182,26 @@ impl Account {
     /// Logs in as `user` (localpart or full user id) with `password`,
     /// creating a new device.
     pub fn login(base_url: &str, user: &str, password: &str) -> Account {
+        Account::login_request(base_url, user, password, false)
+    }
+
+    /// Like [`Account::login`], asking for a refresh token (`"refresh_token": true`).
+    pub fn login_refreshable(base_url: &str, user: &str, password: &str) -> Account {
+        Account::login_request(base_url, user, password, true)
+    }
+
+    fn login_request(base_url: &str, user: &str, password: &str, refresh_token: bool) -> Account {
         let base = base_url.trim_end_matches('/').to_string();
         let agent = agent();
         let url = format!("{base}/_matrix/client/v3/login");
-        let body = json!({
+        let mut body = json!({
             "type": "m.login.password",
             "identifier": {"type": "m.id.user", "user": user},
             "password": password,
         });
+        if refresh_token {
+            body["refresh_token"] = json!(true);
+        }
         let (status, resp) = request(&agent, "POST", &url, None, Some(&body));
         if status != 200 {
             panic!("logging in as {user} failed: {status} {resp}");
@@ -163,6 +212,43 @@ impl Account {
     /// A second, independent device of this account (new access token).
     pub fn new_device(&self) -> Account {
         Account::login(&self.base, &self.user_id, PASSWORD)
+    }
+
+    /// A second device of this account with a refresh token.
+    pub fn new_refreshable_device(&self) -> Account {
+        Account::login_refreshable(&self.base, &self.user_id, PASSWORD)
+    }
+
+    /// `POST /refresh` with this account's refresh token: the same device with the new
+    /// tokens. Panics unless the account has a refresh token and the homeserver answers 200;
+    /// [`Account::refresh_json`] returns the answer as a value instead.
+    pub fn refresh(&self) -> Account {
+        let (status, resp) = self.refresh_json();
+        if status != 200 {
+            panic!(
+                "refreshing {}'s token failed: {status} {resp}",
+                self.user_id
+            );
+        }
+        let field = |name: &str| resp[name].as_str().map(str::to_string);
+        Account {
+            access_token: field("access_token")
+                .unwrap_or_else(|| panic!("refresh response without access_token: {resp}")),
+            refresh_token: field("refresh_token").or_else(|| self.refresh_token.clone()),
+            expires_in_ms: resp["expires_in_ms"].as_u64(),
+            ..self.clone()
+        }
+    }
+
+    /// `POST /refresh` with this account's refresh token: the status and the body.
+    pub fn refresh_json(&self) -> (u16, Value) {
+        let token = self
+            .refresh_token
+            .as_deref()
+            .unwrap_or_else(|| panic!("{} has no refresh token", self.user_id));
+        let url = format!("{}/_matrix/client/v3/refresh", self.base);
+        let body = json!({"refresh_token": token});
+        request(&self.agent, "POST", &url, None, Some(&body))
     }
 
     fn from_login_response(base: String, agent: ureq::Agent, resp: &Value) -> Account {
@@ -176,6 +262,8 @@ impl Account {
             user_id: field("user_id"),
             access_token: field("access_token"),
             device_id: field("device_id"),
+            refresh_token: resp["refresh_token"].as_str().map(str::to_string),
+            expires_in_ms: resp["expires_in_ms"].as_u64(),
             base,
             agent,
         }
@@ -414,5 +502,11 @@ impl Account {
     /// Invalidates this account's access token.
     pub fn logout(&self) {
         self.expect_ok("POST", "/_matrix/client/v3/logout", Some(&json!({})));
+    }
+
+    /// Logs out every device of this user (`POST /logout/all`): every access and refresh
+    /// token of the user is invalid afterwards.
+    pub fn logout_all(&self) {
+        self.expect_ok("POST", "/_matrix/client/v3/logout/all", Some(&json!({})));
     }
 }

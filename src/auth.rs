@@ -1,0 +1,366 @@
+//! Credentials and their refresh: what the machine holds, the refresh request for either
+//! method, and how its answer is read.
+//!
+//! Why the rules are what they are:
+//!
+//! * **Refresh first, whatever `soft_logout` says.** Synapse answers an expired token with
+//!   `soft_logout: true`, Synapse behind an OAuth 2.0 server with `soft_logout: false`; with a
+//!   refresh token in hand, a refresh is the one thing that may help in both cases.
+//! * **Persist before use.** With rotation, a refresh answer carries the only valid refresh
+//!   token from then on: once the new access token is used, the old refresh token is dead
+//!   (Synapse) or already was (OAuth 2.0 rotation). Had the application not stored the new
+//!   pair, a crash would end the session for good. So the machine hands new credentials out
+//!   and uses them only once the application says it stored them.
+//! * **A refused refresh ends the session.** 401, 403 and 400 (`invalid_grant`) from the
+//!   refresh endpoint mean the refresh token itself is unknown, reused or expired: trying
+//!   again cannot help, so no more refreshes are made until new credentials are set.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use serde::Deserialize;
+
+use crate::config::{AccessToken, Config};
+use crate::defaults;
+use crate::error::Failure;
+
+/// A refresh token. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RefreshToken(String);
+
+impl RefreshToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The secret itself; only for sending it to the refresh endpoint or storing it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RefreshToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RefreshToken(<redacted>)")
+    }
+}
+
+/// An access token with what it takes to renew it: what
+/// [`SyncMachine::poll_credentials`](crate::SyncMachine::poll_credentials) hands out after a
+/// refresh, and what [`SyncMachine::set_credentials`](crate::SyncMachine::set_credentials)
+/// takes. `Debug` shows neither token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Credentials {
+    /// The access token.
+    pub access_token: AccessToken,
+    /// The refresh token, if the server issued one.
+    pub refresh_token: Option<RefreshToken>,
+    /// How long the access token lives from when it was issued, if the server said.
+    pub expires_in: Option<Duration>,
+}
+
+impl Credentials {
+    /// An access token alone: no refresh, expiry unknown.
+    pub fn new(access_token: impl Into<String>) -> Self {
+        Self {
+            access_token: AccessToken::new(access_token),
+            refresh_token: None,
+            expires_in: None,
+        }
+    }
+
+    /// Sets the refresh token.
+    #[must_use]
+    pub fn with_refresh_token(mut self, refresh_token: impl Into<String>) -> Self {
+        self.refresh_token = Some(RefreshToken::new(refresh_token));
+        self
+    }
+
+    /// Sets the lifetime of the access token, counted from now.
+    #[must_use]
+    pub fn with_expires_in(mut self, expires_in: Duration) -> Self {
+        self.expires_in = Some(expires_in);
+        self
+    }
+
+    /// Whether both tokens can go in a request: non-empty visible ASCII.
+    pub(crate) fn is_usable(&self) -> bool {
+        usable(self.access_token.expose())
+            && self
+                .refresh_token
+                .as_ref()
+                .is_none_or(|t| usable(t.expose()))
+    }
+}
+
+/// Non-empty visible ASCII: what a header value or a form field carries unchanged.
+pub(crate) fn usable(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Where the refresh token is exchanged for a new access token.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RefreshMethod {
+    /// `POST /_matrix/client/v3/refresh` on the homeserver (Matrix 1.3).
+    #[default]
+    Matrix,
+    /// The token endpoint of an OAuth 2.0 authorization server (Matrix 1.15, RFC 6749 §6):
+    /// a form-encoded `grant_type=refresh_token` with the client id.
+    OAuth {
+        /// The token endpoint's URL (from the server metadata's `token_endpoint`).
+        token_endpoint: String,
+        /// The client id the session was registered with.
+        client_id: String,
+    },
+}
+
+/// Where the machine's credentials stand. One enum, so that "a refresh is due", "new tokens
+/// wait to be stored" and "the session is over" cannot be true together.
+#[derive(Clone, Debug)]
+pub(crate) enum Auth {
+    /// The access token is in use. `refresh_at`: when to refresh ahead of expiry (known
+    /// expiry and a refresh token only). `unproven`: it came from a refresh after a 401 and
+    /// no request has worked with it yet, so another 401 is not refreshed again.
+    Valid {
+        refresh_at: Option<Instant>,
+        unproven: bool,
+    },
+    /// The access token was refused and a refresh token is in hand: refresh before any
+    /// other request.
+    Expired,
+    /// A refresh answered; the new credentials go out through `poll_credentials` at
+    /// `offer_at` (`None`: handed out, the application's answer is awaited) and are used
+    /// once the application stored them.
+    Storing {
+        new: Credentials,
+        expires_at: Option<(Instant, Duration)>,
+        offer_at: Option<Instant>,
+        after_401: bool,
+    },
+    /// The refresh token was refused: no more refreshes until new credentials are set.
+    Ended,
+}
+
+impl Auth {
+    /// The state for credentials that start (or were set) at `now`.
+    pub(crate) fn fresh(expires: Option<(Instant, Duration)>, can_refresh: bool) -> Self {
+        Auth::Valid {
+            refresh_at: expires.filter(|_| can_refresh).map(refresh_instant),
+            unproven: false,
+        }
+    }
+}
+
+/// When to refresh a token that expires at `expires_at`: [`defaults::REFRESH_LEAD`] before,
+/// or a fifth of the remaining lifetime before for short-lived tokens, so that a token of a
+/// few seconds is not refreshed in a loop.
+fn refresh_instant(expires_at: (Instant, Duration)) -> Instant {
+    let (at, lifetime) = expires_at;
+    at - (lifetime / 5).min(defaults::REFRESH_LEAD)
+}
+
+/// The expiry of a token issued at `issued` with lifetime `expires_in`, and that lifetime.
+pub(crate) fn expiry(issued: Instant, expires_in: Option<Duration>) -> Option<(Instant, Duration)> {
+    let lifetime = expires_in?;
+    Some((issued.checked_add(lifetime)?, lifetime))
+}
+
+/// The refresh request for `method`. No `Authorization` header: the access token may be the
+/// expired one, and neither endpoint wants it.
+pub(crate) fn refresh_request(
+    config: &Config,
+    refresh_token: &RefreshToken,
+) -> Result<http::Request<Vec<u8>>, http::Error> {
+    let (uri, content_type, body) = match &config.refresh {
+        RefreshMethod::Matrix => (
+            format!("{}/_matrix/client/v3/refresh", config.homeserver),
+            "application/json",
+            serde_json::json!({ "refresh_token": refresh_token.expose() })
+                .to_string()
+                .into_bytes(),
+        ),
+        RefreshMethod::OAuth {
+            token_endpoint,
+            client_id,
+        } => (
+            token_endpoint.clone(),
+            "application/x-www-form-urlencoded",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", refresh_token.expose())
+                .append_pair("client_id", client_id)
+                .finish()
+                .into_bytes(),
+        ),
+    };
+    http::Request::post(uri)
+        .header(CONTENT_TYPE, HeaderValue::from_static(content_type))
+        .header(http::header::ACCEPT, "application/json")
+        .body(body)
+}
+
+/// The answer of either endpoint: Matrix says `expires_in_ms`, OAuth 2.0 `expires_in` (s).
+#[derive(Deserialize)]
+struct RefreshAnswer {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in_ms: Option<u64>,
+    expires_in: Option<u64>,
+}
+
+/// Reads a 2xx refresh answer. A token that cannot be used is a bad answer (the reason never
+/// quotes the body: it carries secrets). A missing refresh token keeps `old`.
+pub(crate) fn parse_refresh(body: &[u8], old: &RefreshToken) -> Result<Credentials, String> {
+    let answer: RefreshAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("not a refresh answer ({e:#})"))?;
+    let expires_in = answer
+        .expires_in_ms
+        .map(Duration::from_millis)
+        .or(answer.expires_in.map(Duration::from_secs));
+    let credentials = Credentials {
+        access_token: AccessToken::new(answer.access_token),
+        refresh_token: Some(
+            answer
+                .refresh_token
+                .map_or_else(|| old.clone(), RefreshToken),
+        ),
+        expires_in,
+    };
+    if credentials.is_usable() {
+        Ok(credentials)
+    } else {
+        Err("a token in the refresh answer is empty or not visible ASCII".to_owned())
+    }
+}
+
+/// Whether a failed refresh means the refresh token is dead: any 4xx but 429 (Synapse: 401
+/// unknown, 403 reused or expired; OAuth 2.0: 400 `invalid_grant`, 401 `invalid_client`).
+pub(crate) fn ends_session(failure: &Failure) -> bool {
+    matches!(
+        failure,
+        Failure::UnknownToken { .. } | Failure::Refused { .. } | Failure::RefreshRefused { .. }
+    )
+}
+
+/// The failure a refused refresh is reported as. An OAuth 2.0 error body names its code in
+/// `error` and explains in `error_description`; a Matrix one in `errcode` and `error`.
+pub(crate) fn refused(status: u16, body: &[u8]) -> Failure {
+    #[derive(Deserialize, Default)]
+    struct ErrorBody {
+        errcode: Option<String>,
+        error: Option<String>,
+        error_description: Option<String>,
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let (errcode, message) = match parsed.errcode {
+        Some(code) => (Some(code), parsed.error),
+        None => (parsed.error, parsed.error_description),
+    };
+    Failure::RefreshRefused {
+        status,
+        errcode: errcode.map(|c| crate::text::capped(&c)),
+        message: message.map(|m| crate::text::capped(&m)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_methods_build_their_request_without_an_authorization_header() {
+        let mut config = Config::new("https://example.org", "old-access");
+        let token = RefreshToken::new("r&t=1");
+        let matrix = refresh_request(&config, &token).unwrap();
+        assert_eq!(
+            matrix.uri(),
+            "https://example.org/_matrix/client/v3/refresh"
+        );
+        assert_eq!(matrix.body(), br#"{"refresh_token":"r&t=1"}"#);
+        assert!(matrix.headers().get("authorization").is_none());
+        config.refresh = RefreshMethod::OAuth {
+            token_endpoint: "https://auth.example.org/oauth2/token".into(),
+            client_id: "01J CLIENT".into(),
+        };
+        let oauth = refresh_request(&config, &token).unwrap();
+        assert_eq!(oauth.method(), http::Method::POST);
+        assert_eq!(oauth.uri(), "https://auth.example.org/oauth2/token");
+        assert_eq!(
+            oauth.headers()[CONTENT_TYPE],
+            "application/x-www-form-urlencoded"
+        );
+        assert_eq!(
+            std::str::from_utf8(oauth.body()).unwrap(),
+            "grant_type=refresh_token&refresh_token=r%26t%3D1&client_id=01J+CLIENT"
+        );
+        assert!(oauth.headers().get("authorization").is_none());
+    }
+
+    #[test]
+    fn answers_of_both_methods_are_read_and_a_missing_refresh_token_keeps_the_old_one() {
+        let old = RefreshToken::new("old");
+        let matrix = parse_refresh(
+            br#"{"access_token":"a1","refresh_token":"r1","expires_in_ms":10000}"#,
+            &old,
+        )
+        .unwrap();
+        assert_eq!(matrix.access_token.expose(), "a1");
+        assert_eq!(matrix.refresh_token.unwrap().expose(), "r1");
+        assert_eq!(matrix.expires_in, Some(Duration::from_secs(10)));
+        let oauth = parse_refresh(
+            br#"{"access_token":"a2","token_type":"Bearer","expires_in":300}"#,
+            &old,
+        )
+        .unwrap();
+        assert_eq!(oauth.refresh_token.unwrap().expose(), "old");
+        assert_eq!(oauth.expires_in, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn unusable_or_unreadable_answers_never_quote_the_body() {
+        let old = RefreshToken::new("old");
+        for body in [
+            &br#"{"access_token":"","refresh_token":"secret-r"}"#[..],
+            br#"{"access_token":"has space","refresh_token":"secret-r"}"#,
+            br#"{"access_token":"ok","refresh_token":"new\nline"}"#,
+            br#"{"refresh_token":"secret-r"}"#,
+            b"secret-r",
+        ] {
+            let reason = parse_refresh(body, &old).unwrap_err();
+            assert!(!reason.contains("secret-r"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn short_lifetimes_refresh_at_four_fifths_and_long_ones_a_minute_early() {
+        let t = Instant::now();
+        let short = expiry(t, Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(refresh_instant(short), t + Duration::from_secs(8));
+        let long = expiry(t, Some(Duration::from_secs(3600))).unwrap();
+        assert_eq!(refresh_instant(long), t + Duration::from_secs(3540));
+        assert!(expiry(t, None).is_none());
+    }
+
+    #[test]
+    fn refusals_name_the_oauth_or_matrix_code() {
+        let oauth = refused(
+            400,
+            br#"{"error":"invalid_grant","error_description":"gone"}"#,
+        );
+        assert_eq!(oauth.errcode(), Some("invalid_grant"));
+        let matrix = refused(403, br#"{"errcode":"M_FORBIDDEN","error":"reused"}"#);
+        assert_eq!(matrix.errcode(), Some("M_FORBIDDEN"));
+        assert!(ends_session(&matrix));
+    }
+
+    #[test]
+    fn debug_shows_no_token() {
+        let c = Credentials::new("access-secret").with_refresh_token("refresh-secret");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+    }
+}

@@ -1,0 +1,485 @@
+//! Tokens that expire, through the machine on the simulated clock: refresh ahead of expiry and
+//! after a 401, credentials handed out and used only once stored, the session ending when the
+//! refresh token is refused, and credentials replaced live.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use matrix_sync_service::{
+    Config, Credentials, ErrorClass, EventKind, Failure, InputError, OutgoingRequest,
+    RefreshMethod, RequestKind, SyncState,
+};
+use serde_json::json;
+
+const REFRESH: &str = "syr_refresh_secret_0";
+
+fn config_with_refresh(expires_in: Option<Duration>) -> Config {
+    let mut c = config_no_jitter();
+    c.refresh_token = Some(matrix_sync_service::RefreshToken::new(REFRESH));
+    c.access_token_expires_in = expires_in;
+    c
+}
+
+fn bearer(req: &OutgoingRequest) -> Option<String> {
+    req.http
+        .headers()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+fn refresh_answer(n: u32, expires_ms: Option<u64>) -> serde_json::Value {
+    let mut answer = json!({
+        "access_token": format!("syt_new_access_{n}"),
+        "refresh_token": format!("syr_new_refresh_{n}"),
+    });
+    if let Some(ms) = expires_ms {
+        answer["expires_in_ms"] = json!(ms);
+    }
+    answer
+}
+
+/// Takes the credentials handed out, checks nothing goes out before they are stored, and
+/// stores them.
+fn store(h: &mut Harness) -> Credentials {
+    let new = h.m.poll_credentials().expect("credentials handed out");
+    assert!(
+        h.m.poll_request().is_none(),
+        "nothing is sent before the new credentials are stored"
+    );
+    assert!(h.m.poll_credentials().is_none(), "handed out once");
+    h.m.handle_credentials_stored(h.now).unwrap();
+    h.pump();
+    new
+}
+
+/// Runs the first sync to Live.
+fn go_live(h: &mut Harness) {
+    let first = h.request();
+    h.respond(
+        &first,
+        json_response(&message_sync("s1", "!r:localhost", "a", &["one"])),
+    );
+    assert_eq!(h.m.state(), SyncState::Live);
+}
+
+#[test]
+fn a_known_expiry_is_refreshed_ahead_of_time_and_the_new_token_used_once_stored() {
+    let mut h = Harness::new(config_with_refresh(Some(Duration::from_secs(10))));
+    go_live(&mut h);
+    // Long-polls answered at 2 s intervals; the refresh comes at 8 s, before any 401.
+    let mut kinds = Vec::new();
+    let mut n = 1;
+    let mut expected = format!("Bearer {TOKEN}");
+    while h.elapsed() < Duration::from_secs(9) {
+        let req = h.next_request();
+        kinds.push(req.kind.clone());
+        if req.kind == RequestKind::Refresh {
+            assert_eq!(req.http.method(), "POST");
+            assert_eq!(req.http.uri().path(), "/_matrix/client/v3/refresh");
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(req.http.body()).unwrap(),
+                json!({ "refresh_token": REFRESH })
+            );
+            assert!(bearer(&req).is_none(), "no access token sent to /refresh");
+            h.respond(&req, json_response(&refresh_answer(1, Some(10_000))));
+            let new = store(&mut h);
+            assert_eq!(new.access_token.expose(), "syt_new_access_1");
+            assert_eq!(new.expires_in, Some(Duration::from_secs(10)));
+            expected = "Bearer syt_new_access_1".to_owned();
+            continue;
+        }
+        assert_eq!(bearer(&req).unwrap(), expected);
+        h.now += Duration::from_secs(2);
+        n += 1;
+        let body = message_sync(&format!("s{n}"), "!r:localhost", &format!("m{n}"), &["x"]);
+        h.respond(&req, json_response(&body));
+    }
+    let refreshes = kinds.iter().filter(|k| **k == RequestKind::Refresh).count();
+    assert_eq!(refreshes, 1, "{kinds:?}");
+    assert_eq!(expected, "Bearer syt_new_access_1");
+    assert_eq!(
+        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        "syr_new_refresh_1"
+    );
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+}
+
+#[test]
+fn a_401_is_refreshed_once_and_the_sync_retried_from_the_same_since() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(
+        &poll,
+        401,
+        r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Access token has expired","soft_logout":true}"#,
+    );
+    assert_eq!(h.take_errors().len(), 1);
+    assert_ne!(h.m.state(), SyncState::Refused);
+    let refresh = h.request();
+    assert_eq!(refresh.kind, RequestKind::Refresh);
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    store(&mut h);
+    let retried = h.request();
+    assert!(matches!(retried.kind, RequestKind::Sync { .. }));
+    assert_eq!(bearer(&retried).unwrap(), "Bearer syt_new_access_1");
+    assert_eq!(query(&retried).get("since").map(String::as_str), Some("s1"));
+    // The same batch again: the event delivered before is not delivered twice.
+    h.respond(
+        &retried,
+        json_response(&message_sync("s2", "!r:localhost", "a", &["one", "two"])),
+    );
+    let bodies: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|e| e.body.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(bodies, ["one", "two"]);
+    assert_eq!(h.m.since(), Some("s2"));
+}
+
+#[test]
+fn a_401_right_after_a_refresh_for_a_401_is_a_refusal_not_another_refresh() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let unknown = r#"{"errcode":"M_UNKNOWN_TOKEN","error":"gone"}"#;
+    let poll = h.next_request();
+    h.reply(&poll, 401, unknown);
+    let refresh = h.request();
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    store(&mut h);
+    let retried = h.request();
+    h.reply(&retried, 401, unknown);
+    assert_eq!(h.m.state(), SyncState::Refused);
+    let next = h.next_request();
+    assert!(
+        matches!(next.kind, RequestKind::Sync { .. }),
+        "no second refresh"
+    );
+    assert!(
+        h.elapsed() >= Duration::from_secs(60),
+        "at the maximum backoff"
+    );
+}
+
+#[test]
+fn a_refused_refresh_ends_the_session_and_nothing_goes_faster_than_the_maximum_backoff() {
+    for (status, body, errcode) in [
+        (
+            403,
+            r#"{"errcode":"M_FORBIDDEN","error":"reused"}"#,
+            "M_FORBIDDEN",
+        ),
+        (
+            401,
+            r#"{"errcode":"M_UNKNOWN_TOKEN","error":"unknown"}"#,
+            "M_UNKNOWN_TOKEN",
+        ),
+    ] {
+        let mut h = Harness::new(config_with_refresh(None));
+        go_live(&mut h);
+        let poll = h.next_request();
+        h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+        let refresh = h.request();
+        h.reply(&refresh, status, body);
+        assert_eq!(h.m.state(), SyncState::SessionEnded);
+        let error = h.take_errors().pop().unwrap();
+        assert!(
+            matches!(error.failure, Failure::RefreshRefused { .. }),
+            "{error}"
+        );
+        assert_eq!(error.failure.errcode(), Some(errcode));
+        assert_eq!(error.class, ErrorClass::NeedsUser);
+        let ended_at = h.now;
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            let req = h.next_request();
+            sent.push((req.kind.clone(), h.now - ended_at));
+            h.reply(&req, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+        }
+        assert!(
+            sent.iter().all(|(kind, _)| *kind != RequestKind::Refresh),
+            "{sent:?}"
+        );
+        let gaps: Vec<_> = sent
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .chain([sent[0].1])
+            .collect();
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_secs(60)),
+            "{gaps:?}"
+        );
+        assert_eq!(h.m.state(), SyncState::SessionEnded);
+    }
+}
+
+#[test]
+fn a_failing_refresh_is_retried_with_backoff_keeping_the_old_tokens() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let mut at = Vec::new();
+    for _ in 0..3 {
+        let refresh = h.next_request();
+        assert_eq!(refresh.kind, RequestKind::Refresh);
+        at.push(h.elapsed());
+        h.reply(&refresh, 502, "bad gateway");
+        assert_eq!(h.m.state(), SyncState::BackingOff);
+    }
+    assert!(at[1] - at[0] >= Duration::from_millis(500), "{at:?}");
+    assert!(at[2] - at[1] >= Duration::from_secs(1), "{at:?}");
+    assert_eq!(
+        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        REFRESH
+    );
+    let refresh = h.next_request();
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    store(&mut h);
+    assert!(matches!(h.request().kind, RequestKind::Sync { .. }));
+}
+
+#[test]
+fn a_proactive_refresh_that_fails_lets_syncs_go_on_while_the_token_lives() {
+    let mut h = Harness::new(config_with_refresh(Some(Duration::from_secs(10))));
+    go_live(&mut h);
+    h.advance(Duration::from_secs(8));
+    let refresh = h.next_request();
+    assert_eq!(refresh.kind, RequestKind::Refresh);
+    h.reply(&refresh, 503, "later");
+    let sync = h.request();
+    assert!(matches!(sync.kind, RequestKind::Sync { .. }), "not held");
+    assert_eq!(bearer(&sync).unwrap(), format!("Bearer {TOKEN}"));
+}
+
+#[test]
+fn credentials_the_application_could_not_store_are_never_used_and_offered_again() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let refresh = h.request();
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    let first = h.m.poll_credentials().unwrap();
+    h.m.handle_credentials_not_stored("disk full", h.now)
+        .unwrap();
+    h.pump();
+    assert_eq!(h.m.state(), SyncState::CredentialsNotStored);
+    let error = h.take_errors().pop().unwrap();
+    assert!(
+        matches!(&error.failure, Failure::CredentialsNotStored(r) if r == "disk full"),
+        "{error}"
+    );
+    assert!(h.m.poll_request().is_none());
+    assert_eq!(
+        h.m.handle_credentials_stored(h.now),
+        Err(InputError::NoCredentialsPending),
+        "nothing is awaited until offered again"
+    );
+    let again = h.m.poll_timeout().unwrap();
+    assert!(again - h.now >= Duration::from_secs(60));
+    h.advance(again - h.now);
+    assert_eq!(h.m.poll_credentials(), Some(first));
+    h.m.handle_credentials_stored(h.now).unwrap();
+    h.pump();
+    assert_eq!(h.m.state(), SyncState::Live);
+    let retried = h.request();
+    assert_eq!(bearer(&retried).unwrap(), "Bearer syt_new_access_1");
+}
+
+#[test]
+fn a_token_set_while_refused_is_used_at_once_keeping_since_and_dedup() {
+    let mut h = Harness::new(config_no_jitter());
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    assert_eq!(h.m.state(), SyncState::Refused);
+    assert!(
+        h.m.poll_request().is_none(),
+        "waiting at the maximum backoff"
+    );
+    assert_eq!(
+        h.m.set_access_token("has space", h.now),
+        Err(InputError::UnusableCredentials)
+    );
+    h.m.set_access_token("syt_replaced", h.now).unwrap();
+    let retried = h.request();
+    assert_eq!(bearer(&retried).unwrap(), "Bearer syt_replaced");
+    assert_eq!(query(&retried).get("since").map(String::as_str), Some("s1"));
+    h.respond(
+        &retried,
+        json_response(&message_sync("s2", "!r:localhost", "a", &["one", "two"])),
+    );
+    let bodies: Vec<_> = h.events.iter().filter_map(|e| e.body.clone()).collect();
+    assert_eq!(bodies, ["one", "two"]);
+}
+
+#[test]
+fn a_401_to_a_request_sent_with_replaced_credentials_is_retried_at_once() {
+    let mut h = Harness::new(config_no_jitter());
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.m.set_access_token("syt_replaced", h.now).unwrap();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    assert_eq!(h.m.state(), SyncState::Live);
+    let retried = h.request();
+    assert_eq!(bearer(&retried).unwrap(), "Bearer syt_replaced");
+}
+
+#[test]
+fn a_refresh_answer_for_replaced_credentials_or_after_its_deadline_changes_nothing() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let refresh = h.request();
+    h.m.set_credentials(
+        Credentials::new("syt_app").with_refresh_token("syr_app"),
+        h.now,
+    )
+    .unwrap();
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    assert!(
+        h.m.poll_credentials().is_none(),
+        "the application's credentials win"
+    );
+    let sync = h.request();
+    assert_eq!(bearer(&sync).unwrap(), "Bearer syt_app");
+
+    // A refresh past its deadline: its late answer is refused as stale.
+    h.reply(&sync, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let refresh = h.request();
+    h.advance(refresh.deadline - h.now);
+    let late =
+        h.m.handle_response(refresh.id, json_response(&refresh_answer(2, None)), h.now);
+    assert_eq!(late, Err(InputError::StaleRequest(refresh.id)));
+    assert!(h.m.poll_credentials().is_none());
+    let retry = h.next_request();
+    assert_eq!(retry.kind, RequestKind::Refresh, "the refresh is retried");
+    assert_eq!(
+        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        "syr_app"
+    );
+}
+
+#[test]
+fn stop_racing_a_refresh_ends_everything() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let refresh = h.request();
+    h.m.stop();
+    let answer =
+        h.m.handle_response(refresh.id, json_response(&refresh_answer(1, None)), h.now);
+    assert_eq!(answer, Err(InputError::Stopped));
+    assert!(h.m.poll_credentials().is_none());
+    assert!(h.m.poll_request().is_none());
+    assert_eq!(
+        h.m.handle_credentials_stored(h.now),
+        Err(InputError::Stopped)
+    );
+    h.pump();
+    assert_eq!(h.states.last(), Some(&SyncState::Stopped));
+}
+
+#[test]
+fn a_401_in_the_middle_of_a_gap_fill_refreshes_and_the_same_page_is_fetched_again() {
+    let mut c = config_with_refresh(None);
+    c.since = Some("s0".into());
+    let mut h = Harness::new(c);
+    let first = h.request();
+    let limited = json!({
+        "next_batch": "s1",
+        "rooms": {"join": {"!r:localhost": {"timeline": {
+            "limited": true, "prev_batch": "p1",
+            "events": [{"type": "m.room.message", "event_id": "$t:localhost",
+                "sender": "@a:localhost", "origin_server_ts": 2,
+                "content": {"msgtype": "m.text", "body": "timeline"}}]
+        }}}}
+    });
+    h.respond(&first, json_response(&limited));
+    let page = h.request();
+    assert!(matches!(page.kind, RequestKind::Messages { .. }));
+    h.reply(&page, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    assert!(h.events.is_empty());
+    let refresh = h.request();
+    assert_eq!(refresh.kind, RequestKind::Refresh);
+    h.respond(&refresh, json_response(&refresh_answer(1, None)));
+    store(&mut h);
+    let again = h.request();
+    assert_eq!(again.http.uri(), page.http.uri(), "the same page");
+    assert_eq!(bearer(&again).unwrap(), "Bearer syt_new_access_1");
+    let history = json!({
+        "start": "p1",
+        "chunk": [{"type": "m.room.message", "event_id": "$h:localhost",
+            "sender": "@a:localhost", "origin_server_ts": 1, "room_id": "!r:localhost",
+            "content": {"msgtype": "m.text", "body": "history"}}]
+    });
+    h.respond(&again, json_response(&history));
+    let bodies: Vec<_> = h.events.iter().filter_map(|e| e.body.clone()).collect();
+    assert_eq!(bodies, ["history", "timeline"]);
+    assert_eq!(h.m.since(), Some("s1"));
+}
+
+#[test]
+fn oauth_refresh_posts_the_form_and_invalid_grant_ends_the_session() {
+    let mut c = config_with_refresh(None);
+    c.refresh = RefreshMethod::OAuth {
+        token_endpoint: "http://127.0.0.1:9/oauth2/token".into(),
+        client_id: "client-1".into(),
+    };
+    let mut h = Harness::new(c);
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(
+        &poll,
+        401,
+        r#"{"errcode":"M_UNKNOWN_TOKEN","soft_logout":false}"#,
+    );
+    let refresh = h.request();
+    assert_eq!(refresh.http.uri(), "http://127.0.0.1:9/oauth2/token");
+    assert_eq!(
+        std::str::from_utf8(refresh.http.body()).unwrap(),
+        format!("grant_type=refresh_token&refresh_token={REFRESH}&client_id=client-1")
+    );
+    h.reply(
+        &refresh,
+        400,
+        r#"{"error":"invalid_grant","error_description":"session ended"}"#,
+    );
+    assert_eq!(h.m.state(), SyncState::SessionEnded);
+    let error = h.take_errors().pop().unwrap();
+    assert_eq!(error.failure.errcode(), Some("invalid_grant"));
+}
+
+#[test]
+fn no_token_shows_in_debug_or_in_errors() {
+    let mut h = Harness::new(config_with_refresh(None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    let refresh = h.request();
+    let shown = format!("{refresh:?} {:?}", h.m.config());
+    assert!(
+        !shown.contains(REFRESH) && !shown.contains(TOKEN),
+        "{shown}"
+    );
+    // An answer that does not parse is reported without quoting it.
+    h.reply(&refresh, 200, format!(r#"{{"refresh_token":"{REFRESH}"}}"#));
+    let errors = h.take_errors();
+    let shown = format!("{errors:?} {}", errors[0]);
+    assert!(!shown.contains(REFRESH), "{shown}");
+    let refresh = h.next_request();
+    h.respond(&refresh, json_response(&refresh_answer(7, None)));
+    let new = h.m.poll_credentials().unwrap();
+    let shown = format!("{new:?}");
+    assert!(!shown.contains("syr_new_refresh_7") && !shown.contains("syt_new_access_7"));
+    assert!(matches!(
+        h.events.last().map(|e| &e.kind),
+        Some(EventKind::Checkpoint(_))
+    ));
+}
