@@ -157,6 +157,12 @@ impl CryptoKind {
     }
 }
 
+#[derive(Clone, Copy)]
+enum FailureKind {
+    UnknownToken,
+    Other,
+}
+
 /// A request built and waiting to go out (or in flight).
 struct Pending {
     which: Which,
@@ -423,7 +429,11 @@ impl E2ee {
             Which::Crypto(kind) => kind.request_kind(),
         };
         log::debug!("e2ee request {id}: {}", kind.name());
-        let http = clone_request(&pending.http);
+        let mut http = clone_request(&pending.http);
+        if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", self.token.expose())) {
+            value.set_sensitive(true);
+            http.headers_mut().insert(AUTHORIZATION, value);
+        }
         self.in_flight = Some(InFlight {
             id,
             pending,
@@ -552,14 +562,16 @@ impl E2ee {
         if body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }
-        let mut request = builder
+        // The token is added when the request is handed out: it may be refreshed meanwhile.
+        builder
             .body(body.unwrap_or_default())
-            .unwrap_or_else(|_| http::Request::new(Vec::new()));
-        if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", self.token.expose())) {
-            value.set_sensitive(true);
-            request.headers_mut().insert(AUTHORIZATION, value);
-        }
-        request
+            .unwrap_or_else(|_| http::Request::new(Vec::new()))
+    }
+
+    /// Replaces the access token the stage's requests carry (after a refresh); the driver
+    /// passes the machine's before each of the stage's requests.
+    pub fn set_access_token(&mut self, token: AccessToken) {
+        self.token = token;
     }
 
     fn build_crypto(
@@ -752,6 +764,11 @@ impl E2ee {
             ErrorClass::NeedsUser => self.backoff.next_fatal(),
         };
         let attempt = self.backoff.attempt();
+        let failure_kind = if matches!(failure, Failure::UnknownToken { .. }) {
+            FailureKind::UnknownToken
+        } else {
+            FailureKind::Other
+        };
         log::warn!("e2ee {} request failed: {failure}", kind.name());
         self.errors.push_back(E2eeError::Request(SyncError {
             failure,
@@ -761,7 +778,9 @@ impl E2ee {
             delay,
         }));
         match class {
-            ErrorClass::NeedsUser => {
+            // An expired token is not a refusal of the request: the machine refreshes it (or
+            // reports the end of the session), and the request goes again with backoff.
+            ErrorClass::NeedsUser if !matches!(failure_kind, FailureKind::UnknownToken) => {
                 // Refused: not sent again in a loop. `whoami` is retried at the maximum
                 // backoff (nothing works without it, and the sync stays held); a refused keys
                 // upload is not sent again this run (its keys would be refused the same way),
