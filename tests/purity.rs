@@ -46,6 +46,10 @@ fn machine_modules_do_no_io_and_read_no_clock() {
         // A module's own unit tests may take an `Instant` from the clock; its code may not.
         let code = text.lines().take_while(|line| *line != "#[cfg(test)]");
         for (n, line) in code.enumerate() {
+            // Comments are not code: a doc example may print what an application would.
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
             for word in FORBIDDEN {
                 assert!(
                     !line.contains(word),
