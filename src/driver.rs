@@ -443,9 +443,6 @@ impl Driver {
 
     /// One turn of the canonical loop: drain the outputs, then send a request or wait.
     fn step(&mut self) -> Result<(), Stopped> {
-        while let Ok(set) = self.credentials.try_recv() {
-            self.put_in_force(set);
-        }
         self.drain()?;
         if let Some(request) = self.machine.poll_request() {
             let id = request.id;
@@ -489,14 +486,22 @@ impl Driver {
                 recv(self.stop) -> _ => return Err(Stopped),
             }
         }
+        self.settle_credentials();
+        self.publish_states();
+        self.check_stop()
+    }
+
+    /// Puts credentials set through the handle in force, and has refreshed ones stored.
+    fn settle_credentials(&mut self) {
+        while let Ok(set) = self.credentials.try_recv() {
+            self.put_in_force(set);
+        }
         while let Some(credentials) = self.machine.poll_credentials() {
             self.store(&credentials);
             while let Some(error) = self.machine.poll_error() {
                 self.errors.push(ServiceError::Sync(error));
             }
         }
-        self.publish_states();
-        self.check_stop()
     }
 
     /// Hands refreshed credentials to the application's store and tells the machine.

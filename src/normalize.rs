@@ -236,7 +236,7 @@ impl Event {
     /// use matrix_sync_service::ruma_events::room::message::OriginalSyncRoomMessageEvent;
     /// # fn f(event: &Event) -> serde_json::Result<()> {
     /// let message: OriginalSyncRoomMessageEvent = event.deserialize_as()?;
-    /// println!("{}: {}", message.sender, message.content.body());
+    /// let line = format!("{}: {}", message.sender, message.content.body());
     /// # Ok(()) }
     /// ```
     pub fn deserialize_as<'a, T: serde::Deserialize<'a>>(&'a self) -> serde_json::Result<T> {
@@ -251,9 +251,9 @@ impl Event {
     /// use matrix_sync_service::ruma_events::room::member::RoomMemberEventContent;
     /// # fn f(reaction: &Event, member: &Event) -> serde_json::Result<()> {
     /// let reaction: ReactionEventContent = reaction.deserialize_content()?;
-    /// println!("{} on {}", reaction.relates_to.key, reaction.relates_to.event_id);
+    /// let line = format!("{} on {}", reaction.relates_to.key, reaction.relates_to.event_id);
     /// let member: RoomMemberEventContent = member.deserialize_content()?;
-    /// println!("{:?} is now {}", member.displayname, member.membership);
+    /// let line = format!("{:?} is now {}", member.displayname, member.membership);
     /// # Ok(()) }
     /// ```
     pub fn deserialize_content<'a, T: serde::Deserialize<'a>>(&'a self) -> serde_json::Result<T> {

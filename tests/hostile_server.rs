@@ -1,7 +1,5 @@
-//! What a broken or hostile homeserver can do, played on the simulated clock (see `sim/mod.rs`):
-//! it cannot make the loop spin, bloat, stall, or lose or repeat events.
-
-mod sim;
+//! What a broken or hostile homeserver can do, played on the simulated clock (see the test
+//! kit's `sim`): it cannot make the loop spin, bloat, stall, or lose or repeat events.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -11,6 +9,7 @@ use matrix_sync_service::{
     SyncFilter, SyncState, MAX_TOKEN_BYTES,
 };
 
+use matrix_sync_testkit::sim;
 use sim::{ms, secs, Feed, Homeserver, Kind, Reply, Sent, Server, Sim};
 
 const HOUR: Duration = Duration::from_secs(3600);
