@@ -47,9 +47,6 @@ pub fn start_encrypted(
 /// One turn: drain the machine into the stage and the stage to the consumer, then send the
 /// stage's request, else the machine's (unless the stage holds the sync), else wait.
 fn step(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
-    while let Ok(set) = driver.credentials.try_recv() {
-        driver.put_in_force(set);
-    }
     drain(driver, stage)?;
     stage.set_access_token(driver.machine.config().access_token.clone());
     if let Some(request) = stage.poll_request() {
@@ -131,12 +128,7 @@ fn drain(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     while let Some(event) = driver.machine.poll_event() {
         stage.handle_event(event);
     }
-    while let Some(credentials) = driver.machine.poll_credentials() {
-        driver.store(&credentials);
-        while let Some(error) = driver.machine.poll_error() {
-            driver.errors.push(ServiceError::Sync(error));
-        }
-    }
+    driver.settle_credentials();
     while let Some(error) = stage.poll_error() {
         driver.errors.push(match error {
             crate::E2eeError::Request(error) => ServiceError::Sync(error),
