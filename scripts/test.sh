@@ -38,6 +38,9 @@ cargo test -p matrix-sync-testkit
 step "every test, with the driver and a real Synapse"
 cargo test
 
+step "the unit tests inside the tail example (its exit statuses)"
+cargo test --example tail
+
 # ---- end-to-end encryption (feature `e2ee`) ---------------------------------------------------
 
 step "e2ee: without the feature, no crypto crate is in the dependency tree"

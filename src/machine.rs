@@ -642,7 +642,8 @@ impl SyncMachine {
         let full_state = self.mode == Mode::First && self.config.full_state;
         let http = request::sync_request(&self.config, since, timeout, full_state)
             .map_err(|e| e.to_string());
-        if self.state != SyncState::Refused && self.mode != Mode::LongPoll {
+        let waiting_on_user = matches!(self.state, SyncState::Refused | SyncState::SessionEnded);
+        if !waiting_on_user && self.mode != Mode::LongPoll {
             self.set_state(self.catch_up_state());
         }
         (http, RequestKind::Sync { timeout }, deadline)

@@ -562,7 +562,9 @@ impl Invariants {
                     error.failure,
                     Failure::UnknownToken { .. } | Failure::Refused { status: 401, .. }
                 );
-                if auth {
+                // Retried at once (after a refresh, or with credentials set since), the
+                // batch is kept; otherwise it failed like its sync.
+                if auth && !error.delay.is_zero() {
                     self.batch_dropped = true;
                     // The batch failed like its sync would have.
                     if let Some(record) = self.syncs.last_mut() {
@@ -570,6 +572,8 @@ impl Invariants {
                     }
                 }
             }
+            // A refresh paces itself on its own backoff and delivers nothing by itself.
+            RequestKind::Refresh => {}
             other => panic!("a request kind the invariants do not know: {other:?}"),
         }
     }

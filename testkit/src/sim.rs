@@ -53,6 +53,8 @@ pub enum Kind {
         /// The room id, percent-decoded.
         room: String,
     },
+    /// `POST /_matrix/client/v3/refresh`.
+    Refresh,
 }
 
 /// What became of a request.
@@ -98,6 +100,8 @@ pub struct Sent {
     pub to: Option<String>,
     /// The machine's deadline for it, from the start of the simulation.
     pub deadline: Duration,
+    /// The bearer token it carries, if any.
+    pub token: Option<String>,
     /// The `next_batch` of the last checkpoint handed on before it was sent (or the configured
     /// `since`).
     pub checkpoint_before: Option<String>,
@@ -418,6 +422,8 @@ pub struct Log {
     pub events: Vec<Delivered>,
     /// Answers fed after their request was abandoned, with the machine's verdict.
     pub late_answers: Vec<LateAnswer>,
+    /// Every credential handed out to be stored, with when.
+    pub credentials: Vec<(Duration, matrix_sync_service::Credentials)>,
 }
 
 impl Log {
@@ -447,10 +453,19 @@ pub fn assert_valid_transitions(states: &[(Duration, SyncState)]) {
     for pair in states.windows(2) {
         let ((_, from), (at, to)) = (pair[0], pair[1]);
         let ok = match from {
+            // A refresh refused or credentials not stored can interrupt any state but the
+            // last; their waits end like a refusal's, or back where the machine was.
+            _ if matches!(to, SessionEnded | CredentialsNotStored) => from != Stopped,
             InitialSync | CatchingUp => matches!(to, Live | BackingOff | Refused | Stopped),
             Live => matches!(to, BackingOff | Refused | Stopped),
             BackingOff => matches!(to, InitialSync | CatchingUp | Stopped),
             Refused => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
+            SessionEnded | CredentialsNotStored => {
+                matches!(
+                    to,
+                    InitialSync | CatchingUp | Live | BackingOff | Refused | Stopped
+                )
+            }
             Stopped => false,
             other => panic!("a state the transition table does not know: {other:?}"),
         };
@@ -486,6 +501,8 @@ pub struct Sim<S> {
     last_checkpoint: Option<String>,
     concluded: Option<usize>,
     idle_wakes: u32,
+    /// How many of the next credentials handed out the simulated application fails to store.
+    pub store_failures: u32,
 }
 
 impl<S: Server> Sim<S> {
@@ -505,6 +522,7 @@ impl<S: Server> Sim<S> {
             last_checkpoint,
             concluded: None,
             idle_wakes: 0,
+            store_failures: 0,
         }
     }
 
@@ -550,6 +568,20 @@ impl<S: Server> Sim<S> {
         while let Some(state) = self.machine.poll_state() {
             self.log.states.push((self.now, state));
         }
+        if let Some(credentials) = self.machine.poll_credentials() {
+            let instant = self.instant(self.now);
+            let result = if self.store_failures > 0 {
+                self.store_failures -= 1;
+                self.machine
+                    .handle_credentials_not_stored("simulated store failure", instant)
+            } else {
+                self.machine.handle_credentials_stored(instant)
+            };
+            result.expect("credentials handed out are awaited");
+            self.log.credentials.push((self.now, credentials));
+            // Answering may report an error or change the state.
+            self.drain();
+        }
     }
 
     fn send(&mut self, out: OutgoingRequest) {
@@ -558,6 +590,8 @@ impl<S: Server> Sim<S> {
         let path = crate::query::uri_path(&uri);
         let kind = if path.ends_with("/v3/sync") {
             Kind::Sync
+        } else if path.ends_with("/v3/refresh") {
+            Kind::Refresh
         } else if let Some(room) = path
             .strip_suffix("/messages")
             .and_then(|p| p.split("/rooms/").nth(1))
@@ -569,7 +603,7 @@ impl<S: Server> Sim<S> {
             panic!("unexpected request path {path}")
         };
         match (&kind, &out.kind) {
-            (Kind::Sync, RequestKind::Sync { .. }) => {}
+            (Kind::Sync, RequestKind::Sync { .. }) | (Kind::Refresh, RequestKind::Refresh) => {}
             (Kind::Messages { room }, RequestKind::Messages { room_id }) => {
                 assert_eq!(room, room_id.as_str())
             }
@@ -597,6 +631,13 @@ impl<S: Server> Sim<S> {
             from: query(&uri, "from"),
             to: query(&uri, "to"),
             deadline: self.offset(out.deadline),
+            token: out
+                .http
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned),
             checkpoint_before: self.last_checkpoint.clone(),
             outcome: Outcome::Pending,
         };
