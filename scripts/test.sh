@@ -59,4 +59,5 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features e2ee
 step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse"
 cargo test --features e2ee --lib e2ee
 cargo test --features e2ee --bench decrypt
+cargo build --features e2ee --examples
 cargo test --features e2ee --test e2ee_synapse --test e2ee_crash --test e2ee_tail

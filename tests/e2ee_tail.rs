@@ -37,6 +37,12 @@ fn tail_prints_decrypted_and_undecryptable_messages() {
         .spawn()
         .expect("tail starts");
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let diagnostics = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
     let (tx, lines) = mpsc::channel::<Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -53,7 +59,10 @@ fn tail_prints_decrypted_and_undecryptable_messages() {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => seen.push(line),
-                Err(e) => panic!("tail: {e} before {what}; saw {seen:#?}"),
+                Err(e) => panic!(
+                    "tail: {e} before {what}; saw {seen:#?} (tail is built by \
+                     `cargo build --features e2ee --examples`; its stderr follows it out)"
+                ),
             }
         }
     };
@@ -95,8 +104,8 @@ fn tail_prints_decrypted_and_undecryptable_messages() {
     assert!(undecryptable["body"].is_null(), "{undecryptable}");
 
     child.kill().unwrap();
-    let output = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    child.wait().unwrap();
+    let stderr = diagnostics.join().unwrap();
     assert!(
         !stderr.contains("hello, encrypted"),
         "no decrypted content in the diagnostics: {stderr}"

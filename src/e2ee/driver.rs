@@ -48,6 +48,7 @@ pub fn start_encrypted(
 /// stage's request, else the machine's (unless the stage holds the sync), else wait.
 fn step(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     drain(driver, stage)?;
+    stage.set_access_token(driver.machine.config().access_token.clone());
     if let Some(request) = stage.poll_request() {
         let id = request.id;
         let outcome = perform(
@@ -109,6 +110,7 @@ fn step(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     if !wait.is_zero() {
         select! {
             recv(driver.stop) -> _ => return Err(Stopped),
+            recv(driver.credentials) -> set => if let Ok(set) = set { driver.put_in_force(set) },
             default(wait) => {}
         }
     }
@@ -126,6 +128,7 @@ fn drain(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     while let Some(event) = driver.machine.poll_event() {
         stage.handle_event(event);
     }
+    driver.settle_credentials();
     while let Some(error) = stage.poll_error() {
         driver.errors.push(match error {
             crate::E2eeError::Request(error) => ServiceError::Sync(error),

@@ -112,9 +112,6 @@ pub enum UndecryptableReason {
     MismatchedIdentityKeys,
     /// The sender is not trusted enough for the configured trust requirement.
     SenderNotTrusted(Verification),
-    /// The crypto stage is not ready (its store could not be opened, or the device is not set
-    /// up): nothing was attempted.
-    Unavailable,
     /// Anything else the crypto library reported.
     Other,
 }
@@ -131,7 +128,6 @@ impl UndecryptableReason {
             UndecryptableReason::BadPlaintext => "bad_plaintext",
             UndecryptableReason::MismatchedIdentityKeys => "mismatched_identity_keys",
             UndecryptableReason::SenderNotTrusted(_) => "sender_not_trusted",
-            UndecryptableReason::Unavailable => "unavailable",
             UndecryptableReason::Other => "other",
         }
     }

@@ -157,6 +157,12 @@ impl CryptoKind {
     }
 }
 
+#[derive(Clone, Copy)]
+enum FailureKind {
+    UnknownToken,
+    Other,
+}
+
 /// A request built and waiting to go out (or in flight).
 struct Pending {
     which: Which,
@@ -286,13 +292,8 @@ impl E2ee {
         match (stage.config.user_id.clone(), stage.config.device_id.clone()) {
             (Some(user), Some(device)) => stage.open(&user, &device)?,
             _ => {
-                let http =
-                    stage.build(http::Method::GET, "/_matrix/client/v3/account/whoami", None);
-                stage.queue.push_back(Pending {
-                    which: Which::Whoami,
-                    crypto: None,
-                    http,
-                });
+                let whoami = stage.whoami();
+                stage.queue.push_back(whoami);
             }
         }
         Ok(stage)
@@ -428,7 +429,11 @@ impl E2ee {
             Which::Crypto(kind) => kind.request_kind(),
         };
         log::debug!("e2ee request {id}: {}", kind.name());
-        let http = clone_request(&pending.http);
+        let mut http = clone_request(&pending.http);
+        if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", self.token.expose())) {
+            value.set_sensitive(true);
+            http.headers_mut().insert(AUTHORIZATION, value);
+        }
         self.in_flight = Some(InFlight {
             id,
             pending,
@@ -455,12 +460,13 @@ impl E2ee {
         [flight, send, self.retry_at].into_iter().flatten().min()
     }
 
-    /// True while the sync must not go on: until the device's keys are uploaded (so that a
-    /// sender can share room keys with it), and while a received batch is not yet through the
-    /// crypto library (the next sync would let the server delete its to-device messages).
-    /// The driver sends no sync request while this holds.
+    /// True while the sync must not go on: until the crypto machine is set up (`whoami`, the
+    /// store) and the device's keys are uploaded (so that a sender can share room keys with
+    /// it), and while a received batch is not yet through the crypto library (the next sync
+    /// would let the server delete its to-device messages). The driver sends no sync request
+    /// while this holds. A refused keys upload does not hold it (it is reported).
     pub fn holds_sync(&self) -> bool {
-        !self.keys_settled || !self.held.is_empty()
+        self.olm.is_none() || !self.keys_settled || !self.held.is_empty()
     }
 
     /// The user id, once known.
@@ -556,14 +562,16 @@ impl E2ee {
         if body.is_some() {
             builder = builder.header(CONTENT_TYPE, "application/json");
         }
-        let mut request = builder
+        // The token is added when the request is handed out: it may be refreshed meanwhile.
+        builder
             .body(body.unwrap_or_default())
-            .unwrap_or_else(|_| http::Request::new(Vec::new()));
-        if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", self.token.expose())) {
-            value.set_sensitive(true);
-            request.headers_mut().insert(AUTHORIZATION, value);
-        }
-        request
+            .unwrap_or_else(|_| http::Request::new(Vec::new()))
+    }
+
+    /// Replaces the access token the stage's requests carry (after a refresh); the driver
+    /// passes the machine's before each of the stage's requests.
+    pub fn set_access_token(&mut self, token: AccessToken) {
+        self.token = token;
     }
 
     fn build_crypto(
@@ -693,15 +701,7 @@ impl E2ee {
             Ok(w) => w,
             Err(e) => {
                 let failure = bad_response(status, e.to_string(), body);
-                let http = self.build(http::Method::GET, "/_matrix/client/v3/account/whoami", None);
-                self.failed(
-                    Pending {
-                        which: Which::Whoami,
-                        crypto: None,
-                        http,
-                    },
-                    failure,
-                );
+                self.failed(self.whoami(), failure);
                 return;
             }
         };
@@ -712,17 +712,33 @@ impl E2ee {
                 detail: "the server names no device for this access token; configure the device id"
                     .to_owned(),
             });
-            // Nothing can be decrypted; the sync goes on (held batches stay encrypted).
-            self.keys_settled = true;
-            self.process_held();
+            self.whoami_later();
             return;
         };
         if let Err(e) = self.open(&user, &device) {
             log::warn!("e2ee: {e}");
             self.errors.push_back(e);
-            self.keys_settled = true;
+            self.whoami_later();
+            return;
         }
         self.process_held();
+    }
+
+    fn whoami(&self) -> Pending {
+        Pending {
+            which: Which::Whoami,
+            crypto: None,
+            http: self.build(http::Method::GET, "/_matrix/client/v3/account/whoami", None),
+        }
+    }
+
+    /// The crypto machine could not be set up: try again (whoami, then the store) after the
+    /// maximum backoff. The sync stays held meanwhile: a batch let through without the crypto
+    /// machine would lose its to-device room keys for good.
+    fn whoami_later(&mut self) {
+        let pending = self.whoami();
+        self.queue.push_front(pending);
+        self.send_at = Some(self.now + self.policy.max);
     }
 
     fn failed(&mut self, pending: Pending, failure: Failure) {
@@ -748,6 +764,11 @@ impl E2ee {
             ErrorClass::NeedsUser => self.backoff.next_fatal(),
         };
         let attempt = self.backoff.attempt();
+        let failure_kind = if matches!(failure, Failure::UnknownToken { .. }) {
+            FailureKind::UnknownToken
+        } else {
+            FailureKind::Other
+        };
         log::warn!("e2ee {} request failed: {failure}", kind.name());
         self.errors.push_back(E2eeError::Request(SyncError {
             failure,
@@ -757,21 +778,23 @@ impl E2ee {
             delay,
         }));
         match class {
-            ErrorClass::NeedsUser => {
-                // Refused: not sent again in a loop. A refused keys upload is not sent again
-                // this run (its keys would be refused the same way); other kinds wait the
-                // maximum backoff. The sync is not held for a refusal.
-                let until = match pending.which {
-                    Which::Crypto(CryptoKind::KeysUpload) => None,
-                    _ => Some(self.now + self.policy.max),
-                };
-                self.parked.push((pending.which, until));
-                if pending.which == Which::Whoami {
-                    self.keys_settled = true;
-                    self.process_held();
-                }
-                if pending.which == Which::Crypto(CryptoKind::KeysUpload) {
-                    self.keys_settled = true;
+            // An expired token is not a refusal of the request: the machine refreshes it (or
+            // reports the end of the session), and the request goes again with backoff.
+            ErrorClass::NeedsUser if !matches!(failure_kind, FailureKind::UnknownToken) => {
+                // Refused: not sent again in a loop. `whoami` is retried at the maximum
+                // backoff (nothing works without it, and the sync stays held); a refused keys
+                // upload is not sent again this run (its keys would be refused the same way),
+                // and the sync goes on; other kinds wait the maximum backoff.
+                match pending.which {
+                    Which::Whoami => {
+                        self.queue.push_front(pending);
+                        self.send_at = Some(self.now + delay);
+                    }
+                    Which::Crypto(CryptoKind::KeysUpload) => {
+                        self.parked.push((pending.which, None));
+                        self.keys_settled = true;
+                    }
+                    which => self.parked.push((which, Some(self.now + self.policy.max))),
                 }
             }
             _ => {
@@ -798,11 +821,6 @@ impl E2ee {
                 return;
             };
             if self.olm.is_none() {
-                if self.keys_settled {
-                    // The machine could not be set up: deliver the batch undecrypted.
-                    self.pass_through(batch);
-                    continue;
-                }
                 self.held.push_front(batch);
                 return;
             }
@@ -814,18 +832,6 @@ impl E2ee {
                     self.retry_at = Some(self.now + delay);
                 }
             }
-        }
-    }
-
-    fn pass_through(&mut self, batch: Vec<Event>) {
-        for mut event in batch {
-            if event.kind == EventKind::Encrypted {
-                event.encryption = Some(Box::new(Encryption::Undecryptable(Undecryptable {
-                    reason: UndecryptableReason::Unavailable,
-                    session_id: session_id_of(&event.raw),
-                })));
-            }
-            self.out.push_back(event);
         }
     }
 
@@ -1129,6 +1135,90 @@ mod tests {
             ruma16::UInt::from(7u32)
         );
         assert!(fallback.is_none());
+    }
+
+    fn stage(now: Instant) -> E2ee {
+        let mut config = Config::new("http://127.0.0.1:9", "token");
+        config.allow_insecure_http = true;
+        let e2ee = E2eeConfig::new(CryptoStore::Memory).with_ids(
+            OwnedUserId::try_from("@ours:example.org").unwrap(),
+            "OURDEVICE".into(),
+        );
+        E2ee::new(&config, e2ee, now).unwrap()
+    }
+
+    fn answer(status: u16, body: serde_json::Value) -> http::Response<Vec<u8>> {
+        http::Response::builder()
+            .status(status)
+            .body(serde_json::to_vec(&body).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_sync_waits_for_the_first_keys_upload() {
+        let now = Instant::now();
+        let mut stage = stage(now);
+        assert!(stage.holds_sync());
+        let upload = stage.poll_request().expect("the keys upload");
+        assert_eq!(
+            upload.kind,
+            RequestKind::Crypto(CryptoRequestKind::KeysUpload)
+        );
+        assert!(
+            upload.id >= RequestId::new(ID_BASE),
+            "ids apart from the machine's"
+        );
+        assert_eq!(upload.http.uri().path(), "/_matrix/client/v3/keys/upload");
+        let body: serde_json::Value = serde_json::from_slice(upload.http.body()).unwrap();
+        assert!(body["device_keys"].is_object() && body["one_time_keys"].is_object());
+        assert!(stage.poll_request().is_none(), "one request in flight");
+        assert!(stage.holds_sync());
+        let counts = serde_json::json!({"one_time_key_counts": {"signed_curve25519": 50}});
+        stage
+            .handle_response(upload.id, answer(200, counts), now)
+            .unwrap();
+        assert!(!stage.holds_sync());
+        assert!(stage.poll_error().is_none());
+    }
+
+    #[test]
+    fn a_failing_upload_backs_off_and_a_refused_one_is_not_retried() {
+        let now = Instant::now();
+        let mut stage = stage(now);
+        let upload = stage.poll_request().unwrap();
+        let body = upload.http.body().clone();
+        stage
+            .handle_response(upload.id, answer(502, serde_json::json!({})), now)
+            .unwrap();
+        let error = stage.poll_error().expect("reported");
+        assert!(matches!(&error, E2eeError::Request(e) if e.class == ErrorClass::Transient));
+        assert!(stage.poll_request().is_none(), "backing off");
+        let wake = stage.poll_timeout().expect("a wake-up for the retry");
+        assert!(wake > now);
+        stage.handle_timeout(wake).unwrap();
+        let again = stage.poll_request().expect("retried");
+        assert_eq!(again.http.body(), &body, "the same keys");
+        assert!(stage.holds_sync());
+
+        let refused = serde_json::json!({"errcode": "M_INVALID_PARAM", "error": "exists"});
+        stage
+            .handle_response(again.id, answer(400, refused), wake)
+            .unwrap();
+        let error = stage.poll_error().expect("reported");
+        assert!(matches!(&error, E2eeError::Request(e) if e.class == ErrorClass::NeedsUser));
+        assert!(!stage.holds_sync(), "a refusal does not hold the sync");
+        let later = wake + Duration::from_secs(3600);
+        stage.handle_timeout(later).unwrap();
+        stage.dirty = true;
+        let next = stage.poll_request();
+        assert!(
+            next.as_ref()
+                .is_none_or(|r| r.kind != RequestKind::Crypto(CryptoRequestKind::KeysUpload)),
+            "a refused upload is not sent again: {next:?}"
+        );
+        assert!(stage
+            .handle_response(upload.id, answer(200, serde_json::json!({})), later)
+            .is_err());
     }
 
     #[test]
