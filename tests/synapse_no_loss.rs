@@ -74,7 +74,9 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
     config.filter = Some(SyncFilter::timeline_limit(5));
     let service = start(config).expect("valid config");
 
-    let sender = send_in_background(&bob, &room, "faulty", 300, Duration::from_millis(5));
+    // Spread over about 12 s, so that enough syncs go through the proxy for its faults to
+    // show (sent in a burst, the whole conversation fits in a few syncs and gap fills).
+    let sender = send_in_background(&bob, &room, "faulty", 300, Duration::from_millis(40));
     let events = collect_until(&service, Duration::from_secs(180), |events| {
         bodies_in(events, &room).len() >= 300
     });
