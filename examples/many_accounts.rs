@@ -271,6 +271,9 @@ enum Stage {
     Moving,
 }
 
+/// A whole response, and whether its connection must be closed after it.
+type Whole = (http::Response<Vec<u8>>, bool);
+
 /// What a transfer came to.
 enum Outcome {
     Pending,
@@ -744,7 +747,7 @@ fn connect_failed(e: io::Error) -> Outcome {
 impl Transfer {
     /// Feeds the bytes read to ureq-proto: the response and whether the connection must be
     /// closed after it, once it is whole.
-    fn parse(&mut self) -> Result<Option<(http::Response<Vec<u8>>, bool)>, TransportFailure> {
+    fn parse(&mut self) -> Result<Option<Whole>, TransportFailure> {
         let bad =
             |e: ureq_proto::Error| TransportFailure::new(TransportErrorKind::Other, e.to_string());
         loop {
