@@ -201,9 +201,18 @@ fn measure(
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn the child");
+    let stderr = child.stderr.take().unwrap();
+    let closing = thread::spawn(move || {
+        // The loop's closing line says how many connections it opened.
+        BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+            .filter(|l| l.contains("connections opened"))
+            .last()
+    });
     let lines = read_lines(&mut child);
     let pid = child.id();
 
@@ -257,6 +266,9 @@ fn measure(
     // SAFETY: kill(2) on our own child, not reaped yet.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let _ = child.wait();
+    if let Ok(Some(line)) = closing.join() {
+        eprintln!("{variant}: {line}");
+    }
     Result {
         variant,
         initial_sync,

@@ -37,7 +37,7 @@
 //! a consumer that stops reading stalls every account, as it should (events are not dropped).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, BufWriter, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -63,6 +63,10 @@ const USAGE: &str =
 const WAKER: Token = Token(usize::MAX);
 /// How long the whoami request may take (it goes out for every account at once).
 const WHOAMI_DEADLINE: Duration = Duration::from_secs(60);
+/// At most this many connections are being opened at once; the others wait their turn. A
+/// listener's accept queue is short (Synapse's is 50): a thousand SYNs at once overflow it,
+/// and each one dropped costs a retransmission a second or more later.
+const MAX_CONNECTING: usize = 32;
 /// Socket reads go through a buffer of this size.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -173,6 +177,9 @@ fn run() -> Result<(), Fatal> {
         timers: BinaryHeap::new(),
         out: BufWriter::with_capacity(256 * 1024, io::stdout()),
         scratch: vec![0; READ_CHUNK],
+        connecting: 0,
+        connect_queue: VecDeque::new(),
+        opened: 0,
     };
     event_loop.run(&stop)
 }
@@ -293,6 +300,12 @@ struct Loop {
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     out: BufWriter<io::Stdout>,
     scratch: Vec<u8>,
+    /// Connections being opened (connect sent, not yet established).
+    connecting: usize,
+    /// Accounts waiting for a connection to be opened, in turn.
+    connect_queue: VecDeque<usize>,
+    /// Connections opened since the start, for the closing line on stderr.
+    opened: u64,
 }
 
 impl Loop {
@@ -326,6 +339,7 @@ impl Loop {
                 }
             }
             self.on_timers(now);
+            self.open_queued(now);
             self.out
                 .flush()
                 .map_err(|e| Fatal::Failed(format!("stdout: {e}")))?;
@@ -334,6 +348,11 @@ impl Loop {
 
     /// Stops every machine, prints what the stop leaves to print, and flushes.
     fn shut_down(&mut self) -> Result<(), Fatal> {
+        eprintln!(
+            "many_accounts: stopping; {} connections opened for {} accounts",
+            self.opened,
+            self.accounts.len()
+        );
         for index in 0..self.accounts.len() {
             if let Some(conn) = self.accounts[index].conn.take() {
                 self.close(conn);
@@ -610,6 +629,11 @@ impl Loop {
             max_body: self.template.max_body_bytes,
         });
         if self.accounts[index].conn.is_none() {
+            if self.connecting >= MAX_CONNECTING {
+                self.connect_queue.push_back(index);
+                self.schedule(index);
+                return;
+            }
             if let Err(failure) = self.connect(index) {
                 self.abort(index, failure, now);
                 return;
@@ -619,6 +643,24 @@ impl Loop {
         // its writable event.
         self.on_socket(index, now);
         self.schedule(index);
+    }
+
+    /// Opens the connections of waiting accounts, while fewer than [`MAX_CONNECTING`] are
+    /// being opened.
+    fn open_queued(&mut self, now: Instant) {
+        while self.connecting < MAX_CONNECTING {
+            let Some(index) = self.connect_queue.pop_front() else {
+                return;
+            };
+            let account = &self.accounts[index];
+            if account.conn.is_some() || account.transfer.is_none() {
+                continue; // its transfer ended (deadline) or already has a connection
+            }
+            match self.connect(index) {
+                Ok(()) => self.on_socket(index, now),
+                Err(failure) => self.abort(index, failure, now),
+            }
+        }
     }
 
     fn connect(&mut self, index: usize) -> Result<(), TransportFailure> {
@@ -633,6 +675,8 @@ impl Loop {
             )
             .map_err(|e| TransportFailure::new(TransportErrorKind::Other, e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        self.connecting += 1;
+        self.opened += 1;
         self.accounts[index].conn = Some(Conn {
             stream,
             connected: false,
@@ -642,6 +686,9 @@ impl Loop {
     }
 
     fn close(&mut self, mut conn: Conn) {
+        if !conn.connected {
+            self.connecting -= 1;
+        }
         let _ = self.poll.registry().deregister(&mut conn.stream);
     }
 
@@ -658,7 +705,10 @@ impl Loop {
                 return connect_failed(e);
             }
             match conn.stream.peer_addr() {
-                Ok(_) => conn.connected = true,
+                Ok(_) => {
+                    conn.connected = true;
+                    self.connecting -= 1;
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return Outcome::Pending,
                 Err(e) => return connect_failed(e),
             }
@@ -727,6 +777,10 @@ impl Loop {
             transfer.written = 0;
             if let Some(conn) = self.accounts[index].conn.take() {
                 self.close(conn);
+            }
+            if self.connecting >= MAX_CONNECTING {
+                self.connect_queue.push_back(index);
+                return Outcome::Pending;
             }
             return match self.connect(index) {
                 Ok(()) => Outcome::Pending,
