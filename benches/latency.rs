@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use matrix_sync_testkit::client::{self, Account};
+use matrix_sync_testkit::client::{self, room_of_two};
 use matrix_sync_testkit::synapse::Synapse;
 use serde_json::Value;
 
@@ -201,10 +201,7 @@ fn run(tail_bin: &Path) -> ExitCode {
     let started = Instant::now();
     let synapse = Synapse::start();
     let base = synapse.base_url();
-    let alice = Account::register(&base, "alice");
-    let bob = Account::register(&base, "bob");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&base, "alice", "bob");
     // A second device for the bare loop, so that Synapse never serves both receivers from one
     // cached sync response.
     let alice_bare = alice.new_device();

@@ -438,18 +438,23 @@ fn follow(index: usize, homeserver: &str, token: &str, filter: SyncFilter) {
     }
 }
 
-// DUPLICATED from `fn line` in examples/tail.rs (as in examples/many_accounts.rs), so that
+// DUPLICATED from `fn line` and `fn encryption_fields` in examples/tail.rs (as in
+// examples/many_accounts.rs), so that
 // both children print the same bytes.
 fn line(event: &Event) -> Value {
-    let mut line = json!({
-        "kind": event.kind.name(),
-        "type": event.event_type,
-        "room_id": event.room_id,
-        "event_id": event.event_id,
-        "sender": event.sender,
-        "origin_server_ts": event.origin_server_ts,
-        "body": event.body.as_deref(),
-    });
+    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
+    let fields = [
+        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
+        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
+        ("sender", event.sender.as_ref().map(|s| json!(s))),
+        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
+        ("body", event.body.as_deref().map(|b| json!(b))),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            line[name] = value;
+        }
+    }
     let extra = &mut line;
     if let Some(key) = &event.state_key {
         extra["state_key"] = json!(key);
@@ -461,6 +466,7 @@ fn line(event: &Event) -> Value {
     if let Some(target) = &event.redacts {
         extra["redacts"] = json!(target);
     }
+    encryption_fields(event, extra);
     match &event.kind {
         EventKind::Checkpoint(c) => {
             extra["next_batch"] = json!(c.next_batch);
@@ -473,4 +479,25 @@ fn line(event: &Event) -> Value {
         _ => {}
     }
     line
+}
+
+/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
+fn encryption_fields(event: &Event, line: &mut Value) {
+    use matrix_sync_service::Encryption;
+    match event.encryption.as_deref() {
+        Some(Encryption::Decrypted(d)) => {
+            line["encrypted"] = json!(true);
+            line["sender_device"] = json!(d.sender_device);
+            line["verification"] = json!(d.verification.name());
+            if d.late {
+                line["late"] = json!(true);
+            }
+        }
+        Some(Encryption::Undecryptable(u)) => {
+            line["encrypted"] = json!(true);
+            line["undecryptable"] = json!(u.reason.to_string());
+        }
+        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
+        _ => {}
+    }
 }

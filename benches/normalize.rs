@@ -34,15 +34,11 @@
 //! BENCH_PROFILE=c perf record -g --call-graph dwarf target/release/deps/normalize-* --bench large
 //! ```
 
-#[path = "cpu_clock.rs"]
-mod cpu_clock;
-#[path = "gen/mod.rs"]
-mod generator;
-
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{Config, SyncMachine};
+use matrix_sync_testkit::{cpu_clock, gen as generator};
 use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
 use serde::de::IgnoredAny;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, never, select, Receiver};
 use matrix_sync_service::{start, Config, SyncService, SyncState};
+use matrix_sync_testkit::cpu_clock;
 
 struct Args {
     homeserver: String,
@@ -29,9 +30,6 @@ struct Args {
 
 const USAGE: &str =
     "usage: idle_cpu --homeserver URL [--seconds N] [--timeout-ms N] (token in MATRIX_ACCESS_TOKEN)";
-
-#[path = "../benches/cpu_clock.rs"]
-mod cpu_clock;
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);

@@ -21,14 +21,12 @@
 //! The body itself must be in memory (that is 1x): the ratio that matters is the peak while
 //! handling over the body size.
 
-#[path = "../benches/gen/mod.rs"]
-mod generator;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use matrix_sync_service::{Config, SyncMachine};
+use matrix_sync_testkit::gen as generator;
 
 // ---- a counting allocator ------------------------------------------------------------------------
 

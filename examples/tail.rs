@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
-//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N]
+//!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
+//!     [--format json|text] [--raw] [--e2ee --store DIR]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
@@ -13,6 +14,16 @@
 //! `/refresh`, or the OAuth 2.0 token endpoint given), the file is rewritten atomically, mode
 //! 0600, with the new credentials before they are used: a restart from it goes on with the
 //! rotated refresh token.
+//!
+//! With `--e2ee --store DIR` (feature `e2ee`) encrypted rooms are decrypted, with the crypto
+//! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the
+//! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
+//! plaintext one plus `"encrypted": true`, an undecryptable one says why.
+//!
+//! `--format text` prints one readable line per event a person cares about (`[room] sender:
+//! body`, edits, replies, reactions, who is typing, who read what, membership); the default
+//! `--format json` prints one JSON object per event with the fields that apply (absent ones
+//! left out), and `--raw` adds the event as the server sent it.
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
@@ -48,7 +59,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -111,9 +122,12 @@ struct Args {
     timeline_limit: Option<u32>,
     fill_gaps: bool,
     timeout_ms: Option<u64>,
+    output: Output,
     token_file: Option<String>,
     oauth_token_endpoint: Option<String>,
     oauth_client_id: Option<String>,
+    /// `--e2ee --store DIR`: the crypto store's directory.
+    e2ee_store: Option<String>,
 }
 
 /// The arguments, or `None` for `--help`.
@@ -125,13 +139,25 @@ fn parse_args() -> Result<Option<Args>, String> {
         timeline_limit: None,
         fill_gaps: true,
         timeout_ms: None,
+        output: Output {
+            text: false,
+            raw: false,
+        },
         token_file: None,
         oauth_token_endpoint: None,
         oauth_client_id: None,
+        e2ee_store: None,
     };
+    let (mut e2ee, mut store) = (false, None);
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
+            "--raw" => parsed.output.raw = true,
+            "--format" => match value("--format")?.as_str() {
+                "json" => parsed.output.text = false,
+                "text" => parsed.output.text = true,
+                other => return Err(format!("--format: json or text, not {other:?}")),
+            },
             "--homeserver" => parsed.homeserver = value("--homeserver")?,
             "--since-file" => parsed.since_file = Some(value("--since-file")?),
             "--timeline-limit" => {
@@ -154,6 +180,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                 parsed.oauth_token_endpoint = Some(value("--oauth-token-endpoint")?)
             }
             "--oauth-client-id" => parsed.oauth_client_id = Some(value("--oauth-client-id")?),
+            "--e2ee" => e2ee = true,
+            "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -164,6 +192,11 @@ fn parse_args() -> Result<Option<Args>, String> {
     if parsed.oauth_token_endpoint.is_some() && parsed.token_file.is_none() {
         return Err("OAuth refresh needs --token-file (for the refresh token)".to_owned());
     }
+    parsed.e2ee_store = match (e2ee, store) {
+        (true, Some(dir)) => Some(dir),
+        (false, None) => None,
+        _ => return Err(format!("--e2ee and --store DIR go together; {USAGE}")),
+    };
     if parsed.homeserver.is_empty() {
         return Err(format!(
             "missing --homeserver (or MATRIX_HOMESERVER); {USAGE}"
@@ -243,13 +276,46 @@ fn run() -> Result<(), Fatal> {
     if let Some(file) = token_file {
         driver = driver.on_credentials(move |credentials| file.save(credentials));
     }
-    let service = start_with(config, driver).map_err(|e| match e {
+    let service = start_service(config, driver, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
     })?;
-    let pumped = pump(&service, store.as_ref(), &signalled);
+    let pumped = pump(&service, store.as_ref(), &signalled, args.output);
     service.stop();
     outcome(pumped, service.join())
+}
+
+/// The service, with the E2EE stage when `--e2ee --store DIR` asked for it.
+fn start_service(
+    config: Config,
+    driver: DriverConfig,
+    e2ee_store: Option<String>,
+) -> Result<Result<SyncService, StartError>, Fatal> {
+    let Some(dir) = e2ee_store else {
+        return Ok(start_with(config, driver));
+    };
+    #[cfg(feature = "e2ee")]
+    {
+        use matrix_sync_service::{start_encrypted, CryptoStore, E2eeConfig};
+        let passphrase = std::env::var("MATRIX_STORE_PASSPHRASE").ok();
+        let store = CryptoStore::Sqlite {
+            dir: dir.into(),
+            passphrase: passphrase.filter(|p| !p.is_empty()),
+        };
+        let mut e2ee = E2eeConfig::new(store);
+        e2ee.device_id = std::env::var("MATRIX_DEVICE_ID")
+            .ok()
+            .filter(|d| !d.is_empty())
+            .map(Into::into);
+        Ok(start_encrypted(config, driver, e2ee))
+    }
+    #[cfg(not(feature = "e2ee"))]
+    {
+        let _ = (config, driver, dir);
+        Err(Fatal::usage(
+            "--e2ee: this tail was built without the e2ee feature",
+        ))
+    }
 }
 
 /// The pump's result, then the driver thread's: a driver panic is a runtime failure.
@@ -366,6 +432,7 @@ fn pump(
     service: &SyncService,
     store: Option<&FileCheckpointStore>,
     signalled: &Receiver<()>,
+    output: Output,
 ) -> Result<(), Fatal> {
     let stdout_failed = |e: io::Error| Fatal::failed(format!("stdout: {e}"));
     let mut out = BufWriter::new(io::stdout().lock());
@@ -380,7 +447,7 @@ fn pump(
             }
             recv(service.events()) -> event => {
                 let Ok(event) = event else { break };
-                write_line(&mut out, &event).map_err(stdout_failed)?;
+                write_line(&mut out, &event, output).map_err(stdout_failed)?;
                 if let EventKind::Checkpoint(checkpoint) = &event.kind {
                     out.flush().map_err(stdout_failed)?;
                     if let Some(store) = store {
@@ -407,21 +474,122 @@ fn pump(
     out.flush().map_err(stdout_failed)
 }
 
-fn write_line(out: &mut impl Write, event: &Event) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &line(event))?;
+/// How events are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Output {
+    text: bool,
+    raw: bool,
+}
+
+fn write_line(out: &mut impl Write, event: &Event, output: Output) -> io::Result<()> {
+    if output.text {
+        return match text_line(event) {
+            Some(text) => writeln!(out, "{text}"),
+            None => Ok(()),
+        };
+    }
+    let mut line = line(event);
+    if output.raw {
+        line["raw"] = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+    }
+    serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")
 }
 
+/// One readable line per event a person cares about; `None` for the rest (checkpoints,
+/// device lists, account data...), which only the JSON format shows.
+fn text_line(event: &Event) -> Option<String> {
+    let room = event.room_id.as_ref().map_or("", |r| r.as_str());
+    let sender = event.sender.as_ref().map_or("?", |s| s.as_str());
+    let body = event.body.as_deref().unwrap_or("");
+    let target = |e: &matrix_sync_service::ruma_common::OwnedEventId| e.to_string();
+    let text = match &event.kind {
+        EventKind::Message => match &event.relation {
+            Some(rel) if rel.rel_type == "m.replace" => {
+                format!("{sender} edited {}: {body}", target(&rel.event_id))
+            }
+            Some(rel) if rel.rel_type == "m.in_reply_to" => {
+                format!("{sender} replied to {}: {body}", target(&rel.event_id))
+            }
+            _ => format!("{sender}: {body}"),
+        },
+        EventKind::Reaction => match &event.relation {
+            Some(rel) => format!(
+                "{sender} reacted {} to {}",
+                rel.key.as_deref().unwrap_or("?"),
+                target(&rel.event_id)
+            ),
+            None => format!("{sender} reacted"),
+        },
+        EventKind::Redaction => match &event.redacts {
+            Some(t) => format!("{sender} redacted {}", target(t)),
+            None => format!("{sender} redacted an event"),
+        },
+        EventKind::Typing => {
+            let who: Vec<String> = event
+                .typing_user_ids()
+                .iter()
+                .map(|u| u.to_string())
+                .collect();
+            match who.as_slice() {
+                [] => "nobody is typing".to_owned(),
+                _ => format!("typing: {}", who.join(", ")),
+            }
+        }
+        EventKind::Receipt => {
+            let read: Vec<String> = event
+                .receipts()
+                .iter()
+                .map(|(e, _, u)| format!("{u} read {e}"))
+                .collect();
+            if read.is_empty() {
+                return None;
+            }
+            read.join("; ")
+        }
+        EventKind::Member => {
+            let membership: Value = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+            let membership = membership["content"]["membership"].as_str().unwrap_or("?");
+            let who = event.state_key.as_deref().unwrap_or(sender);
+            format!("{who}: {membership}")
+        }
+        EventKind::Encrypted => match event.encryption.as_deref() {
+            Some(matrix_sync_service::Encryption::Undecryptable(u)) => {
+                format!("{sender}: (undecryptable: {})", u.reason)
+            }
+            _ => format!("{sender}: (encrypted)"),
+        },
+        EventKind::Invite => format!("invited by {sender}"),
+        EventKind::Leave => "left the room".to_owned(),
+        EventKind::Gap(_) => "(some history was not fetched)".to_owned(),
+        EventKind::State => format!("{sender} set {}", event.event_type),
+        _ => return None,
+    };
+    let encrypted = match event.encryption.as_deref() {
+        Some(matrix_sync_service::Encryption::Decrypted(_)) => " [encrypted]",
+        _ => "",
+    };
+    Some(match room {
+        "" => format!("{text}{encrypted}"),
+        room => format!("[{room}] {text}{encrypted}"),
+    })
+}
+
+/// The JSON line: the fields that apply, absent ones left out.
 fn line(event: &Event) -> Value {
-    let mut line = json!({
-        "kind": event.kind.name(),
-        "type": event.event_type,
-        "room_id": event.room_id,
-        "event_id": event.event_id,
-        "sender": event.sender,
-        "origin_server_ts": event.origin_server_ts,
-        "body": event.body.as_deref(),
-    });
+    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
+    let fields = [
+        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
+        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
+        ("sender", event.sender.as_ref().map(|s| json!(s))),
+        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
+        ("body", event.body.as_deref().map(|b| json!(b))),
+    ];
+    for (name, value) in fields {
+        if let Some(value) = value {
+            line[name] = value;
+        }
+    }
     let extra = &mut line;
     if let Some(key) = &event.state_key {
         extra["state_key"] = json!(key);
@@ -433,6 +601,7 @@ fn line(event: &Event) -> Value {
     if let Some(target) = &event.redacts {
         extra["redacts"] = json!(target);
     }
+    encryption_fields(event, extra);
     match &event.kind {
         EventKind::Checkpoint(c) => {
             extra["next_batch"] = json!(c.next_batch);
@@ -445,6 +614,27 @@ fn line(event: &Event) -> Value {
         _ => {}
     }
     line
+}
+
+/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
+fn encryption_fields(event: &Event, line: &mut Value) {
+    use matrix_sync_service::Encryption;
+    match event.encryption.as_deref() {
+        Some(Encryption::Decrypted(d)) => {
+            line["encrypted"] = json!(true);
+            line["sender_device"] = json!(d.sender_device);
+            line["verification"] = json!(d.verification.name());
+            if d.late {
+                line["late"] = json!(true);
+            }
+        }
+        Some(Encryption::Undecryptable(u)) => {
+            line["encrypted"] = json!(true);
+            line["undecryptable"] = json!(u.reason.to_string());
+        }
+        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
+        _ => {}
+    }
 }
 
 /// Whether fd 1 was closed when the process started.

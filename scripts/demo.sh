@@ -2,9 +2,10 @@
 # See the sync loop work against a real homeserver.
 #
 # Starts a throwaway Synapse on a free loopback port, registers alice and bob,
-# puts them in a room, runs the `tail` example as alice (it prints one JSON
-# line per sync update on stdout) and has bob send messages, an edit, a
-# reaction and typing notifications.  Everything is removed at the end, also
+# puts them in a room, runs the `tail` example as alice (it prints one readable
+# line per event on stdout, `--format text`; set DEMO_FORMAT=json for the JSON
+# lines) and has bob send messages, an edit, a reaction, typing notifications
+# and a read receipt.  Everything is removed at the end, also
 # on Ctrl-C.
 #
 # Narration goes to stderr, the example's output to stdout.
@@ -12,6 +13,7 @@
 # Environment:
 #   DEMO_SKIP_TAIL=1   do everything except building and running the example
 #   DEMO_PAUSE=SECS    pause between bob's actions (default 1)
+#   DEMO_FORMAT=json   print tail's JSON lines instead of the text format
 #   SYNAPSE_VENV       see scripts/synapse.sh
 #
 # The homeserver is the test kit's throwaway Synapse (its `synapse` binary starts it,
@@ -22,6 +24,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
 SYNAPSE_SH="${SCRIPT_DIR}/synapse.sh"
 PAUSE="${DEMO_PAUSE:-1}"
+FORMAT="${DEMO_FORMAT:-text}"
 SKIP_TAIL="${DEMO_SKIP_TAIL:-}"
 
 DIR=""
@@ -175,8 +178,8 @@ say "bob joins ${ROOM}"
 mx POST "${BOB_TOKEN}" '{}' join "${ROOM}" >/dev/null
 
 if [ -z "${SKIP_TAIL}" ]; then
-    say "starting the equivalent of: cargo run --release --example tail -- --homeserver ${BASE_URL} (as alice)"
-    MATRIX_ACCESS_TOKEN="${ALICE_TOKEN}" "${TAIL_BIN}" --homeserver "${BASE_URL}" &
+    say "starting the equivalent of: cargo run --release --example tail -- --homeserver ${BASE_URL} --format ${FORMAT} (as alice)"
+    MATRIX_ACCESS_TOKEN="${ALICE_TOKEN}" "${TAIL_BIN}" --homeserver "${BASE_URL}" --format "${FORMAT}" &
     TAIL_PID=$!
     sleep 3
     if ! kill -0 "${TAIL_PID}" 2>/dev/null; then
@@ -217,6 +220,9 @@ REACTION_BODY="$(python3 -c '
 import json, sys
 print(json.dumps({"m.relates_to": {"rel_type": "m.annotation", "event_id": sys.argv[1], "key": "\U0001F44D"}}))' "${SECOND}")"
 mx PUT "${BOB_TOKEN}" "${REACTION_BODY}" rooms "${ROOM}" send m.reaction @TXN >/dev/null
+sleep "${PAUSE}"
+say "bob marks \"this is a live sync demo\" as read"
+mx POST "${BOB_TOKEN}" '{}' rooms "${ROOM}" receipt m.read "${SECOND}" >/dev/null
 sleep "${PAUSE}"
 bob_says "bye!" >/dev/null
 

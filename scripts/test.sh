@@ -37,3 +37,27 @@ cargo test -p matrix-sync-testkit
 
 step "every test, with the driver and a real Synapse"
 cargo test
+
+step "the unit tests inside the tail example (its exit statuses)"
+cargo test --example tail
+
+# ---- end-to-end encryption (feature `e2ee`) ---------------------------------------------------
+
+step "e2ee: without the feature, no crypto crate is in the dependency tree"
+for features in "" "--no-default-features"; do
+    if cargo tree ${features} -e normal --prefix none \
+        | grep -E '^(matrix-sdk-[a-z-]+|vodozemac|ruma|tokio|rusqlite|libsqlite3-sys) '; then
+        echo "a crypto crate is in the dependency tree without the e2ee feature (${features:-default features})" >&2
+        exit 1
+    fi
+done
+
+step "e2ee: clippy and cargo doc with the feature"
+cargo clippy --all-targets --features e2ee -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features e2ee
+
+step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse"
+cargo test --features e2ee --lib e2ee
+cargo test --features e2ee --bench decrypt
+cargo build --features e2ee --examples
+cargo test --features e2ee --test e2ee_synapse --test e2ee_crash --test e2ee_tail

@@ -54,9 +54,15 @@ pub enum SyncFilter {
 }
 
 impl SyncFilter {
-    /// A filter that limits every room timeline to `limit` events.
+    /// The default filter: room members lazy-loaded (only the members who sent the events
+    /// delivered, without redundant repeats), nothing else filtered. See [`defaults`].
+    pub fn lazy_loading() -> Self {
+        SyncFilter::Definition(Box::new(FilterDefinition::with_lazy_loading()))
+    }
+
+    /// The default filter, with every room timeline limited to `limit` events.
     pub fn timeline_limit(limit: u32) -> Self {
-        let mut def = FilterDefinition::default();
+        let mut def = FilterDefinition::with_lazy_loading();
         def.room.timeline.limit = Some(limit.into());
         SyncFilter::Definition(Box::new(def))
     }
@@ -153,7 +159,7 @@ pub struct Config {
     pub refresh: RefreshMethod,
     /// Resume from this `next_batch` token (for instance a stored checkpoint).
     pub since: Option<String>,
-    /// Filter for `/sync`.
+    /// Filter for `/sync`: by default [`SyncFilter::lazy_loading`]; `None` sends none.
     pub filter: Option<SyncFilter>,
     /// Server-side long-poll timeout of incremental syncs.
     pub long_poll_timeout: Duration,
@@ -194,7 +200,7 @@ impl Config {
             access_token_expires_in: None,
             refresh: RefreshMethod::Matrix,
             since: None,
-            filter: None,
+            filter: Some(SyncFilter::lazy_loading()),
             long_poll_timeout: defaults::LONG_POLL_TIMEOUT,
             deadline_margin: defaults::DEADLINE_MARGIN,
             initial_sync_deadline: defaults::INITIAL_SYNC_DEADLINE,

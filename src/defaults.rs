@@ -39,6 +39,14 @@
 //!   kept as 64-bit fingerprints under a key drawn at random for each machine (foldhash; 16
 //!   bytes each with the eviction order, about 0.3 MB in all): the chance that two of 16,384
 //!   ids collide, which would skip one event, is about 10⁻¹¹, and no server can aim for it.
+//! * **Members lazy-loaded** ([`SyncFilter::lazy_loading`](crate::SyncFilter::lazy_loading),
+//!   the default `Config::filter`): what Element and matrix-rust-sdk send. Without it a
+//!   server sends every member of every room in the initial sync and in each limited
+//!   timeline's state, which in large rooms is most of the body; with it, the members who
+//!   sent the delivered events come along (the spec's lazy-loading), so a consumer still
+//!   knows every sender. Redundant members stay off (the server would repeat members the
+//!   client already has). Nothing else is filtered: presence, account data, ephemeral
+//!   events and to-device messages are what an application of this crate asks for.
 //! * **Refresh a minute before expiry, or at four fifths of a short lifetime**
 //!   ([`REFRESH_LEAD`]): a minute covers a refresh that needs a few retries or a slow token
 //!   endpoint, so a steady sync never meets an expired token; a token living seconds (tests,

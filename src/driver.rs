@@ -21,6 +21,13 @@ use crate::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATE_CHANNEL_CAPACITY: usize = 64;
 
+// The E2EE stage on the driver thread (its own loop, reusing the driver's parts).
+#[cfg(feature = "e2ee")]
+#[path = "e2ee/driver.rs"]
+mod e2ee;
+#[cfg(feature = "e2ee")]
+pub use e2ee::start_encrypted;
+
 /// What reaches the `errors` channel.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,6 +38,11 @@ pub enum ServiceError {
     /// The driver thread panicked (a bug in this crate); the service has ended.
     #[error("the sync driver thread panicked: {0}")]
     Panicked(String),
+    /// The end-to-end encryption stage failed a step (feature `e2ee`); it goes on as
+    /// [`crate::e2ee`] describes.
+    #[cfg(feature = "e2ee")]
+    #[error(transparent)]
+    E2ee(crate::E2eeError),
 }
 
 /// A running sync service: one driver thread, its channels, and `stop`.
@@ -76,6 +88,16 @@ pub struct DriverConfig {
     /// [`SyncMachine::poll_credentials`]). Without it they are used at once and live only in
     /// memory: a restart then needs a new login if the refresh token rotated.
     pub on_credentials: Option<Arc<StoreCredentials>>,
+    /// Route requests through the proxy named by `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
+    /// (as curl reads them, `NO_PROXY` included), read once at start. On by default; off means
+    /// always direct. Ignored with [`agent`](Self::agent).
+    pub proxy_from_env: bool,
+    /// The application's own agent (its proxy, TLS roots, resolver) instead of the driver's.
+    /// The guarantees stay: every request is sent with statuses as values, no redirects
+    /// followed, its deadline, and the body cap. [`SyncService::stop`] shuts this agent down
+    /// to abort the request in flight, and clones share its pool: give the service an agent
+    /// of its own.
+    pub agent: Option<ureq::Agent>,
 }
 
 impl Default for DriverConfig {
@@ -84,6 +106,8 @@ impl Default for DriverConfig {
             event_channel_capacity: defaults::EVENT_CHANNEL_CAPACITY,
             error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
             on_credentials: None,
+            proxy_from_env: true,
+            agent: None,
         }
     }
 }
@@ -94,6 +118,8 @@ impl std::fmt::Debug for DriverConfig {
             .field("event_channel_capacity", &self.event_channel_capacity)
             .field("error_channel_capacity", &self.error_channel_capacity)
             .field("on_credentials", &self.on_credentials.is_some())
+            .field("proxy_from_env", &self.proxy_from_env)
+            .field("agent", &self.agent.is_some())
             .finish()
     }
 }
@@ -137,6 +163,10 @@ pub enum StartError {
     /// later or raise the limit.
     #[error("could not spawn the driver thread: {0}")]
     Spawn(#[source] io::Error),
+    /// The end-to-end encryption stage could not be set up (its store did not open).
+    #[cfg(feature = "e2ee")]
+    #[error("could not set up end-to-end encryption: {0}")]
+    E2ee(#[source] crate::E2eeError),
 }
 
 /// Validates `config`, then spawns the driver thread with the default [`DriverConfig`].
@@ -162,7 +192,10 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
-    let agent = new_agent();
+    let agent = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| new_agent(options.proxy_from_env));
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
@@ -195,7 +228,7 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
 /// the join, and the machine is stopped either way so the final state reads `Stopped`.
 fn spawn(
     mut driver: Driver,
-    body: fn(&mut Driver),
+    body: impl FnOnce(&mut Driver) + Send + 'static,
 ) -> std::io::Result<JoinHandle<Result<(), ServiceError>>> {
     thread::Builder::new()
         .name("matrix-sync".to_owned())
@@ -330,10 +363,14 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-fn new_agent() -> ureq::Agent {
+fn new_agent(proxy_from_env: bool) -> ureq::Agent {
+    let proxy = proxy_from_env.then(ureq::Proxy::try_from_env).flatten();
+    if let Some(proxy) = &proxy {
+        log::info!("requests go through the proxy at {}", proxy.host());
+    }
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .proxy(None)
+        .proxy(proxy)
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_resolve(Some(CONNECT_TIMEOUT))
         .max_redirects(0)
@@ -406,9 +443,6 @@ impl Driver {
 
     /// One turn of the canonical loop: drain the outputs, then send a request or wait.
     fn step(&mut self) -> Result<(), Stopped> {
-        while let Ok(set) = self.credentials.try_recv() {
-            self.put_in_force(set);
-        }
         self.drain()?;
         if let Some(request) = self.machine.poll_request() {
             let id = request.id;
@@ -452,14 +486,22 @@ impl Driver {
                 recv(self.stop) -> _ => return Err(Stopped),
             }
         }
+        self.settle_credentials();
+        self.publish_states();
+        self.check_stop()
+    }
+
+    /// Puts credentials set through the handle in force, and has refreshed ones stored.
+    fn settle_credentials(&mut self) {
+        while let Ok(set) = self.credentials.try_recv() {
+            self.put_in_force(set);
+        }
         while let Some(credentials) = self.machine.poll_credentials() {
             self.store(&credentials);
             while let Some(error) = self.machine.poll_error() {
                 self.errors.push(ServiceError::Sync(error));
             }
         }
-        self.publish_states();
-        self.check_stop()
     }
 
     /// Hands refreshed credentials to the application's store and tells the machine.
@@ -516,8 +558,11 @@ fn perform(
             "deadline passed before sending",
         ));
     }
+    // Set on every request, so that an application's own agent keeps the guarantees.
     let http = agent
         .configure_request(request.http)
+        .http_status_as_error(false)
+        .max_redirects(0)
         .timeout_global(Some(timeout))
         .build();
     let response = agent.run(http).map_err(|e| transport_failure(e, false))?;

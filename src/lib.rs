@@ -199,6 +199,10 @@ mod dedup;
 pub mod defaults;
 #[cfg(feature = "driver")]
 mod driver;
+#[cfg(feature = "e2ee")]
+pub mod e2ee;
+#[cfg(not(feature = "e2ee"))]
+mod e2ee;
 mod error;
 mod gapfill;
 mod machine;
@@ -213,14 +217,19 @@ mod token;
 pub use auth::{Credentials, RefreshMethod, RefreshToken};
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
+#[cfg(all(feature = "driver", feature = "e2ee"))]
+pub use driver::start_encrypted;
 #[cfg(feature = "driver")]
 pub use driver::{
     start, start_with, DriverConfig, ServiceError, StartError, StoreCredentials, SyncService,
 };
+#[cfg(feature = "e2ee")]
+pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};
+pub use e2ee::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};
 pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
-pub use request::{InFlightRequest, OutgoingRequest, RequestId, RequestKind};
+pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;

@@ -210,6 +210,11 @@ impl SyncMachine {
                 self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
             RequestKind::Refresh => self.on_refresh(in_flight, parts.status, bytes),
+            // The machine never sends the E2EE stage's requests.
+            RequestKind::Crypto(_) => self.fail(
+                in_flight,
+                Failure::InvalidRequest("not a sync request".into()),
+            ),
         }
         Ok(())
     }
@@ -637,7 +642,8 @@ impl SyncMachine {
         let full_state = self.mode == Mode::First && self.config.full_state;
         let http = request::sync_request(&self.config, since, timeout, full_state)
             .map_err(|e| e.to_string());
-        if self.state != SyncState::Refused && self.mode != Mode::LongPoll {
+        let waiting_on_user = matches!(self.state, SyncState::Refused | SyncState::SessionEnded);
+        if !waiting_on_user && self.mode != Mode::LongPoll {
             self.set_state(self.catch_up_state());
         }
         (http, RequestKind::Sync { timeout }, deadline)
@@ -778,7 +784,7 @@ impl SyncMachine {
         {
             Some(retry) => retry,
             None => match &in_flight.kind {
-                RequestKind::Sync { .. } => self.sync_failed(&failure),
+                RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
                 RequestKind::Messages { .. } => self.fill_failed(&failure),
                 RequestKind::Refresh => self.refresh_failed(&in_flight, &failure),
             },
@@ -852,7 +858,9 @@ impl SyncMachine {
         }
         let timeout = match in_flight.kind {
             RequestKind::Sync { timeout } => timeout,
-            RequestKind::Messages { .. } | RequestKind::Refresh => Duration::ZERO,
+            RequestKind::Messages { .. } | RequestKind::Refresh | RequestKind::Crypto(_) => {
+                Duration::ZERO
+            }
         };
         let answer = Answer {
             channel: self.mode.channel(),

@@ -219,11 +219,103 @@ pub struct Event {
     pub relation: Option<Relation>,
     /// The target of a redaction (`redacts`, top-level or in `content`).
     pub redacts: Option<OwnedEventId>,
-    /// The event's own JSON, as the server sent it.
+    /// The event's own JSON, as the server sent it (for an event the E2EE stage decrypted:
+    /// the decrypted event).
     pub raw: Box<RawValue>,
+    /// What the E2EE stage (feature `e2ee`) found for an encrypted room event; `None` for
+    /// every other event.
+    pub encryption: Option<Box<crate::Encryption>>,
 }
 
 impl Event {
+    /// The whole event as a typed value, parsed from [`raw`](Self::raw) on request (the
+    /// machine itself never builds ruma's event types). For example a message:
+    ///
+    /// ```
+    /// # use matrix_sync_service::Event;
+    /// use matrix_sync_service::ruma_events::room::message::OriginalSyncRoomMessageEvent;
+    /// # fn f(event: &Event) -> serde_json::Result<()> {
+    /// let message: OriginalSyncRoomMessageEvent = event.deserialize_as()?;
+    /// let line = format!("{}: {}", message.sender, message.content.body());
+    /// # Ok(()) }
+    /// ```
+    pub fn deserialize_as<'a, T: serde::Deserialize<'a>>(&'a self) -> serde_json::Result<T> {
+        serde_json::from_str(self.raw.get())
+    }
+
+    /// The event's `content` as a typed value. A reaction and a membership:
+    ///
+    /// ```
+    /// # use matrix_sync_service::Event;
+    /// use matrix_sync_service::ruma_events::reaction::ReactionEventContent;
+    /// use matrix_sync_service::ruma_events::room::member::RoomMemberEventContent;
+    /// # fn f(reaction: &Event, member: &Event) -> serde_json::Result<()> {
+    /// let reaction: ReactionEventContent = reaction.deserialize_content()?;
+    /// let line = format!("{} on {}", reaction.relates_to.key, reaction.relates_to.event_id);
+    /// let member: RoomMemberEventContent = member.deserialize_content()?;
+    /// let line = format!("{:?} is now {}", member.displayname, member.membership);
+    /// # Ok(()) }
+    /// ```
+    pub fn deserialize_content<'a, T: serde::Deserialize<'a>>(&'a self) -> serde_json::Result<T> {
+        #[derive(serde::Deserialize)]
+        struct Content<'c> {
+            #[serde(borrow)]
+            content: &'c RawValue,
+        }
+        let Content { content } = serde_json::from_str(self.raw.get())?;
+        serde_json::from_str(content.get())
+    }
+
+    /// Who is typing, for an [`EventKind::Typing`] event (`content.user_ids`); empty for
+    /// any other event or an id that does not parse.
+    pub fn typing_user_ids(&self) -> Vec<OwnedUserId> {
+        #[derive(serde::Deserialize)]
+        struct Typing {
+            user_ids: Vec<String>,
+        }
+        match (&self.kind, self.deserialize_content::<Typing>()) {
+            (EventKind::Typing, Ok(typing)) => typing
+                .user_ids
+                .iter()
+                .filter_map(|id| UserId::parse(id.as_str()).ok())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Who read what, for an [`EventKind::Receipt`] event: `(event id, receipt type, user
+    /// id)` for every receipt in its content, sorted by event id, type and user; empty for
+    /// any other event.
+    pub fn receipts(&self) -> Vec<(OwnedEventId, String, OwnedUserId)> {
+        type Content = std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<
+                String,
+                std::collections::BTreeMap<String, serde::de::IgnoredAny>,
+            >,
+        >;
+        let Ok(content) = self.deserialize_content::<Content>() else {
+            return Vec::new();
+        };
+        if self.kind != EventKind::Receipt {
+            return Vec::new();
+        }
+        let mut receipts = Vec::new();
+        for (event_id, by_type) in content {
+            let Some(event_id) = parse_event_id(&event_id) else {
+                continue;
+            };
+            for (receipt_type, users) in by_type {
+                for user in users.keys() {
+                    if let Ok(user) = UserId::parse(user.as_str()) {
+                        receipts.push((event_id.clone(), receipt_type.clone(), user));
+                    }
+                }
+            }
+        }
+        receipts
+    }
+
     fn synthetic(
         kind: EventKind,
         event_type: &'static str,
@@ -242,6 +334,7 @@ impl Event {
             relation: None,
             redacts: None,
             raw,
+            encryption: None,
         }
     }
 
@@ -360,6 +453,7 @@ pub(crate) fn normalize(
         relation,
         redacts,
         raw,
+        encryption: None,
     }
 }
 
@@ -471,6 +565,64 @@ mod tests {
             section,
             None,
         )
+    }
+
+    #[test]
+    fn typed_views_of_messages_reactions_members_typing_and_receipts() {
+        use ruma_events::reaction::ReactionEventContent;
+        use ruma_events::room::member::{MembershipState, RoomMemberEventContent};
+        use ruma_events::room::message::OriginalSyncRoomMessageEvent;
+        let message = norm(
+            r#"{"type":"m.room.message","event_id":"$m:x","sender":"@a:x","origin_server_ts":1,
+               "content":{"msgtype":"m.text","body":"hi"}}"#,
+            Section::Timeline,
+        );
+        let typed: OriginalSyncRoomMessageEvent = message.deserialize_as().unwrap();
+        assert_eq!(typed.content.body(), "hi");
+        let reaction = norm(
+            r#"{"type":"m.reaction","event_id":"$r:x","sender":"@a:x","origin_server_ts":1,
+               "content":{"m.relates_to":{"rel_type":"m.annotation","event_id":"$m:x","key":"👍"}}}"#,
+            Section::Timeline,
+        );
+        let content: ReactionEventContent = reaction.deserialize_content().unwrap();
+        assert_eq!(content.relates_to.key, "👍");
+        let member = norm(
+            r#"{"type":"m.room.member","state_key":"@b:x","event_id":"$j:x","sender":"@b:x",
+               "origin_server_ts":1,"content":{"membership":"join","displayname":"B"}}"#,
+            Section::State,
+        );
+        let content: RoomMemberEventContent = member.deserialize_content().unwrap();
+        assert_eq!(content.membership, MembershipState::Join);
+        let typing = norm(
+            r#"{"type":"m.typing","content":{"user_ids":["@a:x","not an id","@b:x"]}}"#,
+            Section::Ephemeral,
+        );
+        let ids: Vec<_> = typing
+            .typing_user_ids()
+            .iter()
+            .map(|u| u.to_string())
+            .collect();
+        assert_eq!(ids, ["@a:x", "@b:x"]);
+        assert!(message.typing_user_ids().is_empty());
+        let receipt = norm(
+            r#"{"type":"m.receipt","content":{"$m:x":{"m.read":{"@b:x":{"ts":1},"@a:x":{"ts":2}},
+               "m.read.private":{"@c:x":{}}},"bad":{"m.read":{"@d:x":{}}}}}"#,
+            Section::Ephemeral,
+        );
+        let read: Vec<_> = receipt
+            .receipts()
+            .into_iter()
+            .map(|(e, t, u)| format!("{e} {t} {u}"))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                "$m:x m.read @a:x",
+                "$m:x m.read @b:x",
+                "$m:x m.read.private @c:x"
+            ]
+        );
+        assert!(typing.receipts().is_empty());
     }
 
     #[test]

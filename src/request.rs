@@ -48,6 +48,44 @@ pub enum RequestKind {
     /// A token refresh: `POST /_matrix/client/v3/refresh`, or the OAuth 2.0 token endpoint
     /// (see [`RefreshMethod`](crate::RefreshMethod)). Its body carries the refresh token.
     Refresh,
+    /// A request of the end-to-end encryption stage (feature `e2ee`); the machine never
+    /// makes one.
+    Crypto(CryptoRequestKind),
+}
+
+/// What a request of the E2EE stage is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CryptoRequestKind {
+    /// `GET /_matrix/client/v3/account/whoami`: the device id of the access token.
+    Whoami,
+    /// `POST /_matrix/client/v3/keys/upload`: device and one-time keys.
+    KeysUpload,
+    /// `POST /_matrix/client/v3/keys/query`: other devices' keys.
+    KeysQuery,
+    /// `POST /_matrix/client/v3/keys/claim`: one-time keys of other devices.
+    KeysClaim,
+    /// `PUT /_matrix/client/v3/sendToDevice/{type}/{txnId}`.
+    ToDevice,
+    /// `POST /_matrix/client/v3/keys/signatures/upload`.
+    KeysSignatures,
+    /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{type}/{txnId}` (in-room verification).
+    RoomSend,
+}
+
+impl CryptoRequestKind {
+    /// A short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            CryptoRequestKind::Whoami => "whoami",
+            CryptoRequestKind::KeysUpload => "keys_upload",
+            CryptoRequestKind::KeysQuery => "keys_query",
+            CryptoRequestKind::KeysClaim => "keys_claim",
+            CryptoRequestKind::ToDevice => "to_device",
+            CryptoRequestKind::KeysSignatures => "keys_signatures",
+            CryptoRequestKind::RoomSend => "room_send",
+        }
+    }
 }
 
 impl RequestKind {
@@ -57,6 +95,7 @@ impl RequestKind {
             RequestKind::Sync { .. } => "sync",
             RequestKind::Messages { .. } => "messages",
             RequestKind::Refresh => "refresh",
+            RequestKind::Crypto(kind) => kind.name(),
         }
     }
 }

@@ -637,7 +637,7 @@ mod tests {
         for (n, c) in s.chars().enumerate() {
             if mask >> (n % 32) & 1 == 1 {
                 for unit in c.encode_utf16(&mut [0; 2]) {
-                    out += &format!("\\u{unit:04x}");
+                    out += format!("\\u{unit:04x}").as_str();
                 }
             } else {
                 match c {
@@ -706,7 +706,10 @@ mod tests {
         leaf.prop_recursive(5, 64, 6, |inner| {
             prop_oneof![
                 prop::collection::vec((ws(), inner.clone(), ws()), 0..5).prop_map(|items| {
-                    let items: Vec<_> = items.into_iter().map(|(a, v, b)| a + &v + &b).collect();
+                    let items: Vec<_> = items
+                        .into_iter()
+                        .map(|(a, v, b)| a + v.as_str() + b.as_str())
+                        .collect();
                     format!("[{}]", items.join(","))
                 }),
                 object((key(), inner)),

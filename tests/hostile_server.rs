@@ -1,7 +1,5 @@
-//! What a broken or hostile homeserver can do, played on the simulated clock (see `sim/mod.rs`):
-//! it cannot make the loop spin, bloat, stall, or lose or repeat events.
-
-mod sim;
+//! What a broken or hostile homeserver can do, played on the simulated clock (see the test
+//! kit's `sim`): it cannot make the loop spin, bloat, stall, or lose or repeat events.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -11,6 +9,7 @@ use matrix_sync_service::{
     SyncFilter, SyncState, MAX_TOKEN_BYTES,
 };
 
+use matrix_sync_testkit::sim;
 use sim::{ms, secs, Feed, Homeserver, Kind, Reply, Sent, Server, Sim};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -165,6 +164,7 @@ fn fresh_tokens_with_empty_rooms_answered_at_once_are_spaced_by_what_was_deliver
 fn a_limited_empty_timeline_whose_history_is_missing_is_spaced() {
     let mut n = 0u64;
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match r.kind {
+        Kind::Refresh => unreachable!("no refresh token in this scenario"),
         Kind::Sync => {
             n += 1;
             Reply::ok(
@@ -243,6 +243,7 @@ struct BigHistory {
 impl Server for BigHistory {
     fn answer(&mut self, r: &Sent, _: &http::Request<Vec<u8>>) -> Reply {
         match &r.kind {
+            Kind::Refresh => unreachable!("no refresh token in this scenario"),
             Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
                 ZERO,
                 body(&format!(
@@ -317,6 +318,7 @@ fn gap_fill_holds_no_more_than_the_body_cap_and_reports_the_rest_as_gaps() {
 fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
     let mut revoked = true;
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match &r.kind {
+        Kind::Refresh => unreachable!("no refresh token in this scenario"),
         Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
             ZERO,
             body(&format!(
@@ -368,6 +370,7 @@ fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
 #[test]
 fn a_room_whose_history_keeps_failing_ends_in_a_gap_and_the_batch_goes_on() {
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match &r.kind {
+        Kind::Refresh => unreachable!("no refresh token in this scenario"),
         Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
             ZERO,
             body(&format!(
@@ -457,6 +460,7 @@ fn gap_fills_carry_the_timeline_part_of_an_uploaded_filter() {
             let filter = sim::query(http.uri(), "filter");
             self.0.borrow_mut().push((r.kind.clone(), filter));
             match r.kind {
+                Kind::Refresh => unreachable!("no refresh token in this scenario"),
                 Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
                     ZERO,
                     body(&format!(

@@ -1,14 +1,13 @@
 //! Self-tests of the fault-injecting proxy against a tiny in-process upstream.
 
-#[path = "support/proxy.rs"]
-mod proxy;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use matrix_sync_testkit::proxy;
 
 use proxy::{Action, Fault, FaultPlan, Proxy};
 

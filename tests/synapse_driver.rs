@@ -10,17 +10,14 @@ use matrix_sync_service::{
     start, start_with, BackoffPolicy, DriverConfig, ErrorClass, Event, EventKind, Failure,
     ServiceError, SyncState,
 };
-use support::client::Account;
+use support::client::{room_of_two, Account};
 use support::service::{collect_until, config_for, drain_until_live, tail_binary, time_to_close};
 use support::synapse::Synapse;
 
 #[test]
 fn live_events_arrive_in_order_with_their_fields() {
     let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "alice", "bob");
     let doomed = bob.create_room(&[&alice.user_id]);
     alice.join(&doomed);
 
@@ -244,10 +241,7 @@ fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
 #[test]
 fn recovers_by_itself_after_synapse_restarts() {
     let mut synapse = Synapse::start();
-    let alice = Account::register(&synapse.base_url(), "survivor");
-    let bob = Account::register(&synapse.base_url(), "talker");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "survivor", "talker");
     let mut config = config_for(&alice);
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use matrix_sync_service::{start, BackoffPolicy, EventKind, SyncFilter};
 use serde_json::Value;
-use support::client::Account;
+use support::client::{room_of_two, Account};
 use support::proxy::{Action, Fault, FaultPlan, Proxy};
 use support::service::{
     bodies_in, collect_until, config_for, drain_until_live, last_checkpoint, tail_binary,
@@ -45,10 +45,7 @@ fn send_in_background(
 #[test]
 fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
     let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "faulty");
-    let bob = Account::register(&synapse.base_url(), "sender");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "faulty", "sender");
 
     let modes = vec![
         Fault::Reset,
@@ -139,10 +136,7 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
 #[test]
 fn a_long_absence_with_a_small_timeline_is_filled_completely() {
     let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "absent");
-    let bob = Account::register(&synapse.base_url(), "chatty");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "absent", "chatty");
 
     let mut config = config_for(&alice);
     config.filter = Some(SyncFilter::timeline_limit(10));
@@ -210,10 +204,7 @@ fn a_long_absence_with_a_small_timeline_is_filled_completely() {
 #[test]
 fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
     let mut synapse = Synapse::start();
-    let alice = Account::register(&synapse.base_url(), "steady");
-    let bob = Account::register(&synapse.base_url(), "restarter");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "steady", "restarter");
     let mut config = config_for(&alice);
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");
@@ -289,10 +280,7 @@ fn message_id(line: &Value, room: &str) -> Option<String> {
 #[test]
 fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() {
     let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "tailed");
-    let bob = Account::register(&synapse.base_url(), "poster");
-    let room = bob.create_room(&[&alice.user_id]);
-    alice.join(&room);
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "tailed", "poster");
     let dir = std::env::temp_dir().join(format!("tail-kill-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let since_file = dir.join("since");

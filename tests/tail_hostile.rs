@@ -11,14 +11,14 @@ mod support;
 
 use std::fs;
 use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fake_server::{FakeServer, Request, Response};
-use support::service::tail_binary;
+use support::service::{tail_binary, Tail};
 
 /// The exit statuses `tail` documents.
 const STOPPED: i32 = 0;
@@ -73,33 +73,6 @@ fn syncs(requests: &[Request]) -> Vec<&Request> {
 }
 
 // ---- the tail process ----------------------------------------------------------------------
-
-/// A running tail, killed when dropped (a failed assertion leaves no process behind).
-struct Tail(Child);
-
-impl Tail {
-    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// Reads `from` to its end on a thread.
 fn drain(mut from: impl Read + Send + 'static) -> JoinHandle<String> {

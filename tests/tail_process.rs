@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fake_server::{FakeServer, Request, Response};
-use support::service::tail_binary;
+use support::service::{tail_binary, Tail};
 
 /// The exit statuses `tail` documents.
 const STOPPED: i32 = 0;
@@ -105,79 +105,6 @@ fn tail_command(server: &FakeServer) -> Command {
         .env_remove("MATRIX_HOMESERVER")
         .stdin(Stdio::null());
     command
-}
-
-/// A running tail, killed when dropped (a failed assertion leaves no process behind).
-struct Tail(Child);
-
-impl Tail {
-    fn spawn(command: &mut Command) -> Self {
-        Self(command.spawn().expect("tail starts"))
-    }
-
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-
-    /// Its exit status, if it ends within `within`.
-    fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.0.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Sends `signal`; returns the exit status and how long after the signal it came.
-    fn signal(&mut self, signal: i32) -> (ExitStatus, Duration) {
-        let started = Instant::now();
-        // SAFETY: kill takes two integers; the pid is our unreaped child, so it is not reused.
-        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
-        let status = self
-            .wait_exit(Duration::from_secs(3))
-            .unwrap_or_else(|| panic!("tail still runs 3 s after signal {signal}"));
-        (status, started.elapsed())
-    }
-
-    /// The kernel function the main thread sleeps in (`/proc/<pid>/wchan`).
-    fn main_thread_wchan(&self) -> String {
-        let pid = self.pid();
-        fs::read_to_string(format!("/proc/{pid}/task/{pid}/wchan")).unwrap_or_default()
-    }
-
-    /// Waits until the main thread sleeps in a write to a full pipe.
-    fn wait_until_blocked_writing(&mut self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let wchan = self.main_thread_wchan();
-            // `pipe_write` (`anon_pipe_write` on recent kernels), `pipe_wait` on old ones.
-            if wchan.contains("pipe_write") || wchan.contains("pipe_wait") {
-                return;
-            }
-            if let Some(status) = self.0.try_wait().unwrap() {
-                panic!("tail ended ({status}) before blocking on {what}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tail did not block writing {what}; main thread in {wchan:?}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Tail {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Reads `from` to its end on a thread.

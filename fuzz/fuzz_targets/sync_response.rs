@@ -139,34 +139,7 @@ fn check_delay(config: &Config, error: &SyncError) {
 
 /// The `since` query parameter of a sync request, percent-decoded.
 fn query_since(req: &OutgoingRequest) -> Option<String> {
-    let query = req.http.uri().query()?;
-    query.split('&').find_map(|pair| {
-        let value = pair.strip_prefix("since=")?;
-        Some(percent_decode(value))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    matrix_sync_testkit::query::uri_param(req.http.uri(), "since")
 }
 
 /// The next request, at once or after waking the machine at `poll_timeout()`.

@@ -106,6 +106,20 @@ fn request(
     (status, value)
 }
 
+/// Two new users in a private room: the first (`receiver_prefix`) invited by the second
+/// (`sender_prefix`), who created it, and joined. Returns both accounts and the room id.
+pub fn room_of_two(
+    base_url: &str,
+    receiver_prefix: &str,
+    sender_prefix: &str,
+) -> (Account, Account, String) {
+    let receiver = Account::register(base_url, receiver_prefix);
+    let sender = Account::register(base_url, sender_prefix);
+    let room = sender.create_room(&[&receiver.user_id]);
+    receiver.join(&room);
+    (receiver, sender, room)
+}
+
 /// A registered user with one device, logged in.
 #[derive(Clone)]
 pub struct Account {

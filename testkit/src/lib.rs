@@ -1,4 +1,14 @@
-//! Test support shared by the crate's tests and its fuzz targets.
+//! Test support shared by the crate's tests, benchmarks, examples and fuzz targets.
+//!
+//! * [`Checked`]: the one list of invariants (below), asserted at every call.
+//! * [`harness`]: a simulated clock the test moves, around a [`Checked`] machine; [`sim`]: a
+//!   scripted homeserver and a clock that jumps to the next event, around one too.
+//! * [`backoff`]: the documented backoff, replayed independently; [`rng`]: the one seeded
+//!   generator; [`query`]: requests read back; [`gen`]: realistic large sync bodies;
+//!   [`cpu_clock`]: CPU-time clocks.
+//! * With the `net` feature (default): [`synapse`], a throwaway Synapse (also as the
+//!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
+//!   proxy, and [`fake_server`], a scripted loopback HTTP server.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -16,9 +26,30 @@
 //! * `since` never passes a batch whose gap fill failed on authentication: after such a
 //!   failure, no event comes out before the next sync is sent.
 //! * The gap-fill memory held for a pending batch never exceeds `max_body_bytes`.
+//! * `since` moves only when a checkpoint is handed on, to that checkpoint's token: never on
+//!   another event, never on an input. A refused input changes nothing (state, request in
+//!   flight, wake-up instant).
+//! * Requests: one at a time (none while one is in flight), ids increasing, the one handed out
+//!   is the one in flight, its deadline in the future, the access token never in its URL, and
+//!   a sync asks from the current `since`.
+//! * Never stuck ([`Checked::assert_waiting`], once everything is drained): stopped, or a
+//!   wake-up in the future, at the deadline of the request in flight if there is one.
+//! * Errors: at least attempt 1, the class of their failure, and a delay within the backoff
+//!   cap (for rate limits, the larger of it and `max_server_wait`).
 
+pub mod backoff;
 #[cfg(feature = "net")]
 pub mod client;
+pub mod cpu_clock;
+#[cfg(feature = "net")]
+pub mod fake_server;
+pub mod gen;
+pub mod harness;
+#[cfg(feature = "net")]
+pub mod proxy;
+pub mod query;
+pub mod rng;
+pub mod sim;
 #[cfg(feature = "net")]
 pub mod synapse;
 
@@ -26,8 +57,9 @@ use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    BackoffPolicy, Config, ConfigError, Event, EventKind, Failure, InputError, OutgoingRequest,
-    RequestId, RequestKind, SyncError, SyncMachine, SyncState, TransportFailure,
+    AccessToken, BackoffPolicy, Config, ConfigError, Credentials, ErrorClass, Event, EventKind,
+    Failure, InputError, OutgoingRequest, RequestId, RequestKind, SyncError, SyncMachine,
+    SyncState, TransportFailure,
 };
 
 /// How far back pacing windows are checked: the bound grows linearly past the ramp, so
@@ -44,6 +76,8 @@ pub struct Checked {
     machine: SyncMachine,
     now: Instant,
     invariants: Invariants,
+    /// Credentials were handed out and not yet answered: nothing may be sent meanwhile.
+    credentials_out: bool,
 }
 
 impl Checked {
@@ -54,7 +88,79 @@ impl Checked {
             machine: SyncMachine::new(config, now)?,
             now,
             invariants,
+            credentials_out: false,
         })
+    }
+
+    /// [`SyncMachine::poll_credentials`], checked: credentials come out only while nothing
+    /// is in flight, and until they are answered no request goes out.
+    #[must_use]
+    pub fn poll_credentials(&mut self) -> Option<Credentials> {
+        let credentials = self.machine.poll_credentials();
+        if credentials.is_some() {
+            assert!(
+                !self.credentials_out,
+                "credentials handed out twice unanswered"
+            );
+            assert!(
+                self.machine.in_flight().is_none(),
+                "credentials handed out with a request in flight"
+            );
+            assert!(!self.invariants.stopped, "credentials after stop");
+            self.credentials_out = true;
+        }
+        credentials
+    }
+
+    /// [`SyncMachine::handle_credentials_stored`], checked.
+    pub fn handle_credentials_stored(&mut self, now: Instant) -> Result<(), InputError> {
+        let before = self.snapshot();
+        let result = self.machine.handle_credentials_stored(now);
+        self.credentials_answered(&result);
+        self.after_input(None, now, &result, before);
+        result
+    }
+
+    /// [`SyncMachine::handle_credentials_not_stored`], checked.
+    pub fn handle_credentials_not_stored(
+        &mut self,
+        reason: &str,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        let before = self.snapshot();
+        let result = self.machine.handle_credentials_not_stored(reason, now);
+        self.credentials_answered(&result);
+        self.after_input(None, now, &result, before);
+        result
+    }
+
+    /// [`SyncMachine::set_credentials`], checked: the pending credentials (if any) are
+    /// dropped, so nothing is awaited any more.
+    pub fn set_credentials(
+        &mut self,
+        credentials: Credentials,
+        now: Instant,
+    ) -> Result<(), InputError> {
+        let before = self.snapshot();
+        let result = self.machine.set_credentials(credentials, now);
+        self.credentials_answered(&result);
+        self.after_input(None, now, &result, before);
+        result
+    }
+
+    /// [`SyncMachine::set_access_token`], checked.
+    pub fn set_access_token(&mut self, token: &str, now: Instant) -> Result<(), InputError> {
+        let before = self.snapshot();
+        let result = self.machine.set_access_token(token, now);
+        self.credentials_answered(&result);
+        self.after_input(None, now, &result, before);
+        result
+    }
+
+    fn credentials_answered(&mut self, result: &Result<(), InputError>) {
+        if result.is_ok() {
+            self.credentials_out = false;
+        }
     }
 
     /// [`SyncMachine::handle_response`], checked.
@@ -64,8 +170,9 @@ impl Checked {
         response: http::Response<B>,
         now: Instant,
     ) -> Result<(), InputError> {
+        let before = self.snapshot();
         let result = self.machine.handle_response(id, response, now);
-        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result, before);
         result
     }
 
@@ -76,17 +183,19 @@ impl Checked {
         failure: TransportFailure,
         now: Instant,
     ) -> Result<(), InputError> {
+        let before = self.snapshot();
         let result = self.machine.handle_failure(id, failure, now);
-        self.after_input(result.is_ok().then_some((id, now)), now, &result);
+        self.after_input(result.is_ok().then_some((id, now)), now, &result, before);
         result
     }
 
     /// [`SyncMachine::handle_timeout`], checked.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), InputError> {
+        let before = self.snapshot();
         let awaited = self.machine.in_flight().map(|f| f.id);
         let result = self.machine.handle_timeout(now);
         let gone = awaited.filter(|_| self.machine.in_flight().is_none());
-        self.after_input(gone.map(|id| (id, now)), now, &result);
+        self.after_input(gone.map(|id| (id, now)), now, &result, before);
         result
     }
 
@@ -100,8 +209,50 @@ impl Checked {
     /// [`SyncMachine::poll_request`], checked.
     #[must_use]
     pub fn poll_request(&mut self) -> Option<OutgoingRequest> {
+        let in_flight = self.machine.in_flight().is_some();
         let request = self.machine.poll_request();
         if let Some(request) = &request {
+            assert!(!in_flight, "a second request while one is in flight");
+            assert!(
+                !self.credentials_out,
+                "a request went out before the new credentials were stored"
+            );
+            if request.kind == RequestKind::Refresh {
+                assert!(
+                    request.http.headers().get("authorization").is_none(),
+                    "a refresh carries the access token"
+                );
+            }
+            assert_eq!(
+                self.machine.in_flight().map(|f| f.id),
+                Some(request.id),
+                "the request handed out is not the one in flight"
+            );
+            assert!(
+                request.deadline > self.now,
+                "a request already past its deadline"
+            );
+            let uri = request.http.uri().to_string();
+            let config = self.machine.config();
+            let secrets = [
+                Some(config.access_token.expose()),
+                config.refresh_token.as_ref().map(|t| t.expose()),
+            ];
+            for secret in secrets
+                .into_iter()
+                .flatten()
+                .chain([self.invariants.token.expose()])
+            {
+                assert!(!uri.contains(secret), "a token is in the URL");
+            }
+            let uri = request.http.uri();
+            if let RequestKind::Sync { .. } = request.kind {
+                assert_eq!(
+                    query::uri_param(uri, "since").as_deref(),
+                    self.machine.since(),
+                    "a sync asks from another token than since"
+                );
+            }
             self.invariants.sent(request, self.now);
         }
         request
@@ -110,8 +261,21 @@ impl Checked {
     /// [`SyncMachine::poll_event`], checked.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
+        let before = self.machine.since().map(str::to_owned);
         let event = self.machine.poll_event();
         if let Some(event) = &event {
+            match &event.kind {
+                EventKind::Checkpoint(cp) => assert_eq!(
+                    self.machine.since(),
+                    Some(cp.next_batch.as_str()),
+                    "since after a checkpoint is not its token"
+                ),
+                _ => assert_eq!(
+                    self.machine.since(),
+                    before.as_deref(),
+                    "since moved on a non-checkpoint event {event:?}"
+                ),
+            }
             self.invariants.event(event);
         }
         event
@@ -137,14 +301,56 @@ impl Checked {
         state
     }
 
+    /// What an input must not change by itself (`since`), and what a refused one must not
+    /// change at all.
+    fn snapshot(&self) -> Snapshot {
+        let m = &self.machine;
+        Snapshot {
+            since: m.since().map(str::to_owned),
+            rest: format!(
+                "state {:?}, in flight {:?}, wake-up {:?}",
+                m.state(),
+                m.in_flight(),
+                m.poll_timeout()
+            ),
+        }
+    }
+
+    /// Asserts the machine is waiting for something, as it must be once everything is drained
+    /// and `poll_request` gave nothing: stopped, with no wake-up; or a wake-up in the future,
+    /// at the deadline of the request in flight if there is one.
+    pub fn assert_waiting(&self) {
+        let m = &self.machine;
+        match m.poll_timeout() {
+            None => assert!(
+                self.invariants.stopped || self.credentials_out,
+                "no wake-up instant but not stopped, nor waiting for credentials to be stored"
+            ),
+            Some(at) => {
+                assert!(
+                    at > self.now,
+                    "wake-up {at:?} is due but no request was given"
+                );
+                if let Some(deadline) = m.in_flight().map(|f| f.deadline) {
+                    assert_eq!(at, deadline, "the wake-up is not the deadline in flight");
+                }
+            }
+        }
+    }
+
     fn after_input(
         &mut self,
         answered: Option<(RequestId, Instant)>,
         now: Instant,
         result: &Result<(), InputError>,
+        before: Snapshot,
     ) {
+        let after = self.snapshot();
         if result.is_ok() {
             self.now = now;
+            assert_eq!(after.since, before.since, "an input moved since by itself");
+        } else {
+            assert_eq!(after, before, "a refused input changed the machine");
         }
         if let Some((id, at)) = answered {
             self.invariants.answered(id, at);
@@ -166,6 +372,13 @@ impl Checked {
             assert_eq!(m.state(), SyncState::Stopped);
         }
     }
+}
+
+/// What [`Checked`] compares across an input.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    since: Option<String>,
+    rest: String,
 }
 
 impl Deref for Checked {
@@ -231,6 +444,14 @@ impl SyncRecord {
 #[derive(Debug)]
 struct Invariants {
     budget: u64,
+    /// The access token, never to be seen in a URL.
+    token: AccessToken,
+    /// The most an error may say to wait: the backoff cap, and for rate limits
+    /// `max_server_wait` if larger.
+    backoff_max: Duration,
+    rate_limited_max: Duration,
+    /// The last request id handed out.
+    last_id: Option<RequestId>,
     /// `ramp[n]`: the least time `n + 1` consecutive counted requests take; `None` without a
     /// bound (jitter 1).
     ramp: Option<Ramp>,
@@ -247,6 +468,10 @@ impl Invariants {
     fn new(config: &Config) -> Self {
         Self {
             budget: config.max_body_bytes,
+            token: config.access_token.clone(),
+            backoff_max: config.backoff.max,
+            rate_limited_max: config.backoff.max.max(config.max_server_wait),
+            last_id: None,
             ramp: Ramp::new(&config.backoff),
             stopped: false,
             saw_stopped: false,
@@ -263,6 +488,11 @@ impl Invariants {
 
     fn sent(&mut self, request: &OutgoingRequest, now: Instant) {
         self.nothing_after_stop("a request");
+        assert!(
+            self.last_id.is_none_or(|last| request.id > last),
+            "request ids are not handed out in increasing order"
+        );
+        self.last_id = Some(request.id);
         let sync = matches!(request.kind, RequestKind::Sync { .. });
         self.awaited = Some((request.id, sync));
         if let RequestKind::Sync { timeout } = request.kind {
@@ -310,6 +540,17 @@ impl Invariants {
 
     fn error(&mut self, error: &SyncError) {
         self.nothing_after_stop("an error");
+        assert!(error.attempt >= 1, "an error of attempt 0: {error:?}");
+        assert_eq!(error.class, error.failure.class(), "{error:?}");
+        let bound = match error.class {
+            ErrorClass::RateLimited => self.rate_limited_max,
+            _ => self.backoff_max,
+        };
+        assert!(
+            error.delay <= bound,
+            "delay {:?} above {bound:?}: {error:?}",
+            error.delay
+        );
         match &error.request {
             RequestKind::Sync { .. } => {
                 if let Some(record) = self.syncs.last_mut() {
@@ -321,7 +562,9 @@ impl Invariants {
                     error.failure,
                     Failure::UnknownToken { .. } | Failure::Refused { status: 401, .. }
                 );
-                if auth {
+                // Retried at once (after a refresh, or with credentials set since), the
+                // batch is kept; otherwise it failed like its sync.
+                if auth && !error.delay.is_zero() {
                     self.batch_dropped = true;
                     // The batch failed like its sync would have.
                     if let Some(record) = self.syncs.last_mut() {
@@ -329,6 +572,8 @@ impl Invariants {
                     }
                 }
             }
+            // A refresh paces itself on its own backoff and delivers nothing by itself.
+            RequestKind::Refresh => {}
             other => panic!("a request kind the invariants do not know: {other:?}"),
         }
     }
@@ -377,9 +622,9 @@ impl Ramp {
         }
         let mut sums = vec![Duration::ZERO];
         let mut n = 1;
-        while policy.base_delay(n) < policy.max && n < 10_000 {
+        while backoff::base_delay(policy, n) < policy.max && n < 10_000 {
             let last = *sums.last().unwrap_or(&Duration::ZERO);
-            sums.push(last + policy.base_delay(n).mul_f64(keep));
+            sums.push(last + backoff::base_delay(policy, n).mul_f64(keep));
             n += 1;
         }
         let at_cap = policy.max.mul_f64(keep);

@@ -1,16 +1,17 @@
 //! Shared helpers for the machine tests: fixtures, HTTP responses, a fake clock, a driver that
-//! pumps the machine like the canonical loop, and a reference implementation of the backoff.
+//! pumps the machine like the canonical loop; the reference backoff is the test kit's.
 #![allow(dead_code)]
 
-mod query;
-pub use query::percent_decode;
+#[allow(unused_imports)]
+pub use matrix_sync_testkit::harness::{checkpoint, kinds, response, response_with, Harness};
+pub use matrix_sync_testkit::query::decode_path as percent_decode;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use matrix_sync_service::{
-    BackoffPolicy, Config, Event, EventKind, OutgoingRequest, SyncError, SyncMachine, SyncState,
-};
+use serde_json::json;
+
+use matrix_sync_service::{Config, OutgoingRequest, SyncError, SyncState};
 
 /// Loopback homeserver: nothing is ever sent, the machine is sans-IO.
 pub const HOMESERVER: &str = "http://127.0.0.1:8008";
@@ -44,26 +45,6 @@ pub fn config_no_jitter() -> Config {
     c
 }
 
-/// An HTTP response with `status` and `body`.
-pub fn response(status: u16, body: impl Into<Vec<u8>>) -> http::Response<Vec<u8>> {
-    response_with(status, &[], body)
-}
-
-/// An HTTP response with `status`, extra headers and `body`.
-pub fn response_with(
-    status: u16,
-    headers: &[(&str, &str)],
-    body: impl Into<Vec<u8>>,
-) -> http::Response<Vec<u8>> {
-    let mut builder = http::Response::builder()
-        .status(status)
-        .header("content-type", "application/json");
-    for (k, v) in headers {
-        builder = builder.header(*k, *v);
-    }
-    builder.body(body.into()).expect("valid response")
-}
-
 /// A 200 carrying `value` as JSON.
 pub fn json_response(value: &serde_json::Value) -> http::Response<Vec<u8>> {
     response(200, serde_json::to_vec(value).expect("serializable"))
@@ -71,7 +52,7 @@ pub fn json_response(value: &serde_json::Value) -> http::Response<Vec<u8>> {
 
 /// A sync body with nothing in it but `next_batch` (and the key counts Synapse always sends).
 pub fn empty_sync(next_batch: &str) -> serde_json::Value {
-    serde_json::json!({
+    json!({
         "next_batch": next_batch,
         "device_one_time_keys_count": {"signed_curve25519": 0},
         "device_unused_fallback_key_types": []
@@ -90,7 +71,7 @@ pub fn message_sync(
         .iter()
         .enumerate()
         .map(|(i, body)| {
-            serde_json::json!({
+            json!({
                 "type": "m.room.message",
                 "event_id": format!("${prefix}_{i}:localhost"),
                 "sender": "@alice:localhost",
@@ -99,7 +80,7 @@ pub fn message_sync(
             })
         })
         .collect();
-    serde_json::json!({
+    json!({
         "next_batch": next_batch,
         "rooms": {"join": {room: {"timeline": {"events": events, "limited": false}}}}
     })
@@ -109,15 +90,7 @@ pub fn message_sync(
 
 /// The decoded query parameters of a request (each key at most once).
 pub fn query(req: &OutgoingRequest) -> BTreeMap<String, String> {
-    let mut map = BTreeMap::new();
-    if let Some(q) = req.http.uri().query() {
-        for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let old = map.insert(percent_decode(k), percent_decode(v));
-            assert!(old.is_none(), "query key {k} repeated in {q}");
-        }
-    }
-    map
+    matrix_sync_testkit::query::uri_params(req.http.uri())
 }
 
 /// The decoded path of a request.
@@ -125,204 +98,109 @@ pub fn path(req: &OutgoingRequest) -> String {
     percent_decode(req.http.uri().path())
 }
 
-// ---- the reference backoff ----------------------------------------------------------------------
+// ---- the machine tests' shared steps ----------------------------------------------------------
 
-/// SplitMix64, written from its published definition.
-pub struct SplitMix64(pub u64);
+pub const INCREMENTAL: &str = "synapse-incremental.json";
+pub const E401: &str = "synapse-401-unknown-token.json";
+pub const E429: &str = "synapse-429-limit-exceeded.json";
+pub const E400: &str = "synapse-400-invalid-since.json";
 
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
+pub fn one_error(h: &mut Harness) -> SyncError {
+    let errors = h.take_errors();
+    assert_eq!(errors.len(), 1, "expected exactly one error: {errors:?}");
+    errors.into_iter().next().unwrap()
 }
 
-/// `min(initial * factor^(attempt-1), max)`.
-pub fn reference_base(policy: &BackoffPolicy, attempt: u32) -> Duration {
-    let secs = policy.initial.as_secs_f64() * policy.factor.powi(attempt as i32 - 1);
-    if secs >= policy.max.as_secs_f64() {
-        policy.max
-    } else {
-        Duration::from_secs_f64(secs).min(policy.max)
-    }
-}
-
-/// The documented jittered delays: one generator per machine, one draw per transient or
-/// rate-limited failure.
-pub struct ReferenceBackoff {
-    pub policy: BackoffPolicy,
-    pub rng: SplitMix64,
-}
-
-impl ReferenceBackoff {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            policy: config.backoff.clone(),
-            rng: SplitMix64(config.jitter_seed),
-        }
-    }
-
-    /// The delay of the `attempt`-th consecutive failure; draws one number.
-    pub fn delay(&mut self, attempt: u32) -> Duration {
-        let base = reference_base(&self.policy, attempt);
-        let u = self.rng.next_unit();
-        base.mul_f64(1.0 - self.policy.jitter * u)
-            .min(self.policy.max)
-    }
-}
-
-// ---- driving the machine ------------------------------------------------------------------------
-
-/// A machine, a fake clock, and everything it has said so far.
-pub struct Harness {
-    pub m: SyncMachine,
-    pub base: Instant,
-    pub now: Instant,
-    pub events: Vec<Event>,
-    pub errors: Vec<SyncError>,
-    pub states: Vec<SyncState>,
-}
-
-impl Harness {
-    pub fn new(config: Config) -> Self {
-        let base = Instant::now();
-        let m = SyncMachine::new(config, base).expect("valid config");
-        let mut h = Self {
-            m,
-            base,
-            now: base,
-            events: Vec::new(),
-            errors: Vec::new(),
-            states: Vec::new(),
-        };
-        h.pump();
-        h
-    }
-
-    /// Simulated time since the start.
-    pub fn elapsed(&self) -> Duration {
-        self.now - self.base
-    }
-
-    /// Drains events (checking that `since` moves only at a checkpoint, to its token), errors
-    /// and states.
-    pub fn pump(&mut self) {
-        loop {
-            let before = self.m.since().map(str::to_owned);
-            let Some(event) = self.m.poll_event() else {
-                break;
-            };
-            match &event.kind {
-                EventKind::Checkpoint(cp) => {
-                    assert_eq!(
-                        self.m.since(),
-                        Some(cp.next_batch.as_str()),
-                        "since after checkpoint"
-                    );
-                }
-                _ => assert_eq!(
-                    self.m.since().map(str::to_owned),
-                    before,
-                    "since moved on a non-checkpoint event {event:?}"
-                ),
-            }
-            self.events.push(event);
-        }
-        while let Some(e) = self.m.poll_error() {
-            self.errors.push(e);
-        }
-        while let Some(s) = self.m.poll_state() {
-            self.states.push(s);
-        }
-    }
-
-    /// The request due now; panics when none is.
-    pub fn request(&mut self) -> OutgoingRequest {
-        let req = self.m.poll_request().expect("a request is due now");
+/// Waits for the retry and checks it comes exactly `delay` after `failed_at`.
+pub fn retry_after(
+    h: &mut Harness,
+    failed_at: Instant,
+    delay: Duration,
+) -> matrix_sync_service::OutgoingRequest {
+    assert_eq!(
+        h.m.poll_timeout(),
+        Some(failed_at + delay),
+        "wake-up at the end of the backoff"
+    );
+    if !delay.is_zero() {
         assert!(
-            self.m.poll_request().is_none(),
-            "a second request while one is in flight"
+            h.m.poll_request().is_none(),
+            "no request during the backoff"
         );
-        self.pump();
-        req
+        // Just before the end: still nothing.
+        h.advance(delay - Duration::from_nanos(1));
+        assert!(
+            h.m.poll_request().is_none(),
+            "no request before the backoff ended"
+        );
     }
-
-    /// Advances the clock to each wake-up instant until a request is due, and returns it.
-    pub fn next_request(&mut self) -> OutgoingRequest {
-        for _ in 0..16 {
-            if let Some(req) = self.m.poll_request() {
-                assert!(
-                    self.m.poll_request().is_none(),
-                    "a second request while one is in flight"
-                );
-                self.pump();
-                return req;
-            }
-            let at = self
-                .m
-                .poll_timeout()
-                .expect("a wake-up instant when no request is due");
-            assert!(
-                at > self.now,
-                "poll_timeout {at:?} is due but no request was given"
-            );
-            self.now = at;
-            self.m.handle_timeout(at).expect("timeout accepted");
-            self.pump();
-        }
-        panic!("no request after 16 wake-ups");
-    }
-
-    /// Feeds `response` to `req` now and drains the outputs.
-    pub fn respond(&mut self, req: &OutgoingRequest, response: http::Response<Vec<u8>>) {
-        self.m
-            .handle_response(req.id, response, self.now)
-            .expect("response accepted");
-        self.pump();
-    }
-
-    /// Feeds a status and body to `req` now and drains the outputs.
-    pub fn reply(&mut self, req: &OutgoingRequest, status: u16, body: impl Into<Vec<u8>>) {
-        self.respond(req, response(status, body));
-    }
-
-    /// Moves the clock forward by `d` (and tells the machine).
-    pub fn advance(&mut self, d: Duration) {
-        self.now += d;
-        self.m.handle_timeout(self.now).expect("timeout accepted");
-        self.pump();
-    }
-
-    pub fn take_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
-    }
-
-    pub fn take_errors(&mut self) -> Vec<SyncError> {
-        std::mem::take(&mut self.errors)
-    }
-
-    pub fn take_states(&mut self) -> Vec<SyncState> {
-        std::mem::take(&mut self.states)
-    }
+    let req = h.next_request();
+    assert_eq!(
+        h.now - failed_at,
+        delay,
+        "retry sent exactly after the delay"
+    );
+    req
 }
 
-/// The kind names of `events`, for compact comparisons.
-pub fn kinds(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(|e| e.kind.name()).collect()
+pub fn timeout_param(req: &matrix_sync_service::OutgoingRequest) -> String {
+    query(req)
+        .get("timeout")
+        .cloned()
+        .expect("timeout in query")
 }
 
-/// The checkpoint token of an event, if it is one.
-pub fn checkpoint(e: &Event) -> Option<&str> {
-    match &e.kind {
-        EventKind::Checkpoint(cp) => Some(cp.next_batch.as_str()),
-        _ => None,
+pub fn since_param(req: &matrix_sync_service::OutgoingRequest) -> Option<String> {
+    query(req).get("since").cloned()
+}
+
+/// A machine that completed its initial sync (token `s0`) and is live.
+pub fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
+    c.since = None;
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.respond(&req, json_response(&empty_sync("s0")));
+    assert_eq!(h.m.since(), Some("s0"));
+    assert_eq!(h.m.state(), SyncState::Live);
+    h.take_events();
+    h.take_states();
+    h
+}
+
+pub const EDGE_ROOM: &str = "!r:x";
+
+pub fn limited_sync(next_batch: &str, prev_batch: &str) -> serde_json::Value {
+    json!({
+        "next_batch": next_batch,
+        "rooms": {"join": {EDGE_ROOM: {"timeline": {
+            "limited": true,
+            "prev_batch": prev_batch,
+            "events": [{"type": "m.room.message", "event_id": "$t1", "sender": "@a:x",
+                        "origin_server_ts": 1, "content": {"body": "newest"}}]
+        }}}}
+    })
+}
+
+pub fn page(ids: &[&str], end: Option<&str>) -> serde_json::Value {
+    let chunk: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            json!({"type": "m.room.message", "event_id": id, "sender": "@a:x",
+                   "origin_server_ts": 1, "room_id": EDGE_ROOM, "content": {"body": id}})
+        })
+        .collect();
+    let mut page = json!({"chunk": chunk, "start": "s"});
+    if let Some(end) = end {
+        page["end"] = json!(end);
     }
+    page
+}
+
+pub fn live_with_since(mut c: matrix_sync_service::Config) -> Harness {
+    c.since = Some("s0".to_owned());
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.respond(&req, json_response(&empty_sync("s1")));
+    h.take_events();
+    h
 }

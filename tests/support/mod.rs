@@ -4,8 +4,7 @@
 #![allow(dead_code)]
 
 #[allow(unused_imports)]
-pub use matrix_sync_testkit::{client, synapse};
+pub use matrix_sync_testkit::{client, fake_server, proxy, synapse};
 
-pub mod fake_server;
-pub mod proxy;
+pub mod connect_proxy;
 pub mod service;

@@ -1,5 +1,6 @@
 //! Helpers for driving a [`SyncService`] in tests.
 
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{Config, Event, EventKind, SyncService, SyncState};
@@ -103,4 +104,77 @@ pub fn tail_binary() -> std::path::PathBuf {
         tail.display()
     );
     tail
+}
+
+/// A running tail, killed when dropped (a failed assertion leaves no process behind).
+pub struct Tail(pub Child);
+
+impl Tail {
+    pub fn spawn(command: &mut Command) -> Self {
+        Self(command.spawn().expect("tail starts"))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+
+    /// Its exit status, if it ends within `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Sends `signal`; returns the exit status and how long after the signal it came.
+    pub fn signal(&mut self, signal: i32) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        // SAFETY: kill takes two integers; the pid is our unreaped child, so it is not reused.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+        let status = self
+            .wait_exit(Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("tail still runs 3 s after signal {signal}"));
+        (status, started.elapsed())
+    }
+
+    /// The kernel function the main thread sleeps in (`/proc/<pid>/wchan`).
+    pub fn main_thread_wchan(&self) -> String {
+        let pid = self.pid();
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/wchan")).unwrap_or_default()
+    }
+
+    /// Waits until the main thread sleeps in a write to a full pipe.
+    pub fn wait_until_blocked_writing(&mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let wchan = self.main_thread_wchan();
+            // `pipe_write` (`anon_pipe_write` on recent kernels), `pipe_wait` on old ones.
+            if wchan.contains("pipe_write") || wchan.contains("pipe_wait") {
+                return;
+            }
+            if let Some(status) = self.0.try_wait().unwrap() {
+                panic!("tail ended ({status}) before blocking on {what}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tail did not block writing {what}; main thread in {wchan:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

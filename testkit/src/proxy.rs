@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::rng::{index_below, SplitMix64};
+
 /// Granularity of every blocking wait: reads poll with this timeout so that
 /// shutdown and client disconnects are noticed promptly.
 const POLL: Duration = Duration::from_millis(50);
@@ -291,30 +293,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // Decisions
 // ---------------------------------------------------------------------------
 
-/// splitmix64: tiny, fast, good enough for test decisions.
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Uniform index below `len` from a 64-bit draw (multiply-shift).
-fn index_below(draw: u64, len: usize) -> usize {
-    ((u128::from(draw) * len as u128) >> 64) as usize
-}
-
 struct Decider {
     plan: FaultPlan,
     rng: SplitMix64,
@@ -324,7 +302,7 @@ struct Decider {
 impl Decider {
     fn new(plan: FaultPlan) -> Decider {
         Decider {
-            rng: SplitMix64(plan.seed),
+            rng: SplitMix64::new(plan.seed),
             plan,
             consecutive: 0,
         }
@@ -341,7 +319,7 @@ impl Decider {
     /// Every eligible request consumes exactly two draws, so the n-th
     /// decision depends only on the seed, n, and the plan.
     fn decide_eligible(&mut self) -> Option<Fault> {
-        let roll = self.rng.next_f64();
+        let roll = self.rng.next_unit();
         let pick = self.rng.next_u64();
         let hit = !self.plan.modes.is_empty() && roll < self.plan.rate;
         let capped = self

@@ -1,13 +1,15 @@
 //! Properties of the machine under arbitrary inputs, driven like the canonical loop: one input,
-//! then drain everything, then take at most one request.
+//! then drain everything, then take at most one request. The machine is the test kit's
+//! `Checked`, so every invariant of the kit is asserted at every call; this file adds what
+//! depends on its inputs:
 //!
 //! * no panic, whatever the server, the network or the caller does;
 //! * `since` only ever becomes the `next_batch` of a parsable 200 sync body that was fed, and only
 //!   when its checkpoint is polled; no input moves it by itself;
-//! * every delay is within the documented bounds;
-//! * never more than one request in flight, and the machine never stalls (a request is due or a
-//!   future wake-up instant is given);
-//! * refused inputs change nothing;
+//! * every delay is within the documented bounds, never more than one request in flight and
+//!   refused inputs change nothing (the kit's invariants);
+//! * the machine never stalls (the kit's `assert_waiting` after every step);
+//! * the inputs the caller gets wrong are refused with the error that says so;
 //! * same seed and inputs give the same outputs, bit for bit.
 
 mod common;
@@ -17,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use matrix_sync_service::{
-    BackoffPolicy, Config, ErrorClass, EventKind, GapFill, InputError, OutgoingRequest, RequestId,
-    RequestKind, SyncMachine, TransportErrorKind, TransportFailure,
+    BackoffPolicy, Config, EventKind, GapFill, InputError, OutgoingRequest, RequestId, RequestKind,
+    TransportErrorKind, TransportFailure,
 };
-use matrix_sync_testkit::foreign_request_id;
+use matrix_sync_testkit::{foreign_request_id, Checked};
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -57,6 +59,10 @@ enum Op {
     Backwards(u32),
     /// The caller stops the machine.
     Stop,
+    /// The application answers the credentials handed out: stored, or not.
+    Store(bool),
+    /// The application sets an access token of its own (`set_access_token`).
+    SetToken(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -83,6 +89,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => any::<u64>().prop_map(Op::WrongId),
         4 => (1u32..10_000).prop_map(Op::Backwards),
         1 => Just(Op::Stop),
+        6 => any::<bool>().prop_map(Op::Store),
+        2 => any::<u8>().prop_map(Op::SetToken),
     ]
 }
 
@@ -171,6 +179,11 @@ fn build_config(p: &Params) -> Config {
     if p.small_bodies {
         c.max_body_bytes = 700;
     }
+    // Half the runs hold a refresh token, and know when the access token expires.
+    if p.seed.is_multiple_of(2) {
+        c.refresh_token = Some(matrix_sync_service::RefreshToken::new("rt_start"));
+        c.access_token_expires_in = Some(Duration::from_millis(p.initial_deadline_ms));
+    }
     c
 }
 
@@ -214,9 +227,9 @@ fn transport_kind(k: u8) -> TransportErrorKind {
 fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
     let config = build_config(p);
     let max_body = config.max_body_bytes;
-    let backoff_max = config.backoff.max;
-    let server_max = config.max_server_wait;
-    let mut m = SyncMachine::new(config.clone(), base).expect("generated configs are valid");
+    // Checked asserts the invariants at every call; this test adds what is particular to
+    // its inputs: which tokens were fed, which inputs are refused, and never being stuck.
+    let mut m = Checked::new(config.clone(), base).expect("generated configs are valid");
     let mut now = base;
     let mut log: Vec<String> = Vec::new();
     let mut allowed: BTreeSet<String> = config.since.iter().cloned().collect();
@@ -225,51 +238,33 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
     let mut issued: Vec<RequestId> = Vec::new();
     let mut counter: u64 = 0;
     let mut stopped = false;
+    // Credentials handed out and not yet answered.
+    let mut credentials_out = false;
 
-    // Drains everything, checking the `since` and delay properties.
-    let drain = |m: &mut SyncMachine, log: &mut Vec<String>, allowed: &BTreeSet<String>| {
-        loop {
-            let before = m.since().map(str::to_owned);
-            let Some(event) = m.poll_event() else { break };
-            match &event.kind {
-                EventKind::Checkpoint(cp) => {
-                    assert!(
-                        allowed.contains(&cp.next_batch),
-                        "checkpoint {cp:?} not fed"
-                    );
-                    assert_eq!(m.since(), Some(cp.next_batch.as_str()));
-                }
-                _ => assert_eq!(
-                    m.since().map(str::to_owned),
-                    before,
-                    "since moved on {event:?}"
-                ),
+    // Drains everything, checking that checkpoints carry tokens that were fed.
+    let drain = |m: &mut Checked, log: &mut Vec<String>, allowed: &BTreeSet<String>| {
+        while let Some(event) = m.poll_event() {
+            if let EventKind::Checkpoint(cp) = &event.kind {
+                assert!(
+                    allowed.contains(&cp.next_batch),
+                    "checkpoint {cp:?} not fed"
+                );
             }
             log.push(format!("event {event:?}"));
         }
         while let Some(err) = m.poll_error() {
-            let bound = match err.class {
-                ErrorClass::RateLimited => backoff_max.max(server_max),
-                _ => backoff_max,
-            };
-            assert!(
-                err.delay <= bound,
-                "delay {:?} above {bound:?}: {err:?}",
-                err.delay
-            );
-            assert!(err.attempt >= 1);
-            assert_eq!(err.class, err.failure.class());
             log.push(format!("error {err:?}"));
         }
         while let Some(state) = m.poll_state() {
             log.push(format!("state {state:?}"));
         }
+        m.poll_credentials()
+            .map(|c| log.push(format!("credentials {c:?}")))
     };
 
-    drain(&mut m, &mut log, &allowed);
+    credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
     for op in ops {
-        let since_before = m.since().map(str::to_owned);
-        let snapshot = format!("{:?} {:?} {:?}", m.state(), m.in_flight(), m.poll_timeout());
+        let waiting_for_store = credentials_out;
         let mut refused = false;
         // An instant 200 with the token it was asked with and nothing in it.
         let mut idle_answer = false;
@@ -364,6 +359,30 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
                 stopped = true;
                 Ok(())
             }
+            Op::Store(stored) => {
+                let r = if *stored {
+                    m.handle_credentials_stored(now)
+                } else {
+                    m.handle_credentials_not_stored("injected", now)
+                };
+                if stopped {
+                    r
+                } else if waiting_for_store {
+                    credentials_out = false;
+                    r
+                } else {
+                    refused = true;
+                    assert_eq!(r, Err(InputError::NoCredentialsPending));
+                    r
+                }
+            }
+            Op::SetToken(n) => {
+                let r = m.set_access_token(&format!("set_token_{n}"), now);
+                if r.is_ok() {
+                    credentials_out = false;
+                }
+                r
+            }
             // A response op with nothing in flight, or a plain wake-up.
             _ => match m.poll_timeout() {
                 Some(at) if at > now => {
@@ -384,19 +403,7 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
         } else if !refused {
             assert!(result.is_ok(), "{op:?} refused: {result:?}");
         }
-        assert_eq!(
-            m.since().map(str::to_owned),
-            since_before,
-            "an input moved since by itself"
-        );
-        if result.is_err() {
-            assert_eq!(
-                format!("{:?} {:?} {:?}", m.state(), m.in_flight(), m.poll_timeout()),
-                snapshot,
-                "a refused input changed the machine"
-            );
-        }
-        drain(&mut m, &mut log, &allowed);
+        credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
 
         // The request we hold is no longer awaited (answered, failed, timed out, stopped).
         if current
@@ -405,41 +412,26 @@ fn run(p: &Params, ops: &[Op], base: Instant) -> Vec<String> {
         {
             current = None;
         }
-        // At most one new request per step.
-        let had_in_flight = m.in_flight().is_some();
+        // At most one new request per step (one in flight, ids increasing, deadline ahead,
+        // no token in the URL, nothing after stop: Checked).
         if let Some(req) = m.poll_request() {
-            assert!(!had_in_flight, "a second request while one is in flight");
             assert!(
                 !idle_answer || !matches!(req.kind, RequestKind::Sync { .. }),
                 "spinning: a sync right after an unchanged empty answer"
             );
-            assert!(!stopped, "a request after stop");
-            assert!(
-                issued.last().is_none_or(|last| req.id > *last),
-                "ids are handed out in increasing order"
-            );
             assert!(m.poll_request().is_none(), "two requests at once");
-            assert_eq!(m.in_flight().map(|f| f.id), Some(req.id));
-            assert!(req.deadline > now);
-            assert!(!req.http.uri().to_string().contains(TOKEN));
             issued.push(req.id);
             log.push(format!("request {req:?}"));
             current = Some(req);
         }
-        drain(&mut m, &mut log, &allowed);
+        credentials_out |= drain(&mut m, &mut log, &allowed).is_some();
+        if credentials_out {
+            assert!(m.in_flight().is_none(), "a request while credentials wait");
+        }
         if let Some(since) = m.since() {
             assert!(allowed.contains(since), "since {since} was never fed");
         }
-        // Never stuck: a request in flight with a future deadline, or a future wake-up.
-        match m.poll_timeout() {
-            None => assert!(stopped, "no wake-up instant but not stopped"),
-            Some(at) => {
-                assert!(at > now, "wake-up {at:?} is due but no request was given");
-                if let Some(deadline) = m.in_flight().map(|f| f.deadline) {
-                    assert_eq!(at, deadline);
-                }
-            }
-        }
+        m.assert_waiting();
         log.push(format!("wake {:?}", m.poll_timeout().map(|t| t - base)));
     }
     log
@@ -492,6 +484,11 @@ fn response_for(
                         })
                     }
                 }
+                RequestKind::Refresh => json!({
+                    "access_token": format!("at{counter}"),
+                    "refresh_token": format!("rt{counter}"),
+                    "expires_in_ms": 1 + *counter * 997 % 600_000,
+                }),
                 RequestKind::Messages { .. } => {
                     let mut page = json!({"chunk": events, "start": format!("st{counter}")});
                     if *end {
@@ -598,4 +595,26 @@ fn a_long_healthy_run_delivers_every_batch() {
         log.iter().any(|l| l.contains("Messages {")),
         "gap filling exercised"
     );
+}
+
+/// The generated runs do reach the refresh paths: refresh requests, credentials handed out,
+/// and their answers (so the property above covers them).
+#[test]
+fn the_generated_runs_play_refreshes_and_their_answers() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let (mut refreshes, mut handed_out) = (0, 0);
+    for _ in 0..200 {
+        let p = params().new_tree(&mut runner).unwrap().current();
+        let ops = prop::collection::vec(op(), 1..60)
+            .new_tree(&mut runner)
+            .unwrap()
+            .current();
+        let log = run(&p, &ops, Instant::now() + Duration::from_secs(3600));
+        refreshes += log.iter().filter(|l| l.contains("kind: Refresh")).count();
+        handed_out += log.iter().filter(|l| l.starts_with("credentials")).count();
+    }
+    eprintln!("{refreshes} refresh requests, {handed_out} credentials handed out");
+    assert!(refreshes > 20 && handed_out > 5, "{refreshes} {handed_out}");
 }

@@ -9,8 +9,6 @@
 //! predicts; jittered delays must lie within the documented bounds. Every sequence is played
 //! twice to check that the same inputs give the same outputs.
 
-mod sim;
-
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -19,6 +17,7 @@ use matrix_sync_service::{
     BackoffPolicy, Config, ErrorClass, EventKind, Failure, InputError, RequestId, RequestKind,
     SyncError, SyncState, TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::sim;
 use matrix_sync_testkit::{foreign_request_id, Checked};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};

@@ -1,83 +1,17 @@
-//! Every row of the error table, the exact backoff delays, state transitions, input errors,
-//! the request timeouts, the secrecy of the token, the hot-loop guard, and stop.
+//! Errors and backoff (contract §4, crate docs "Errors"): every row of the error table, the
+//! exact jittered delays, deadlines, rate limits and `Retry-After`, fatal failures, bad 200s,
+//! the body cap, and the hot-loop guard that paces answers delivering nothing.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use matrix_sync_service::{
-    BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestKind, SyncError, SyncMachine,
-    SyncState, TransportErrorKind, TransportFailure,
+    BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestKind, SyncError, SyncState,
+    TransportErrorKind, TransportFailure,
 };
-use matrix_sync_testkit::foreign_request_id;
-
-const INCREMENTAL: &str = "synapse-incremental.json";
-const E401: &str = "synapse-401-unknown-token.json";
-const E429: &str = "synapse-429-limit-exceeded.json";
-const E400: &str = "synapse-400-invalid-since.json";
-
-fn one_error(h: &mut Harness) -> SyncError {
-    let errors = h.take_errors();
-    assert_eq!(errors.len(), 1, "expected exactly one error: {errors:?}");
-    errors.into_iter().next().unwrap()
-}
-
-/// Waits for the retry and checks it comes exactly `delay` after `failed_at`.
-fn retry_after(
-    h: &mut Harness,
-    failed_at: Instant,
-    delay: Duration,
-) -> matrix_sync_service::OutgoingRequest {
-    assert_eq!(
-        h.m.poll_timeout(),
-        Some(failed_at + delay),
-        "wake-up at the end of the backoff"
-    );
-    if !delay.is_zero() {
-        assert!(
-            h.m.poll_request().is_none(),
-            "no request during the backoff"
-        );
-        // Just before the end: still nothing.
-        h.advance(delay - Duration::from_nanos(1));
-        assert!(
-            h.m.poll_request().is_none(),
-            "no request before the backoff ended"
-        );
-    }
-    let req = h.next_request();
-    assert_eq!(
-        h.now - failed_at,
-        delay,
-        "retry sent exactly after the delay"
-    );
-    req
-}
-
-fn timeout_param(req: &matrix_sync_service::OutgoingRequest) -> String {
-    query(req)
-        .get("timeout")
-        .cloned()
-        .expect("timeout in query")
-}
-
-fn since_param(req: &matrix_sync_service::OutgoingRequest) -> Option<String> {
-    query(req).get("since").cloned()
-}
-
-/// A machine that completed its initial sync (token `s0`) and is live.
-fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
-    c.since = None;
-    let mut h = Harness::new(c);
-    let req = h.request();
-    h.respond(&req, json_response(&empty_sync("s0")));
-    assert_eq!(h.m.since(), Some("s0"));
-    assert_eq!(h.m.state(), SyncState::Live);
-    h.take_events();
-    h.take_states();
-    h
-}
+use matrix_sync_testkit::backoff::{base_delay, ReferenceBackoff};
 
 // ---- transport failures and exact jitter ---------------------------------------------------------
 
@@ -85,7 +19,7 @@ fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
 fn transport_failures_back_off_with_the_documented_jittered_delays() {
     let mut c = config();
     c.jitter_seed = 0x5EED_1234_ABCD;
-    let mut reference = ReferenceBackoff::new(&c);
+    let mut reference = ReferenceBackoff::from_config(&c);
     let mut h = Harness::new(c);
     let kinds = [
         TransportErrorKind::Connect,
@@ -138,7 +72,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
     }
     // The jitter really is there (seeded, not zero), and the cap holds.
     let bases: Vec<Duration> = (1..=10)
-        .map(|n| reference_base(&BackoffPolicy::default(), n))
+        .map(|n| base_delay(&BackoffPolicy::default(), n))
         .collect();
     assert_eq!(bases[0], Duration::from_millis(500));
     assert_eq!(bases[7], Duration::from_secs(60));
@@ -374,7 +308,7 @@ fn rate_limit_waits_for_the_larger_of_server_wait_and_backoff() {
         let mut c = config();
         c.jitter_seed = 99;
         c.max_server_wait = cap;
-        let mut reference = ReferenceBackoff::new(&c);
+        let mut reference = ReferenceBackoff::from_config(&c);
         let mut h = live_harness(c);
         let mut req = h.request();
         for attempt in 1..=3 {
@@ -459,7 +393,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
         assert!(body.contains(&format!("\"soft_logout\":{soft_logout}")));
         let mut c = config();
         c.jitter_seed = 3;
-        let mut reference = ReferenceBackoff::new(&c);
+        let mut reference = ReferenceBackoff::from_config(&c);
         let mut h = live_harness(c);
         let mut req = h.request();
         for attempt in 1..=4 {
@@ -627,7 +561,7 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
         h.reply(&req, 200, body.clone());
         let err = one_error(&mut h);
         let delay = BackoffPolicy::default().base_delay(attempt);
-        assert_eq!(delay, reference_base(&BackoffPolicy::default(), attempt));
+        assert_eq!(delay, base_delay(&BackoffPolicy::default(), attempt));
         match &err.failure {
             Failure::BadResponse {
                 status,
@@ -658,191 +592,6 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
     assert_eq!(h.events.len(), 12, "{:?}", kinds(&h.events));
     assert_eq!(h.events[0].body.as_deref(), Some("after the first sync"));
     assert_eq!(h.m.since(), Some("s7641_53_2_135_14_1_2_17_0_1_1_1_1_1"));
-}
-
-// ---- input errors ----------------------------------------------------------------------------------
-
-/// Everything observable about a machine, for "nothing changed" checks.
-fn snapshot(m: &SyncMachine) -> String {
-    format!(
-        "{:?} {:?} {:?} {:?}",
-        m.state(),
-        m.since(),
-        m.in_flight(),
-        m.poll_timeout()
-    )
-}
-
-fn assert_no_output(m: &mut SyncMachine) {
-    assert!(m.poll_event().is_none());
-    assert!(m.poll_error().is_none());
-    assert!(m.poll_state().is_none());
-}
-
-#[test]
-fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
-    let mut h = live_harness(config());
-    let first = h.request();
-    // Let it pass its deadline: its id is now stale.
-    h.advance(first.deadline - h.now);
-    let _ = one_error(&mut h);
-    let req = h.next_request();
-    assert!(req.id > first.id);
-    let before = snapshot(&h.m);
-    let now = h.now;
-
-    let stale =
-        h.m.handle_response(first.id, json_response(&empty_sync("x")), now);
-    assert_eq!(stale, Err(InputError::StaleRequest(first.id)));
-    let stale = h.m.handle_failure(
-        first.id,
-        TransportFailure::new(TransportErrorKind::Reset, "late"),
-        now,
-    );
-    assert_eq!(stale, Err(InputError::StaleRequest(first.id)));
-    // Ids are opaque: the only ones not this machine's in flight are stale or another's.
-    let unknown = foreign_request_id(50);
-    let got =
-        h.m.handle_response(unknown, json_response(&empty_sync("x")), now);
-    assert_eq!(got, Err(InputError::StaleRequest(unknown)));
-    let got = h.m.handle_failure(
-        unknown,
-        TransportFailure::new(TransportErrorKind::Dns, "?"),
-        now,
-    );
-    assert_eq!(got, Err(InputError::StaleRequest(unknown)));
-    // A later `now` on a refused input does not move the clock either.
-    let later = now + Duration::from_secs(5);
-    let got =
-        h.m.handle_response(first.id, json_response(&empty_sync("x")), later);
-    assert_eq!(got, Err(InputError::StaleRequest(first.id)));
-
-    // Time going backwards, on every input.
-    let earlier = now - Duration::from_millis(1);
-    let back = InputError::TimeWentBackwards {
-        last: now,
-        now: earlier,
-    };
-    assert_eq!(h.m.handle_timeout(earlier), Err(back.clone()));
-    assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("x")), earlier),
-        Err(back.clone())
-    );
-    assert_eq!(
-        h.m.handle_failure(
-            req.id,
-            TransportFailure::new(TransportErrorKind::Tls, "t"),
-            earlier
-        ),
-        Err(back)
-    );
-    assert_eq!(snapshot(&h.m), before);
-    assert_no_output(&mut h.m);
-    assert!(
-        h.m.poll_request().is_none(),
-        "the request is still in flight"
-    );
-
-    // The awaited request can still be answered normally, at the time it expects.
-    h.respond(&req, json_response(&empty_sync("s1")));
-    assert_eq!(h.m.since(), Some("s1"));
-    // Its id is now stale too.
-    assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("s9")), h.now),
-        Err(InputError::StaleRequest(req.id))
-    );
-    assert_eq!(h.m.since(), Some("s1"));
-}
-
-#[test]
-fn a_response_nobody_asked_for_before_any_request_is_stale() {
-    let mut m = SyncMachine::new(config(), Instant::now()).unwrap();
-    assert_eq!(m.poll_state(), Some(SyncState::InitialSync));
-    let foreign = foreign_request_id(0);
-    let got = m.handle_response(foreign, json_response(&empty_sync("x")), Instant::now());
-    assert_eq!(got, Err(InputError::StaleRequest(foreign)));
-    assert_eq!(m.since(), None);
-    assert!(m.in_flight().is_none());
-    assert_eq!(m.state(), SyncState::InitialSync);
-    assert_no_output(&mut m);
-}
-
-// ---- timeouts in the query -------------------------------------------------------------------------
-
-#[test]
-fn timeout_is_zero_when_catching_up_and_the_long_poll_otherwise() {
-    let mut c = config_no_jitter();
-    c.long_poll_timeout = Duration::from_millis(12_345);
-    let mut h = Harness::new(c);
-    let mut seen = Vec::new();
-    let mut token = 0;
-    // ok, ok, ok, error, ok, ok, error, error, ok, ok
-    let script = [
-        true, true, true, false, true, true, false, false, true, true,
-    ];
-    for ok in script {
-        let req = h.next_request();
-        let t = timeout_param(&req);
-        let RequestKind::Sync { timeout } = req.kind else {
-            panic!("sync expected")
-        };
-        assert_eq!(t, timeout.as_millis().to_string());
-        seen.push(t);
-        if ok {
-            token += 1;
-            h.respond(&req, json_response(&empty_sync(&format!("s{token}"))));
-        } else {
-            h.reply(&req, 502, "");
-        }
-    }
-    assert_eq!(
-        seen,
-        ["0", "12345", "12345", "12345", "0", "12345", "12345", "0", "0", "12345"]
-    );
-}
-
-// ---- the token -------------------------------------------------------------------------------------
-
-#[test]
-fn the_token_is_only_in_the_authorization_header() {
-    let c = config();
-    assert!(!format!("{c:?}").contains(TOKEN));
-    assert!(!format!("{:?}", c.access_token).contains(TOKEN));
-    let mut h = Harness::new(c);
-    assert!(!format!("{:?}", h.m).contains(TOKEN));
-    let mut requests = Vec::new();
-    let req = h.request();
-    h.reply(&req, 401, fixture(E401));
-    requests.push(req);
-    // A gap, to get a /messages request too.
-    let gap = fixture_json("synapse-gap-sync.json");
-    let req = h.next_request();
-    h.respond(
-        &req,
-        json_response(&empty_sync(gap["previous_since"].as_str().unwrap())),
-    );
-    requests.push(req);
-    let req = h.request();
-    h.respond(&req, json_response(&gap["response"]));
-    requests.push(req);
-    let req = h.request();
-    assert!(matches!(req.kind, RequestKind::Messages { .. }));
-    requests.push(req);
-    for req in &requests {
-        let auth = req.http.headers().get(http::header::AUTHORIZATION).unwrap();
-        assert_eq!(auth.to_str().unwrap(), format!("Bearer {TOKEN}"));
-        assert!(auth.is_sensitive());
-        assert_eq!(req.http.headers().len(), 1, "{:?}", req.http.headers());
-        assert!(!req.http.uri().to_string().contains(TOKEN));
-        assert!(!query(req).contains_key("access_token"));
-        assert!(!format!("{req:?}").contains(TOKEN));
-        assert!(!format!("{:?}", req.http).contains(TOKEN));
-    }
-    for err in &h.errors {
-        assert!(!format!("{err:?}").contains(TOKEN));
-        assert!(!err.to_string().contains(TOKEN));
-    }
-    assert!(!format!("{:?}", h.m).contains(TOKEN));
 }
 
 // ---- the hot loop ----------------------------------------------------------------------------------
@@ -961,81 +710,57 @@ fn fresh_empty_tokens_answered_instantly_are_spaced_from_the_first() {
     );
 }
 
-// ---- stop ------------------------------------------------------------------------------------------
+// ---- at the bounds -----------------------------------------------------------------------------
 
 #[test]
-fn stop_is_idempotent_and_refuses_later_inputs() {
-    let mut h = live_harness(config());
+fn a_body_exactly_at_the_cap_is_read_one_byte_more_is_refused() {
+    let body = serde_json::to_vec(&empty_sync("s1")).unwrap();
+    let mut c = config();
+    c.max_body_bytes = body.len() as u64;
+    let mut h = Harness::new(c.clone());
     let req = h.request();
-    let since = h.m.since().map(str::to_owned);
-    h.m.stop();
-    h.m.stop();
-    h.pump();
-    assert_eq!(h.take_states(), [SyncState::Stopped]);
-    assert_eq!(h.m.state(), SyncState::Stopped);
-    assert!(h.m.in_flight().is_none());
-    assert!(h.m.poll_request().is_none());
-    assert_eq!(h.m.poll_timeout(), None);
-    let now = h.now + Duration::from_secs(1);
-    assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("s9")), now),
-        Err(InputError::Stopped)
-    );
-    assert_eq!(
-        h.m.handle_failure(
-            req.id,
-            TransportFailure::new(TransportErrorKind::Reset, "r"),
-            now
-        ),
-        Err(InputError::Stopped)
-    );
-    assert_eq!(h.m.handle_timeout(now), Err(InputError::Stopped));
-    assert_eq!(h.m.handle_timeout(h.now), Err(InputError::Stopped));
-    h.m.stop();
-    assert_no_output(&mut h.m);
-    assert!(h.m.poll_request().is_none());
-    assert_eq!(h.m.since().map(str::to_owned), since);
-    assert_eq!(h.m.state(), SyncState::Stopped);
+    h.respond(&req, response(200, body.clone()));
+    assert!(h.take_errors().is_empty());
+    assert_eq!(h.m.since(), Some("s1"));
+
+    c.max_body_bytes = body.len() as u64 - 1;
+    let limit = c.max_body_bytes;
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.respond(&req, response(200, body));
+    let errors = h.take_errors();
+    assert_eq!(errors[0].failure, Failure::BodyTooLarge { limit });
+    assert_eq!(errors[0].class, ErrorClass::Transient);
+    assert_eq!(h.m.since(), None);
 }
 
 #[test]
-fn stop_during_a_backoff_and_during_gap_filling() {
-    // During a backoff: no retry ever comes.
-    let mut h = live_harness(config());
-    let req = h.request();
-    h.reply(&req, 500, "");
-    let _ = one_error(&mut h);
-    h.m.stop();
-    assert_eq!(h.m.poll_timeout(), None);
-    assert!(h.m.poll_request().is_none());
-    assert_eq!(
-        h.m.handle_timeout(h.now + Duration::from_secs(3600)),
-        Err(InputError::Stopped)
-    );
-
-    // While a gap is being filled: the batch is dropped, since stays at the old token.
-    let gap = fixture_json("synapse-gap-sync.json");
-    let previous = gap["previous_since"].as_str().unwrap();
-    let mut c = config();
-    c.since = Some(previous.to_owned());
+fn a_fractional_retry_after_ms_is_honoured_and_a_negative_one_ignored() {
+    let mut c = config_no_jitter();
+    c.backoff.initial = std::time::Duration::from_millis(10);
     let mut h = Harness::new(c);
     let req = h.request();
-    h.respond(&req, json_response(&gap["response"]));
-    let req = h.request();
-    assert!(matches!(req.kind, RequestKind::Messages { .. }));
-    h.m.stop();
-    assert_eq!(
-        h.m.handle_response(
-            req.id,
-            json_response(&serde_json::json!({"chunk": [], "start": "x"})),
-            h.now
-        ),
-        Err(InputError::Stopped)
+    h.reply(
+        &req,
+        429,
+        r#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":1500.0}"#,
     );
-    h.pump();
-    assert!(h
-        .events
-        .iter()
-        .all(|e| !matches!(e.kind, EventKind::Checkpoint(_))));
-    assert_eq!(h.m.since(), Some(previous));
+    let e = h.take_errors().remove(0);
+    assert_eq!(e.delay, std::time::Duration::from_millis(1500));
+    let req = h.next_request();
+    h.reply(
+        &req,
+        429,
+        r#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":-5.0}"#,
+    );
+    let e = h.take_errors().remove(0);
+    assert_eq!(
+        e.delay,
+        std::time::Duration::from_millis(20),
+        "the backoff alone"
+    );
+    let Failure::RateLimited { retry_after, .. } = e.failure else {
+        panic!()
+    };
+    assert_eq!(retry_after, None);
 }

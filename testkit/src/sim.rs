@@ -16,24 +16,20 @@
 //!
 //! [`Sim::step`] is the canonical run loop of the crate docs: drain events, errors and states,
 //! then `poll_request`; send what it returns; wait for the answer or the wake-up instant; feed
-//! the input. Cheap protocol invariants are asserted on every step (at most one request in
-//! flight, `since` equals the last checkpoint handed on, the token never in the URL, the URL
-//! agrees with the request kind, no wake-ups that lead nowhere).
-#![allow(dead_code)]
-
-#[path = "../common/query.rs"]
-mod query;
-pub use query::percent_decode;
+//! the input. Besides the kit's invariants, every step asserts what the harness can see of the
+//! protocol (`since` equals the last checkpoint handed on, the URL agrees with the request
+//! kind, no wake-ups that lead nowhere).
+pub use crate::rng::SplitMix64;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::Checked;
 use matrix_sync_service::{
     Config, ErrorClass, Event, EventKind, Failure, InputError, OutgoingRequest, RequestId,
     RequestKind, SyncState, TransportErrorKind, TransportFailure,
 };
-use matrix_sync_testkit::Checked;
 
 /// The homeserver every simulated machine talks to (nothing is ever sent).
 pub const HOMESERVER: &str = "https://hs.example.org";
@@ -43,47 +39,6 @@ pub const TOKEN: &str = "sim_access_token_do_not_leak";
 /// A default configuration for the simulated homeserver.
 pub fn config() -> Config {
     Config::new(HOMESERVER, TOKEN)
-}
-
-// ---- randomness -------------------------------------------------------------------------------
-
-/// SplitMix64 (Vigna): the harness's own generator, for scripts and for replaying the
-/// documented jitter formula independently of the crate.
-#[derive(Clone, Debug)]
-pub struct SplitMix64 {
-    state: u64,
-}
-
-impl SplitMix64 {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self { state: seed }
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`: the top 53 bits over 2^53.
-    pub fn next_unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in `lo..=hi` (modulo bias is irrelevant for scripts).
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        assert!(lo <= hi);
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        self.next_unit() < p
-    }
 }
 
 // ---- what the server sees and answers ---------------------------------------------------------
@@ -98,6 +53,8 @@ pub enum Kind {
         /// The room id, percent-decoded.
         room: String,
     },
+    /// `POST /_matrix/client/v3/refresh`.
+    Refresh,
 }
 
 /// What became of a request.
@@ -143,6 +100,8 @@ pub struct Sent {
     pub to: Option<String>,
     /// The machine's deadline for it, from the start of the simulation.
     pub deadline: Duration,
+    /// The bearer token it carries, if any.
+    pub token: Option<String>,
     /// The `next_batch` of the last checkpoint handed on before it was sent (or the configured
     /// `since`).
     pub checkpoint_before: Option<String>,
@@ -463,6 +422,8 @@ pub struct Log {
     pub events: Vec<Delivered>,
     /// Answers fed after their request was abandoned, with the machine's verdict.
     pub late_answers: Vec<LateAnswer>,
+    /// Every credential handed out to be stored, with when.
+    pub credentials: Vec<(Duration, matrix_sync_service::Credentials)>,
 }
 
 impl Log {
@@ -492,10 +453,19 @@ pub fn assert_valid_transitions(states: &[(Duration, SyncState)]) {
     for pair in states.windows(2) {
         let ((_, from), (at, to)) = (pair[0], pair[1]);
         let ok = match from {
+            // A refresh refused or credentials not stored can interrupt any state but the
+            // last; their waits end like a refusal's, or back where the machine was.
+            _ if matches!(to, SessionEnded | CredentialsNotStored) => from != Stopped,
             InitialSync | CatchingUp => matches!(to, Live | BackingOff | Refused | Stopped),
             Live => matches!(to, BackingOff | Refused | Stopped),
             BackingOff => matches!(to, InitialSync | CatchingUp | Stopped),
             Refused => matches!(to, InitialSync | CatchingUp | BackingOff | Stopped),
+            SessionEnded | CredentialsNotStored => {
+                matches!(
+                    to,
+                    InitialSync | CatchingUp | Live | BackingOff | Refused | Stopped
+                )
+            }
             Stopped => false,
             other => panic!("a state the transition table does not know: {other:?}"),
         };
@@ -531,6 +501,8 @@ pub struct Sim<S> {
     last_checkpoint: Option<String>,
     concluded: Option<usize>,
     idle_wakes: u32,
+    /// How many of the next credentials handed out the simulated application fails to store.
+    pub store_failures: u32,
 }
 
 impl<S: Server> Sim<S> {
@@ -550,6 +522,7 @@ impl<S: Server> Sim<S> {
             last_checkpoint,
             concluded: None,
             idle_wakes: 0,
+            store_failures: 0,
         }
     }
 
@@ -595,21 +568,30 @@ impl<S: Server> Sim<S> {
         while let Some(state) = self.machine.poll_state() {
             self.log.states.push((self.now, state));
         }
+        if let Some(credentials) = self.machine.poll_credentials() {
+            let instant = self.instant(self.now);
+            let result = if self.store_failures > 0 {
+                self.store_failures -= 1;
+                self.machine
+                    .handle_credentials_not_stored("simulated store failure", instant)
+            } else {
+                self.machine.handle_credentials_stored(instant)
+            };
+            result.expect("credentials handed out are awaited");
+            self.log.credentials.push((self.now, credentials));
+            // Answering may report an error or change the state.
+            self.drain();
+        }
     }
 
     fn send(&mut self, out: OutgoingRequest) {
-        assert!(
-            self.flight.is_none(),
-            "a second request while one is in flight"
-        );
+        // One request at a time and no token in the URL: the kit's Checked asserts those.
         let uri = out.http.uri().clone();
-        assert!(
-            !uri.to_string().contains(TOKEN),
-            "the access token is in the URL"
-        );
-        let path = percent_decode(uri.path());
+        let path = crate::query::uri_path(&uri);
         let kind = if path.ends_with("/v3/sync") {
             Kind::Sync
+        } else if path.ends_with("/v3/refresh") {
+            Kind::Refresh
         } else if let Some(room) = path
             .strip_suffix("/messages")
             .and_then(|p| p.split("/rooms/").nth(1))
@@ -621,7 +603,7 @@ impl<S: Server> Sim<S> {
             panic!("unexpected request path {path}")
         };
         match (&kind, &out.kind) {
-            (Kind::Sync, RequestKind::Sync { .. }) => {}
+            (Kind::Sync, RequestKind::Sync { .. }) | (Kind::Refresh, RequestKind::Refresh) => {}
             (Kind::Messages { room }, RequestKind::Messages { room_id }) => {
                 assert_eq!(room, room_id.as_str())
             }
@@ -649,6 +631,13 @@ impl<S: Server> Sim<S> {
             from: query(&uri, "from"),
             to: query(&uri, "to"),
             deadline: self.offset(out.deadline),
+            token: out
+                .http
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned),
             checkpoint_before: self.last_checkpoint.clone(),
             outcome: Outcome::Pending,
         };
@@ -835,10 +824,7 @@ impl<S: Server> Sim<S> {
 
 /// The percent-decoded value of query parameter `key`.
 pub fn query(uri: &http::Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| percent_decode(v))
-    })
+    crate::query::uri_param(uri, key)
 }
 
 /// `ms` milliseconds.

@@ -14,6 +14,8 @@
 
 use std::fmt::Write as _;
 
+use crate::rng::SplitMix64;
+
 /// What to generate.
 #[derive(Clone, Debug)]
 pub struct Spec {
@@ -65,33 +67,6 @@ impl Spec {
             users: scale(base.users).max(base.users),
             ..base
         }
-    }
-}
-
-/// SplitMix64: small, fast, and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn range(&mut self, (lo, hi): (usize, usize)) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    /// True with probability `percent` / 100.
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
     }
 }
 
@@ -179,7 +154,7 @@ fn q(out: &mut String, s: &str) {
 }
 
 struct Gen {
-    rng: Rng,
+    rng: SplitMix64,
     out: String,
     users: Vec<String>,
     ts: u64,
@@ -205,11 +180,11 @@ pub fn generate(spec: &Spec) -> Vec<u8> {
 
 impl Gen {
     fn new(spec: &Spec) -> Self {
-        let mut rng = Rng(spec.seed);
+        let mut rng = SplitMix64::new(spec.seed);
         let servers = ["example.org", "matrix.org", "chat.example.com", "tchncs.de"];
         let users = (0..spec.users.max(4))
             .map(|i| {
-                let server = if rng.chance(70) {
+                let server = if rng.percent(70) {
                     servers[0]
                 } else {
                     *rng.pick(&servers[1..])
@@ -245,7 +220,7 @@ impl Gen {
     }
 
     fn room_id(&mut self) -> String {
-        if self.rng.chance(50) {
+        if self.rng.percent(50) {
             // Room version 12: no server name.
             format!("!{}", self.token(B64URL, 43))
         } else {
@@ -347,7 +322,7 @@ impl Gen {
             unsigned.push(',');
             unsigned.push_str(unsigned_extra);
         }
-        if sender == self.me && self.rng.chance(50) {
+        if sender == self.me && self.rng.percent(50) {
             let txn = self.token(B64URL, 12);
             let _ = write!(unsigned, ",\"transaction_id\":\"m{txn}\"");
         }
@@ -384,7 +359,7 @@ impl Gen {
             "{{\"displayname\":{},\"membership\":\"{membership}\"",
             Self::json(name)
         );
-        if self.rng.chance(40) {
+        if self.rng.percent(40) {
             let avatar = self.token(B64URL, 24);
             let _ = write!(c, ",\"avatar_url\":\"mxc://example.org/{avatar}\"");
         }
@@ -495,11 +470,11 @@ impl Gen {
             let active = state == "online";
             let mut content =
                 format!("{{\"presence\":\"{state}\",\"last_active_ago\":{ago},\"currently_active\":{active}");
-            if self.rng.chance(30) {
+            if self.rng.percent(30) {
                 let msg = self.sentence(3);
                 let _ = write!(content, ",\"status_msg\":{}", Self::json(&msg));
             }
-            if self.rng.chance(50) {
+            if self.rng.percent(50) {
                 let avatar = self.token(B64URL, 24);
                 let _ = write!(content, ",\"avatar_url\":\"mxc://example.org/{avatar}\"");
             }
@@ -574,7 +549,7 @@ impl Gen {
 
     fn new_room(&mut self, spec: &Spec) -> Room {
         let id = self.room_id();
-        let n = self.rng.range(spec.members).min(self.users.len() - 1);
+        let n = self.rng.between(spec.members).min(self.users.len() - 1);
         let mut members = vec![0];
         while members.len() < n + 1 {
             let u = 1 + self.rng.below(self.users.len() - 1);
@@ -582,7 +557,7 @@ impl Gen {
                 members.push(u);
             }
         }
-        let encrypted = self.rng.chance(50);
+        let encrypted = self.rng.percent(50);
         Room {
             id,
             members,
@@ -606,7 +581,7 @@ impl Gen {
         // Timeline.
         self.key("timeline");
         self.out.push_str("{\"events\":[");
-        let n = self.rng.range(spec.timeline);
+        let n = self.rng.between(spec.timeline);
         for _ in 0..n {
             self.timeline_event(&mut room);
         }
@@ -635,12 +610,12 @@ impl Gen {
         for target in &targets {
             let reader = self.user(&room);
             let ts = self.tick();
-            let kind = if self.rng.chance(20) {
+            let kind = if self.rng.percent(20) {
                 "m.read.private"
             } else {
                 "m.read"
             };
-            let thread = if self.rng.chance(30) {
+            let thread = if self.rng.percent(30) {
                 ",\"thread_id\":\"main\""
             } else {
                 ""
@@ -673,7 +648,7 @@ impl Gen {
                 Self::json(&last)
             );
         }
-        if self.rng.chance(30) {
+        if self.rng.percent(30) {
             let tag = *self.rng.pick(&["m.favourite", "m.lowpriority", "u.work"]);
             let _ = write!(
                 self.out,
@@ -955,7 +930,7 @@ impl Gen {
             _ => {
                 // Plain message; some with HTML.
                 let body = self.body();
-                let content = if self.rng.chance(25) {
+                let content = if self.rng.percent(25) {
                     format!(
                         "{{\"body\":{},\"format\":\"org.matrix.custom.html\",\"formatted_body\":{},\"msgtype\":\"m.text\"}}",
                         Self::json(&body),

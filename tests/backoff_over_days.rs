@@ -1,10 +1,8 @@
 //! Long-running failure scenarios, played on a simulated clock against a scripted homeserver
-//! (see `sim/mod.rs`). A simulated day of failures takes a fraction of a second of wall time;
+//! (see the test kit's `sim`). A simulated day of failures takes a fraction of a second of wall time;
 //! the flapping server, which gets hundreds of thousands of sync responses parsed, runs two
 //! simulated days in a debug build and a full week with `--release` (`SIM_FLAP_DAYS`
 //! overrides).
-
-mod sim;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -13,45 +11,13 @@ use matrix_sync_service::{
     BackoffPolicy, ErrorClass, Failure, InputError, RequestId, SyncState, TransportErrorKind,
 };
 
-use sim::{ms, secs, Feed, Homeserver, Kind, Outcome, Reply, Sent, Sim, SplitMix64};
+use matrix_sync_testkit::backoff::{base_delay, ReferenceBackoff};
+use matrix_sync_testkit::sim;
+use sim::{ms, secs, Feed, Homeserver, Kind, Outcome, Reply, Sent, Sim};
 
 const ZERO: Duration = Duration::ZERO;
 const DAY: Duration = Duration::from_secs(86_400);
 const ROOM: &str = "!room:example.org";
-
-/// The documented backoff, replayed independently of the crate: the `n`-th consecutive failure
-/// (from 1) waits `min(initial * factor^(n-1), max) * (1 - jitter * u_n)`, `u_n` the `n`-th
-/// draw of SplitMix64 seeded with the jitter seed, as the top 53 bits over 2^53.
-struct DocumentedBackoff {
-    policy: BackoffPolicy,
-    rng: SplitMix64,
-    n: u32,
-}
-
-impl DocumentedBackoff {
-    fn new(policy: BackoffPolicy, seed: u64) -> Self {
-        Self {
-            policy,
-            rng: SplitMix64::new(seed),
-            n: 0,
-        }
-    }
-
-    fn base(policy: &BackoffPolicy, n: u32) -> Duration {
-        let grown = policy.initial.as_secs_f64() * policy.factor.powi(n as i32 - 1);
-        if grown >= policy.max.as_secs_f64() {
-            policy.max
-        } else {
-            Duration::from_secs_f64(grown)
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        self.n += 1;
-        let base = Self::base(&self.policy, self.n);
-        base.mul_f64(1.0 - self.policy.jitter * self.rng.next_unit())
-    }
-}
 
 fn default_policy() -> BackoffPolicy {
     let policy = BackoffPolicy::default();
@@ -79,11 +45,11 @@ fn day_long_outage_makes_exactly_the_requests_the_backoff_allows_then_recovers()
     let policy = default_policy();
 
     // Independently: requests at t_0 = 0, t_k = t_(k-1) + delay_k, as long as t < 24 h.
-    let mut replay = DocumentedBackoff::new(policy.clone(), SEED);
+    let mut replay = ReferenceBackoff::new(policy.clone(), SEED);
     let mut expected_delays = Vec::new();
     let mut t = ZERO;
     while t < DAY {
-        let delay = replay.next();
+        let delay = replay.next_delay();
         expected_delays.push(delay);
         t += delay;
     }
@@ -258,9 +224,9 @@ fn server_waits_take_the_larger_of_capped_wait_and_backoff() {
         let seed = 100 + case as u64;
         let sim = rate_limited_run(cap, body_ms, header, seed, 40);
         let asked = Duration::from_millis(body_ms).max(secs(header.unwrap_or(0)));
-        let mut replay = DocumentedBackoff::new(policy.clone(), seed);
+        let mut replay = ReferenceBackoff::new(policy.clone(), seed);
         for (n, e) in sim.log.errors.iter().enumerate() {
-            let own = replay.next();
+            let own = replay.next_delay();
             let expected = asked.min(cap).max(own);
             assert_eq!(e.delay, expected, "case {case}, failure {}", n + 1);
             assert!(
@@ -367,7 +333,7 @@ fn flapping_server_for_a_week_delivers_every_batch_once_in_order_without_spinnin
     for e in &log.errors {
         let i = e.request.expect("each failure belongs to a request");
         assert_eq!(e.class, ErrorClass::Transient);
-        let base = DocumentedBackoff::base(&policy, e.attempt);
+        let base = base_delay(&policy, e.attempt);
         assert!(e.delay <= base && e.delay >= base.mul_f64(0.5), "{e:?}");
         if let Some(next) = log.requests.get(i + 1) {
             assert!(next.at >= e.at + e.delay, "retry before the delay ended");
@@ -595,11 +561,16 @@ fn server_answering_long_polls_at_once_with_nothing_new_cannot_make_it_spin() {
     assert_eq!(log.batches().len(), 1, "idle answers deliver nothing");
     // After the first (new) batch, requests are spaced by the backoff schedule, up to its cap.
     // The jitter is the documented one: the same draws as failures would take.
-    let mut reference = DocumentedBackoff::new(policy, 0);
+    let mut reference = ReferenceBackoff::new(policy, 0);
     let idle: Vec<&Sent> = log.requests.iter().skip(1).collect();
     for (k, pair) in idle.windows(2).enumerate() {
         let gap = pair[1].at - pair[0].at;
-        assert_eq!(gap, reference.next(), "gap after idle answer {}", k + 1);
+        assert_eq!(
+            gap,
+            reference.next_delay(),
+            "gap after idle answer {}",
+            k + 1
+        );
     }
     // 500 ms + 1 + 2 + ... + 32 s, then one per 30 to 60 s (jitter).
     assert!(log.requests.len() < 130, "{} requests", log.requests.len());
@@ -635,11 +606,11 @@ fn server_answering_long_polls_at_once_with_fresh_empty_tokens_cannot_make_it_sp
     assert_eq!(log.batches().len(), answered);
     // Nothing but a checkpoint reached the consumer: from the first early empty answer on,
     // the requests are spaced by the backoff schedule (with its documented jitter).
-    let mut reference = DocumentedBackoff::new(policy, 0);
+    let mut reference = ReferenceBackoff::new(policy, 0);
     let gaps: Vec<Duration> = log.requests.windows(2).map(|p| p[1].at - p[0].at).collect();
     assert_eq!(gaps[0], ZERO, "the catch-up batch is followed at once");
     for gap in &gaps[1..] {
-        assert_eq!(*gap, ms(3) + reference.next());
+        assert_eq!(*gap, ms(3) + reference.next_delay());
     }
     // As above: the ramp, then one per 30 to 60 s.
     assert!(log.requests.len() < 130, "{} requests", log.requests.len());

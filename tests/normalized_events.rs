@@ -1,5 +1,6 @@
-//! The machine driven through real Synapse responses: the exact normalized output of the
-//! initial, incremental and leave syncs, and gap filling with `/messages`.
+//! Normalized events and gap filling (contract §5 and §7): the exact normalized output of
+//! Synapse's initial, incremental and leave syncs, gap filling with `/messages`, and both at
+//! their bounds (a gap-fill cap, a fatal gap-fill failure, members without a state key).
 //!
 //! Expected streams are computed independently from the fixture JSON (a reference walk of the
 //! documented order and classification) and cross-checked against hard-coded counts.
@@ -10,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use common::*;
 use matrix_sync_service::{
-    Config, Event, EventKind, Gap, GapFill, RequestKind, SyncFilter, SyncState,
+    Config, ErrorClass, Event, EventKind, Gap, GapFill, RequestKind, SyncFilter, SyncState,
 };
 use serde_json::{json, Value};
 
@@ -1100,4 +1101,138 @@ fn empty_pages_with_an_end_are_paged_through_then_reported_as_a_gap() {
     let events = h.take_events();
     assert!(!events.iter().any(|e| matches!(e.kind, EventKind::Gap(_))));
     assert_eq!(checkpoint(events.last().unwrap()), Some(gf.next_batch()));
+}
+
+// ---- normalization and gap filling at their bounds ---------------------------------------------
+
+#[test]
+fn the_last_gap_page_asks_only_for_what_the_cap_leaves() {
+    let mut c = config();
+    c.gap_fill.page_size = 4;
+    c.gap_fill.max_events_per_room = 6;
+    let mut h = live_with_since(c);
+    let req = h.next_request();
+    h.respond(&req, json_response(&limited_sync("s2", "p1")));
+    h.take_states();
+    let req = h.request();
+    assert!(
+        h.take_states().is_empty(),
+        "filling a gap while live stays Live"
+    );
+    assert_eq!(query(&req)["limit"], "4");
+    h.respond(
+        &req,
+        json_response(&page(&["$g4", "$g3", "$g2", "$g1"], Some("p2"))),
+    );
+    let req = h.request();
+    assert_eq!(query(&req)["limit"], "2", "6 allowed, 4 fetched");
+    assert_eq!(query(&req)["from"], "p2");
+    h.respond(&req, json_response(&page(&["$g0", "$gx"], Some("p3"))));
+    let events = h.take_events();
+    assert_eq!(
+        events[0].kind,
+        EventKind::Gap(Gap {
+            prev_batch: "p3".to_owned(),
+            previous_since: "s1".to_owned()
+        })
+    );
+    let bodies: Vec<&str> = events[1..]
+        .iter()
+        .map(|e| e.body.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["$gx", "$g0", "$g1", "$g2", "$g3", "$g4", "newest", ""]
+    );
+}
+
+#[test]
+fn a_fatal_gap_fill_failure_reports_the_rest_as_a_gap_and_delivers_the_batch() {
+    let mut h = live_with_since(config());
+    let req = h.next_request();
+    h.respond(&req, json_response(&limited_sync("s2", "p1")));
+    let req = h.request();
+    h.respond(&req, json_response(&page(&["$g2", "$g1"], Some("p2"))));
+    let req = h.request();
+    h.reply(
+        &req,
+        403,
+        r#"{"errcode":"M_FORBIDDEN","error":"history is hidden"}"#,
+    );
+    let errors = h.take_errors();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].class, ErrorClass::NeedsUser);
+    assert_eq!(
+        errors[0].delay,
+        std::time::Duration::ZERO,
+        "nothing to wait for"
+    );
+    let events = h.take_events();
+    assert_eq!(
+        events[0].kind,
+        EventKind::Gap(Gap {
+            prev_batch: "p2".to_owned(),
+            previous_since: "s1".to_owned()
+        })
+    );
+    let bodies: Vec<&str> = events[1..]
+        .iter()
+        .map(|e| e.body.as_deref().unwrap_or_default())
+        .collect();
+    assert_eq!(bodies, ["$g1", "$g2", "newest", ""]);
+    assert_eq!(checkpoint(events.last().unwrap()), Some("s2"));
+    assert_ne!(h.m.state(), SyncState::Refused, "the sync itself is fine");
+    let req = h.next_request();
+    assert_eq!(path(&req), "/_matrix/client/v3/sync");
+}
+
+#[test]
+fn membership_without_a_state_key_is_not_a_member_event() {
+    let mut h = Harness::new(config());
+    let req = h.request();
+    let body = json!({"next_batch": "s1", "rooms": {"join": {EDGE_ROOM: {"timeline": {"events": [
+        {"type": "m.room.member", "event_id": "$m1", "content": {"membership": "join"}},
+        {"type": "m.room.member", "event_id": "$m2", "state_key": "@a:x", "content": {}}
+    ]}}}}});
+    h.respond(&req, json_response(&body));
+    let events = h.take_events();
+    assert_eq!(kinds(&events), ["other_timeline", "member", "checkpoint"]);
+}
+
+#[test]
+fn body_opt_is_none_only_for_an_empty_body() {
+    let mut h = Harness::new(config());
+    let req = h.request();
+    let body = json!({"next_batch": "s1", "rooms": {"join": {EDGE_ROOM: {"timeline": {"events": [
+        {"type": "m.room.message", "event_id": "$a", "content": {"body": "hi"}},
+        {"type": "m.room.message", "event_id": "$b", "content": {}}
+    ]}}}}});
+    h.respond(&req, json_response(&body));
+    let events = h.take_events();
+    assert_eq!(events[0].body.as_deref(), Some("hi"));
+    assert_eq!(events[1].body.as_deref(), None);
+}
+
+#[test]
+fn a_gap_fill_cap_of_zero_reports_gaps_without_fetching() {
+    let mut c = config();
+    c.gap_fill.max_events_per_room = 0;
+    let mut h = live_with_since(c);
+    let req = h.next_request();
+    h.respond(&req, json_response(&limited_sync("s2", "p1")));
+    let events = h.take_events();
+    assert_eq!(
+        events[0].kind,
+        EventKind::Gap(Gap {
+            prev_batch: "p1".to_owned(),
+            previous_since: "s1".to_owned()
+        })
+    );
+    assert_eq!(kinds(&events), ["gap", "message", "checkpoint"]);
+    let req = h.next_request();
+    assert_eq!(
+        path(&req),
+        "/_matrix/client/v3/sync",
+        "no /messages request"
+    );
 }

@@ -1,0 +1,231 @@
+//! Where users run it, against a real Synapse: the proxy of the environment (and `NO_PROXY`),
+//! the application's own agent, and typed views of real events.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use matrix_sync_service::ruma_events::reaction::ReactionEventContent;
+use matrix_sync_service::{start_with, DriverConfig, EventKind, Failure, ServiceError};
+use support::client::Account;
+use support::connect_proxy::ConnectProxy;
+use support::service::{collect_until, config_for, drain_until_live, tail_binary};
+use support::synapse::Synapse;
+
+/// Runs `tail` with `env` until it printed the event `event_id`; returns whether it did.
+fn tail_prints(account: &Account, env: &[(&str, &str)], send: impl FnOnce() -> String) -> bool {
+    let mut child = Command::new(tail_binary())
+        .args(["--homeserver", account.base_url(), "--timeout-ms", "1000"])
+        .env("MATRIX_ACCESS_TOKEN", &account.access_token)
+        .env_remove("ALL_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("HTTP_PROXY")
+        .env_remove("NO_PROXY")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let live = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("\"checkpoint\"")));
+    assert!(live.is_some(), "tail printed its first batch");
+    let event_id = send();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let needle = format!("\"{event_id}\"");
+    let printed = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .any(|line| line.contains(&needle));
+    let _ = child.kill();
+    let _ = child.wait();
+    printed
+}
+
+#[test]
+fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let target = format!("127.0.0.1:{}", synapse.port());
+    for var in ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"] {
+        let proxy = ConnectProxy::start();
+        let url = proxy.url();
+        assert!(
+            tail_prints(&alice, &[(var, &url)], || bob.send_text(&room, var)),
+            "{var}: the message came through"
+        );
+        assert!(
+            proxy.tunnels_to(&target) >= 1,
+            "{var}: {:?}",
+            proxy.tunnels()
+        );
+    }
+    let proxy = ConnectProxy::start();
+    let url = proxy.url();
+    let env = [("HTTPS_PROXY", url.as_str()), ("NO_PROXY", "127.0.0.1")];
+    assert!(tail_prints(&alice, &env, || bob.send_text(&room, "direct")));
+    assert_eq!(proxy.tunnels(), Default::default(), "NO_PROXY: no tunnel");
+}
+
+#[test]
+fn the_applications_own_agent_is_used_and_keeps_statuses_as_values() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let proxy = ConnectProxy::start();
+    // An agent with ureq's defaults (statuses as errors, redirects followed) and a proxy.
+    let agent_for = || {
+        let config = ureq::Agent::config_builder()
+            .proxy(Some(ureq::Proxy::new(&proxy.url()).unwrap()))
+            .build();
+        ureq::Agent::new_with_config(config)
+    };
+    let mut driver = DriverConfig::default();
+    driver.agent = Some(agent_for());
+    let service = start_with(config_for(&alice), driver).expect("valid config");
+    drain_until_live(&service);
+    let sent = bob.send_text(&room, "through the application's agent");
+    collect_until(&service, Duration::from_secs(20), |events| {
+        events
+            .iter()
+            .any(|e| e.event_id.as_ref().is_some_and(|id| id.as_str() == sent))
+    });
+    let target = format!("127.0.0.1:{}", synapse.port());
+    assert!(proxy.tunnels_to(&target) >= 1, "{:?}", proxy.tunnels());
+    service.stop();
+
+    // A refused token still comes back as a status the machine classifies.
+    let mut config = config_for(&alice);
+    config.access_token = matrix_sync_service::AccessToken::new("syt_not_a_token");
+    let mut driver = DriverConfig::default();
+    driver.agent = Some(agent_for());
+    let service = start_with(config, driver).expect("valid config");
+    let error = service
+        .errors()
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap();
+    let ServiceError::Sync(error) = error else {
+        panic!("{error}")
+    };
+    assert!(
+        matches!(error.failure, Failure::UnknownToken { .. }),
+        "{error}"
+    );
+}
+
+#[test]
+fn real_reactions_typing_and_receipts_read_as_typed_values() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let room = bob.create_room(&[&alice.user_id]);
+    alice.join(&room);
+    let service = start_with(config_for(&alice), DriverConfig::default()).expect("valid config");
+    drain_until_live(&service);
+    let message = bob.send_text(&room, "typed");
+    let reaction = bob.send_reaction(&room, &message, "👍");
+    bob.typing(&room, true);
+    bob.receipt(&room, &message);
+    let mut typing = Vec::new();
+    let mut receipts = Vec::new();
+    let mut reacted = None;
+    collect_until(&service, Duration::from_secs(20), |events| {
+        let Some(e) = events.last() else {
+            return false;
+        };
+        match e.kind {
+            EventKind::Typing if typing.is_empty() => typing = e.typing_user_ids(),
+            EventKind::Receipt => receipts.extend(e.receipts()),
+            EventKind::Reaction if e.event_id.as_ref().unwrap().as_str() == reaction => {
+                reacted = Some(e.deserialize_content::<ReactionEventContent>().unwrap())
+            }
+            _ => {}
+        }
+        !typing.is_empty()
+            && reacted.is_some()
+            && receipts.iter().any(|(_, _, u)| u.as_str() == bob.user_id)
+    });
+    assert_eq!(typing[0].as_str(), bob.user_id);
+    let reacted = reacted.unwrap();
+    assert_eq!(reacted.relates_to.key, "👍");
+    assert_eq!(reacted.relates_to.event_id.as_str(), message);
+    let (read, kind, _) = receipts
+        .iter()
+        .find(|(_, _, u)| u.as_str() == bob.user_id)
+        .unwrap();
+    assert_eq!((read.as_str(), kind.as_str()), (message.as_str(), "m.read"));
+    service.stop();
+}
+
+#[test]
+fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer() {
+    let synapse = Synapse::shared();
+    let alice = Account::register(&synapse.base_url(), "alice");
+    let bob = Account::register(&synapse.base_url(), "bob");
+    let silent: Vec<_> = (0..5)
+        .map(|_| Account::register(&synapse.base_url(), "silent"))
+        .collect();
+    let mut invited: Vec<&str> = vec![&alice.user_id];
+    invited.extend(silent.iter().map(|a| a.user_id.as_str()));
+    let room = bob.create_room(&invited);
+    alice.join(&room);
+    for member in &silent {
+        member.join(&room);
+    }
+    // More messages than Synapse's default timeline of 10: the joins fall out of it, so the
+    // members come only through the state section, which the filter decides.
+    for i in 0..12 {
+        bob.send_text(&room, &format!("only bob speaks {i}"));
+    }
+    let members_seen = |filter: Option<matrix_sync_service::SyncFilter>| {
+        let mut config = config_for(&alice);
+        let sends_filter = filter.is_some();
+        config.filter = filter;
+        let service = start_with(config, DriverConfig::default()).expect("valid config");
+        let events = collect_until(&service, Duration::from_secs(20), |events| {
+            events
+                .iter()
+                .any(|e| matches!(e.kind, EventKind::Checkpoint(_)))
+        });
+        service.stop();
+        let mut members: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Member)
+            .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
+            .filter_map(|e| e.state_key.clone())
+            .collect();
+        members.sort();
+        members.dedup();
+        eprintln!("filter sent: {sends_filter}: {} members", members.len());
+        members
+    };
+    use matrix_sync_service::SyncFilter;
+    let default = matrix_sync_service::Config::new("https://x.org", "t").filter;
+    assert!(
+        matches!(&default, Some(SyncFilter::Definition(d)) if !d.room.state.lazy_load_options.is_disabled()),
+        "the default filter lazy-loads members"
+    );
+    // A timeline of one event (bob's last message), so the members come only through the
+    // state section, which lazy-loading decides.
+    let lazy = members_seen(Some(SyncFilter::timeline_limit(1)));
+    let all = members_seen(Some(
+        SyncFilter::from_json(r#"{"room":{"timeline":{"limit":1}}}"#).unwrap(),
+    ));
+    assert_eq!(all.len(), 7, "{all:?}");
+    assert!(
+        lazy.contains(&bob.user_id),
+        "the sender's member event comes along"
+    );
+    // Synapse leaves out members it judges the client does not need; how many it keeps
+    // is its choice, that it keeps fewer is the filter's effect.
+    assert!(lazy.len() < all.len(), "lazy {lazy:?} against all {all:?}");
+}
