@@ -1,0 +1,269 @@
+//! The `many_accounts` example (one thread, one poll loop, one `SyncMachine` per account)
+//! against a real Synapse with 50 accounts in one room: every message reaches every account
+//! once and in order, and SIGTERM ends the process within 200 ms.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::client::Account;
+use support::synapse::SynapseOptions;
+
+const ACCOUNTS: usize = 50;
+const MESSAGES: usize = 5;
+/// The bound from SIGTERM to the process having exited.
+const STOP_BOUND: Duration = Duration::from_millis(200);
+
+/// The example built beside this test binary (by `cargo test`, or `cargo build --examples`).
+fn example_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let binary = profile_dir.join("examples").join("many_accounts");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build --examples` (a full `cargo test` builds it)",
+        binary.display()
+    );
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/many_accounts.rs");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        modified(&binary) >= modified(&source),
+        "{} is older than its source: run `cargo build --examples` first",
+        binary.display()
+    );
+    binary
+}
+
+/// Registers `n` accounts, a few at a time.
+fn register(base: &str, n: usize) -> Vec<Account> {
+    let per_thread = n.div_ceil(4);
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(per_thread)
+            .map(|chunk| {
+                let count = chunk.len();
+                scope.spawn(move || {
+                    (0..count)
+                        .map(|_| Account::register(base, "many"))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("registration thread"))
+            .collect()
+    })
+}
+
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    stderr: Option<thread::JoinHandle<String>>,
+}
+
+impl Running {
+    /// The next stdout line, failing the test after `deadline`.
+    fn next(&mut self, deadline: Instant, waiting_for: &str) -> Value {
+        match self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let stderr = self.stderr.take().map(|h| h.join().unwrap_or_default());
+                panic!(
+                    "no line ({e}) while waiting for {waiting_for}; stderr:\n{}",
+                    stderr.unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+fn spawn(base: &str, tokens: &Path) -> Running {
+    let mut child = Command::new(example_binary())
+        .args(["--homeserver", base, "--tokens"])
+        .arg(tokens)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn many_accounts");
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("stdout of many_accounts");
+            let value: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    Running {
+        child,
+        lines,
+        stderr: Some(stderr),
+    }
+}
+
+#[test]
+fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms() {
+    let synapse = SynapseOptions::new()
+        .config("bcrypt_rounds", json!(4))
+        .start();
+    let base = synapse.base_url();
+    let sender = Account::register(&base, "sender");
+    let accounts = register(&base, ACCOUNTS);
+    let ids: Vec<&str> = accounts.iter().map(|a| a.user_id.as_str()).collect();
+    let room = sender.create_room(&ids);
+    thread::scope(|scope| {
+        for chunk in accounts.chunks(ACCOUNTS.div_ceil(4)) {
+            let room = &room;
+            scope.spawn(move || chunk.iter().for_each(|a| a.join(room)));
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let text: String = accounts
+        .iter()
+        .map(|a| format!("{}\n", a.access_token))
+        .collect();
+    std::fs::write(&tokens, text).unwrap();
+
+    let mut running = spawn(&base, &tokens);
+    let expected: HashSet<String> = accounts.iter().map(|a| a.user_id.clone()).collect();
+    let mut per_account: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut synced = HashSet::new();
+
+    // Every account finishes its initial sync: its first checkpoint (the machine is live once
+    // the catch-up batch is handed on; the checkpoint's own `live` flag starts with the next).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while synced.len() < ACCOUNTS {
+        let line = running.next(deadline, "every account's first checkpoint");
+        let account = line["account"]
+            .as_str()
+            .expect("every line names its account");
+        assert!(expected.contains(account), "unknown account in {line}");
+        if line["kind"] == "checkpoint" {
+            synced.insert(account.to_owned());
+        }
+        per_account
+            .entry(account.to_owned())
+            .or_default()
+            .push(line);
+    }
+
+    // Then the messages, each to every account.
+    let sent: Vec<String> = (0..MESSAGES)
+        .map(|i| sender.send_text(&room, &format!("message {i}")))
+        .collect();
+    let messages_of = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == "message" && l["room_id"] == room.as_str())
+            .map(|l| l["event_id"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let complete = |per_account: &HashMap<String, Vec<Value>>| {
+        expected.iter().all(|a| {
+            per_account
+                .get(a)
+                .is_some_and(|lines| messages_of(lines).len() >= MESSAGES)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !complete(&per_account) {
+        let line = running.next(deadline, "every message at every account");
+        let account = line["account"].as_str().unwrap().to_owned();
+        per_account.entry(account).or_default().push(line);
+    }
+    // A while longer, for anything delivered twice.
+    let linger = Instant::now() + Duration::from_secs(2);
+    while let Ok(line) = running
+        .lines
+        .recv_timeout(linger.saturating_duration_since(Instant::now()))
+    {
+        let account = line["account"].as_str().unwrap().to_owned();
+        per_account.entry(account).or_default().push(line);
+    }
+
+    // A stop ends it within the bound.
+    let signalled = Instant::now();
+    // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.
+    assert_eq!(
+        unsafe { libc::kill(running.child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = loop {
+        if let Some(status) = running.child.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            let _ = running.child.kill();
+            panic!("many_accounts did not exit within 10 s of SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(2));
+    };
+    let stopped_in = signalled.elapsed();
+    let stderr = running.stderr.take().unwrap().join().unwrap();
+    while let Ok(line) = running.lines.recv_timeout(Duration::from_secs(1)) {
+        let account = line["account"].as_str().unwrap().to_owned();
+        per_account.entry(account).or_default().push(line);
+    }
+    assert!(status.success(), "exit status {status}; stderr:\n{stderr}");
+    assert!(
+        stopped_in <= STOP_BOUND,
+        "SIGTERM to exit took {stopped_in:?}, more than {STOP_BOUND:?}"
+    );
+
+    assert_eq!(
+        per_account.len(),
+        ACCOUNTS,
+        "accounts seen; stderr:\n{stderr}"
+    );
+    for (account, lines) in &per_account {
+        assert_eq!(
+            messages_of(lines),
+            sent,
+            "{account}: the messages, once each, in the order sent"
+        );
+        let mut seen = HashSet::new();
+        for line in lines {
+            if let Some(id) = line["event_id"].as_str() {
+                assert!(seen.insert(id), "{account}: {id} delivered twice");
+            }
+            for key in ["kind", "type"] {
+                assert!(line.get(key).is_some(), "{account}: no {key:?} in {line}");
+            }
+            if line["kind"] == "message" {
+                for key in ["room_id", "event_id", "sender", "origin_server_ts", "body"] {
+                    assert!(line.get(key).is_some(), "{account}: no {key:?} in {line}");
+                }
+            }
+        }
+    }
+    assert!(
+        !stderr.contains(" error: "),
+        "no sync error was expected; stderr:\n{stderr}"
+    );
+}
