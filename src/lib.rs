@@ -188,6 +188,7 @@
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+#![doc = include_str!("docs_many_machines.md")]
 #![warn(missing_docs)]
 
 mod auth;
