@@ -429,6 +429,13 @@ struct Driver {
 /// Why the loop ends.
 struct Stopped;
 
+/// A request's id, what came of it, and when.
+type Exchanged = (
+    crate::RequestId,
+    Result<http::Response<Vec<u8>>, TransportFailure>,
+    Instant,
+);
+
 /// Credentials set through the handle; `keep_refresh_token` for `set_access_token`.
 struct SetCredentials {
     credentials: Credentials,
@@ -445,10 +452,7 @@ impl Driver {
     fn step(&mut self) -> Result<(), Stopped> {
         self.drain()?;
         if let Some(request) = self.machine.poll_request() {
-            let id = request.id;
-            let outcome = perform(&self.agent, request, self.machine.config().max_body_bytes);
-            self.check_stop()?;
-            let now = Instant::now();
+            let (id, outcome, now) = self.exchange(request)?;
             let input = match outcome {
                 Ok(response) => self.machine.handle_response(id, response, now),
                 Err(failure) => self.machine.handle_failure(id, failure, now),
@@ -473,6 +477,15 @@ impl Driver {
         // that fired a little early only makes the next turn wait the rest.
         let _ = self.machine.handle_timeout(Instant::now());
         Ok(())
+    }
+
+    /// Sends `request` (the machine's or the E2EE stage's) and returns its id, its outcome
+    /// and when it came; `Stopped` if a stop arrived meanwhile.
+    fn exchange(&self, request: OutgoingRequest) -> Result<Exchanged, Stopped> {
+        let id = request.id;
+        let outcome = perform(&self.agent, request, self.machine.config().max_body_bytes);
+        self.check_stop()?;
+        Ok((id, outcome, Instant::now()))
     }
 
     fn drain(&mut self) -> Result<(), Stopped> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 
-use super::{lock, perform, spawn, wire, Driver, ServiceError, StartError, Stopped, SyncService};
+use super::{lock, spawn, wire, Driver, ServiceError, StartError, Stopped, SyncService};
 use crate::{Config, DriverConfig, E2ee, E2eeConfig, SyncMachine};
 
 /// How long the loop waits when nothing has a timer (a safety net: the stage always has one
@@ -50,14 +50,7 @@ fn step(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     drain(driver, stage)?;
     stage.set_access_token(driver.machine.config().access_token.clone());
     if let Some(request) = stage.poll_request() {
-        let id = request.id;
-        let outcome = perform(
-            &driver.agent,
-            request,
-            driver.machine.config().max_body_bytes,
-        );
-        driver.check_stop()?;
-        let now = Instant::now();
+        let (id, outcome, now) = driver.exchange(request)?;
         let input = match outcome {
             Ok(response) => stage.handle_response(id, response, now),
             Err(failure) => stage.handle_failure(id, failure, now),
@@ -71,14 +64,7 @@ fn step(driver: &mut Driver, stage: &mut E2ee) -> Result<(), Stopped> {
     let holds = stage.holds_sync();
     if !holds {
         if let Some(request) = driver.machine.poll_request() {
-            let id = request.id;
-            let outcome = perform(
-                &driver.agent,
-                request,
-                driver.machine.config().max_body_bytes,
-            );
-            driver.check_stop()?;
-            let now = Instant::now();
+            let (id, outcome, now) = driver.exchange(request)?;
             let input = match outcome {
                 Ok(response) => driver.machine.handle_response(id, response, now),
                 Err(failure) => driver.machine.handle_failure(id, failure, now),
