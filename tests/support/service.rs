@@ -36,15 +36,22 @@ pub fn collect_until(
 }
 
 /// Receives (and discards) events until the service is live after a checkpoint.
+///
+/// The driver publishes the state after handing on the batch's events, so the state may read
+/// `Live` a moment after the checkpoint arrived: it is polled, not read once.
 pub fn drain_until_live(service: &SyncService) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let event = service
-            .events()
-            .recv_deadline(deadline)
-            .expect("a first batch");
-        if matches!(&event.kind, EventKind::Checkpoint(_)) && service.state() == SyncState::Live {
-            return;
+    let mut checkpoint = false;
+    while !(checkpoint && service.state() == SyncState::Live) {
+        assert!(
+            Instant::now() < deadline,
+            "not live after a first batch within 30 s (checkpoint seen: {checkpoint}, state {:?})",
+            service.state()
+        );
+        match service.events().recv_timeout(Duration::from_millis(20)) {
+            Ok(event) => checkpoint |= matches!(&event.kind, EventKind::Checkpoint(_)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("events ended before the service was live: {e}"),
         }
     }
 }
