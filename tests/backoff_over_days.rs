@@ -75,7 +75,7 @@ fn day_long_outage_makes_exactly_the_requests_the_backoff_allows_then_recovers()
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
     config.jitter_seed = SEED;
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_while(100_000, |s| s.log.errors.len() <= expected_requests);
 
     let log = &sim.log;
@@ -158,7 +158,7 @@ fn rate_limited_run(
     config.since = Some("s0".to_owned());
     config.jitter_seed = seed;
     config.max_server_wait = max_server_wait;
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_while(10 * requests + 10, |s| s.log.errors.len() < requests);
     sim
 }
@@ -278,7 +278,7 @@ fn flapping_server_for_a_week_delivers_every_batch_once_in_order_without_spinnin
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
     config.jitter_seed = 0xF1A9;
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_until(end);
     let log = &sim.log;
     let emitted = &sim.server.feed.emitted;
@@ -405,7 +405,7 @@ fn stalled_initial_sync_hits_its_own_deadline_and_late_answers_are_stale() {
             _ => Reply::Stall,
         }
     });
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_while(100, |s| s.log.errors.len() < 2);
     let log = &sim.log;
     let first = &log.requests[0];
@@ -463,7 +463,7 @@ fn stalled_long_poll_hits_timeout_plus_margin_and_late_answers_change_nothing() 
                 _ => Reply::Stall,
             }
         });
-        let mut sim = Sim::new(config, server);
+        let mut sim = Sim::scripted(config, server);
         sim.run_while(100, |s| s.log.errors.len() < 2);
 
         let catch_up = &sim.log.requests[0];
@@ -553,7 +553,7 @@ fn server_answering_long_polls_at_once_with_nothing_new_cannot_make_it_spin() {
     });
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     let hour = secs(3600);
     sim.run_until(hour);
     let log = &sim.log;
@@ -593,7 +593,7 @@ fn server_answering_long_polls_at_once_with_fresh_empty_tokens_cannot_make_it_sp
     });
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_until(secs(3600));
     let log = &sim.log;
     assert!(log.errors.is_empty());
@@ -630,7 +630,7 @@ fn quiet_long_polls_held_for_their_timeout_are_not_spaced() {
     });
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_until(secs(3600));
     for pair in sim.log.requests.windows(2) {
         let Outcome::Answered { at, .. } = pair[0].outcome else {
@@ -696,7 +696,7 @@ fn limited_timeline_is_filled_through_messages_with_a_retried_page() {
     });
     let mut config = sim::config();
     config.since = Some("s0".to_owned());
-    let mut sim = Sim::new(config, server);
+    let mut sim = Sim::scripted(config, server);
     sim.run_while(100, |s| s.log.requests.len() < 6);
     let log = &sim.log;
     let kinds: Vec<(Kind, Option<String>)> = log
@@ -808,7 +808,7 @@ fn chaos(feed: &mut Feed, req: &Sent) -> Reply {
 fn chaos_run(jitter_seed: u64) -> String {
     let mut config = sim::config();
     config.jitter_seed = jitter_seed;
-    let mut sim = Sim::new(
+    let mut sim = Sim::scripted(
         config,
         Homeserver::new(Feed::new(9, &[ROOM, "!b:x.org"]), chaos),
     );

@@ -2,16 +2,15 @@
 //! exact jittered delays, deadlines, rate limits and `Retry-After`, fatal failures, bad 200s,
 //! the body cap, and the hot-loop guard that paces answers delivering nothing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use matrix_sync_service::{
     BackoffPolicy, ErrorClass, EventKind, Failure, InputError, RequestKind, SyncError, SyncState,
     TransportErrorKind, TransportFailure,
 };
 use matrix_sync_testkit::backoff::{base_delay, ReferenceBackoff};
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 
 // ---- transport failures and exact jitter ---------------------------------------------------------
 
@@ -45,8 +44,10 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
         );
         assert_eq!(timeout_param(&req), "0");
         let failure = TransportFailure::new(kind, format!("failure {attempt}"));
-        h.m.handle_failure(req.id, failure.clone(), h.now).unwrap();
-        h.pump();
+        h.machine
+            .handle_failure(req.id, failure.clone(), h.now)
+            .unwrap();
+        h.drain();
         let failed_at = h.now;
         let err = one_error(&mut h);
         let expected = reference.delay(attempt);
@@ -64,9 +65,9 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
         );
         assert_eq!(err.failure.status(), None);
         assert_eq!(err.failure.errcode(), None);
-        assert_eq!(h.m.state(), SyncState::BackingOff);
-        assert_eq!(h.m.since(), None);
-        assert!(h.m.in_flight().is_none());
+        assert_eq!(h.machine.state(), SyncState::BackingOff);
+        assert_eq!(h.machine.since(), None);
+        assert!(h.machine.in_flight().is_none());
         delays.push(expected);
         req = retry_after(&mut h, failed_at, expected);
     }
@@ -96,13 +97,14 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
     assert_eq!(h.take_states(), [SyncState::Live]);
     let req = h.request();
     assert_eq!(timeout_param(&req), "30000");
-    h.m.handle_failure(
-        req.id,
-        TransportFailure::new(TransportErrorKind::Reset, "x"),
-        h.now,
-    )
-    .unwrap();
-    h.pump();
+    h.machine
+        .handle_failure(
+            req.id,
+            TransportFailure::new(TransportErrorKind::Reset, "x"),
+            h.now,
+        )
+        .unwrap();
+    h.drain();
     let err = one_error(&mut h);
     assert_eq!(err.attempt, 1);
     assert_eq!(err.delay, reference.delay(1));
@@ -136,13 +138,14 @@ fn same_seed_same_delays_other_seed_other_delays() {
         let mut delays = Vec::new();
         for _ in 0..6 {
             let req = h.next_request();
-            h.m.handle_failure(
-                req.id,
-                TransportFailure::new(TransportErrorKind::Connect, "refused"),
-                h.now,
-            )
-            .unwrap();
-            h.pump();
+            h.machine
+                .handle_failure(
+                    req.id,
+                    TransportFailure::new(TransportErrorKind::Connect, "refused"),
+                    h.now,
+                )
+                .unwrap();
+            h.drain();
             delays.push(one_error(&mut h).delay);
         }
         delays
@@ -165,8 +168,8 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
         start + Duration::from_secs(600),
         "initial sync deadline"
     );
-    assert_eq!(h.m.poll_timeout(), Some(req.deadline));
-    let awaited = h.m.in_flight().unwrap();
+    assert_eq!(h.machine.poll_timeout(), Some(req.deadline));
+    let awaited = h.machine.in_flight().unwrap();
     let (id, kind, deadline) = (awaited.id, awaited.kind, awaited.deadline);
     assert_eq!(
         (id, kind.clone(), deadline),
@@ -175,7 +178,7 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
 
     h.advance(Duration::from_secs(600) - Duration::from_nanos(1));
     assert!(h.take_errors().is_empty(), "not yet");
-    assert!(h.m.in_flight().is_some());
+    assert!(h.machine.in_flight().is_some());
     h.advance(Duration::from_nanos(1));
     let err = one_error(&mut h);
     assert_eq!(
@@ -186,15 +189,16 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
         (err.class, err.attempt, err.delay),
         (ErrorClass::Transient, 1, Duration::from_millis(500))
     );
-    assert!(h.m.in_flight().is_none());
-    assert_eq!(h.m.state(), SyncState::BackingOff);
+    assert!(h.machine.in_flight().is_none());
+    assert_eq!(h.machine.state(), SyncState::BackingOff);
 
     // The answer that comes too late is refused and changes nothing.
-    let got =
-        h.m.handle_response(req.id, json_response(&empty_sync("late")), h.now);
+    let got = h
+        .machine
+        .handle_response(req.id, json_response(&empty_sync("late")), h.now);
     assert_eq!(got, Err(InputError::StaleRequest(req.id)));
-    assert_eq!(h.m.since(), None);
-    assert_eq!(h.m.poll_event().map(|e| e.kind), None);
+    assert_eq!(h.machine.since(), None);
+    assert_eq!(h.machine.poll_event().map(|e| e.kind), None);
 
     // An incremental catch-up (timeout 0) has the margin as deadline, a long-poll timeout+margin.
     let failed_at = h.now;
@@ -275,8 +279,8 @@ fn server_errors_with_any_body_are_transient() {
         );
         assert_eq!(err.failure.status(), Some(status));
         assert_eq!(err.failure.errcode(), errcode);
-        assert!(h.events.is_empty());
-        assert_eq!(h.m.since(), None);
+        assert!(h.events().is_empty());
+        assert_eq!(h.machine.since(), None);
         let failed_at = h.now;
         req = retry_after(&mut h, failed_at, delay);
     }
@@ -338,8 +342,8 @@ fn rate_limit_waits_for_the_larger_of_server_wait_and_backoff() {
                 err.delay, expected,
                 "header {header:?} cap {cap:?} attempt {attempt}"
             );
-            assert_eq!(h.m.state(), SyncState::BackingOff);
-            assert_eq!(h.m.since(), Some("s0"));
+            assert_eq!(h.machine.state(), SyncState::BackingOff);
+            assert_eq!(h.machine.since(), Some("s0"));
             let failed_at = h.now;
             req = retry_after(&mut h, failed_at, expected);
             assert_eq!(timeout_param(&req), "0");
@@ -420,8 +424,8 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
             );
             assert_eq!(err.failure.status(), Some(401));
             assert_eq!(err.failure.errcode(), Some("M_UNKNOWN_TOKEN"));
-            assert_eq!(h.m.state(), SyncState::Refused);
-            assert_eq!(h.m.since(), Some("s0"));
+            assert_eq!(h.machine.state(), SyncState::Refused);
+            assert_eq!(h.machine.since(), Some("s0"));
             let failed_at = h.now;
             req = retry_after(&mut h, failed_at, Duration::from_secs(60));
             assert_eq!(timeout_param(&req), "0");
@@ -529,8 +533,8 @@ fn bad_since_forbidden_and_other_4xx_are_fatal_with_errcode_and_message() {
             if let Some(m) = message {
                 assert!(shown.contains(m), "{shown}");
             }
-            assert_eq!(h.m.state(), SyncState::Refused);
-            assert_eq!(h.m.since(), Some("s_unknown_to_the_server"));
+            assert_eq!(h.machine.state(), SyncState::Refused);
+            assert_eq!(h.machine.since(), Some("s_unknown_to_the_server"));
             let failed_at = h.now;
             req = retry_after(&mut h, failed_at, Duration::from_secs(60));
         }
@@ -580,8 +584,8 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
             (ErrorClass::Transient, attempt, delay)
         );
         assert_eq!(err.failure.status(), Some(200));
-        assert!(h.events.is_empty(), "no event from a bad body");
-        assert_eq!(h.m.since(), Some("s0"), "since unchanged");
+        assert!(h.events().is_empty(), "no event from a bad body");
+        assert_eq!(h.machine.since(), Some("s0"), "since unchanged");
         let failed_at = h.now;
         req = retry_after(&mut h, failed_at, delay);
         assert_eq!(since_param(&req).as_deref(), Some("s0"));
@@ -589,9 +593,12 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
     }
     // The whole body parses: delivered (the key counts are those of `s0`: not repeated).
     h.reply(&req, 200, full);
-    assert_eq!(h.events.len(), 12, "{:?}", kinds(&h.events));
-    assert_eq!(h.events[0].body.as_deref(), Some("after the first sync"));
-    assert_eq!(h.m.since(), Some("s7641_53_2_135_14_1_2_17_0_1_1_1_1_1"));
+    assert_eq!(h.events().len(), 12, "{:?}", kinds(h.events()));
+    assert_eq!(h.events()[0].body.as_deref(), Some("after the first sync"));
+    assert_eq!(
+        h.machine.since(),
+        Some("s7641_53_2_135_14_1_2_17_0_1_1_1_1_1")
+    );
 }
 
 // ---- the hot loop ----------------------------------------------------------------------------------
@@ -611,13 +618,13 @@ fn an_unchanged_empty_200_answered_instantly_does_not_spin() {
         h.respond(&req, json_response(&empty_sync("s_same")));
     }
     assert!(
-        h.events.is_empty(),
+        h.events().is_empty(),
         "nothing to deliver: {:?}",
-        kinds(&h.events)
+        kinds(h.events())
     );
-    assert!(h.errors.is_empty());
+    assert!(h.errors().is_empty());
     assert_eq!(h.take_states(), [SyncState::CatchingUp, SyncState::Live]);
-    assert_eq!(h.m.since(), Some("s_same"));
+    assert_eq!(h.machine.since(), Some("s_same"));
     // The catch-up (`timeout=0`) is followed at once by the first long-poll; from then on
     // every instant answer to a long-poll spaces the next request.
     assert_eq!(
@@ -658,7 +665,7 @@ fn an_unchanged_empty_200_answered_instantly_does_not_spin() {
 #[test]
 fn fresh_empty_tokens_answered_instantly_are_spaced_from_the_first() {
     let mut h = live_harness(config_no_jitter());
-    let policy = h.m.config().backoff.clone();
+    let policy = h.machine.config().backoff.clone();
     let mut sent = Vec::new();
     for i in 1..=40 {
         let req = h.next_request();
@@ -676,9 +683,9 @@ fn fresh_empty_tokens_answered_instantly_are_spaced_from_the_first() {
                 live: true
             })
         );
-        assert_eq!(h.m.since(), Some(token.as_str()));
+        assert_eq!(h.machine.since(), Some(token.as_str()));
     }
-    assert!(h.errors.is_empty());
+    assert!(h.errors().is_empty());
     let gaps: Vec<Duration> = sent.windows(2).map(|w| w[1] - w[0]).collect();
     // Nothing reached the consumer but a checkpoint: every such answer is spaced.
     assert_eq!(gaps[0], policy.initial, "{gaps:?}");
@@ -721,7 +728,7 @@ fn a_body_exactly_at_the_cap_is_read_one_byte_more_is_refused() {
     let req = h.request();
     h.respond(&req, response(200, body.clone()));
     assert!(h.take_errors().is_empty());
-    assert_eq!(h.m.since(), Some("s1"));
+    assert_eq!(h.machine.since(), Some("s1"));
 
     c.max_body_bytes = body.len() as u64 - 1;
     let limit = c.max_body_bytes;
@@ -731,7 +738,7 @@ fn a_body_exactly_at_the_cap_is_read_one_byte_more_is_refused() {
     let errors = h.take_errors();
     assert_eq!(errors[0].failure, Failure::BodyTooLarge { limit });
     assert_eq!(errors[0].class, ErrorClass::Transient);
-    assert_eq!(h.m.since(), None);
+    assert_eq!(h.machine.since(), None);
 }
 
 #[test]

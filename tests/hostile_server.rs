@@ -125,7 +125,7 @@ fn the_same_token_answered_at_once_at_the_shortest_timeout_is_spaced() {
     let server = Homeserver::new(Feed::new(1, &[ROOM]), |_, r: &Sent| {
         Reply::ok(ZERO, Feed::idle(r))
     });
-    let mut sim = Sim::new(c, server);
+    let mut sim = Sim::scripted(c, server);
     sim.run_until(HOUR);
     let n = sync_requests(&sim).len();
     assert!(n <= hourly_bound(&sim.machine.config().backoff, 0), "{n}");
@@ -148,7 +148,7 @@ fn fresh_tokens_with_empty_rooms_answered_at_once_are_spaced_by_what_was_deliver
             )),
         )
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_until(3 * HOUR);
     let n = sync_requests(&sim).len();
     // Was 1,055 requests per second.
@@ -164,7 +164,7 @@ fn fresh_tokens_with_empty_rooms_answered_at_once_are_spaced_by_what_was_deliver
 fn a_limited_empty_timeline_whose_history_is_missing_is_spaced() {
     let mut n = 0u64;
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match r.kind {
-        Kind::Refresh => unreachable!("no refresh token in this scenario"),
+        Kind::Refresh | Kind::Other { .. } => unreachable!("only syncs and /messages here"),
         Kind::Sync => {
             n += 1;
             Reply::ok(
@@ -176,7 +176,7 @@ fn a_limited_empty_timeline_whose_history_is_missing_is_spaced() {
         }
         Kind::Messages { .. } => Reply::error(ZERO, 404, "M_NOT_FOUND", ""),
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_until(HOUR);
     // Was 726 requests per second.
     assert_within_bound(&sim, "limited timeline with a 404 history");
@@ -199,7 +199,7 @@ fn long_polls_fail(failure: fn() -> Reply) -> Sim<impl Server> {
             failure()
         }
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_until(4 * HOUR);
     sim
 }
@@ -243,7 +243,7 @@ struct BigHistory {
 impl Server for BigHistory {
     fn answer(&mut self, r: &Sent, _: &http::Request<Vec<u8>>) -> Reply {
         match &r.kind {
-            Kind::Refresh => unreachable!("no refresh token in this scenario"),
+            Kind::Refresh | Kind::Other { .. } => unreachable!("only syncs and /messages here"),
             Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
                 ZERO,
                 body(&format!(
@@ -283,7 +283,7 @@ fn gap_fill_holds_no_more_than_the_body_cap_and_reports_the_rest_as_gaps() {
     c.max_body_bytes = 256 * 1024;
     c.gap_fill.max_events_per_room = 10_000;
     let budget = c.max_body_bytes;
-    let mut sim = Sim::new(
+    let mut sim = Sim::scripted(
         c,
         BigHistory {
             page: 0,
@@ -291,7 +291,7 @@ fn gap_fill_holds_no_more_than_the_body_cap_and_reports_the_rest_as_gaps() {
         },
     );
     let mut peak = 0;
-    while sim.now() < secs(60) && sim.step_until(secs(60)) {
+    while sim.elapsed() < secs(60) && sim.step_until(secs(60)) {
         peak = peak.max(sim.machine.gap_fill_bytes());
         assert!(peak <= budget, "{peak} bytes held, budget {budget}");
     }
@@ -318,7 +318,7 @@ fn gap_fill_holds_no_more_than_the_body_cap_and_reports_the_rest_as_gaps() {
 fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
     let mut revoked = true;
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match &r.kind {
-        Kind::Refresh => unreachable!("no refresh token in this scenario"),
+        Kind::Refresh | Kind::Other { .. } => unreachable!("only syncs and /messages here"),
         Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
             ZERO,
             body(&format!(
@@ -339,7 +339,7 @@ fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
             )),
         ),
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_while(100, |s| s.log.errors.is_empty());
     assert!(sim.log.events.is_empty(), "nothing delivered");
     assert_eq!(sim.machine.since(), Some("s0"), "since unchanged");
@@ -370,7 +370,7 @@ fn an_unauthorized_gap_fill_fails_the_batch_like_a_sync_and_loses_nothing() {
 #[test]
 fn a_room_whose_history_keeps_failing_ends_in_a_gap_and_the_batch_goes_on() {
     let server = Homeserver::new(Feed::new(1, &[ROOM]), move |_, r: &Sent| match &r.kind {
-        Kind::Refresh => unreachable!("no refresh token in this scenario"),
+        Kind::Refresh | Kind::Other { .. } => unreachable!("only syncs and /messages here"),
         Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
             ZERO,
             body(&format!(
@@ -388,7 +388,7 @@ fn a_room_whose_history_keeps_failing_ends_in_a_gap_and_the_batch_goes_on() {
             )),
         ),
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_until(secs(120));
     // Was: 200 retries over 2.4 simulated hours, nothing delivered.
     let failed = sim
@@ -402,7 +402,7 @@ fn a_room_whose_history_keeps_failing_ends_in_a_gap_and_the_batch_goes_on() {
         .log
         .events
         .iter()
-        .map(|e| (e.kind.name(), e.room_id.clone()))
+        .map(|e| (e.kind.name(), e.room_id.as_ref().map(|r| r.to_string())))
         .collect();
     assert_eq!(
         delivered[..3],
@@ -422,7 +422,7 @@ fn stop_in_the_middle_of_a_delivery_hands_out_nothing_more_and_keeps_since() {
     let server = Homeserver::new(Feed::new(1, &[ROOM]), |f: &mut Feed, r: &Sent| {
         Reply::ok(ZERO, f.new_batch(r, 5))
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     // Feed the first answer, then take two events by hand.
     while sim.log.requests.is_empty() || sim.machine.in_flight().is_some() {
         sim.step();
@@ -460,7 +460,7 @@ fn gap_fills_carry_the_timeline_part_of_an_uploaded_filter() {
             let filter = sim::query(http.uri(), "filter");
             self.0.borrow_mut().push((r.kind.clone(), filter));
             match r.kind {
-                Kind::Refresh => unreachable!("no refresh token in this scenario"),
+                Kind::Refresh | Kind::Other { .. } => unreachable!("only syncs and /messages here"),
                 Kind::Sync if r.since.as_deref() == Some("s0") => Reply::ok(
                     ZERO,
                     body(&format!(
@@ -472,7 +472,7 @@ fn gap_fills_carry_the_timeline_part_of_an_uploaded_filter() {
             }
         }
     }
-    let mut sim = Sim::new(c, Recorder(seen.clone()));
+    let mut sim = Sim::scripted(c, Recorder(seen.clone()));
     sim.run_until(secs(5));
     let seen = seen.borrow();
     assert_eq!(seen[0], (Kind::Sync, Some("f1".into())));
@@ -503,7 +503,7 @@ fn tokens_too_long_empty_or_with_controls_are_bad_responses_never_stored_or_sent
                 serde_json::to_vec(&serde_json::json!({ "next_batch": token })).unwrap(),
             )
         });
-        let mut sim = Sim::new(config(), server);
+        let mut sim = Sim::scripted(config(), server);
         sim.run_until(secs(600));
         assert!(sim.log.events.is_empty(), "{what}: nothing delivered");
         assert_eq!(sim.machine.since(), Some("s0"), "{what}: never stored");
@@ -542,7 +542,7 @@ fn a_catch_up_from_a_stored_since_gets_the_catch_up_deadline() {
             }
         })
     });
-    let mut sim = Sim::new(c, server);
+    let mut sim = Sim::scripted(c, server);
     sim.run_until(secs(700));
     let first = &sim.log.requests[0];
     assert_eq!(first.deadline, secs(900));
@@ -560,7 +560,7 @@ fn a_redirect_is_reported_with_its_location_and_retried_at_the_maximum_backoff()
         headers: vec![("location", "https://elsewhere.example.org/".to_owned())],
         body: Vec::new(),
     });
-    let mut sim = Sim::new(config(), server);
+    let mut sim = Sim::scripted(config(), server);
     sim.run_until(HOUR);
     let max = sim.machine.config().backoff.max;
     let e = &sim.log.errors[0];
@@ -651,7 +651,7 @@ fn a_week_against_the_worst_server_stays_paced_bounded_and_loses_nothing() {
     let mut c = config();
     c.max_body_bytes = 128 * 1024;
     let budget = c.max_body_bytes;
-    let mut sim = Sim::new(
+    let mut sim = Sim::scripted(
         c,
         Worst {
             feed: Feed::new(42, &[ROOM, OTHER]),
@@ -660,7 +660,7 @@ fn a_week_against_the_worst_server_stays_paced_bounded_and_loses_nothing() {
     );
     let end = Duration::from_secs(86_400 * days);
     let mut peak = 0;
-    while sim.now() < end && sim.step_until(end) {
+    while sim.elapsed() < end && sim.step_until(end) {
         peak = peak.max(sim.machine.gap_fill_bytes());
         assert!(peak <= budget, "{peak} bytes held, budget {budget}");
     }
@@ -669,8 +669,8 @@ fn a_week_against_the_worst_server_stays_paced_bounded_and_loses_nothing() {
     // Nothing delivered twice.
     let mut seen = HashSet::new();
     for e in &sim.log.events {
-        if let Some(id) = &e.event_id {
-            assert!(seen.insert(id.clone()), "{id} delivered twice");
+        if let Some(id) = e.id() {
+            assert!(seen.insert(id.to_owned()), "{id} delivered twice");
         }
     }
     // Nothing lost that the server delivered: every real batch checkpointed arrived whole.

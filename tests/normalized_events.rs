@@ -5,14 +5,13 @@
 //! Expected streams are computed independently from the fixture JSON (a reference walk of the
 //! documented order and classification) and cross-checked against hard-coded counts.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 
-use common::*;
 use matrix_sync_service::{
     Config, ErrorClass, Event, EventKind, Gap, GapFill, RequestKind, SyncFilter, SyncState,
 };
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 use serde_json::{json, Value};
 
 const INITIAL: &str = "synapse-initial.json";
@@ -668,7 +667,7 @@ fn incremental_after_initial_is_live_and_exact() {
             live: true
         })
     );
-    assert_eq!(h.m.since(), incremental["next_batch"].as_str());
+    assert_eq!(h.machine.since(), incremental["next_batch"].as_str());
     assert_eq!(h.take_states(), [SyncState::InitialSync, SyncState::Live]);
     assert!(h.take_errors().is_empty());
 }
@@ -758,7 +757,7 @@ fn leave_sync_gives_members_then_leave_markers() {
         assert_eq!(events[i + 1].kind, EventKind::Leave);
     }
     assert_eq!(checkpoint(&events[6]), leave["next_batch"].as_str());
-    assert_eq!(h.m.since(), leave["next_batch"].as_str());
+    assert_eq!(h.machine.since(), leave["next_batch"].as_str());
 }
 
 // ---- gaps ------------------------------------------------------------------------------------
@@ -856,10 +855,10 @@ fn gap_is_filled_oldest_first_before_the_timeline() {
     assert_eq!(filter, gf.filter);
     h.respond(&req, json_response(&gf.response));
     assert!(
-        h.events.is_empty(),
+        h.events().is_empty(),
         "nothing is delivered before the gap is filled"
     );
-    assert_eq!(h.m.since(), Some(gf.previous_since.as_str()));
+    assert_eq!(h.machine.since(), Some(gf.previous_since.as_str()));
 
     assert_eq!(gf.pages.len(), 4);
     for (i, (q, page)) in gf.pages.iter().enumerate() {
@@ -869,11 +868,11 @@ fn gap_is_filled_oldest_first_before_the_timeline() {
             assert_eq!(q["from"].as_str(), Some(gf.prev_batch()));
             assert_eq!(q["to"].as_str(), Some(gf.previous_since.as_str()));
         }
-        assert_eq!(req.deadline, h.now + h.m.config().deadline_margin);
+        assert_eq!(req.deadline, h.now + h.machine.config().deadline_margin);
         h.respond(&req, json_response(page));
         if i + 1 < gf.pages.len() {
-            assert!(h.events.is_empty(), "delivered before the last page");
-            assert_eq!(h.m.since(), Some(gf.previous_since.as_str()));
+            assert!(h.events().is_empty(), "delivered before the last page");
+            assert_eq!(h.machine.since(), Some(gf.previous_since.as_str()));
         }
     }
     let events = h.take_events();
@@ -929,7 +928,7 @@ fn gap_is_filled_oldest_first_before_the_timeline() {
         .collect();
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "oldest first");
     assert_eq!(checkpoint(&events[31]), Some(gf.next_batch()));
-    assert_eq!(h.m.since(), Some(gf.next_batch()));
+    assert_eq!(h.machine.since(), Some(gf.next_batch()));
 
     // Back to syncing from the new token.
     let req = h.request();
@@ -1181,7 +1180,11 @@ fn a_fatal_gap_fill_failure_reports_the_rest_as_a_gap_and_delivers_the_batch() {
         .collect();
     assert_eq!(bodies, ["$g1", "$g2", "newest", ""]);
     assert_eq!(checkpoint(events.last().unwrap()), Some("s2"));
-    assert_ne!(h.m.state(), SyncState::Refused, "the sync itself is fine");
+    assert_ne!(
+        h.machine.state(),
+        SyncState::Refused,
+        "the sync itself is fine"
+    );
     let req = h.next_request();
     assert_eq!(path(&req), "/_matrix/client/v3/sync");
 }

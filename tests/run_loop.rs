@@ -2,16 +2,15 @@
 //! longer waits for and time going backwards are refused and change nothing, states change only
 //! when something happened, and stop ends everything.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use matrix_sync_service::{
     EventKind, InputError, RequestKind, SyncMachine, SyncState, TransportErrorKind,
     TransportFailure,
 };
+use matrix_sync_testkit::canned::*;
 use matrix_sync_testkit::foreign_request_id;
+use matrix_sync_testkit::sim::Harness;
 
 // ---- input errors ----------------------------------------------------------------------------------
 
@@ -45,13 +44,14 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
     let _ = one_error(&mut h);
     let req = h.next_request();
     assert!(req.id > first.id);
-    let before = snapshot(&h.m);
+    let before = snapshot(&h.machine);
     let now = h.now;
 
-    let stale =
-        h.m.handle_response(first.id, json_response(&empty_sync("x")), now);
+    let stale = h
+        .machine
+        .handle_response(first.id, json_response(&empty_sync("x")), now);
     assert_eq!(stale, Err(InputError::StaleRequest(first.id)));
-    let stale = h.m.handle_failure(
+    let stale = h.machine.handle_failure(
         first.id,
         TransportFailure::new(TransportErrorKind::Reset, "late"),
         now,
@@ -59,10 +59,11 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
     assert_eq!(stale, Err(InputError::StaleRequest(first.id)));
     // Ids are opaque: the only ones not this machine's in flight are stale or another's.
     let unknown = foreign_request_id(50);
-    let got =
-        h.m.handle_response(unknown, json_response(&empty_sync("x")), now);
+    let got = h
+        .machine
+        .handle_response(unknown, json_response(&empty_sync("x")), now);
     assert_eq!(got, Err(InputError::StaleRequest(unknown)));
-    let got = h.m.handle_failure(
+    let got = h.machine.handle_failure(
         unknown,
         TransportFailure::new(TransportErrorKind::Dns, "?"),
         now,
@@ -70,8 +71,9 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
     assert_eq!(got, Err(InputError::StaleRequest(unknown)));
     // A later `now` on a refused input does not move the clock either.
     let later = now + Duration::from_secs(5);
-    let got =
-        h.m.handle_response(first.id, json_response(&empty_sync("x")), later);
+    let got = h
+        .machine
+        .handle_response(first.id, json_response(&empty_sync("x")), later);
     assert_eq!(got, Err(InputError::StaleRequest(first.id)));
 
     // Time going backwards, on every input.
@@ -80,35 +82,37 @@ fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
         last: now,
         now: earlier,
     };
-    assert_eq!(h.m.handle_timeout(earlier), Err(back.clone()));
+    assert_eq!(h.machine.handle_timeout(earlier), Err(back.clone()));
     assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("x")), earlier),
+        h.machine
+            .handle_response(req.id, json_response(&empty_sync("x")), earlier),
         Err(back.clone())
     );
     assert_eq!(
-        h.m.handle_failure(
+        h.machine.handle_failure(
             req.id,
             TransportFailure::new(TransportErrorKind::Tls, "t"),
             earlier
         ),
         Err(back)
     );
-    assert_eq!(snapshot(&h.m), before);
-    assert_no_output!(h.m);
+    assert_eq!(snapshot(&h.machine), before);
+    assert_no_output!(h.machine);
     assert!(
-        h.m.poll_request().is_none(),
+        h.machine.poll_request().is_none(),
         "the request is still in flight"
     );
 
     // The awaited request can still be answered normally, at the time it expects.
     h.respond(&req, json_response(&empty_sync("s1")));
-    assert_eq!(h.m.since(), Some("s1"));
+    assert_eq!(h.machine.since(), Some("s1"));
     // Its id is now stale too.
     assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("s9")), h.now),
+        h.machine
+            .handle_response(req.id, json_response(&empty_sync("s9")), h.now),
         Err(InputError::StaleRequest(req.id))
     );
-    assert_eq!(h.m.since(), Some("s1"));
+    assert_eq!(h.machine.since(), Some("s1"));
 }
 
 #[test]
@@ -130,35 +134,36 @@ fn a_response_nobody_asked_for_before_any_request_is_stale() {
 fn stop_is_idempotent_and_refuses_later_inputs() {
     let mut h = live_harness(config());
     let req = h.request();
-    let since = h.m.since().map(str::to_owned);
-    h.m.stop();
-    h.m.stop();
-    h.pump();
+    let since = h.machine.since().map(str::to_owned);
+    h.machine.stop();
+    h.machine.stop();
+    h.drain();
     assert_eq!(h.take_states(), [SyncState::Stopped]);
-    assert_eq!(h.m.state(), SyncState::Stopped);
-    assert!(h.m.in_flight().is_none());
-    assert!(h.m.poll_request().is_none());
-    assert_eq!(h.m.poll_timeout(), None);
+    assert_eq!(h.machine.state(), SyncState::Stopped);
+    assert!(h.machine.in_flight().is_none());
+    assert!(h.machine.poll_request().is_none());
+    assert_eq!(h.machine.poll_timeout(), None);
     let now = h.now + Duration::from_secs(1);
     assert_eq!(
-        h.m.handle_response(req.id, json_response(&empty_sync("s9")), now),
+        h.machine
+            .handle_response(req.id, json_response(&empty_sync("s9")), now),
         Err(InputError::Stopped)
     );
     assert_eq!(
-        h.m.handle_failure(
+        h.machine.handle_failure(
             req.id,
             TransportFailure::new(TransportErrorKind::Reset, "r"),
             now
         ),
         Err(InputError::Stopped)
     );
-    assert_eq!(h.m.handle_timeout(now), Err(InputError::Stopped));
-    assert_eq!(h.m.handle_timeout(h.now), Err(InputError::Stopped));
-    h.m.stop();
-    assert_no_output!(h.m);
-    assert!(h.m.poll_request().is_none());
-    assert_eq!(h.m.since().map(str::to_owned), since);
-    assert_eq!(h.m.state(), SyncState::Stopped);
+    assert_eq!(h.machine.handle_timeout(now), Err(InputError::Stopped));
+    assert_eq!(h.machine.handle_timeout(h.now), Err(InputError::Stopped));
+    h.machine.stop();
+    assert_no_output!(h.machine);
+    assert!(h.machine.poll_request().is_none());
+    assert_eq!(h.machine.since().map(str::to_owned), since);
+    assert_eq!(h.machine.state(), SyncState::Stopped);
 }
 
 #[test]
@@ -168,11 +173,11 @@ fn stop_during_a_backoff_and_during_gap_filling() {
     let req = h.request();
     h.reply(&req, 500, "");
     let _ = one_error(&mut h);
-    h.m.stop();
-    assert_eq!(h.m.poll_timeout(), None);
-    assert!(h.m.poll_request().is_none());
+    h.machine.stop();
+    assert_eq!(h.machine.poll_timeout(), None);
+    assert!(h.machine.poll_request().is_none());
     assert_eq!(
-        h.m.handle_timeout(h.now + Duration::from_secs(3600)),
+        h.machine.handle_timeout(h.now + Duration::from_secs(3600)),
         Err(InputError::Stopped)
     );
 
@@ -186,21 +191,21 @@ fn stop_during_a_backoff_and_during_gap_filling() {
     h.respond(&req, json_response(&gap["response"]));
     let req = h.request();
     assert!(matches!(req.kind, RequestKind::Messages { .. }));
-    h.m.stop();
+    h.machine.stop();
     assert_eq!(
-        h.m.handle_response(
+        h.machine.handle_response(
             req.id,
             json_response(&serde_json::json!({"chunk": [], "start": "x"})),
             h.now
         ),
         Err(InputError::Stopped)
     );
-    h.pump();
+    h.drain();
     assert!(h
-        .events
+        .events()
         .iter()
         .all(|e| !matches!(e.kind, EventKind::Checkpoint(_))));
-    assert_eq!(h.m.since(), Some(previous));
+    assert_eq!(h.machine.since(), Some(previous));
 }
 // ---- states ------------------------------------------------------------------------------------
 

@@ -12,16 +12,14 @@
 //! * the inputs the caller gets wrong are refused with the error that says so;
 //! * same seed and inputs give the same outputs, bit for bit.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::*;
 use matrix_sync_service::{
     BackoffPolicy, Config, EventKind, GapFill, InputError, OutgoingRequest, RequestId, RequestKind,
     TransportErrorKind, TransportFailure,
 };
+use matrix_sync_testkit::canned::*;
 use matrix_sync_testkit::{foreign_request_id, Checked};
 use proptest::prelude::*;
 use serde_json::json;

@@ -1,12 +1,11 @@
 //! The sync protocol as sent (contract §3 and §9): the long-poll `timeout` in the query, the
 //! first request's `full_state`, and the access token only in the `Authorization` header.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use matrix_sync_service::RequestKind;
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 
 // ---- timeouts in the query -------------------------------------------------------------------------
 
@@ -50,7 +49,7 @@ fn the_token_is_only_in_the_authorization_header() {
     assert!(!format!("{c:?}").contains(TOKEN));
     assert!(!format!("{:?}", c.access_token).contains(TOKEN));
     let mut h = Harness::new(c);
-    assert!(!format!("{:?}", h.m).contains(TOKEN));
+    assert!(!format!("{:?}", h.machine).contains(TOKEN));
     let mut requests = Vec::new();
     let req = h.request();
     h.reply(&req, 401, fixture(E401));
@@ -79,11 +78,11 @@ fn the_token_is_only_in_the_authorization_header() {
         assert!(!format!("{req:?}").contains(TOKEN));
         assert!(!format!("{:?}", req.http).contains(TOKEN));
     }
-    for err in &h.errors {
+    for err in h.errors() {
         assert!(!format!("{err:?}").contains(TOKEN));
         assert!(!err.to_string().contains(TOKEN));
     }
-    assert!(!format!("{:?}", h.m).contains(TOKEN));
+    assert!(!format!("{:?}", h.machine).contains(TOKEN));
 }
 
 // ---- full_state ----------------------------------------------------------------------------------

@@ -2,15 +2,14 @@
 //! after a 401, credentials handed out and used only once stored, the session ending when the
 //! refresh token is refused, and credentials replaced live.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use matrix_sync_service::{
     Config, Credentials, ErrorClass, EventKind, Failure, InputError, OutgoingRequest,
     RefreshMethod, RequestKind, SyncState,
 };
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 use serde_json::json;
 
 const REFRESH: &str = "syr_refresh_secret_0";
@@ -43,14 +42,17 @@ fn refresh_answer(n: u32, expires_ms: Option<u64>) -> serde_json::Value {
 /// Takes the credentials handed out, checks nothing goes out before they are stored, and
 /// stores them.
 fn store(h: &mut Harness) -> Credentials {
-    let new = h.m.poll_credentials().expect("credentials handed out");
+    let new = h
+        .machine
+        .poll_credentials()
+        .expect("credentials handed out");
     assert!(
-        h.m.poll_request().is_none(),
+        h.machine.poll_request().is_none(),
         "nothing is sent before the new credentials are stored"
     );
-    assert!(h.m.poll_credentials().is_none(), "handed out once");
-    h.m.handle_credentials_stored(h.now).unwrap();
-    h.pump();
+    assert!(h.machine.poll_credentials().is_none(), "handed out once");
+    h.machine.handle_credentials_stored(h.now).unwrap();
+    h.drain();
     new
 }
 
@@ -61,7 +63,7 @@ fn go_live(h: &mut Harness) {
         &first,
         json_response(&message_sync("s1", "!r:localhost", "a", &["one"])),
     );
-    assert_eq!(h.m.state(), SyncState::Live);
+    assert_eq!(h.machine.state(), SyncState::Live);
 }
 
 #[test]
@@ -100,10 +102,10 @@ fn a_known_expiry_is_refreshed_ahead_of_time_and_the_new_token_used_once_stored(
     assert_eq!(refreshes, 1, "{kinds:?}");
     assert_eq!(expected, "Bearer syt_new_access_1");
     assert_eq!(
-        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        h.machine.config().refresh_token.as_ref().unwrap().expose(),
         "syr_new_refresh_1"
     );
-    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    assert!(h.errors().is_empty(), "{:?}", h.errors());
 }
 
 #[test]
@@ -117,7 +119,7 @@ fn a_401_is_refreshed_once_and_the_sync_retried_from_the_same_since() {
         r#"{"errcode":"M_UNKNOWN_TOKEN","error":"Access token has expired","soft_logout":true}"#,
     );
     assert_eq!(h.take_errors().len(), 1);
-    assert_ne!(h.m.state(), SyncState::Refused);
+    assert_ne!(h.machine.state(), SyncState::Refused);
     let refresh = h.request();
     assert_eq!(refresh.kind, RequestKind::Refresh);
     h.respond(&refresh, json_response(&refresh_answer(1, None)));
@@ -132,12 +134,12 @@ fn a_401_is_refreshed_once_and_the_sync_retried_from_the_same_since() {
         json_response(&message_sync("s2", "!r:localhost", "a", &["one", "two"])),
     );
     let bodies: Vec<_> = h
-        .events
+        .events()
         .iter()
         .filter_map(|e| e.body.clone())
         .collect::<Vec<_>>();
     assert_eq!(bodies, ["one", "two"]);
-    assert_eq!(h.m.since(), Some("s2"));
+    assert_eq!(h.machine.since(), Some("s2"));
 }
 
 #[test]
@@ -152,7 +154,7 @@ fn a_401_right_after_a_refresh_for_a_401_is_a_refusal_not_another_refresh() {
     store(&mut h);
     let retried = h.request();
     h.reply(&retried, 401, unknown);
-    assert_eq!(h.m.state(), SyncState::Refused);
+    assert_eq!(h.machine.state(), SyncState::Refused);
     let next = h.next_request();
     assert!(
         matches!(next.kind, RequestKind::Sync { .. }),
@@ -184,7 +186,7 @@ fn a_refused_refresh_ends_the_session_and_nothing_goes_faster_than_the_maximum_b
         h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
         let refresh = h.request();
         h.reply(&refresh, status, body);
-        assert_eq!(h.m.state(), SyncState::SessionEnded);
+        assert_eq!(h.machine.state(), SyncState::SessionEnded);
         let error = h.take_errors().pop().unwrap();
         assert!(
             matches!(error.failure, Failure::RefreshRefused { .. }),
@@ -212,7 +214,7 @@ fn a_refused_refresh_ends_the_session_and_nothing_goes_faster_than_the_maximum_b
             gaps.iter().all(|g| *g >= Duration::from_secs(60)),
             "{gaps:?}"
         );
-        assert_eq!(h.m.state(), SyncState::SessionEnded);
+        assert_eq!(h.machine.state(), SyncState::SessionEnded);
     }
 }
 
@@ -228,12 +230,12 @@ fn a_failing_refresh_is_retried_with_backoff_keeping_the_old_tokens() {
         assert_eq!(refresh.kind, RequestKind::Refresh);
         at.push(h.elapsed());
         h.reply(&refresh, 502, "bad gateway");
-        assert_eq!(h.m.state(), SyncState::BackingOff);
+        assert_eq!(h.machine.state(), SyncState::BackingOff);
     }
     assert!(at[1] - at[0] >= Duration::from_millis(500), "{at:?}");
     assert!(at[2] - at[1] >= Duration::from_secs(1), "{at:?}");
     assert_eq!(
-        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        h.machine.config().refresh_token.as_ref().unwrap().expose(),
         REFRESH
     );
     let refresh = h.next_request();
@@ -263,29 +265,30 @@ fn credentials_the_application_could_not_store_are_never_used_and_offered_again(
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
     let refresh = h.request();
     h.respond(&refresh, json_response(&refresh_answer(1, None)));
-    let first = h.m.poll_credentials().unwrap();
-    h.m.handle_credentials_not_stored("disk full", h.now)
+    let first = h.machine.poll_credentials().unwrap();
+    h.machine
+        .handle_credentials_not_stored("disk full", h.now)
         .unwrap();
-    h.pump();
-    assert_eq!(h.m.state(), SyncState::CredentialsNotStored);
+    h.drain();
+    assert_eq!(h.machine.state(), SyncState::CredentialsNotStored);
     let error = h.take_errors().pop().unwrap();
     assert!(
         matches!(&error.failure, Failure::CredentialsNotStored(r) if r == "disk full"),
         "{error}"
     );
-    assert!(h.m.poll_request().is_none());
+    assert!(h.machine.poll_request().is_none());
     assert_eq!(
-        h.m.handle_credentials_stored(h.now),
+        h.machine.handle_credentials_stored(h.now),
         Err(InputError::NoCredentialsPending),
         "nothing is awaited until offered again"
     );
-    let again = h.m.poll_timeout().unwrap();
+    let again = h.machine.poll_timeout().unwrap();
     assert!(again - h.now >= Duration::from_secs(60));
     h.advance(again - h.now);
-    assert_eq!(h.m.poll_credentials(), Some(first));
-    h.m.handle_credentials_stored(h.now).unwrap();
-    h.pump();
-    assert_eq!(h.m.state(), SyncState::Live);
+    assert_eq!(h.machine.poll_credentials(), Some(first));
+    h.machine.handle_credentials_stored(h.now).unwrap();
+    h.drain();
+    assert_eq!(h.machine.state(), SyncState::Live);
     let retried = h.request();
     assert_eq!(bearer(&retried).unwrap(), "Bearer syt_new_access_1");
 }
@@ -296,16 +299,16 @@ fn a_token_set_while_refused_is_used_at_once_keeping_since_and_dedup() {
     go_live(&mut h);
     let poll = h.next_request();
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
-    assert_eq!(h.m.state(), SyncState::Refused);
+    assert_eq!(h.machine.state(), SyncState::Refused);
     assert!(
-        h.m.poll_request().is_none(),
+        h.machine.poll_request().is_none(),
         "waiting at the maximum backoff"
     );
     assert_eq!(
-        h.m.set_access_token("has space", h.now),
+        h.machine.set_access_token("has space", h.now),
         Err(InputError::UnusableCredentials)
     );
-    h.m.set_access_token("syt_replaced", h.now).unwrap();
+    h.machine.set_access_token("syt_replaced", h.now).unwrap();
     let retried = h.request();
     assert_eq!(bearer(&retried).unwrap(), "Bearer syt_replaced");
     assert_eq!(query(&retried).get("since").map(String::as_str), Some("s1"));
@@ -313,7 +316,7 @@ fn a_token_set_while_refused_is_used_at_once_keeping_since_and_dedup() {
         &retried,
         json_response(&message_sync("s2", "!r:localhost", "a", &["one", "two"])),
     );
-    let bodies: Vec<_> = h.events.iter().filter_map(|e| e.body.clone()).collect();
+    let bodies: Vec<_> = h.events().iter().filter_map(|e| e.body.clone()).collect();
     assert_eq!(bodies, ["one", "two"]);
 }
 
@@ -322,9 +325,9 @@ fn a_401_to_a_request_sent_with_replaced_credentials_is_retried_at_once() {
     let mut h = Harness::new(config_no_jitter());
     go_live(&mut h);
     let poll = h.next_request();
-    h.m.set_access_token("syt_replaced", h.now).unwrap();
+    h.machine.set_access_token("syt_replaced", h.now).unwrap();
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
-    assert_eq!(h.m.state(), SyncState::Live);
+    assert_eq!(h.machine.state(), SyncState::Live);
     let retried = h.request();
     assert_eq!(bearer(&retried).unwrap(), "Bearer syt_replaced");
 }
@@ -336,14 +339,15 @@ fn a_refresh_answer_for_replaced_credentials_or_after_its_deadline_changes_nothi
     let poll = h.next_request();
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
     let refresh = h.request();
-    h.m.set_credentials(
-        Credentials::new("syt_app").with_refresh_token("syr_app"),
-        h.now,
-    )
-    .unwrap();
+    h.machine
+        .set_credentials(
+            Credentials::new("syt_app").with_refresh_token("syr_app"),
+            h.now,
+        )
+        .unwrap();
     h.respond(&refresh, json_response(&refresh_answer(1, None)));
     assert!(
-        h.m.poll_credentials().is_none(),
+        h.machine.poll_credentials().is_none(),
         "the application's credentials win"
     );
     let sync = h.request();
@@ -354,13 +358,14 @@ fn a_refresh_answer_for_replaced_credentials_or_after_its_deadline_changes_nothi
     let refresh = h.request();
     h.advance(refresh.deadline - h.now);
     let late =
-        h.m.handle_response(refresh.id, json_response(&refresh_answer(2, None)), h.now);
+        h.machine
+            .handle_response(refresh.id, json_response(&refresh_answer(2, None)), h.now);
     assert_eq!(late, Err(InputError::StaleRequest(refresh.id)));
-    assert!(h.m.poll_credentials().is_none());
+    assert!(h.machine.poll_credentials().is_none());
     let retry = h.next_request();
     assert_eq!(retry.kind, RequestKind::Refresh, "the refresh is retried");
     assert_eq!(
-        h.m.config().refresh_token.as_ref().unwrap().expose(),
+        h.machine.config().refresh_token.as_ref().unwrap().expose(),
         "syr_app"
     );
 }
@@ -372,18 +377,22 @@ fn stop_racing_a_refresh_ends_everything() {
     let poll = h.next_request();
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
     let refresh = h.request();
-    h.m.stop();
+    h.machine.stop();
     let answer =
-        h.m.handle_response(refresh.id, json_response(&refresh_answer(1, None)), h.now);
+        h.machine
+            .handle_response(refresh.id, json_response(&refresh_answer(1, None)), h.now);
     assert_eq!(answer, Err(InputError::Stopped));
-    assert!(h.m.poll_credentials().is_none());
-    assert!(h.m.poll_request().is_none());
+    assert!(h.machine.poll_credentials().is_none());
+    assert!(h.machine.poll_request().is_none());
     assert_eq!(
-        h.m.handle_credentials_stored(h.now),
+        h.machine.handle_credentials_stored(h.now),
         Err(InputError::Stopped)
     );
-    h.pump();
-    assert_eq!(h.states.last(), Some(&SyncState::Stopped));
+    h.drain();
+    assert_eq!(
+        h.log.states.last().map(|(_, s)| s),
+        Some(&SyncState::Stopped)
+    );
 }
 
 #[test]
@@ -405,7 +414,7 @@ fn a_401_in_the_middle_of_a_gap_fill_refreshes_and_the_same_page_is_fetched_agai
     let page = h.request();
     assert!(matches!(page.kind, RequestKind::Messages { .. }));
     h.reply(&page, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
-    assert!(h.events.is_empty());
+    assert!(h.events().is_empty());
     let refresh = h.request();
     assert_eq!(refresh.kind, RequestKind::Refresh);
     h.respond(&refresh, json_response(&refresh_answer(1, None)));
@@ -420,9 +429,9 @@ fn a_401_in_the_middle_of_a_gap_fill_refreshes_and_the_same_page_is_fetched_agai
             "content": {"msgtype": "m.text", "body": "history"}}]
     });
     h.respond(&again, json_response(&history));
-    let bodies: Vec<_> = h.events.iter().filter_map(|e| e.body.clone()).collect();
+    let bodies: Vec<_> = h.events().iter().filter_map(|e| e.body.clone()).collect();
     assert_eq!(bodies, ["history", "timeline"]);
-    assert_eq!(h.m.since(), Some("s1"));
+    assert_eq!(h.machine.since(), Some("s1"));
 }
 
 #[test]
@@ -451,7 +460,7 @@ fn oauth_refresh_posts_the_form_and_invalid_grant_ends_the_session() {
         400,
         r#"{"error":"invalid_grant","error_description":"session ended"}"#,
     );
-    assert_eq!(h.m.state(), SyncState::SessionEnded);
+    assert_eq!(h.machine.state(), SyncState::SessionEnded);
     let error = h.take_errors().pop().unwrap();
     assert_eq!(error.failure.errcode(), Some("invalid_grant"));
 }
@@ -463,7 +472,7 @@ fn no_token_shows_in_debug_or_in_errors() {
     let poll = h.next_request();
     h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
     let refresh = h.request();
-    let shown = format!("{refresh:?} {:?}", h.m.config());
+    let shown = format!("{refresh:?} {:?}", h.machine.config());
     assert!(
         !shown.contains(REFRESH) && !shown.contains(TOKEN),
         "{shown}"
@@ -475,11 +484,11 @@ fn no_token_shows_in_debug_or_in_errors() {
     assert!(!shown.contains(REFRESH), "{shown}");
     let refresh = h.next_request();
     h.respond(&refresh, json_response(&refresh_answer(7, None)));
-    let new = h.m.poll_credentials().unwrap();
+    let new = h.machine.poll_credentials().unwrap();
     let shown = format!("{new:?}");
     assert!(!shown.contains("syr_new_refresh_7") && !shown.contains("syt_new_access_7"));
     assert!(matches!(
-        h.events.last().map(|e| &e.kind),
+        h.events().last().map(|e| &e.kind),
         Some(EventKind::Checkpoint(_))
     ));
 }
@@ -492,7 +501,7 @@ mod simulated {
 
     use matrix_sync_service::{EventKind, RefreshToken, RequestKind, SyncState};
     use matrix_sync_testkit::rng::SplitMix64;
-    use matrix_sync_testkit::sim::{self, secs, Kind, Reply, Sent, Server, Sim};
+    use matrix_sync_testkit::sim::{self, secs, CredentialAnswers, Kind, Reply, Sent, Server, Sim};
 
     /// A homeserver whose access tokens live `lifetime` and whose refresh tokens rotate, with
     /// the failures of a bad day: 500s on syncs and refreshes, refresh answers so slow they
@@ -646,11 +655,11 @@ mod simulated {
     fn a_day_of_expiring_tokens_loses_and_repeats_nothing_and_every_invariant_holds() {
         let mut gap_fill_401s = 0;
         for seed in 0..4 {
-            let mut sim = Sim::new(config(), Expiring::new(seed, secs(600)));
-            sim.store_failures = 2;
+            let mut sim = Sim::scripted(config(), Expiring::new(seed, secs(600)));
+            sim.credentials = CredentialAnswers::Stored { failures: 2 };
             sim.run_until(secs(24 * 3600));
             for e in &sim.log.events {
-                if let Some(id) = &e.event_id {
+                if let Some(id) = e.id() {
                     *sim.server
                         .sent
                         .get_mut(id)
@@ -722,7 +731,7 @@ mod simulated {
     fn a_stop_racing_a_refresh_ends_everything_and_its_answer_is_refused() {
         let mut server = Expiring::new(9, secs(600));
         server.refresh_latency = secs(5);
-        let mut sim = Sim::new(config(), server);
+        let mut sim = Sim::scripted(config(), server);
         // The refresh is due at 480 s; step a second at a time so its answer is still on
         // the way when the stop comes.
         sim.run_until(secs(470));
@@ -731,15 +740,15 @@ mod simulated {
             .in_flight()
             .is_none_or(|f| *f.kind != RequestKind::Refresh)
         {
-            assert!(sim.now() < secs(600), "no refresh sent");
-            sim.step_until(sim.now() + secs(1));
+            assert!(sim.elapsed() < secs(600), "no refresh sent");
+            sim.step_until(sim.elapsed() + secs(1));
         }
         assert_eq!(
             sim.machine.in_flight().map(|f| f.kind.clone()),
             Some(RequestKind::Refresh)
         );
         sim.stop();
-        sim.run_until(sim.now() + secs(120));
+        sim.run_until(sim.elapsed() + secs(120));
         assert_eq!(
             sim.log.late_answers.len(),
             1,

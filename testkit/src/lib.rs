@@ -1,8 +1,9 @@
 //! Test support shared by the crate's tests, benchmarks, examples and fuzz targets.
 //!
 //! * [`Checked`]: the one list of invariants (below), asserted at every call.
-//! * [`harness`]: a simulated clock the test moves, around a [`Checked`] machine; [`sim`]: a
-//!   scripted homeserver and a clock that jumps to the next event, around one too.
+//! * [`sim`]: the one harness: a [`Checked`] machine, a simulated clock and a log, with the
+//!   test as the server ([`sim::Harness`]) or a scripted homeserver; [`canned`]: fixtures,
+//!   responses and small bodies for it.
 //! * [`backoff`]: the documented backoff, replayed independently; [`rng`]: the one seeded
 //!   generator; [`query`]: requests read back; [`gen`]: realistic large sync bodies;
 //!   [`cpu_clock`]: CPU-time clocks.
@@ -38,13 +39,13 @@
 //!   cap (for rate limits, the larger of it and `max_server_wait`).
 
 pub mod backoff;
+pub mod canned;
 #[cfg(feature = "net")]
 pub mod client;
 pub mod cpu_clock;
 #[cfg(feature = "net")]
 pub mod fake_server;
 pub mod gen;
-pub mod harness;
 #[cfg(feature = "net")]
 pub mod proxy;
 pub mod query;

@@ -1,34 +1,39 @@
-//! A deterministic simulation harness for the sans-IO `SyncMachine`, driven through the
-//! test kit's `Checked` wrapper, so every run also checks the shared invariants.
+//! The one harness of the machine tests: a [`Checked`] `SyncMachine` (so every run also checks
+//! the kit's invariants), a simulated clock, and a [`Log`] of everything that happened.
 //!
-//! * A scripted homeserver ([`Homeserver`]): a closure that sees every request the machine hands
-//!   out (kind, `since`, `timeout`, `/messages` `from`/`to`, send instant) and decides what
-//!   happens to it: a response after a simulated latency, a transport failure after a latency,
-//!   or no answer at all ([`Reply::Stall`], so the machine's deadline fires). It owns a [`Feed`],
-//!   a `next_batch` token stream that writes valid sync bodies with new, uniquely numbered
-//!   events and remembers every batch it produced.
-//! * A simulated clock that only ever jumps to the next instant something happens: the arrival
-//!   of the scripted answer, or the machine's [`poll_timeout`](matrix_sync_service::SyncMachine::poll_timeout),
-//!   whichever is first (an answer wins a tie). No wall-clock time passes.
-//! * Everything is seeded ([`SplitMix64`]) and deterministic, and everything is recorded in a
+//! * The server is the test ([`Harness`], `Sim<Manual>`: take a request, answer it, move the
+//!   clock), or a scripted homeserver ([`Homeserver`]): a closure that sees every request the
+//!   machine hands out (kind, `since`, `timeout`, `/messages` `from`/`to`, send instant) and
+//!   decides what happens to it: a response after a simulated latency, a transport failure
+//!   after a latency, or no answer at all ([`Reply::Stall`], so the machine's deadline fires).
+//!   It owns a [`Feed`], a `next_batch` token stream that writes valid sync bodies with new,
+//!   uniquely numbered events and remembers every batch it produced.
+//! * With a scripted server, the clock only ever jumps to the next instant something happens:
+//!   the arrival of the scripted answer, or the machine's
+//!   [`poll_timeout`](matrix_sync_service::SyncMachine::poll_timeout), whichever is first (an
+//!   answer wins a tie). No wall-clock time passes.
+//! * Everything is seeded ([`SplitMix64`]) and deterministic, and everything is recorded in the
 //!   [`Log`]: every request (send instant, kind, `since`, `timeout`, deadline, outcome), every
-//!   error (class, delay, attempt), every state change and every delivered event.
+//!   error, every state change and every delivered event, each with its instant.
 //!
 //! [`Sim::step`] is the canonical run loop of the crate docs: drain events, errors and states,
 //! then `poll_request`; send what it returns; wait for the answer or the wake-up instant; feed
-//! the input. Besides the kit's invariants, every step asserts what the harness can see of the
-//! protocol (`since` equals the last checkpoint handed on, the URL agrees with the request
-//! kind, no wake-ups that lead nowhere).
+//! the input. Besides the kit's invariants, every drain and every request asserts what the
+//! harness can see of the protocol (`since` moves only at a checkpoint and a sync starts from
+//! the last one handed on, the URL agrees with the request kind, no wake-ups that lead
+//! nowhere).
 pub use crate::rng::SplitMix64;
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use crate::Checked;
 use matrix_sync_service::{
-    Config, ErrorClass, Event, EventKind, Failure, InputError, OutgoingRequest, RequestId,
-    RequestKind, SyncState, TransportErrorKind, TransportFailure,
+    Config, Event, EventKind, InputError, OutgoingRequest, RequestId, RequestKind, SyncError,
+    SyncState, TransportErrorKind, TransportFailure,
 };
 
 /// The homeserver every simulated machine talks to (nothing is ever sent).
@@ -53,8 +58,13 @@ pub enum Kind {
         /// The room id, percent-decoded.
         room: String,
     },
-    /// `POST /_matrix/client/v3/refresh`.
+    /// A refresh: `POST /_matrix/client/v3/refresh`, or an OAuth token endpoint.
     Refresh,
+    /// Any other request kind.
+    Other {
+        /// The decoded path.
+        path: String,
+    },
 }
 
 /// What became of a request.
@@ -338,55 +348,52 @@ impl Feed {
 
 // ---- the log ----------------------------------------------------------------------------------
 
-/// One error the machine reported.
+/// One error the machine reported (reads as the [`SyncError`] itself).
 #[derive(Clone, Debug)]
 pub struct ErrorRecord {
     /// When it was reported (the instant of the input that caused it).
     pub at: Duration,
-    /// What failed.
-    pub failure: Failure,
-    /// Its class.
-    pub class: ErrorClass,
-    /// Consecutive failures, this one included.
-    pub attempt: u32,
-    /// The wait the machine chose.
-    pub delay: Duration,
-    /// Index in [`Log::requests`] of the request that failed.
+    /// Index in [`Log::requests`] of the request that failed, when the harness fed its answer.
     pub request: Option<usize>,
+    /// The report.
+    pub error: SyncError,
 }
 
-/// One delivered item of the event stream.
+impl Deref for ErrorRecord {
+    type Target = SyncError;
+
+    fn deref(&self) -> &SyncError {
+        &self.error
+    }
+}
+
+/// One delivered item of the event stream (reads as the [`Event`] itself).
 #[derive(Clone, Debug)]
 pub struct Delivered {
     /// When it was drained.
     pub at: Duration,
-    /// Its kind (a checkpoint carries its token).
-    pub kind: EventKind,
-    /// Its event id.
-    pub event_id: Option<String>,
-    /// Its room.
-    pub room_id: Option<String>,
-    /// Its body.
-    pub body: String,
+    /// The event.
+    pub event: Event,
+}
+
+impl Deref for Delivered {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
+impl Borrow<Event> for Delivered {
+    fn borrow(&self) -> &Event {
+        &self.event
+    }
 }
 
 impl Delivered {
-    fn new(at: Duration, event: &Event) -> Self {
-        Self {
-            at,
-            kind: event.kind.clone(),
-            event_id: event.event_id.as_ref().map(|e| e.to_string()),
-            room_id: event.room_id.as_ref().map(|r| r.to_string()),
-            body: event.body.clone().unwrap_or_default(),
-        }
-    }
-
     /// The checkpoint token, if this is a checkpoint.
     pub fn checkpoint(&self) -> Option<&str> {
-        match &self.kind {
-            EventKind::Checkpoint(c) => Some(&c.next_batch),
-            _ => None,
-        }
+        crate::canned::checkpoint(&self.event)
     }
 
     /// The `live` flag, for a checkpoint.
@@ -395,6 +402,11 @@ impl Delivered {
             EventKind::Checkpoint(c) => Some(c.live),
             _ => None,
         }
+    }
+
+    /// The event id as a string.
+    pub fn id(&self) -> Option<&str> {
+        self.event_id.as_ref().map(|e| e.as_str())
     }
 }
 
@@ -439,7 +451,7 @@ impl Log {
         for e in &self.events {
             match e.checkpoint() {
                 Some(token) => out.push((std::mem::take(&mut current), token.to_owned())),
-                None => current.push(e.event_id.clone().unwrap_or_default()),
+                None => current.push(e.id().unwrap_or_default().to_owned()),
             }
         }
         assert!(current.is_empty(), "events after the last checkpoint");
@@ -486,161 +498,238 @@ struct Flight {
     arrival: Option<(Duration, Answer)>,
 }
 
-/// A machine, a scripted server and a simulated clock.
+/// The server of a [`Harness`]: the test itself, which takes each request with
+/// [`Sim::request`] or [`Sim::next_request`] and answers it with [`Sim::respond`].
+#[derive(Debug, Default)]
+pub struct Manual;
+
+/// Who answers the credentials the machine hands out to be stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialAnswers {
+    /// The test, through the machine (`poll_credentials` and its answers).
+    ByTest,
+    /// The harness, at once: stored, except for the next `failures` of them.
+    Stored {
+        /// How many of the next credentials handed out fail to be stored.
+        failures: u32,
+    },
+}
+
+/// The one harness of the machine tests: a [`Checked`] machine, a simulated clock, and a
+/// [`Log`] of everything the machine said and was sent.
+///
+/// Two ways to play the server, same clock, same drain, same checks:
+/// * [`Harness`] (`Sim<Manual>`): the test takes each request ([`request`](Sim::request),
+///   [`next_request`](Sim::next_request)), answers it ([`respond`](Sim::respond)) and moves
+///   the clock ([`advance`](Sim::advance)); [`take_events`](Sim::take_events) and its siblings
+///   hand over what came out since the last take.
+/// * `Sim<S: Server>`: a scripted server answers every request after a latency (or never), and
+///   [`step`](Sim::step) plays the crate docs' run loop with a clock that jumps to the next
+///   answer or wake-up.
+///
+/// Every drain checks that `since` moves only at a checkpoint, to its token; every request
+/// sent is read back from its URL and checked against its kind (and a sync's `since` against
+/// the last checkpoint handed on).
 pub struct Sim<S> {
     /// The machine under test, its invariants checked at every call.
     pub machine: Checked,
-    /// The scripted server.
+    /// The server.
     pub server: S,
     /// Everything that happened.
     pub log: Log,
+    /// The machine's current instant.
+    pub now: Instant,
+    /// Who answers credentials handed out to be stored.
+    pub credentials: CredentialAnswers,
     origin: Instant,
-    now: Duration,
     flight: Option<Flight>,
     late: Vec<Flight>,
     last_checkpoint: Option<String>,
     concluded: Option<usize>,
     idle_wakes: u32,
-    /// How many of the next credentials handed out the simulated application fails to store.
-    pub store_failures: u32,
+    taken: Taken,
+}
+
+/// How much of each log the test has taken.
+#[derive(Default)]
+struct Taken {
+    events: usize,
+    errors: usize,
+    states: usize,
+}
+
+/// The harness with the test as the server.
+pub type Harness = Sim<Manual>;
+
+impl Harness {
+    /// A machine built from `config` at a fresh instant, its first outputs drained.
+    pub fn new(config: Config) -> Self {
+        Sim::with_server(config, Manual, CredentialAnswers::ByTest)
+    }
+
+    /// The request due now (checked and logged); panics when none is.
+    pub fn request(&mut self) -> OutgoingRequest {
+        let req = self.machine.poll_request().expect("a request is due now");
+        self.sent(&req);
+        req
+    }
+
+    /// Advances the clock to each wake-up instant until a request is due, and returns it.
+    pub fn next_request(&mut self) -> OutgoingRequest {
+        for _ in 0..16 {
+            if let Some(req) = self.machine.poll_request() {
+                self.sent(&req);
+                return req;
+            }
+            let at = self
+                .machine
+                .poll_timeout()
+                .expect("a wake-up instant when no request is due");
+            assert!(
+                at > self.now,
+                "poll_timeout {at:?} is due but no request was given"
+            );
+            self.advance(at - self.now);
+        }
+        panic!("no request after 16 wake-ups");
+    }
+
+    /// Feeds `response` to `req` now and drains the outputs.
+    pub fn respond(&mut self, req: &OutgoingRequest, response: http::Response<Vec<u8>>) {
+        let status = response.status().as_u16();
+        self.machine
+            .handle_response(req.id, response, self.now)
+            .expect("response accepted");
+        self.concluded(
+            req.id,
+            Outcome::Answered {
+                at: self.elapsed(),
+                status,
+            },
+        );
+        self.drain();
+    }
+
+    /// Feeds a status and body to `req` now and drains the outputs.
+    pub fn reply(&mut self, req: &OutgoingRequest, status: u16, body: impl Into<Vec<u8>>) {
+        self.respond(req, crate::canned::response(status, body));
+    }
+
+    /// Feeds a transport failure to `req` now and drains the outputs.
+    pub fn fail(&mut self, req: &OutgoingRequest, failure: TransportFailure) {
+        self.machine
+            .handle_failure(req.id, failure, self.now)
+            .expect("failure accepted");
+        self.concluded(req.id, Outcome::Failed { at: self.elapsed() });
+        self.drain();
+    }
+
+    /// Logs a request the test took: one at a time, checked against its URL.
+    fn sent(&mut self, req: &OutgoingRequest) {
+        assert!(
+            self.machine.poll_request().is_none(),
+            "a second request while one is in flight"
+        );
+        self.check_abandoned();
+        let sent = self.read_back(req);
+        self.flight = Some(Flight {
+            id: req.id,
+            index: self.log.requests.len(),
+            arrival: None,
+        });
+        self.log.requests.push(sent);
+        self.drain();
+    }
+
+    fn concluded(&mut self, id: RequestId, outcome: Outcome) {
+        if let Some(flight) = self.flight.take_if(|f| f.id == id) {
+            self.log.requests[flight.index].outcome = outcome;
+            self.concluded = Some(flight.index);
+        }
+    }
 }
 
 impl<S: Server> Sim<S> {
-    /// A simulation of a machine built from `config`, against `server`, from time zero.
-    pub fn new(config: Config, server: S) -> Self {
-        let origin = Instant::now();
-        let last_checkpoint = config.since.clone();
-        let machine = Checked::new(config, origin).expect("valid config");
-        Self {
-            machine,
-            server,
-            log: Log::default(),
-            origin,
-            now: Duration::ZERO,
-            flight: None,
-            late: Vec::new(),
-            last_checkpoint,
-            concluded: None,
-            idle_wakes: 0,
-            store_failures: 0,
-        }
+    /// A simulation of a machine built from `config`, against `server`, from time zero; the
+    /// harness stores every credential handed out.
+    pub fn scripted(config: Config, server: S) -> Self {
+        Sim::with_server(config, server, CredentialAnswers::Stored { failures: 0 })
     }
 
-    /// Simulated time since the start.
-    pub fn now(&self) -> Duration {
-        self.now
+    /// One turn of the run loop: drain, `poll_request` (and send), then jump to the next
+    /// instant and feed that input. Returns false when nothing will ever happen again
+    /// (stopped). Stops short, without feeding anything, if the next instant is after `limit`.
+    pub fn step_until(&mut self, limit: Duration) -> bool {
+        self.drain();
+        if let Some(out) = self.machine.poll_request() {
+            self.idle_wakes = 0;
+            self.send(out);
+        }
+        let now = self.elapsed();
+        let timer = self.machine.poll_timeout().map(|t| self.offset(t));
+        let answer = self
+            .flight
+            .iter()
+            .chain(&self.late)
+            .filter_map(|f| f.arrival.as_ref().map(|(at, _)| *at))
+            .min();
+        let (at, is_answer) = match (answer, timer) {
+            (Some(a), Some(t)) if a <= t => (a, true),
+            (_, Some(t)) => (t, false),
+            (Some(a), None) => (a, true),
+            (None, None) => return false,
+        };
+        let at = at.max(now);
+        if at > limit {
+            self.now = self.instant(now.max(limit));
+            return false;
+        }
+        if at == now && !is_answer {
+            self.idle_wakes += 1;
+            assert!(
+                self.idle_wakes < 3,
+                "the machine keeps asking to be woken at {at:?} without sending anything"
+            );
+        } else if at > now {
+            self.idle_wakes = 0;
+        }
+        self.now = self.instant(at);
+        if is_answer {
+            self.feed_answer(at);
+        } else {
+            self.machine
+                .handle_timeout(self.now)
+                .expect("time only moves forward");
+            self.check_abandoned();
+        }
+        true
     }
 
-    /// The `Instant` the machine sees for a simulated time.
-    pub fn instant(&self, at: Duration) -> Instant {
-        self.origin + at
+    /// [`step_until`](Self::step_until) without a limit.
+    pub fn step(&mut self) -> bool {
+        self.step_until(Duration::MAX)
     }
 
-    /// Simulated time of a machine `Instant`.
-    pub fn offset(&self, at: Instant) -> Duration {
-        at.duration_since(self.origin)
+    /// Steps until simulated time reaches `end` (or nothing more can happen).
+    pub fn run_until(&mut self, end: Duration) {
+        while self.elapsed() < end && self.step_until(end) {}
+        self.drain();
     }
 
-    /// Drains events, errors and states into the log (step 2 of the run loop, before
-    /// `poll_request`).
-    pub fn drain(&mut self) {
-        while let Some(event) = self.machine.poll_event() {
-            if let EventKind::Checkpoint(c) = &event.kind {
-                assert_eq!(
-                    self.machine.since(),
-                    Some(c.next_batch.as_str()),
-                    "since must advance to a checkpoint once it is handed on"
-                );
-                self.last_checkpoint = Some(c.next_batch.clone());
-            }
-            self.log.events.push(Delivered::new(self.now, &event));
-        }
-        while let Some(e) = self.machine.poll_error() {
-            self.log.errors.push(ErrorRecord {
-                at: self.now,
-                failure: e.failure,
-                class: e.class,
-                attempt: e.attempt,
-                delay: e.delay,
-                request: self.concluded.take(),
-            });
-        }
-        while let Some(state) = self.machine.poll_state() {
-            self.log.states.push((self.now, state));
-        }
-        if let Some(credentials) = self.machine.poll_credentials() {
-            let instant = self.instant(self.now);
-            let result = if self.store_failures > 0 {
-                self.store_failures -= 1;
-                self.machine
-                    .handle_credentials_not_stored("simulated store failure", instant)
-            } else {
-                self.machine.handle_credentials_stored(instant)
-            };
-            result.expect("credentials handed out are awaited");
-            self.log.credentials.push((self.now, credentials));
-            // Answering may report an error or change the state.
+    /// Steps while `condition` holds (checked before each step); panics after `max_steps`.
+    pub fn run_while(&mut self, max_steps: usize, mut condition: impl FnMut(&Self) -> bool) {
+        for _ in 0..max_steps {
             self.drain();
+            if !condition(self) || !self.step() {
+                self.drain();
+                return;
+            }
         }
+        panic!("still running after {max_steps} steps");
     }
 
     fn send(&mut self, out: OutgoingRequest) {
-        // One request at a time and no token in the URL: the kit's Checked asserts those.
-        let uri = out.http.uri().clone();
-        let path = crate::query::uri_path(&uri);
-        let kind = if path.ends_with("/v3/sync") {
-            Kind::Sync
-        } else if path.ends_with("/v3/refresh") {
-            Kind::Refresh
-        } else if let Some(room) = path
-            .strip_suffix("/messages")
-            .and_then(|p| p.split("/rooms/").nth(1))
-        {
-            Kind::Messages {
-                room: room.to_owned(),
-            }
-        } else {
-            panic!("unexpected request path {path}")
-        };
-        match (&kind, &out.kind) {
-            (Kind::Sync, RequestKind::Sync { .. }) | (Kind::Refresh, RequestKind::Refresh) => {}
-            (Kind::Messages { room }, RequestKind::Messages { room_id }) => {
-                assert_eq!(room, room_id.as_str())
-            }
-            (k, o) => panic!("URL says {k:?}, the machine says {o:?}"),
-        }
-        let timeout = query(&uri, "timeout").map(|ms| {
-            Duration::from_millis(ms.parse().expect("timeout is a number of milliseconds"))
-        });
-        if let (Some(t), RequestKind::Sync { timeout: declared }) = (timeout, &out.kind) {
-            assert_eq!(t, *declared, "timeout in the URL and in the kind differ");
-        }
-        let since = query(&uri, "since");
-        if kind == Kind::Sync {
-            assert_eq!(
-                since, self.last_checkpoint,
-                "a sync must start from the last checkpoint handed on"
-            );
-        }
-        let sent = Sent {
-            id: out.id,
-            at: self.now,
-            kind,
-            since,
-            timeout,
-            from: query(&uri, "from"),
-            to: query(&uri, "to"),
-            deadline: self.offset(out.deadline),
-            token: out
-                .http
-                .headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::to_owned),
-            checkpoint_before: self.last_checkpoint.clone(),
-            outcome: Outcome::Pending,
-        };
+        let sent = self.read_back(&out);
         let reply = self.server.answer(&sent, &out.http);
         let arrival = reply.latency().map(|latency| {
             let answer = match reply {
@@ -661,7 +750,7 @@ impl<S: Server> Sim<S> {
                 }
                 Reply::Stall => unreachable!(),
             };
-            (self.now + latency, answer)
+            (sent.at + latency, answer)
         });
         self.flight = Some(Flight {
             id: out.id,
@@ -669,78 +758,6 @@ impl<S: Server> Sim<S> {
             arrival,
         });
         self.log.requests.push(sent);
-    }
-
-    /// One turn of the run loop: drain, `poll_request` (and send), then jump to the next
-    /// instant and feed that input. Returns false when nothing will ever happen again
-    /// (stopped). Stops short, without feeding anything, if the next instant is after `limit`.
-    pub fn step_until(&mut self, limit: Duration) -> bool {
-        self.drain();
-        if let Some(out) = self.machine.poll_request() {
-            self.idle_wakes = 0;
-            self.send(out);
-        }
-        let timer = self.machine.poll_timeout().map(|t| self.offset(t));
-        let answer = self
-            .flight
-            .iter()
-            .chain(&self.late)
-            .filter_map(|f| f.arrival.as_ref().map(|(at, _)| *at))
-            .min();
-        let (at, is_answer) = match (answer, timer) {
-            (Some(a), Some(t)) if a <= t => (a, true),
-            (_, Some(t)) => (t, false),
-            (Some(a), None) => (a, true),
-            (None, None) => return false,
-        };
-        let at = at.max(self.now);
-        if at > limit {
-            self.now = self.now.max(limit);
-            return false;
-        }
-        if at == self.now && !is_answer {
-            self.idle_wakes += 1;
-            assert!(
-                self.idle_wakes < 3,
-                "the machine keeps asking to be woken at {at:?} without sending anything"
-            );
-        } else if at > self.now {
-            self.idle_wakes = 0;
-        }
-        self.now = at;
-        let instant = self.instant(at);
-        if is_answer {
-            self.feed_answer(at);
-        } else {
-            self.machine
-                .handle_timeout(instant)
-                .expect("time only moves forward");
-            self.check_abandoned();
-        }
-        true
-    }
-
-    /// [`step_until`](Self::step_until) without a limit.
-    pub fn step(&mut self) -> bool {
-        self.step_until(Duration::MAX)
-    }
-
-    /// Steps until simulated time reaches `end` (or nothing more can happen).
-    pub fn run_until(&mut self, end: Duration) {
-        while self.now < end && self.step_until(end) {}
-        self.drain();
-    }
-
-    /// Steps while `condition` holds (checked before each step); panics after `max_steps`.
-    pub fn run_while(&mut self, max_steps: usize, mut condition: impl FnMut(&Self) -> bool) {
-        for _ in 0..max_steps {
-            self.drain();
-            if !condition(self) || !self.step() {
-                self.drain();
-                return;
-            }
-        }
-        panic!("still running after {max_steps} steps");
     }
 
     fn feed_answer(&mut self, at: Duration) {
@@ -790,6 +807,165 @@ impl<S: Server> Sim<S> {
             result,
         });
     }
+}
+
+impl<S> Sim<S> {
+    fn with_server(config: Config, server: S, credentials: CredentialAnswers) -> Self {
+        let origin = Instant::now();
+        let last_checkpoint = config.since.clone();
+        let machine = Checked::new(config, origin).expect("valid config");
+        let mut sim = Self {
+            machine,
+            server,
+            log: Log::default(),
+            now: origin,
+            credentials,
+            origin,
+            flight: None,
+            late: Vec::new(),
+            last_checkpoint,
+            concluded: None,
+            idle_wakes: 0,
+            taken: Taken::default(),
+        };
+        sim.drain();
+        sim
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.offset(self.now)
+    }
+
+    /// The `Instant` the machine sees for a simulated time.
+    pub fn instant(&self, at: Duration) -> Instant {
+        self.origin + at
+    }
+
+    /// Simulated time of a machine `Instant`.
+    pub fn offset(&self, at: Instant) -> Duration {
+        at.duration_since(self.origin)
+    }
+
+    /// Moves the clock forward by `d`, tells the machine, and drains.
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.machine
+            .handle_timeout(self.now)
+            .expect("time only moves forward");
+        self.check_abandoned();
+        self.drain();
+    }
+
+    /// Drains events, errors and states into the log (step 2 of the run loop, before
+    /// `poll_request`), checking that `since` moves only at a checkpoint, to its token; then
+    /// answers credentials handed out, unless the test answers them.
+    pub fn drain(&mut self) {
+        let at = self.elapsed();
+        loop {
+            let before = self.machine.since().map(str::to_owned);
+            let Some(event) = self.machine.poll_event() else {
+                break;
+            };
+            if let EventKind::Checkpoint(c) = &event.kind {
+                assert_eq!(
+                    self.machine.since(),
+                    Some(c.next_batch.as_str()),
+                    "since must advance to a checkpoint once it is handed on"
+                );
+                self.last_checkpoint = Some(c.next_batch.clone());
+            } else {
+                assert_eq!(
+                    self.machine.since(),
+                    before.as_deref(),
+                    "since moved on a non-checkpoint event {event:?}"
+                );
+            }
+            self.log.events.push(Delivered { at, event });
+        }
+        while let Some(error) = self.machine.poll_error() {
+            let request = self.concluded.take();
+            self.log.errors.push(ErrorRecord { at, request, error });
+        }
+        while let Some(state) = self.machine.poll_state() {
+            self.log.states.push((at, state));
+        }
+        let CredentialAnswers::Stored { failures } = &mut self.credentials else {
+            return;
+        };
+        if let Some(credentials) = self.machine.poll_credentials() {
+            let result = if *failures > 0 {
+                *failures -= 1;
+                self.machine
+                    .handle_credentials_not_stored("simulated store failure", self.now)
+            } else {
+                self.machine.handle_credentials_stored(self.now)
+            };
+            result.expect("credentials handed out are awaited");
+            self.log.credentials.push((at, credentials));
+            // Answering may report an error or change the state.
+            self.drain();
+        }
+    }
+
+    /// Reads a request back from its URL, checks it against its kind, and records it as sent
+    /// now.
+    fn read_back(&self, out: &OutgoingRequest) -> Sent {
+        // One request at a time and no token in the URL: the kit's Checked asserts those.
+        let uri = out.http.uri().clone();
+        let path = crate::query::uri_path(&uri);
+        let kind = match &out.kind {
+            RequestKind::Sync { .. } => Kind::Sync,
+            RequestKind::Refresh => Kind::Refresh,
+            RequestKind::Messages { room_id } => Kind::Messages {
+                room: room_id.to_string(),
+            },
+            _ => Kind::Other { path: path.clone() },
+        };
+        let expected_path = match &kind {
+            Kind::Sync => path.ends_with("/v3/sync"),
+            Kind::Refresh => out.http.method() == http::Method::POST,
+            Kind::Messages { room } => path.ends_with(&format!("/v3/rooms/{room}/messages")),
+            Kind::Other { .. } => true,
+        };
+        assert!(
+            expected_path,
+            "URL path {path} for a {:?} request",
+            out.kind
+        );
+        let timeout = query(&uri, "timeout").map(|ms| {
+            Duration::from_millis(ms.parse().expect("timeout is a number of milliseconds"))
+        });
+        if let (Some(t), RequestKind::Sync { timeout: declared }) = (timeout, &out.kind) {
+            assert_eq!(t, *declared, "timeout in the URL and in the kind differ");
+        }
+        let since = query(&uri, "since");
+        if kind == Kind::Sync {
+            assert_eq!(
+                since, self.last_checkpoint,
+                "a sync must start from the last checkpoint handed on"
+            );
+        }
+        Sent {
+            id: out.id,
+            at: self.elapsed(),
+            kind,
+            since,
+            timeout,
+            from: query(&uri, "from"),
+            to: query(&uri, "to"),
+            deadline: self.offset(out.deadline),
+            token: out
+                .http
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::to_owned),
+            checkpoint_before: self.last_checkpoint.clone(),
+            outcome: Outcome::Pending,
+        }
+    }
 
     /// After an input that may have made the machine give up on the request in flight.
     fn check_abandoned(&mut self) {
@@ -799,7 +975,11 @@ impl<S: Server> Sim<S> {
                 self.flight = Some(flight);
                 return;
             }
-            self.log.requests[flight.index].outcome = Outcome::Abandoned { at: self.now };
+            let at = self.elapsed();
+            let outcome = &mut self.log.requests[flight.index].outcome;
+            if *outcome == Outcome::Pending {
+                *outcome = Outcome::Abandoned { at };
+            }
             self.concluded = Some(flight.index);
             if flight.arrival.is_some() {
                 self.late.push(flight);
@@ -817,6 +997,40 @@ impl<S: Server> Sim<S> {
     /// The `next_batch` of the last checkpoint handed on (or the configured `since`).
     pub fn last_checkpoint(&self) -> Option<&str> {
         self.last_checkpoint.as_deref()
+    }
+
+    /// The events delivered since the last [`take_events`](Self::take_events).
+    pub fn events(&self) -> &[Delivered] {
+        &self.log.events[self.taken.events..]
+    }
+
+    /// The errors reported since the last [`take_errors`](Self::take_errors).
+    pub fn errors(&self) -> &[ErrorRecord] {
+        &self.log.errors[self.taken.errors..]
+    }
+
+    /// The events delivered since the last take, marked taken.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        let events = self.events().iter().map(|d| d.event.clone()).collect();
+        self.taken.events = self.log.events.len();
+        events
+    }
+
+    /// The errors reported since the last take, marked taken.
+    pub fn take_errors(&mut self) -> Vec<SyncError> {
+        let errors = self.errors().iter().map(|r| r.error.clone()).collect();
+        self.taken.errors = self.log.errors.len();
+        errors
+    }
+
+    /// The states entered since the last take, marked taken.
+    pub fn take_states(&mut self) -> Vec<SyncState> {
+        let states = self.log.states[self.taken.states..]
+            .iter()
+            .map(|(_, s)| *s)
+            .collect();
+        self.taken.states = self.log.states.len();
+        states
     }
 }
 

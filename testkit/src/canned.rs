@@ -1,17 +1,18 @@
-//! Shared helpers for the machine tests: fixtures, HTTP responses, a fake clock, a driver that
-//! pumps the machine like the canonical loop; the reference backoff is the test kit's.
-#![allow(dead_code)]
+//! Canned inputs and readers for the machine tests: the recorded Synapse fixtures, HTTP
+//! responses, small sync and `/messages` bodies, a loopback configuration, the query of a
+//! request read back, and the few steps many tests share (a machine already live, a retry
+//! exactly after its backoff).
 
-#[allow(unused_imports)]
-pub use matrix_sync_testkit::harness::{checkpoint, kinds, response, response_with, Harness};
-pub use matrix_sync_testkit::query::decode_path as percent_decode;
-
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use matrix_sync_service::{Config, OutgoingRequest, SyncError, SyncState};
+use matrix_sync_service::{Config, Event, EventKind, OutgoingRequest, SyncError, SyncState};
+
+pub use crate::query::decode_path as percent_decode;
+use crate::sim::Harness;
 
 /// Loopback homeserver: nothing is ever sent, the machine is sans-IO.
 pub const HOMESERVER: &str = "http://127.0.0.1:8008";
@@ -22,7 +23,7 @@ pub const TOKEN: &str = "syt_c2VjcmV0_TopSecretToken_0xDEADBEEF";
 
 /// The text of a fixture file.
 pub fn fixture(name: &str) -> String {
-    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/../tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading fixture {name}: {e}"))
 }
 
@@ -90,7 +91,7 @@ pub fn message_sync(
 
 /// The decoded query parameters of a request (each key at most once).
 pub fn query(req: &OutgoingRequest) -> BTreeMap<String, String> {
-    matrix_sync_testkit::query::uri_params(req.http.uri())
+    crate::query::uri_params(req.http.uri())
 }
 
 /// The decoded path of a request.
@@ -118,19 +119,19 @@ pub fn retry_after(
     delay: Duration,
 ) -> matrix_sync_service::OutgoingRequest {
     assert_eq!(
-        h.m.poll_timeout(),
+        h.machine.poll_timeout(),
         Some(failed_at + delay),
         "wake-up at the end of the backoff"
     );
     if !delay.is_zero() {
         assert!(
-            h.m.poll_request().is_none(),
+            h.machine.poll_request().is_none(),
             "no request during the backoff"
         );
         // Just before the end: still nothing.
         h.advance(delay - Duration::from_nanos(1));
         assert!(
-            h.m.poll_request().is_none(),
+            h.machine.poll_request().is_none(),
             "no request before the backoff ended"
         );
     }
@@ -160,8 +161,8 @@ pub fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
     let mut h = Harness::new(c);
     let req = h.request();
     h.respond(&req, json_response(&empty_sync("s0")));
-    assert_eq!(h.m.since(), Some("s0"));
-    assert_eq!(h.m.state(), SyncState::Live);
+    assert_eq!(h.machine.since(), Some("s0"));
+    assert_eq!(h.machine.state(), SyncState::Live);
     h.take_events();
     h.take_states();
     h
@@ -203,4 +204,39 @@ pub fn live_with_since(mut c: matrix_sync_service::Config) -> Harness {
     h.respond(&req, json_response(&empty_sync("s1")));
     h.take_events();
     h
+}
+
+// ---- responses and events ---------------------------------------------------------------------
+
+/// An HTTP response with `status` and `body`.
+pub fn response(status: u16, body: impl Into<Vec<u8>>) -> http::Response<Vec<u8>> {
+    response_with(status, &[], body)
+}
+
+/// An HTTP response with `status`, extra headers and `body`.
+pub fn response_with(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: impl Into<Vec<u8>>,
+) -> http::Response<Vec<u8>> {
+    let mut builder = http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(body.into()).expect("valid response")
+}
+
+/// The kind names of `events`, for compact comparisons.
+pub fn kinds<E: Borrow<Event>>(events: &[E]) -> Vec<&'static str> {
+    events.iter().map(|e| e.borrow().kind.name()).collect()
+}
+
+/// The checkpoint token of an event, if it is one.
+pub fn checkpoint(e: &Event) -> Option<&str> {
+    match &e.kind {
+        EventKind::Checkpoint(cp) => Some(cp.next_batch.as_str()),
+        _ => None,
+    }
 }
