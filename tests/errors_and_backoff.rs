@@ -632,17 +632,7 @@ fn an_unchanged_empty_200_answered_instantly_does_not_spin() {
         "the long-poll follows the catch-up at once"
     );
     let gaps: Vec<Duration> = sent[1..].windows(2).map(|w| w[1] - w[0]).collect();
-    let min = *gaps.iter().min().unwrap();
-    assert!(min >= policy.initial, "requests {min:?} apart");
-    assert!(
-        gaps.windows(2).all(|w| w[0] <= w[1]),
-        "spacing never shrinks"
-    );
-    assert_eq!(
-        *gaps.last().unwrap(),
-        policy.max,
-        "spacing grows to the cap"
-    );
+    assert_spacing_grows_to_the_cap(&gaps, &policy);
     let total = *sent.last().unwrap() - sent[0];
     assert!(
         total >= 900 * policy.max,
@@ -689,16 +679,7 @@ fn fresh_empty_tokens_answered_instantly_are_spaced_from_the_first() {
     let gaps: Vec<Duration> = sent.windows(2).map(|w| w[1] - w[0]).collect();
     // Nothing reached the consumer but a checkpoint: every such answer is spaced.
     assert_eq!(gaps[0], policy.initial, "{gaps:?}");
-    assert!(gaps.iter().all(|g| *g >= policy.initial), "{gaps:?}");
-    assert!(
-        gaps.windows(2).all(|w| w[0] <= w[1]),
-        "spacing never shrinks"
-    );
-    assert_eq!(
-        *gaps.last().unwrap(),
-        policy.max,
-        "spacing grows to the cap"
-    );
+    assert_spacing_grows_to_the_cap(&gaps, &policy);
 
     // An empty answer after a real long-poll wait is normal: no spacing, streak forgotten.
     let req = h.next_request();
@@ -770,4 +751,14 @@ fn a_fractional_retry_after_ms_is_honoured_and_a_negative_one_ignored() {
         panic!()
     };
     assert_eq!(retry_after, None);
+}
+
+/// Requests at least `initial` apart, the spacing never shrinking, up to the cap.
+fn assert_spacing_grows_to_the_cap(gaps: &[Duration], policy: &BackoffPolicy) {
+    assert!(gaps.iter().all(|g| *g >= policy.initial), "{gaps:?}");
+    assert!(
+        gaps.windows(2).all(|w| w[0] <= w[1]),
+        "spacing never shrinks: {gaps:?}"
+    );
+    assert_eq!(gaps.last(), Some(&policy.max), "spacing grows to the cap");
 }

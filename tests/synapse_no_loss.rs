@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -16,8 +15,8 @@ use serde_json::Value;
 use support::client::{room_of_two, Account};
 use support::proxy::{Action, Fault, FaultPlan, Proxy};
 use support::service::{
-    bodies_in, collect_until, config_for, drain_until_live, last_checkpoint, tail_binary,
-    time_to_close,
+    bodies_in, collect_until, config_for, drain_until_live, json_lines, last_checkpoint,
+    tail_binary, time_to_close,
 };
 use support::synapse::Synapse;
 
@@ -260,17 +259,7 @@ fn spawn_tail(account: &Account, since_file: &Path) -> TailRun {
         .stderr(Stdio::null())
         .spawn()
         .expect("tail starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let value: Value = serde_json::from_str(&line).expect("tail prints JSON lines");
-            if tx.send(value).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = json_lines(child.stdout.take().unwrap());
     TailRun { child, lines }
 }
 

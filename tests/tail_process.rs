@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::fake_server::{FakeServer, Request, Response};
-use support::service::{tail_binary, Tail};
+use support::service::{json_lines, tail_binary, Tail};
 
 /// The exit statuses `tail` documents.
 const STOPPED: i32 = 0;
@@ -114,21 +114,6 @@ fn drain(mut from: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
         let _ = from.read_to_end(&mut all);
         all
     })
-}
-
-/// Every stdout line of tail, parsed, on a channel (closed at end of file).
-fn lines_of(stdout: ChildStdout) -> mpsc::Receiver<Value> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let value: Value = serde_json::from_str(&line).expect("tail prints JSON lines");
-            if tx.send(value).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Receives lines until `count` checkpoints went by; returns the lines.
@@ -337,21 +322,7 @@ fn a_failed_write_to_stdout_ends_tail_with_1_and_stores_nothing() {
 #[test]
 fn sigterm_and_sigint_end_tail_promptly_while_stdout_is_a_pipe_nobody_reads() {
     let server = serving_batches(50, 500);
-    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
-        let (_unread, write_end) = full_pipe();
-        let mut tail = Tail::spawn(
-            tail_command(&server)
-                .stdout(Stdio::from(write_end))
-                .stderr(Stdio::piped()),
-        );
-        let _stderr = drain(tail.0.stderr.take().unwrap());
-        tail.wait_until_blocked_writing("stdout");
-        thread::sleep(Duration::from_millis(50));
-        let (status, took) = tail.signal(signal);
-        eprintln!("{name} with stdout blocked: {status} after {took:?}");
-        assert_eq!(status.code(), Some(STOPPED), "{name}");
-        assert!(took < SIGNAL_BUDGET, "{name}: exited after {took:?}");
-    }
+    signal_while_blocked(&server, "stdout");
 }
 
 #[test]
@@ -366,18 +337,33 @@ fn sigterm_and_sigint_end_tail_promptly_while_stderr_is_a_pipe_nobody_reads() {
             n => batch(n + 1, 3, 20),
         }
     });
+    signal_while_blocked(&server, "stderr");
+}
+
+/// SIGTERM, then SIGINT, each to a tail whose `stream` ("stdout" or "stderr") is a full pipe
+/// nobody reads, once it is blocked writing there: each ends it with `STOPPED` in time.
+fn signal_while_blocked(server: &FakeServer, stream: &str) {
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         let (_unread, write_end) = full_pipe();
-        let mut tail = Tail::spawn(
-            tail_command(&server)
+        let mut command = tail_command(server);
+        if stream == "stdout" {
+            command
+                .stdout(Stdio::from(write_end))
+                .stderr(Stdio::piped());
+        } else {
+            command
                 .stdout(Stdio::piped())
-                .stderr(Stdio::from(write_end)),
-        );
-        let _stdout = drain(tail.0.stdout.take().unwrap());
-        tail.wait_until_blocked_writing("stderr");
+                .stderr(Stdio::from(write_end));
+        }
+        let mut tail = Tail::spawn(&mut command);
+        let _other = match stream {
+            "stdout" => drain(tail.0.stderr.take().unwrap()),
+            _ => drain(tail.0.stdout.take().unwrap()),
+        };
+        tail.wait_until_blocked_writing(stream);
         thread::sleep(Duration::from_millis(50));
         let (status, took) = tail.signal(signal);
-        eprintln!("{name} with stderr blocked: {status} after {took:?}");
+        eprintln!("{name} with {stream} blocked: {status} after {took:?}");
         assert_eq!(status.code(), Some(STOPPED), "{name}");
         assert!(took < SIGNAL_BUDGET, "{name}: exited after {took:?}");
     }
@@ -408,7 +394,7 @@ fn sigterm_and_sigint_in_the_middle_of_a_long_poll_exit_0_promptly() {
                 .stderr(Stdio::piped()),
         );
         let _stderr = drain(tail.0.stderr.take().unwrap());
-        let lines = lines_of(tail.0.stdout.take().unwrap());
+        let lines = json_lines(tail.0.stdout.take().unwrap());
         until_checkpoints(&lines, 1, Duration::from_secs(10));
         thread::sleep(Duration::from_millis(300));
         let (status, took) = tail.signal(signal);
@@ -444,7 +430,7 @@ fn a_broken_stderr_pipe_neither_panics_nor_stops_tail() {
     );
     drop(tail.0.stderr.take());
     stderr_closed.store(true, Ordering::SeqCst);
-    let lines = lines_of(tail.0.stdout.take().unwrap());
+    let lines = json_lines(tail.0.stdout.take().unwrap());
     until_checkpoints(&lines, 3, Duration::from_secs(15));
     let (status, took) = tail.signal(libc::SIGTERM);
     eprintln!("SIGTERM with stderr broken: {status} after {took:?}");
@@ -498,7 +484,7 @@ fn a_checkpoint_that_cannot_be_stored_ends_tail_with_1() {
             .stderr(Stdio::piped()),
     );
     let stderr = drain(tail.0.stderr.take().unwrap());
-    let lines = lines_of(tail.0.stdout.take().unwrap());
+    let lines = json_lines(tail.0.stdout.take().unwrap());
     until_checkpoints(&lines, 1, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(5);
     while stored(&since_file).as_deref() != Some("b1") {

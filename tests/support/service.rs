@@ -1,6 +1,8 @@
 //! Helpers for driving a [`SyncService`] in tests.
 
-use std::process::{Child, Command, ExitStatus};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Command, ExitStatus};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{Config, Event, EventKind, SyncService, SyncState};
@@ -92,6 +94,21 @@ pub fn last_checkpoint(events: &[Event]) -> Option<String> {
 }
 
 /// The `tail` example built by `cargo test` beside this test binary.
+/// Every stdout line of a tail, parsed, on a channel (closed at end of file).
+pub fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let value = serde_json::from_str(&line).expect("tail prints JSON lines");
+            if tx.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 pub fn tail_binary() -> std::path::PathBuf {
     // target/<profile>/deps/<test binary> -> target/<profile>/examples/tail
     let exe = std::env::current_exe().unwrap();
