@@ -147,13 +147,13 @@ impl GapFill {
 #[non_exhaustive]
 pub struct Config {
     /// Base URL of the homeserver, such as `https://matrix.example.org`. With
-    /// [`discover`](Self::discover), the address of the server name instead (such as
+    /// [`discover`](Config#structfield.discover), the address of the server name instead (such as
     /// `https://example.org`), where its well-known is asked for.
     pub homeserver: String,
     /// Find the homeserver by server discovery before the first sync: `GET
     /// {homeserver}/.well-known/matrix/client`, and the base URL it names (or, on a 404,
     /// `homeserver` itself) for every request after. Off with [`Config::new`], on with
-    /// [`Config::discover`]. See the `discovery` module's docs in the source, and the crate
+    /// [`Config::discover()`]. See the `discovery` module's docs in the source, and the crate
     /// docs.
     pub discover: bool,
     /// The access token, sent in the `Authorization` header only.
@@ -230,7 +230,7 @@ impl Config {
     }
 
     /// A configuration with every default that finds the homeserver by server discovery
-    /// ([`discover`](Self::discover)), from a server name (`example.org`,
+    /// ([`discover`](Config#structfield.discover)), from a server name (`example.org`,
     /// `matrix.example.org:8448`, `127.0.0.1:8008`) or a user id (`@me:example.org`: its
     /// server name).
     ///
@@ -598,7 +598,7 @@ pub enum ConfigError {
         "homeserver: plain http is only allowed to loopback unless allow_insecure_http is set"
     )]
     InsecureHttp,
-    /// The text given to [`Config::discover`] is neither a server name nor a user id (see
+    /// The text given to [`Config::discover()`] is neither a server name nor a user id (see
     /// the grammar of the specification's appendices), or is a URL (give that to
     /// [`Config::new`]).
     #[error("server name: {:?} cannot be used: {}", input, Escaped(reason))]

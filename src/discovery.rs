@@ -46,7 +46,7 @@
 //!   discovery), and returned by [`SyncMachine::homeserver`](crate::SyncMachine::homeserver).
 //!   It is never rediscovered by this machine.
 //!
-//! [`Config::discover`]: crate::Config::discover
+//! [`Config::discover`]: crate::Config::discover()
 //! [`Config::new`]: crate::Config::new
 //! [`EventKind::Discovered`]: crate::EventKind::Discovered
 

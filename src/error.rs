@@ -201,7 +201,7 @@ pub enum Failure {
     /// ([`SyncState::CredentialsNotStored`](crate::SyncState::CredentialsNotStored)).
     #[error("the refreshed credentials could not be stored: {}", Escaped(.0))]
     CredentialsNotStored(String),
-    /// Server discovery ([`Config::discover`](crate::Config::discover)) ended in a verdict of
+    /// Server discovery ([`Config::discover`](crate::Config::discover())) ended in a verdict of
     /// the specification, `FAIL_PROMPT` or `FAIL_ERROR` ([`DiscoveryError::action`]): the
     /// server name's well-known is unusable, or names a homeserver that does not work.
     ///

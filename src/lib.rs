@@ -37,7 +37,7 @@
 //!
 //! # The protocol, as implemented
 //!
-//! * **Server discovery** (off unless asked for: [`Config::discover`] from a server name or a
+//! * **Server discovery** (off unless asked for: [`Config::discover()`] from a server name or a
 //!   user id, or [`Config::discover`](Config#structfield.discover) set by hand). Before the first
 //!   sync, in [`SyncState::Discovering`], through the same one-request slot and with the
 //!   usual deadline margin: `GET /.well-known/matrix/client` of the server name

@@ -23,7 +23,7 @@ use crate::token;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SyncState {
-    /// Server discovery ([`Config::discover`]) is under way: the first sync waits for the
+    /// Server discovery ([`Config::discover()`]) is under way: the first sync waits for the
     /// homeserver's base URL.
     Discovering,
     /// The first sync, without `since`, is under way.
@@ -625,7 +625,7 @@ impl SyncMachine {
     }
 
     /// The homeserver's base URL every request goes to (without a trailing slash); `None`
-    /// while server discovery ([`Config::discover`]) has not announced it
+    /// while server discovery ([`Config::discover()`]) has not announced it
     /// ([`EventKind::Discovered`]).
     pub fn homeserver(&self) -> Option<&str> {
         match &self.phase {

@@ -64,7 +64,7 @@ pub enum EventKind {
     Gap(Gap),
     /// The end of a batch.
     Checkpoint(Checkpoint),
-    /// Server discovery ([`Config::discover`](crate::Config::discover)) found the homeserver:
+    /// Server discovery ([`Config::discover`](crate::Config::discover())) found the homeserver:
     /// its base URL, used for every request from now on. It comes once, before the first
     /// sync's events (`raw` is `{"homeserver": ...}`). Persist it to start next time with
     /// [`Config::new`](crate::Config::new) and skip discovery.

@@ -51,7 +51,7 @@ pub enum RequestKind {
     /// A request of the end-to-end encryption stage (feature `e2ee`); the machine never
     /// makes one.
     Crypto(CryptoRequestKind),
-    /// Server discovery ([`Config::discover`](crate::Config::discover)): `GET
+    /// Server discovery ([`Config::discover`](crate::Config::discover())): `GET
     /// /.well-known/matrix/client` of the server name, or where it redirected. No
     /// `Authorization` header.
     Discovery,
