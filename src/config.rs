@@ -571,7 +571,9 @@ fn validate_discovery_root(url: &str) -> Result<(), ConfigError> {
     }
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     if ServerName::parse(authority).is_err() {
-        return Err(bad("with discover, its host and port must be a server name"));
+        return Err(bad(
+            "with discover, its host and port must be a server name",
+        ));
     }
     Ok(())
 }

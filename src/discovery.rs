@@ -228,6 +228,12 @@ impl DiscoveryError {
     }
 }
 
+impl From<DiscoveryError> for Failure {
+    fn from(error: DiscoveryError) -> Self {
+        Failure::Discovery(Box::new(error))
+    }
+}
+
 /// Where discovery stands: what goes out next (or is in flight), or the result to announce.
 #[derive(Clone, Debug)]
 pub(crate) enum Step {
@@ -282,7 +288,7 @@ pub(crate) fn read_well_known(
     allow_insecure_http: bool,
 ) -> Result<WellKnown, Failure> {
     let code = status.as_u16();
-    let prompt = |e| Err(Failure::Discovery(e));
+    let prompt = |e| Err(Failure::from(e));
     match code {
         200 => {}
         404 => return Ok(WellKnown::Ignore),
@@ -296,7 +302,7 @@ pub(crate) fn read_well_known(
         }
     }
     let not_json = |reason: String| {
-        Failure::Discovery(DiscoveryError::NotJson {
+        Failure::from(DiscoveryError::NotJson {
             url: capped(url),
             reason: capped(&reason),
             excerpt: excerpt(body),
@@ -319,7 +325,8 @@ pub(crate) fn read_well_known(
         #[serde(borrow)]
         base_url: Option<&'a RawValue>,
     }
-    let document: Document<'_> = serde_json::from_slice(body).map_err(|e| not_json(e.to_string()))?;
+    let document: Document<'_> =
+        serde_json::from_slice(body).map_err(|e| not_json(e.to_string()))?;
     let homeserver = document
         .homeserver
         .filter(|raw| starts_object(raw.get().as_bytes()))
@@ -336,7 +343,7 @@ pub(crate) fn read_well_known(
     let https = url.starts_with("https:");
     let normalized = base_url.trim_end_matches('/');
     check_base_url(normalized, https, allow_insecure_http).map_err(|reason| {
-        Failure::Discovery(DiscoveryError::InvalidBaseUrl {
+        Failure::from(DiscoveryError::InvalidBaseUrl {
             base_url: capped(&base_url),
             reason,
         })
@@ -358,7 +365,7 @@ pub(crate) fn read_versions(
         200..=299 => {}
         429 | 500..=599 => return Err(transient(status, headers, body)),
         _ => {
-            return Err(Failure::Discovery(DiscoveryError::VersionsStatus {
+            return Err(Failure::from(DiscoveryError::VersionsStatus {
                 base_url: capped(base_url),
                 status: code,
             }))
@@ -370,7 +377,7 @@ pub(crate) fn read_versions(
         versions: Vec<&'a RawValue>,
     }
     let not_versions = |reason: String| {
-        Failure::Discovery(DiscoveryError::NotVersions {
+        Failure::from(DiscoveryError::NotVersions {
             base_url: capped(base_url),
             reason: capped(&reason),
             excerpt: excerpt(body),
@@ -441,7 +448,7 @@ fn redirect(
         .get(LOCATION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let refuse = |reason| {
-        Err(Failure::Discovery(DiscoveryError::Redirect {
+        Err(Failure::from(DiscoveryError::Redirect {
             url: capped(url),
             status,
             location: location.as_deref().map(capped),
@@ -487,7 +494,11 @@ fn resolve(base: &str, location: &str) -> Option<String> {
         return Some(format!("{scheme}://{authority}{location}"));
     }
     // A relative path's first segment has no colon: with one, it is another scheme.
-    if location.split(['/', '?']).next().is_some_and(|first| first.contains(':')) {
+    if location
+        .split(['/', '?'])
+        .next()
+        .is_some_and(|first| first.contains(':'))
+    {
         return None;
     }
     let path = uri.path();
@@ -530,7 +541,11 @@ mod tests {
             base_url: base.to_owned(),
         };
         assert_eq!(
-            well_known(200, &[], r#"{"m.homeserver":{"base_url":"https://m.example.org/"}}"#),
+            well_known(
+                200,
+                &[],
+                r#"{"m.homeserver":{"base_url":"https://m.example.org/"}}"#
+            ),
             Ok(found("https://m.example.org"))
         );
         assert_eq!(
@@ -565,7 +580,11 @@ mod tests {
             r#"{"m.homeserver":{"base_url":"http://m.example.org"}}"#,
             r#"{"m.homeserver":{"base_url":"http://127.0.0.1:8008"}}"#,
         ] {
-            assert_eq!(action(well_known(200, &[], error)), DiscoveryAction::FailError, "{error}");
+            assert_eq!(
+                action(well_known(200, &[], error)),
+                DiscoveryAction::FailError,
+                "{error}"
+            );
         }
         for transient in [500, 502, 503, 429] {
             let failure = well_known(transient, &[], "").unwrap_err();
@@ -584,7 +603,9 @@ mod tests {
         );
         assert_eq!(
             to("/elsewhere/client.json#x"),
-            Ok(WellKnown::Redirect("https://example.org/elsewhere/client.json".into()))
+            Ok(WellKnown::Redirect(
+                "https://example.org/elsewhere/client.json".into()
+            ))
         );
         assert_eq!(
             to("client.json"),
@@ -596,19 +617,38 @@ mod tests {
             to("//cdn.example.org/wk"),
             Ok(WellKnown::Redirect("https://cdn.example.org/wk".into()))
         );
-        assert_eq!(action(to("http://www.example.org/wk")), DiscoveryAction::FailPrompt);
-        assert_eq!(action(to("javascript:alert(1)")), DiscoveryAction::FailPrompt);
-        assert_eq!(action(to("https://u:p@x.org/wk")), DiscoveryAction::FailPrompt);
+        assert_eq!(
+            action(to("http://www.example.org/wk")),
+            DiscoveryAction::FailPrompt
+        );
+        assert_eq!(
+            action(to("javascript:alert(1)")),
+            DiscoveryAction::FailPrompt
+        );
+        assert_eq!(
+            action(to("https://u:p@x.org/wk")),
+            DiscoveryAction::FailPrompt
+        );
         let mut map = HeaderMap::new();
         map.insert(LOCATION, "https://example.org/again".parse().unwrap());
         let status = http::StatusCode::FOUND;
-        let too_many = read_well_known("https://example.org/x", MAX_REDIRECTS, status, &map, b"", false);
+        let too_many = read_well_known(
+            "https://example.org/x",
+            MAX_REDIRECTS,
+            status,
+            &map,
+            b"",
+            false,
+        );
+        let Err(Failure::Discovery(error)) = too_many else {
+            panic!("{too_many:?}");
+        };
         assert!(matches!(
-            too_many,
-            Err(Failure::Discovery(DiscoveryError::Redirect {
+            *error,
+            DiscoveryError::Redirect {
                 reason: "too many redirects",
                 ..
-            }))
+            }
         ));
     }
 
@@ -641,7 +681,13 @@ mod tests {
                 body.as_bytes(),
             )
         };
-        assert_eq!(check(200, r#"{"versions":["v1.1","r0.6.1"],"unstable_features":{}}"#), Ok(()));
+        assert_eq!(
+            check(
+                200,
+                r#"{"versions":["v1.1","r0.6.1"],"unstable_features":{}}"#
+            ),
+            Ok(())
+        );
         for bad in [
             (200, ""),
             (200, "<html>"),
@@ -657,7 +703,10 @@ mod tests {
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
-        assert!(matches!(check(503, ""), Err(Failure::Server { status: 503, .. })));
+        assert!(matches!(
+            check(503, ""),
+            Err(Failure::Server { status: 503, .. })
+        ));
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub enum Failure {
     /// the well-known. (Network failures, deadlines, 5xx and 429 of discovery requests are not
     /// this: they are reported as for any request, and backed off.)
     #[error("server discovery failed ({action}): {0}", action = .0.action())]
-    Discovery(DiscoveryError),
+    Discovery(Box<DiscoveryError>),
 }
 
 fn fmt_errcode(errcode: &Option<String>, message: &Option<String>) -> String {

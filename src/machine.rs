@@ -237,10 +237,11 @@ impl SyncMachine {
             }
             RequestKind::Refresh => self.on_refresh(in_flight, parts.status, bytes),
             // The machine never sends the E2EE stage's requests; discovery's went above.
-            RequestKind::Crypto(_) | RequestKind::Discovery | RequestKind::VersionsCheck => self.fail(
-                in_flight,
-                Failure::InvalidRequest("not a sync request".into()),
-            ),
+            RequestKind::Crypto(_) | RequestKind::Discovery | RequestKind::VersionsCheck => self
+                .fail(
+                    in_flight,
+                    Failure::InvalidRequest("not a sync request".into()),
+                ),
         }
         Ok(())
     }
@@ -469,7 +470,9 @@ impl SyncMachine {
                 _,
             ) => {
                 let (http, kind) = match step {
-                    Step::WellKnown { url, .. } => (discovery::request(url), RequestKind::Discovery),
+                    Step::WellKnown { url, .. } => {
+                        (discovery::request(url), RequestKind::Discovery)
+                    }
                     Step::Versions { base_url } => (
                         discovery::versions_request(base_url),
                         RequestKind::VersionsCheck,
@@ -644,13 +647,11 @@ impl SyncMachine {
         match &self.phase {
             Phase::Syncing { in_flight }
             | Phase::FillingGaps { in_flight, .. }
-            | Phase::Discovering { in_flight, .. } => {
-                in_flight.as_ref().map(|f| InFlightRequest {
-                    id: f.id,
-                    kind: &f.kind,
-                    deadline: f.deadline,
-                })
-            }
+            | Phase::Discovering { in_flight, .. } => in_flight.as_ref().map(|f| InFlightRequest {
+                id: f.id,
+                kind: &f.kind,
+                deadline: f.deadline,
+            }),
             _ => None,
         }
     }

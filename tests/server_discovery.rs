@@ -209,7 +209,11 @@ fn a_5xx_a_429_a_transport_failure_and_a_deadline_are_transient() {
     let req = h.next_request();
     h.respond(
         &req,
-        response_with(429, &[("retry-after", "7")], r#"{"errcode":"M_LIMIT_EXCEEDED"}"#),
+        response_with(
+            429,
+            &[("retry-after", "7")],
+            r#"{"errcode":"M_LIMIT_EXCEEDED"}"#,
+        ),
     );
     let error = one_error(&mut h);
     assert_eq!(error.class, ErrorClass::RateLimited);
@@ -225,14 +229,32 @@ fn a_5xx_a_429_a_transport_failure_and_a_deadline_are_transient() {
 fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
     let cases: Vec<(&str, http::Response<Vec<u8>>)> = vec![
         ("403", response(403, r#"{"errcode":"M_FORBIDDEN"}"#)),
-        ("401 unknown token", response(401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#)),
+        (
+            "401 unknown token",
+            response(401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#),
+        ),
         ("empty body", response(200, "")),
-        ("not JSON", response(200, "<html><body>Welcome to nginx!</body></html>")),
-        ("a JSON array", response(200, r#"[{"m.homeserver":{"base_url":"x"}}]"#)),
-        ("no m.homeserver", json_response(&json!({"m.identity_server": {}}))),
-        ("m.homeserver not an object", json_response(&json!({"m.homeserver": "x"}))),
+        (
+            "not JSON",
+            response(200, "<html><body>Welcome to nginx!</body></html>"),
+        ),
+        (
+            "a JSON array",
+            response(200, r#"[{"m.homeserver":{"base_url":"x"}}]"#),
+        ),
+        (
+            "no m.homeserver",
+            json_response(&json!({"m.identity_server": {}})),
+        ),
+        (
+            "m.homeserver not an object",
+            json_response(&json!({"m.homeserver": "x"})),
+        ),
         ("no base_url", json_response(&json!({"m.homeserver": {}}))),
-        ("base_url not a string", json_response(&json!({"m.homeserver": {"base_url": 1}}))),
+        (
+            "base_url not a string",
+            json_response(&json!({"m.homeserver": {"base_url": 1}})),
+        ),
         ("a redirect without Location", response(302, "")),
     ];
     for (what, answer) in cases {
@@ -304,10 +326,19 @@ fn every_fail_error_answer_is_reported_and_retried_from_the_well_known() {
     let versions_answers: Vec<(&str, http::Response<Vec<u8>>)> = vec![
         ("404", response(404, r#"{"errcode":"M_UNRECOGNIZED"}"#)),
         ("403", response(403, "")),
-        ("redirect", response_with(301, &[("location", "https://x.org/")], "")),
+        (
+            "redirect",
+            response_with(301, &[("location", "https://x.org/")], ""),
+        ),
         ("not JSON", response(200, "<html>It works!</html>")),
-        ("no versions", json_response(&json!({"unstable_features": {}}))),
-        ("versions not strings", json_response(&json!({"versions": [1, 2]}))),
+        (
+            "no versions",
+            json_response(&json!({"unstable_features": {}})),
+        ),
+        (
+            "versions not strings",
+            json_response(&json!({"versions": [1, 2]})),
+        ),
     ];
     for (what, answer) in versions_answers {
         let mut h = Harness::new(discovering());
@@ -351,7 +382,10 @@ fn redirects_are_followed_a_bounded_number_of_times() {
         &req,
         response_with(
             301,
-            &[("location", "https://www.example.org/.well-known/matrix/client")],
+            &[(
+                "location",
+                "https://www.example.org/.well-known/matrix/client",
+            )],
             "",
         ),
     );
@@ -359,7 +393,10 @@ fn redirects_are_followed_a_bounded_number_of_times() {
     let req = h.request();
     assert_eq!(req.kind, RequestKind::Discovery);
     unauthenticated(&req);
-    assert_eq!(url(&req), "https://www.example.org/.well-known/matrix/client");
+    assert_eq!(
+        url(&req),
+        "https://www.example.org/.well-known/matrix/client"
+    );
     h.respond(&req, well_known("https://matrix.example.org"));
     let check = h.request();
     h.respond(&check, versions());
@@ -393,7 +430,10 @@ fn redirects_are_followed_a_bounded_number_of_times() {
         response_with(302, &[("location", "http://example.org/wk")], ""),
     );
     let error = one_error(&mut h);
-    assert_eq!(discovery_error(&error).action(), DiscoveryAction::FailPrompt);
+    assert_eq!(
+        discovery_error(&error).action(),
+        DiscoveryAction::FailPrompt
+    );
 }
 
 /// A server that always fails discovery, one way or another, for an hour: discovery requests
@@ -428,7 +468,10 @@ fn no_answer_makes_discovery_spin() {
         let mut sent = 0usize;
         while h.elapsed() < Duration::from_secs(3600) {
             let req = h.next_request();
-            assert!(req.kind.name() == "discovery" || req.kind.name() == "versions", "{what}");
+            assert!(
+                req.kind.name() == "discovery" || req.kind.name() == "versions",
+                "{what}"
+            );
             sent += 1;
             h.respond(&req, answer(&req));
             let _ = h.take_errors();
@@ -485,7 +528,9 @@ fn server_names_and_user_ids_are_validated_at_config_time() {
             hs(bad)
         );
     }
-    let shown = Config::discover("ex\u{1b}ample", TOKEN).unwrap_err().to_string();
+    let shown = Config::discover("ex\u{1b}ample", TOKEN)
+        .unwrap_err()
+        .to_string();
     assert!(!shown.contains('\u{1b}'), "{shown}");
     // By hand: the well-known is at the root of a server name's address.
     let mut c = Config::new("https://example.org/matrix", TOKEN);
@@ -513,10 +558,7 @@ fn a_loopback_server_name_discovers_over_plain_http() {
     c.backoff.jitter = 0.0;
     let mut h = Harness::new(c);
     let req = h.request();
-    assert_eq!(
-        url(&req),
-        "http://127.0.0.1:8008/.well-known/matrix/client"
-    );
+    assert_eq!(url(&req), "http://127.0.0.1:8008/.well-known/matrix/client");
     h.respond(&req, well_known("http://127.0.0.1:8008/"));
     let check = h.request();
     assert_eq!(url(&check), "http://127.0.0.1:8008/_matrix/client/versions");

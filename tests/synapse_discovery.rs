@@ -39,7 +39,9 @@ fn receives_a_message_after_discovery(
     let synapse = synapse();
     let (alice, bob, room) = room_of_two(&synapse.base_url(), &format!("{prefix}a"), "bob");
     assert!(
-        alice.user_id.ends_with(&format!(":{}", synapse.server_name())),
+        alice
+            .user_id
+            .ends_with(&format!(":{}", synapse.server_name())),
         "{} is of server {}",
         alice.user_id,
         synapse.server_name()
@@ -76,7 +78,10 @@ fn receives_a_message_after_discovery(
         .expect("the message");
     assert_eq!(message.kind, EventKind::Message);
     assert_eq!(message.body.as_deref(), Some("found you"));
-    assert_eq!(message.room_id.as_ref().map(|r| r.as_str()), Some(room.as_str()));
+    assert_eq!(
+        message.room_id.as_ref().map(|r| r.as_str()),
+        Some(room.as_str())
+    );
     assert!(service.errors().try_recv().is_err(), "no error on the way");
     service.stop();
 }
@@ -131,7 +136,7 @@ fn a_garbage_well_known_is_fail_prompt() {
         panic!("{error}");
     };
     assert!(
-        matches!(discovery, DiscoveryError::NotJson { .. }),
+        matches!(**discovery, DiscoveryError::NotJson { .. }),
         "{discovery:?}"
     );
     assert_eq!(discovery.action(), DiscoveryAction::FailPrompt);
@@ -168,8 +173,8 @@ fn a_well_known_naming_no_homeserver_is_fail_error() {
     assert_eq!(error.request, RequestKind::VersionsCheck);
     assert!(
         matches!(
-            error.failure,
-            Failure::Discovery(DiscoveryError::VersionsStatus { status: 404, .. })
+            &error.failure,
+            Failure::Discovery(e) if matches!(**e, DiscoveryError::VersionsStatus { status: 404, .. })
         ),
         "{error}"
     );
