@@ -153,8 +153,9 @@ pub struct Config {
     /// Find the homeserver by server discovery before the first sync: `GET
     /// {homeserver}/.well-known/matrix/client`, and the base URL it names (or, on a 404,
     /// `homeserver` itself) for every request after. Off with [`Config::new`], on with
-    /// [`Config::discover()`]. See the `discovery` module's docs in the source, and the crate
-    /// docs.
+    /// [`Config::discover()`]. Once the base URL is found, the machine's
+    /// [`config`](crate::SyncMachine::config) holds it in `homeserver`. See the crate docs
+    /// (and the `discovery` module's, in the source).
     pub discover: bool,
     /// The access token, sent in the `Authorization` header only.
     pub access_token: AccessToken,

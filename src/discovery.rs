@@ -158,8 +158,10 @@ pub enum DiscoveryError {
         url: String,
     },
     /// `FAIL_ERROR`. `m.homeserver.base_url` is not an absolute http(s) URL without query,
-    /// fragment or user info, or is plain http where that is not allowed (see the module
-    /// docs). The server's admin must fix the well-known.
+    /// fragment or user info, or is plain http where that is not allowed: plain http is
+    /// accepted from a well-known read over plain http (a loopback server name), or with
+    /// [`Config::allow_insecure_http`](crate::Config::allow_insecure_http), never from one read
+    /// over https otherwise. The server's admin must fix the well-known.
     #[error("m.homeserver.base_url {:?} cannot be used: {reason}", base_url)]
     InvalidBaseUrl {
         /// The `base_url` as the server sent it.
