@@ -1,12 +1,16 @@
 //! `tail`: print every event of a Matrix account as one JSON object per line.
 //!
 //! ```text
-//! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL \
+//! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL|NAME|@USER \
 //!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
 //!     [--format json|text] [--raw] [--e2ee --store DIR]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
+//!
+//! `--homeserver` takes the homeserver's base URL (`https://matrix.example.org`), used as is,
+//! or a server name (`example.org`) or user id (`@me:example.org`), from which the homeserver
+//! is found by server discovery (its well-known) before the first sync.
 //!
 //! With `--token-file` the credentials come from a JSON file, `{"access_token": ...,
 //! "refresh_token": ..., "expires_in_ms": ...}` (the last two optional; `expires_in_ms` counts
@@ -59,7 +63,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL|SERVER_NAME|@USER_ID [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -205,6 +209,15 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(parsed))
 }
 
+/// The configuration for `--homeserver`: a URL (it has a scheme) is used as given; a server
+/// name or user id starts with server discovery.
+fn homeserver_config(homeserver: String, token: impl Into<String>) -> Result<Config, Fatal> {
+    if homeserver.contains("://") {
+        return Ok(Config::new(homeserver, token));
+    }
+    Config::discover(&homeserver, token).map_err(|e| Fatal::usage(format!("--homeserver: {e}")))
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => Exit::Success.into(),
@@ -232,7 +245,7 @@ fn run() -> Result<(), Fatal> {
     let mut config = match &token_file {
         Some(file) => {
             let credentials = file.load()?;
-            let mut config = Config::new(args.homeserver, credentials.access_token.expose());
+            let mut config = homeserver_config(args.homeserver, credentials.access_token.expose())?;
             config.refresh_token = credentials.refresh_token;
             config.access_token_expires_in = credentials.expires_in;
             config
@@ -244,7 +257,7 @@ fn run() -> Result<(), Fatal> {
                 .ok_or_else(|| {
                     Fatal::usage("MATRIX_ACCESS_TOKEN is not set (nor --token-file given)")
                 })?;
-            Config::new(args.homeserver, token)
+            homeserver_config(args.homeserver, token)?
         }
     };
     if let (Some(token_endpoint), Some(client_id)) =

@@ -64,7 +64,7 @@ pub(crate) fn bad_response(status: u16, reason: impl Into<String>, body: &[u8]) 
     }
 }
 
-fn excerpt(body: &[u8]) -> String {
+pub(crate) fn excerpt(body: &[u8]) -> String {
     let mut end = body.len().min(EXCERPT_BYTES);
     // Cut at a char boundary when the body is UTF-8, so the excerpt has no stray U+FFFD.
     while end > 0 && end < body.len() && (body[end] & 0xC0) == 0x80 {

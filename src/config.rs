@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
+use ruma_common::{OwnedServerName, ServerName, UserId};
 
 use crate::auth::{self, RefreshMethod, RefreshToken};
 use crate::defaults;
+use crate::text::Escaped;
 use crate::token::{self, TokenProblem};
 
 /// An access token. Its `Debug` and `Display` never show it.
@@ -144,8 +146,17 @@ impl GapFill {
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Config {
-    /// Base URL of the homeserver, such as `https://matrix.example.org`.
+    /// Base URL of the homeserver, such as `https://matrix.example.org`. With
+    /// [`discover`](Config#structfield.discover), the address of the server name instead (such as
+    /// `https://example.org`), where its well-known is asked for.
     pub homeserver: String,
+    /// Find the homeserver by server discovery before the first sync: `GET
+    /// {homeserver}/.well-known/matrix/client`, and the base URL it names (or, on a 404,
+    /// `homeserver` itself) for every request after. Off with [`Config::new`], on with
+    /// [`Config::discover()`]. Once the base URL is found, the machine's
+    /// [`config`](crate::SyncMachine::config) holds it in `homeserver`. See the crate docs
+    /// (and the `discovery` module's, in the source).
+    pub discover: bool,
     /// The access token, sent in the `Authorization` header only.
     pub access_token: AccessToken,
     /// The refresh token: with one, the machine refreshes the access token ahead of
@@ -191,10 +202,12 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration with every default, for `homeserver` and `access_token`.
+    /// A configuration with every default, for `homeserver` (the base URL, used as given:
+    /// no discovery) and `access_token`.
     pub fn new(homeserver: impl Into<String>, access_token: impl Into<String>) -> Self {
         Self {
             homeserver: homeserver.into(),
+            discover: false,
             access_token: AccessToken::new(access_token),
             refresh_token: None,
             access_token_expires_in: None,
@@ -217,9 +230,52 @@ impl Config {
         }
     }
 
+    /// A configuration with every default that finds the homeserver by server discovery
+    /// ([`discover`](Config#structfield.discover)), from a server name (`example.org`,
+    /// `matrix.example.org:8448`, `127.0.0.1:8008`) or a user id (`@me:example.org`: its
+    /// server name).
+    ///
+    /// The well-known is asked for at `https://{server_name}` (the port, if any, is kept). A
+    /// loopback server name (`localhost`, `127.0.0.0/8`, `[::1]`, with or without a port) is
+    /// asked over plain http instead: a server on this machine has no certificate for such a
+    /// name, and plain http to loopback never leaves the host, as for
+    /// [`homeserver`](Self::homeserver) URLs. For https to a loopback name, or plain http
+    /// to another (with [`allow_insecure_http`](Self::allow_insecure_http)), set
+    /// `homeserver` and `discover` yourself.
+    ///
+    /// ```
+    /// use matrix_sync_service::Config;
+    /// let config = Config::discover("@me:example.org", "secret-token")?;
+    /// assert_eq!(config.homeserver, "https://example.org");
+    /// assert!(config.discover);
+    /// let local = Config::discover("127.0.0.1:8008", "secret-token")?;
+    /// assert_eq!(local.homeserver, "http://127.0.0.1:8008");
+    /// assert!(Config::discover("https://example.org", "t").is_err(), "a URL: use Config::new");
+    /// # Ok::<(), matrix_sync_service::ConfigError>(())
+    /// ```
+    ///
+    /// Fails with [`ConfigError::InvalidServerName`] when `server_name_or_user_id` is neither.
+    pub fn discover(
+        server_name_or_user_id: &str,
+        access_token: impl Into<String>,
+    ) -> Result<Self, ConfigError> {
+        let server_name = server_name_of(server_name_or_user_id)?;
+        let scheme = if is_loopback(server_name.host()) {
+            "http"
+        } else {
+            "https"
+        };
+        let mut config = Self::new(format!("{scheme}://{server_name}"), access_token);
+        config.discover = true;
+        Ok(config)
+    }
+
     /// Checks every field; the first unusable one is reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_url(&self.homeserver, self.allow_insecure_http)?;
+        if self.discover {
+            validate_discovery_root(&self.homeserver)?;
+        }
         let token = self.access_token.expose();
         if token.is_empty() {
             return Err(ConfigError::MissingAccessToken);
@@ -458,7 +514,7 @@ pub(crate) fn check_duration(
 
 /// An absolute http(s) URL without fragment, user info or query; plain http to loopback
 /// only, unless allowed.
-fn validate_url(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
+pub(crate) fn validate_url(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError> {
     let bad = |reason| ConfigError::InvalidHomeserver { reason };
     // Checked on the text: a fragment would silently drop every path the machine appends.
     if url.contains('#') {
@@ -485,7 +541,45 @@ fn validate_url(url: &str, allow_insecure_http: bool) -> Result<(), ConfigError>
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+/// The server name of a server name or a user id, as ruma parses them.
+fn server_name_of(input: &str) -> Result<OwnedServerName, ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidServerName {
+        input: crate::text::capped(input),
+        reason: crate::text::capped(&reason),
+    };
+    if input.starts_with('@') {
+        return UserId::parse(input)
+            .map(|user| user.server_name().to_owned())
+            .map_err(|e| invalid(format!("not a user id: {e}")));
+    }
+    if input.contains("://") {
+        return Err(invalid(
+            "a URL, not a server name: use Config::new for a homeserver URL".to_owned(),
+        ));
+    }
+    ServerName::parse(input).map_err(|e| invalid(format!("not a server name: {e}")))
+}
+
+/// With discovery, `homeserver` is where a server name is served: the well-known is at its
+/// root, so it has no path, and its authority is a server name.
+fn validate_discovery_root(url: &str) -> Result<(), ConfigError> {
+    let bad = |reason| ConfigError::InvalidHomeserver { reason };
+    let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    if !matches!(uri.path(), "" | "/") {
+        return Err(bad(
+            "with discover, must be the server name's address, without a path",
+        ));
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if ServerName::parse(authority).is_err() {
+        return Err(bad(
+            "with discover, its host and port must be a server name",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.eq_ignore_ascii_case("localhost")
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
@@ -507,6 +601,16 @@ pub enum ConfigError {
         "homeserver: plain http is only allowed to loopback unless allow_insecure_http is set"
     )]
     InsecureHttp,
+    /// The text given to [`Config::discover()`] is neither a server name nor a user id (see
+    /// the grammar of the specification's appendices), or is a URL (give that to
+    /// [`Config::new`]).
+    #[error("server name: {:?} cannot be used: {}", input, Escaped(reason))]
+    InvalidServerName {
+        /// The text given (cut to about 1 KiB).
+        input: String,
+        /// Why (ruma's parse error).
+        reason: String,
+    },
     /// `access_token` is empty.
     #[error("access_token: missing")]
     MissingAccessToken,

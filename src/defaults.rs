@@ -53,6 +53,10 @@
 //!   strict deployments) would be refreshed in a loop with a fixed minute, so its lead is a
 //!   fifth of its lifetime. The lifetime is counted from when the refresh request was sent,
 //!   so a slow answer only makes the refresh earlier.
+//! * **Discovery follows at most 5 redirects** ([`MAX_DISCOVERY_REDIRECTS`]): the
+//!   specification asks clients to follow a well-known's redirects and to avoid loops; real
+//!   chains are one or two hops (`example.org` to `www.example.org`, http to https), and a
+//!   bound keeps a loop from costing more than a handful of requests per backoff step.
 //! * **Driver channels: 1,024 events, 64 errors** (`DriverConfig`): enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
 
@@ -93,3 +97,5 @@ pub const REFRESH_LEAD: Duration = Duration::from_secs(60);
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// Capacity of the driver's errors channel.
 pub const ERROR_CHANNEL_CAPACITY: usize = 64;
+/// The most redirects of the well-known followed in a row by one server discovery attempt.
+pub const MAX_DISCOVERY_REDIRECTS: u8 = 5;

@@ -12,6 +12,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::discovery::DiscoveryError;
 use crate::request::{RequestId, RequestKind};
 use crate::text::{capped, Escaped};
 
@@ -25,8 +26,9 @@ pub enum ErrorClass {
     /// 429: the machine waits for the larger of the server's requested wait (capped by
     /// [`Config::max_server_wait`](crate::Config::max_server_wait)) and its own backoff.
     RateLimited,
-    /// 3xx, 401, 403, 400 and every other 4xx: the server refused, and retrying will not help
-    /// until the user changes something (the homeserver URL, a new token, a fresh `since`).
+    /// 3xx, 401, 403, 400 and every other 4xx, and a server discovery that failed for good
+    /// ([`Failure::Discovery`]): the server refused, and retrying will not help until the user
+    /// changes something (the homeserver URL, a new token, a fresh `since`).
     /// The machine keeps the service alive, retrying only at the maximum backoff, until the
     /// caller stops it or a request succeeds again.
     NeedsUser,
@@ -199,6 +201,19 @@ pub enum Failure {
     /// ([`SyncState::CredentialsNotStored`](crate::SyncState::CredentialsNotStored)).
     #[error("the refreshed credentials could not be stored: {}", Escaped(.0))]
     CredentialsNotStored(String),
+    /// Server discovery ([`Config::discover`](crate::Config::discover())) ended in a verdict of
+    /// the specification, `FAIL_PROMPT` or `FAIL_ERROR` ([`DiscoveryError::action`]): the
+    /// server name's well-known is unusable, or names a homeserver that does not work.
+    ///
+    /// Class [`NeedsUser`](ErrorClass::NeedsUser): the machine retries discovery only at the
+    /// maximum backoff ([`SyncState::Refused`](crate::SyncState::Refused) meanwhile), so a
+    /// well-known fixed on the server is picked up without a restart. To go on without it,
+    /// stop the machine and start again with the homeserver URL ([`Config::new`](crate::Config::new)):
+    /// ask the user for it after `FAIL_PROMPT`; after `FAIL_ERROR` the server's admin must fix
+    /// the well-known. (Network failures, deadlines, 5xx and 429 of discovery requests are not
+    /// this: they are reported as for any request, and backed off.)
+    #[error("server discovery failed ({action}): {0}", action = .0.action())]
+    Discovery(Box<DiscoveryError>),
 }
 
 fn fmt_errcode(errcode: &Option<String>, message: &Option<String>) -> String {
@@ -228,6 +243,7 @@ impl Failure {
             | Failure::Refused { .. }
             | Failure::RefreshRefused { .. }
             | Failure::CredentialsNotStored(_)
+            | Failure::Discovery(_)
             | Failure::InvalidRequest(_) => ErrorClass::NeedsUser,
             Failure::Transport(_)
             | Failure::DeadlineExceeded(_)
@@ -247,6 +263,7 @@ impl Failure {
             | Failure::BadResponse { status, .. } => Some(*status),
             Failure::RateLimited { .. } => Some(429),
             Failure::UnknownToken { .. } => Some(401),
+            Failure::Discovery(error) => error.status(),
             _ => None,
         }
     }

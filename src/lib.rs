@@ -37,6 +37,28 @@
 //!
 //! # The protocol, as implemented
 //!
+//! * **Server discovery** (off unless asked for: [`Config::discover()`] from a server name or a
+//!   user id, or [`Config::discover`](Config#structfield.discover) set by hand). Before the first
+//!   sync, in [`SyncState::Discovering`], through the same one-request slot and with the
+//!   usual deadline margin: `GET /.well-known/matrix/client` of the server name
+//!   ([`RequestKind::Discovery`], redirects followed up to
+//!   [`defaults::MAX_DISCOVERY_REDIRECTS`]), then `GET {base_url}/_matrix/client/versions`
+//!   ([`RequestKind::VersionsCheck`]); neither carries the token. The base URL (trailing
+//!   slashes removed) is announced once as an [`EventKind::Discovered`] event, is
+//!   [`SyncMachine::homeserver`], and takes every later request (syncs, gap fills, refreshes).
+//!   The specification's outcomes: a 404 is `IGNORE`, and the server name's own address
+//!   (`https://{server_name}`) is the base URL; an unusable well-known (`FAIL_PROMPT`) or
+//!   base URL (`FAIL_ERROR`) is [`Failure::Discovery`], class `NeedsUser`, retried only at the
+//!   maximum backoff ([`SyncState::Refused`] meanwhile), so a well-known fixed on the server is
+//!   picked up without a restart. Transport failures, deadlines, 5xx and 429 of either request
+//!   back off like any transient failure (the specification would give up on "no response";
+//!   a service waits). Both requests count on one backoff counter, reset by nothing before
+//!   success, so no answer can make discovery spin. A loopback server name (`localhost`,
+//!   `127.0.0.0/8`, `[::1]`) is asked over plain http, like a loopback homeserver URL; a
+//!   well-known read over https may not name a plain-http base URL unless
+//!   [`Config::allow_insecure_http`]. A port in the server name is kept in the well-known URL
+//!   (the specification uses the host name alone). The reasons are in the `discovery`
+//!   module's source.
 //! * `GET /_matrix/client/v3/sync` with `since`, `timeout`, `filter`, `full_state` (first request
 //!   only) and `set_presence`; the token only in the `Authorization` header (marked sensitive,
 //!   so it never shows in `Debug`).
@@ -198,6 +220,7 @@ mod classify;
 mod config;
 mod dedup;
 pub mod defaults;
+mod discovery;
 #[cfg(feature = "driver")]
 mod driver;
 #[cfg(feature = "e2ee")]
@@ -218,6 +241,7 @@ mod token;
 pub use auth::{Credentials, RefreshMethod, RefreshToken};
 pub use checkpoint::FileCheckpointStore;
 pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
+pub use discovery::{DiscoveryAction, DiscoveryError};
 #[cfg(all(feature = "driver", feature = "e2ee"))]
 pub use driver::start_encrypted;
 #[cfg(feature = "driver")]

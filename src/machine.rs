@@ -11,6 +11,7 @@ use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
+use crate::discovery::{self, Step, WellKnown};
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
 use crate::gapfill::{FillFailure, GapFiller, Plan};
 use crate::normalize::{Event, EventKind};
@@ -22,6 +23,9 @@ use crate::token;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum SyncState {
+    /// Server discovery ([`Config::discover()`]) is under way: the first sync waits for the
+    /// homeserver's base URL.
+    Discovering,
     /// The first sync, without `since`, is under way.
     InitialSync,
     /// Catching up from a stored `since` (at start, or after an error) with `timeout=0`.
@@ -30,9 +34,10 @@ pub enum SyncState {
     Live,
     /// Waiting after a transient failure or a rate limit.
     BackingOff,
-    /// Refused by the server (3xx, 401 unknown token, 403, 400 unknown `since`, other 4xx;
-    /// the reason is the [`Failure`] of the error reported with it): retrying only at the
-    /// maximum backoff until stopped or until a request succeeds again.
+    /// Refused by the server (3xx, 401 unknown token, 403, 400 unknown `since`, other 4xx, a
+    /// server discovery that failed for good; the reason is the [`Failure`] of the error
+    /// reported with it): retrying only at the maximum backoff until stopped or until a
+    /// request succeeds again.
     Refused,
     /// The refresh token was refused ([`Failure::RefreshRefused`]): the session is over.
     /// No more refreshes are made; syncs go on at the maximum backoff with the last access
@@ -48,10 +53,16 @@ pub enum SyncState {
 }
 
 /// What the machine is doing. Each phase carries the data only it has, so what must agree
-/// cannot disagree: a request is in flight only while syncing or filling gaps, a batch is held
-/// only while it is filled or handed on, and nothing leaves `Stopped`.
+/// cannot disagree: a request is in flight only while discovering, syncing or filling gaps, a
+/// batch is held only while it is filled or handed on, and nothing leaves `Stopped`.
 #[derive(Debug)]
 enum Phase {
+    /// Finding the homeserver before the first sync: the step says which request goes out
+    /// (or is in flight), or that the base URL is found and waits to be announced.
+    Discovering {
+        step: Step,
+        in_flight: Option<InFlight>,
+    },
     /// Waiting for the next sync to be due, or for the answer to the one in flight.
     Syncing { in_flight: Option<InFlight> },
     /// A sync answer is parsed; its limited rooms are filled before it is delivered.
@@ -135,10 +146,20 @@ impl SyncMachine {
         config.validate()?;
         let mut config = config;
         config.homeserver = config.homeserver.trim_end_matches('/').to_owned();
-        let state = if config.since.is_some() {
+        let state = if config.discover {
+            SyncState::Discovering
+        } else if config.since.is_some() {
             SyncState::CatchingUp
         } else {
             SyncState::InitialSync
+        };
+        let phase = if config.discover {
+            Phase::Discovering {
+                step: Step::start(&config.homeserver),
+                in_flight: None,
+            }
+        } else {
+            Phase::Syncing { in_flight: None }
         };
         let auth = Auth::fresh(
             auth::expiry(now, config.access_token_expires_in),
@@ -156,7 +177,7 @@ impl SyncMachine {
             dedup: Dedup::new(config.dedup_capacity),
             config,
             now,
-            phase: Phase::Syncing { in_flight: None },
+            phase,
             mode: Mode::First,
             next_id: 0,
             state,
@@ -188,6 +209,11 @@ impl SyncMachine {
             self.fail(in_flight, Failure::BodyTooLarge { limit });
             return Ok(());
         }
+        if in_flight.kind.is_discovery() {
+            // Unauthenticated, with verdicts of their own (a 404 is an answer).
+            self.on_discovery(in_flight, &parts, bytes);
+            return Ok(());
+        }
         if let Err(failure) = classify(parts.status, &parts.headers, bytes) {
             let failure = match in_flight.kind {
                 RequestKind::Refresh if auth::ends_session(&failure) => {
@@ -210,11 +236,12 @@ impl SyncMachine {
                 self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
             RequestKind::Refresh => self.on_refresh(in_flight, parts.status, bytes),
-            // The machine never sends the E2EE stage's requests.
-            RequestKind::Crypto(_) => self.fail(
-                in_flight,
-                Failure::InvalidRequest("not a sync request".into()),
-            ),
+            // The machine never sends the E2EE stage's requests; discovery's went above.
+            RequestKind::Crypto(_) | RequestKind::Discovery | RequestKind::VersionsCheck => self
+                .fail(
+                    in_flight,
+                    Failure::InvalidRequest("not a sync request".into()),
+                ),
         }
         Ok(())
     }
@@ -436,6 +463,27 @@ impl SyncMachine {
             ),
             (Phase::Syncing { in_flight: None }, _) => self.build_sync(),
             (
+                Phase::Discovering {
+                    step,
+                    in_flight: None,
+                },
+                _,
+            ) => {
+                let (http, kind) = match step {
+                    Step::WellKnown { url, .. } => {
+                        (discovery::request(url), RequestKind::Discovery)
+                    }
+                    Step::Versions { base_url } => (
+                        discovery::versions_request(base_url),
+                        RequestKind::VersionsCheck,
+                    ),
+                    // Announced first, as an event.
+                    Step::Found { .. } => return None,
+                };
+                let http = http.map_err(|e| e.to_string());
+                (http, kind, self.now + self.config.deadline_margin)
+            }
+            (
                 Phase::FillingGaps {
                     filler,
                     in_flight: None,
@@ -461,6 +509,9 @@ impl SyncMachine {
         };
         if matches!(kind, RequestKind::Messages { .. }) && self.state == SyncState::BackingOff {
             self.set_state(SyncState::CatchingUp);
+        }
+        if kind.is_discovery() {
+            self.set_state(SyncState::Discovering);
         }
         self.schedule.sent();
         let id = RequestId::new(self.next_id);
@@ -497,6 +548,17 @@ impl SyncMachine {
     /// Handing on a [`Checkpoint`](EventKind::Checkpoint) is what advances `since`.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
+        if let Phase::Discovering {
+            step: Step::Found { base_url },
+            ..
+        } = &mut self.phase
+        {
+            let homeserver = std::mem::take(base_url);
+            log::info!("server discovery: the homeserver is {homeserver}");
+            self.config.homeserver.clone_from(&homeserver);
+            self.phase = Phase::Syncing { in_flight: None };
+            return Some(Event::discovered(homeserver));
+        }
         let Phase::Delivering { delivery, answer } = &mut self.phase else {
             return None;
         };
@@ -539,14 +601,22 @@ impl SyncMachine {
             return *offer_at;
         }
         match &self.phase {
-            Phase::Delivering { .. } | Phase::Stopped => None,
+            Phase::Delivering { .. }
+            | Phase::Stopped
+            | Phase::Discovering {
+                step: Step::Found { .. },
+                ..
+            } => None,
             Phase::Syncing { in_flight: Some(f) }
             | Phase::FillingGaps {
                 in_flight: Some(f), ..
-            } => Some(f.deadline),
-            Phase::Syncing { in_flight: None } | Phase::FillingGaps { .. } => {
-                Some(self.schedule.next_send(self.now))
             }
+            | Phase::Discovering {
+                in_flight: Some(f), ..
+            } => Some(f.deadline),
+            Phase::Syncing { in_flight: None }
+            | Phase::FillingGaps { .. }
+            | Phase::Discovering { .. } => Some(self.schedule.next_send(self.now)),
         }
     }
 
@@ -557,6 +627,16 @@ impl SyncMachine {
         self.since.as_deref()
     }
 
+    /// The homeserver's base URL every request goes to (without a trailing slash); `None`
+    /// while server discovery ([`Config::discover()`]) has not announced it
+    /// ([`EventKind::Discovered`]).
+    pub fn homeserver(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Discovering { .. } => None,
+            _ => Some(&self.config.homeserver),
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> SyncState {
         self.state
@@ -565,13 +645,13 @@ impl SyncMachine {
     /// The request awaited, if any, with its deadline.
     pub fn in_flight(&self) -> Option<InFlightRequest<'_>> {
         match &self.phase {
-            Phase::Syncing { in_flight } | Phase::FillingGaps { in_flight, .. } => {
-                in_flight.as_ref().map(|f| InFlightRequest {
-                    id: f.id,
-                    kind: &f.kind,
-                    deadline: f.deadline,
-                })
-            }
+            Phase::Syncing { in_flight }
+            | Phase::FillingGaps { in_flight, .. }
+            | Phase::Discovering { in_flight, .. } => in_flight.as_ref().map(|f| InFlightRequest {
+                id: f.id,
+                kind: &f.kind,
+                deadline: f.deadline,
+            }),
             _ => None,
         }
     }
@@ -608,7 +688,9 @@ impl SyncMachine {
     /// The in-flight slot of the phases that send requests.
     fn in_flight_slot(&mut self) -> Option<&mut Option<InFlight>> {
         match &mut self.phase {
-            Phase::Syncing { in_flight } | Phase::FillingGaps { in_flight, .. } => Some(in_flight),
+            Phase::Syncing { in_flight }
+            | Phase::FillingGaps { in_flight, .. }
+            | Phase::Discovering { in_flight, .. } => Some(in_flight),
             Phase::Delivering { .. } | Phase::Stopped => None,
         }
     }
@@ -749,6 +831,69 @@ impl SyncMachine {
         retry
     }
 
+    /// A discovery request failed: back off on discovery's own counter, and start over from
+    /// the well-known.
+    fn discovery_failed(&mut self, failure: &Failure) -> Retry {
+        let retry = self.schedule.discovery_failed(failure, self.now);
+        if let Phase::Discovering { step, .. } = &mut self.phase {
+            *step = Step::start(&self.config.homeserver);
+        }
+        self.set_state(match failure.class() {
+            ErrorClass::NeedsUser => SyncState::Refused,
+            ErrorClass::Transient | ErrorClass::RateLimited => SyncState::BackingOff,
+        });
+        retry
+    }
+
+    /// An answer to a discovery request: the next step, or a failure.
+    fn on_discovery(&mut self, in_flight: InFlight, parts: &http::response::Parts, body: &[u8]) {
+        let Phase::Discovering { step, .. } = &self.phase else {
+            return;
+        };
+        let next = match (&in_flight.kind, step) {
+            (RequestKind::Discovery, Step::WellKnown { url, hops }) => {
+                let answer = discovery::read_well_known(
+                    url,
+                    *hops,
+                    parts.status,
+                    &parts.headers,
+                    body,
+                    self.config.allow_insecure_http,
+                );
+                match answer {
+                    Ok(WellKnown::Found { base_url }) => Step::Versions { base_url },
+                    Ok(WellKnown::Ignore) => {
+                        log::info!("server discovery: no well-known (404), using the server name's address");
+                        Step::Found {
+                            base_url: self.config.homeserver.clone(),
+                        }
+                    }
+                    Ok(WellKnown::Redirect(url)) => Step::WellKnown {
+                        url,
+                        hops: hops.saturating_add(1),
+                    },
+                    Err(failure) => return self.fail(in_flight, failure),
+                }
+            }
+            (RequestKind::VersionsCheck, Step::Versions { base_url }) => {
+                match discovery::read_versions(base_url, parts.status, &parts.headers, body) {
+                    Ok(()) => Step::Found {
+                        base_url: base_url.clone(),
+                    },
+                    Err(failure) => return self.fail(in_flight, failure),
+                }
+            }
+            // Not reached: the request in flight is the step's.
+            _ => {
+                let failure = Failure::InvalidRequest("discovery answer out of step".into());
+                return self.fail(in_flight, failure);
+            }
+        };
+        if let Phase::Discovering { step, .. } = &mut self.phase {
+            *step = next;
+        }
+    }
+
     /// Puts `credentials` in force for the next request.
     fn put_in_force(&mut self, credentials: Credentials, expires_at: Option<(Instant, Duration)>) {
         self.config.access_token = credentials.access_token;
@@ -777,7 +922,8 @@ impl SyncMachine {
 
     fn fail(&mut self, in_flight: InFlight, mut failure: Failure) {
         let refused_token = matches!(failure, Failure::UnknownToken { .. })
-            && in_flight.kind != RequestKind::Refresh;
+            && in_flight.kind != RequestKind::Refresh
+            && !in_flight.kind.is_discovery();
         let retry = match refused_token
             .then(|| self.token_refused(&in_flight))
             .flatten()
@@ -787,6 +933,9 @@ impl SyncMachine {
                 RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
                 RequestKind::Messages { .. } => self.fill_failed(&failure),
                 RequestKind::Refresh => self.refresh_failed(&in_flight, &failure),
+                RequestKind::Discovery | RequestKind::VersionsCheck => {
+                    self.discovery_failed(&failure)
+                }
             },
         };
         if let (RequestKind::Refresh, Failure::BadResponse { excerpt, .. }) =
@@ -858,9 +1007,7 @@ impl SyncMachine {
         }
         let timeout = match in_flight.kind {
             RequestKind::Sync { timeout } => timeout,
-            RequestKind::Messages { .. } | RequestKind::Refresh | RequestKind::Crypto(_) => {
-                Duration::ZERO
-            }
+            _ => Duration::ZERO,
         };
         let answer = Answer {
             channel: self.mode.channel(),

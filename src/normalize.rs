@@ -64,6 +64,14 @@ pub enum EventKind {
     Gap(Gap),
     /// The end of a batch.
     Checkpoint(Checkpoint),
+    /// Server discovery ([`Config::discover`](crate::Config::discover())) found the homeserver:
+    /// its base URL, used for every request from now on. It comes once, before the first
+    /// sync's events (`raw` is `{"homeserver": ...}`). Persist it to start next time with
+    /// [`Config::new`](crate::Config::new) and skip discovery.
+    Discovered {
+        /// The homeserver's base URL, without a trailing slash.
+        homeserver: String,
+    },
 }
 
 impl EventKind {
@@ -90,6 +98,7 @@ impl EventKind {
             EventKind::DeviceLists => "device_lists",
             EventKind::OneTimeKeyCounts => "one_time_key_counts",
             EventKind::Gap(_) => "gap",
+            EventKind::Discovered { .. } => "discovered",
             EventKind::Checkpoint(_) => "checkpoint",
         }
     }
@@ -343,6 +352,16 @@ impl Event {
         Self::synthetic(
             EventKind::Checkpoint(Checkpoint { next_batch, live }),
             "checkpoint",
+            None,
+            raw,
+        )
+    }
+
+    pub(crate) fn discovered(homeserver: String) -> Self {
+        let raw = to_raw(&serde_json::json!({ "homeserver": homeserver }));
+        Self::synthetic(
+            EventKind::Discovered { homeserver },
+            "discovered",
             None,
             raw,
         )

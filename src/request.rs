@@ -51,6 +51,13 @@ pub enum RequestKind {
     /// A request of the end-to-end encryption stage (feature `e2ee`); the machine never
     /// makes one.
     Crypto(CryptoRequestKind),
+    /// Server discovery ([`Config::discover`](crate::Config::discover())): `GET
+    /// /.well-known/matrix/client` of the server name, or where it redirected. No
+    /// `Authorization` header.
+    Discovery,
+    /// Server discovery's check of the base URL found: `GET {base_url}/_matrix/client/versions`.
+    /// No `Authorization` header.
+    VersionsCheck,
 }
 
 /// What a request of the E2EE stage is for.
@@ -89,6 +96,11 @@ impl CryptoRequestKind {
 }
 
 impl RequestKind {
+    /// Whether it is one of server discovery's requests (unauthenticated).
+    pub(crate) fn is_discovery(&self) -> bool {
+        matches!(self, RequestKind::Discovery | RequestKind::VersionsCheck)
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -96,6 +108,8 @@ impl RequestKind {
             RequestKind::Messages { .. } => "messages",
             RequestKind::Refresh => "refresh",
             RequestKind::Crypto(kind) => kind.name(),
+            RequestKind::Discovery => "discovery",
+            RequestKind::VersionsCheck => "versions",
         }
     }
 }

@@ -39,6 +39,9 @@ pub(crate) struct Schedule {
     sync: Backoff,
     fill: Backoff,
     refresh: Backoff,
+    /// Server discovery's requests: one counter for the whole of it, never reset (discovery
+    /// succeeds once, and is then over).
+    discovery: Backoff,
     /// The most demanding kind of sync request that went unproductive since the last reset.
     failing: Option<Channel>,
     /// The next request may not go out before this instant.
@@ -52,7 +55,8 @@ impl Schedule {
             sync: Backoff::new(policy.clone(), seed),
             // A different stream, so gap fills do not shift the sync's jitter.
             fill: Backoff::new(policy.clone(), seed ^ 0x5EED_F111_6A95_0000),
-            refresh: Backoff::new(policy, seed ^ 0x5EED_0EF2_E540_0000),
+            refresh: Backoff::new(policy.clone(), seed ^ 0x5EED_0EF2_E540_0000),
+            discovery: Backoff::new(policy, seed ^ 0x5EED_D15C_0000_0000),
             failing: None,
             send_at: None,
             max_server_wait,
@@ -124,6 +128,13 @@ impl Schedule {
         if hold {
             self.send_at = Some(now + retry.delay);
         }
+        retry
+    }
+
+    /// A server discovery request failed at `now`: nothing goes out before the retry.
+    pub(crate) fn discovery_failed(&mut self, failure: &Failure, now: Instant) -> Retry {
+        let retry = wait_after(&mut self.discovery, failure, self.max_server_wait);
+        self.send_at = Some(now + retry.delay);
         retry
     }
 

@@ -7,6 +7,7 @@ const MACHINE_MODULES: &[&str] = &[
     "config.rs",
     "dedup.rs",
     "defaults.rs",
+    "discovery.rs",
     "error.rs",
     "gapfill.rs",
     "machine.rs",

@@ -22,12 +22,24 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 ///
 /// The crypto store is opened here when both ids are configured (an unusable store is a
 /// [`StartError::E2ee`]); otherwise after `GET /account/whoami`.
+///
+/// Server discovery ([`Config::discover`](crate::Config::discover())) is refused with
+/// [`StartError::Config`]: the stage's requests (whoami, the first keys upload) go out before
+/// the first sync, to the homeserver it was created with.
 pub fn start_encrypted(
     config: Config,
     driver: DriverConfig,
     e2ee: E2eeConfig,
 ) -> Result<SyncService, StartError> {
     driver.validate()?;
+    if config.discover {
+        // The stage's requests go first, to the homeserver it was created with.
+        return Err(StartError::Config(crate::ConfigError::Invalid {
+            field: "discover",
+            reason: "server discovery is not supported with the E2EE stage: \
+                     start with the homeserver URL (Config::new)",
+        }));
+    }
     let now = Instant::now();
     let machine = SyncMachine::new(config, now)?;
     let stage = E2ee::new(machine.config(), e2ee, now).map_err(StartError::E2ee)?;

@@ -35,6 +35,10 @@
 //!   a sync asks from the current `since`.
 //! * Never stuck ([`Checked::assert_waiting`], once everything is drained): stopped, or a
 //!   wake-up in the future, at the deadline of the request in flight if there is one.
+//! * Server discovery paces itself too: in any window, its requests are no more than
+//!   `MAX_DISCOVERY_REDIRECTS + 2` per step of the schedule's ramp (an attempt is the
+//!   well-known, its redirects and the versions check; attempts are spaced by the backoff).
+//!   Discovery requests are unauthenticated, like a refresh.
 //! * Errors: at least attempt 1, the class of their failure, and a delay within the backoff
 //!   cap (for rate limits, the larger of it and `max_server_wait`).
 
@@ -218,10 +222,14 @@ impl Checked {
                 !self.credentials_out,
                 "a request went out before the new credentials were stored"
             );
-            if request.kind == RequestKind::Refresh {
+            if matches!(
+                request.kind,
+                RequestKind::Refresh | RequestKind::Discovery | RequestKind::VersionsCheck
+            ) {
                 assert!(
                     request.http.headers().get("authorization").is_none(),
-                    "a refresh carries the access token"
+                    "a {} request carries the access token",
+                    request.kind.name()
                 );
             }
             assert_eq!(
@@ -463,6 +471,8 @@ struct Invariants {
     awaited: Option<(RequestId, bool)>,
     /// A gap fill failed on authentication: its batch must not be delivered.
     batch_dropped: bool,
+    /// When each server discovery request went out.
+    discoveries: Vec<Instant>,
 }
 
 impl Invariants {
@@ -479,6 +489,7 @@ impl Invariants {
             syncs: Vec::new(),
             awaited: None,
             batch_dropped: false,
+            discoveries: Vec::new(),
         }
     }
 
@@ -496,6 +507,12 @@ impl Invariants {
         self.last_id = Some(request.id);
         let sync = matches!(request.kind, RequestKind::Sync { .. });
         self.awaited = Some((request.id, sync));
+        if matches!(
+            request.kind,
+            RequestKind::Discovery | RequestKind::VersionsCheck
+        ) {
+            self.check_discovery_pacing(now);
+        }
         if let RequestKind::Sync { timeout } = request.kind {
             self.batch_dropped = false;
             self.check_pacing(now);
@@ -530,7 +547,10 @@ impl Invariants {
         );
         let synthetic = matches!(
             event.kind,
-            EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::Leave
+            EventKind::Gap(_)
+                | EventKind::Checkpoint(_)
+                | EventKind::Leave
+                | EventKind::Discovered { .. }
         );
         if !synthetic {
             if let Some(record) = self.syncs.last_mut() {
@@ -573,8 +593,9 @@ impl Invariants {
                     }
                 }
             }
-            // A refresh paces itself on its own backoff and delivers nothing by itself.
-            RequestKind::Refresh => {}
+            // A refresh paces itself on its own backoff and delivers nothing by itself;
+            // discovery is paced apart (`check_discovery_pacing`).
+            RequestKind::Refresh | RequestKind::Discovery | RequestKind::VersionsCheck => {}
             other => panic!("a request kind the invariants do not know: {other:?}"),
         }
     }
@@ -582,6 +603,26 @@ impl Invariants {
     fn state(&mut self, state: SyncState) {
         assert!(!self.saw_stopped, "state {state:?} after the Stopped state");
         self.saw_stopped = state == SyncState::Stopped;
+    }
+
+    /// A discovery request goes out at `now`: every window ending here holds no more of them
+    /// than one attempt's worth per step of the ramp.
+    fn check_discovery_pacing(&mut self, now: Instant) {
+        self.discoveries.push(now);
+        let Some(ramp) = &self.ramp else { return };
+        let per_attempt = usize::from(matrix_sync_service::defaults::MAX_DISCOVERY_REDIRECTS) + 2;
+        for (n, sent) in self.discoveries.iter().rev().enumerate() {
+            let window = now.saturating_duration_since(*sent);
+            if window > WINDOW_HORIZON {
+                break;
+            }
+            let allowed = per_attempt * ramp.steps_within(window);
+            assert!(
+                n < allowed,
+                "{} discovery requests within {window:?}: the schedule allows {allowed}",
+                n + 1
+            );
+        }
     }
 
     /// A sync goes out at `now`: every window ending here holds no more counted requests

@@ -37,6 +37,7 @@ const START_ATTEMPTS: u32 = 3;
 #[derive(Clone, Debug, Default)]
 pub struct SynapseOptions {
     config: Map<String, Value>,
+    discoverable: bool,
 }
 
 impl SynapseOptions {
@@ -69,6 +70,16 @@ impl SynapseOptions {
         self.config("refreshable_access_token_lifetime", json!(lifetime))
     }
 
+    /// A server that clients can discover from its server name: the server name is
+    /// `127.0.0.1:PORT` (so user ids are `@name:127.0.0.1:PORT`), and it serves its own
+    /// `/.well-known/matrix/client` naming `public_baseurl` `http://127.0.0.1:PORT/`
+    /// (`serve_client_wellknown`). Set after the port is chosen, before any
+    /// [`SynapseOptions::config`] (which may override them).
+    pub fn discoverable(mut self) -> SynapseOptions {
+        self.discoverable = true;
+        self
+    }
+
     /// Starts Synapse with these options: [`Synapse::start_with`].
     pub fn start(self) -> Synapse {
         Synapse::start_with(self)
@@ -78,6 +89,7 @@ impl SynapseOptions {
 /// A running (or killed) throwaway Synapse.
 pub struct Synapse {
     port: u16,
+    server_name: String,
     dir: PathBuf,
     /// The `supervise` process; `None` once killed.
     child: Option<Child>,
@@ -102,9 +114,10 @@ impl Synapse {
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
             let dir = fresh_dir();
-            init(&dir, port, &options.config);
+            let server_name = init(&dir, port, &options);
             let mut synapse = Synapse {
                 port,
+                server_name,
                 dir,
                 child: None,
                 stdin: None,
@@ -138,6 +151,12 @@ impl Synapse {
     /// `http://127.0.0.1:PORT`, without a trailing slash.
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server name: `localhost`, or `127.0.0.1:PORT` when
+    /// [`discoverable`](SynapseOptions::discoverable).
+    pub fn server_name(&self) -> &str {
+        &self.server_name
     }
 
     /// The loopback port Synapse listens on.
@@ -427,8 +446,9 @@ fn free_port() -> u16 {
 
 /// Writes the configuration into `dir`: the file Synapse generates (keys, SQLite database
 /// and log paths), `test.yaml` with the test settings and `extra` on top, and a log
-/// configuration at WARNING level. Panics with Synapse's output on failure.
-fn init(dir: &Path, port: u16, extra: &Map<String, Value>) {
+/// configuration at WARNING level. Returns the server name. Panics with Synapse's output on
+/// failure.
+fn init(dir: &Path, port: u16, options: &SynapseOptions) -> String {
     let config = dir.join("homeserver.yaml");
     let out = Command::new(venv_python())
         .args(["-m", "synapse.app.homeserver", "--server-name", "localhost"])
@@ -451,11 +471,27 @@ fn init(dir: &Path, port: u16, extra: &Map<String, Value>) {
         );
     }
     let mut settings = test_settings(port);
-    settings.extend(extra.clone());
+    if options.discoverable {
+        // Read after homeserver.yaml: only the name changes, the key and log paths stay.
+        let discoverable = json!({
+            "server_name": format!("127.0.0.1:{port}"),
+            "public_baseurl": format!("http://127.0.0.1:{port}/"),
+            "serve_client_wellknown": true,
+        });
+        if let Value::Object(map) = discoverable {
+            settings.extend(map);
+        }
+    }
+    settings.extend(options.config.clone());
+    let server_name = match settings.get("server_name") {
+        Some(Value::String(name)) => name.clone(),
+        _ => "localhost".to_owned(),
+    };
     // JSON is YAML: Synapse reads this file after homeserver.yaml, key by key.
     let text = serde_json::to_string_pretty(&Value::Object(settings)).expect("JSON settings");
     write(&dir.join("test.yaml"), &text);
     write(&dir.join("localhost.log.config"), &log_config(dir));
+    server_name
 }
 
 fn write(path: &Path, text: &str) {
