@@ -4,11 +4,11 @@
 //! transient failures backed off, no spinning whatever the server answers, and every later
 //! request going to the base URL found.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 use matrix_sync_service::{
     defaults, Config, ConfigError, DiscoveryAction, DiscoveryError, ErrorClass, EventKind, Failure,
     OutgoingRequest, RefreshToken, RequestKind, SyncError, SyncState, TransportErrorKind,
@@ -80,7 +80,7 @@ fn discovery_error(error: &SyncError) -> &DiscoveryError {
 fn a_user_id_discovers_the_homeserver_and_every_request_goes_there() {
     let mut h = Harness::new(discovering());
     assert_eq!(h.take_states(), [SyncState::Discovering]);
-    assert_eq!(h.m.homeserver(), None);
+    assert_eq!(h.machine.homeserver(), None);
     let req = h.request();
     assert_eq!(url(&req), WELL_KNOWN);
     assert_eq!(req.http.method(), http::Method::GET);
@@ -98,8 +98,8 @@ fn a_user_id_discovers_the_homeserver_and_every_request_goes_there() {
     h.respond(&req, versions());
     // Announced before anything else, then the first sync: to the base URL, with the token.
     assert_eq!(discovered(&mut h), "https://matrix.example.org");
-    assert_eq!(h.m.homeserver(), Some("https://matrix.example.org"));
-    assert_eq!(h.m.config().homeserver, "https://matrix.example.org");
+    assert_eq!(h.machine.homeserver(), Some("https://matrix.example.org"));
+    assert_eq!(h.machine.config().homeserver, "https://matrix.example.org");
     let sync = h.request();
     assert!(url(&sync).starts_with("https://matrix.example.org/_matrix/client/v3/sync?"));
     assert_eq!(
@@ -166,9 +166,9 @@ fn gap_fills_and_refreshes_go_to_the_discovered_homeserver() {
         &refresh,
         json_response(&json!({"access_token": "syt_new", "refresh_token": "syr_new"})),
     );
-    let _ = h.m.poll_credentials().expect("handed out");
-    h.m.handle_credentials_stored(h.now).unwrap();
-    h.pump();
+    let _ = h.machine.poll_credentials().expect("handed out");
+    h.machine.handle_credentials_stored(h.now).unwrap();
+    h.drain();
     let sync = h.next_request();
     h.respond(&sync, json_response(&empty_sync("s1")));
     let sync = h.next_request();
@@ -188,14 +188,14 @@ fn a_5xx_a_429_a_transport_failure_and_a_deadline_are_transient() {
     assert_eq!(error.class, ErrorClass::Transient);
     assert!(matches!(error.failure, Failure::Server { status: 502, .. }));
     assert_eq!(error.delay, Duration::from_millis(500));
-    assert_eq!(h.m.state(), SyncState::BackingOff);
+    assert_eq!(h.machine.state(), SyncState::BackingOff);
     let failed_at = h.now;
     let req = retry_after(&mut h, failed_at, Duration::from_millis(500));
     assert_eq!(url(&req), WELL_KNOWN);
-    assert_eq!(h.m.state(), SyncState::Discovering);
+    assert_eq!(h.machine.state(), SyncState::Discovering);
     let failure = TransportFailure::new(TransportErrorKind::Connect, "connection refused");
-    h.m.handle_failure(req.id, failure, h.now).unwrap();
-    h.pump();
+    h.machine.handle_failure(req.id, failure, h.now).unwrap();
+    h.drain();
     let error = one_error(&mut h);
     assert!(matches!(error.failure, Failure::Transport(_)));
     assert_eq!((error.attempt, error.delay), (2, Duration::from_secs(1)));
@@ -274,13 +274,13 @@ fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
         );
         assert!(error.to_string().contains("FAIL_PROMPT"), "{error}");
         assert_eq!(error.delay, defaults::BACKOFF_MAX, "{what}");
-        assert_eq!(h.m.state(), SyncState::Refused, "{what}");
+        assert_eq!(h.machine.state(), SyncState::Refused, "{what}");
         assert!(h.take_events().is_empty(), "{what}");
         let failed_at = h.now;
         let again = retry_after(&mut h, failed_at, defaults::BACKOFF_MAX);
         assert_eq!(again.kind, RequestKind::Discovery, "{what}");
         assert_eq!(url(&again), WELL_KNOWN, "{what}");
-        assert_eq!(h.m.state(), SyncState::Discovering, "{what}");
+        assert_eq!(h.machine.state(), SyncState::Discovering, "{what}");
         // Fixed on the server: picked up without a restart.
         h.respond(&again, well_known("https://matrix.example.org"));
         let check = h.request();
@@ -288,7 +288,7 @@ fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
         assert_eq!(discovered(&mut h), "https://matrix.example.org", "{what}");
         let sync = h.request();
         assert!(matches!(sync.kind, RequestKind::Sync { .. }), "{what}");
-        assert_eq!(h.m.state(), SyncState::InitialSync, "{what}");
+        assert_eq!(h.machine.state(), SyncState::InitialSync, "{what}");
     }
 }
 
@@ -357,7 +357,7 @@ fn every_fail_error_answer_is_reported_and_retried_from_the_well_known() {
         );
         assert_eq!(discovery_error(&error).action(), DiscoveryAction::FailError);
         assert_eq!(error.class, ErrorClass::NeedsUser);
-        assert_eq!(h.m.state(), SyncState::Refused);
+        assert_eq!(h.machine.state(), SyncState::Refused);
         // The retry starts over from the well-known.
         let again = h.next_request();
         assert_eq!(url(&again), WELL_KNOWN, "{what}");
@@ -489,10 +489,10 @@ fn no_answer_makes_discovery_spin() {
 fn stop_during_discovery_ends_everything() {
     let mut h = Harness::new(discovering());
     let req = h.request();
-    h.m.stop();
-    h.pump();
-    assert!(h.m.poll_request().is_none());
-    assert!(h.m.handle_response(req.id, versions(), h.now).is_err());
+    h.machine.stop();
+    h.drain();
+    assert!(h.machine.poll_request().is_none());
+    assert!(h.machine.handle_response(req.id, versions(), h.now).is_err());
     assert_eq!(h.take_states().last(), Some(&SyncState::Stopped));
 }
 
@@ -547,7 +547,7 @@ fn server_names_and_user_ids_are_validated_at_config_time() {
     assert!(!c.discover);
     let mut h = Harness::new(c);
     assert_eq!(h.take_states(), [SyncState::InitialSync]);
-    assert_eq!(h.m.homeserver(), Some("https://matrix.example.org"));
+    assert_eq!(h.machine.homeserver(), Some("https://matrix.example.org"));
     assert!(matches!(h.request().kind, RequestKind::Sync { .. }));
     assert!(h.take_events().is_empty());
 }
