@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example many_accounts -- --homeserver URL --tokens FILE \
-//!     [--timeout-ms N] [--filter JSON]
+//!     [--timeout-ms N] [--filter JSON] [--ca-file PEM]
 //! ```
 //!
 //! `FILE` holds one access token per line (blank lines and lines starting with `#` are
@@ -15,8 +15,13 @@
 //! How it is built, and what it shows: no HTTP client and no thread per account, but kept
 //! sans-IO parts composed around one poll loop.
 //!
-//! * One `mio::Poll` over every account's non-blocking socket (plain HTTP/1.1, one
-//!   keep-alive connection per account), plus a `mio::Waker` for the signal handler.
+//! * One `mio::Poll` over every account's non-blocking socket (HTTP/1.1, one keep-alive
+//!   connection per account), plus a `mio::Waker` for the signal handler.
+//! * `https` by rustls' `ClientConnection`, sans-IO as well: ciphertext read from the socket
+//!   goes in (`read_tls`, `process_new_packets`), plaintext comes out of its reader, and the
+//!   other way through its writer and `write_tls`. Each connection is a [`Transport`],
+//!   `Plain` or `Tls`, behind the same non-blocking read and write. Trusted: the bundled web
+//!   roots (`webpki-roots`), plus the certificates of `--ca-file` for a private CA.
 //! * HTTP/1.1 by `ureq-proto`, the sans-IO protocol layer under `ureq`: it writes the request
 //!   head and body into a buffer and parses the response head and body out of the bytes read;
 //!   this loop only moves bytes.
@@ -29,9 +34,7 @@
 //!   loop before the account's machine is made; an account whose token is refused is
 //!   reported on stderr and left out.
 //!
-//! The homeserver name is resolved once, before the loop (a blocking look-up). `https` is not
-//! supported by this example: it would wrap each socket in a rustls `ClientConnection`, the
-//! same way (bytes in, bytes out); the homeserver must be an `http://` URL.
+//! The homeserver name is resolved once, before the loop (a blocking look-up).
 //!
 //! Stdout is written with blocking writes from the loop thread, flushed once per loop turn:
 //! a consumer that stops reading stalls every account, as it should (events are not dropped).
@@ -51,13 +54,16 @@ use matrix_sync_service::{
 };
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use serde_json::{json, Value};
 use ureq_proto::client::state::{RecvBody, RecvResponse};
 use ureq_proto::client::{Call, RecvBodyResult, RecvResponseResult, SendRequestResult};
 use ureq_proto::BodyMode;
 
-const USAGE: &str =
-    "usage: many_accounts --homeserver URL --tokens FILE [--timeout-ms N] [--filter JSON]";
+const USAGE: &str = "usage: many_accounts --homeserver URL --tokens FILE [--timeout-ms N] \
+                     [--filter JSON] [--ca-file PEM]";
 
 /// The waker's token; account `i` uses `Token(i)`.
 const WAKER: Token = Token(usize::MAX);
@@ -75,11 +81,13 @@ struct Args {
     tokens: String,
     timeout_ms: Option<u64>,
     filter: Option<String>,
+    ca_file: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut homeserver, mut tokens, mut timeout_ms, mut filter) = (None, None, None, None);
+    let mut ca_file = None;
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
@@ -90,6 +98,7 @@ fn parse_args() -> Result<Args, String> {
                 timeout_ms = Some(v.parse().map_err(|_| format!("--timeout-ms: {v:?}"))?);
             }
             "--filter" => filter = Some(value("--filter")?),
+            "--ca-file" => ca_file = Some(value("--ca-file")?),
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -99,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
         tokens: tokens.ok_or_else(|| format!("missing --tokens; {USAGE}"))?,
         timeout_ms,
         filter,
+        ca_file,
     })
 }
 
@@ -135,7 +145,19 @@ fn run() -> Result<(), Fatal> {
         return Err(Fatal::Usage(format!("--tokens {}: no token", args.tokens)));
     }
     let homeserver = args.homeserver.trim_end_matches('/').to_owned();
-    let addr = resolve(&homeserver).map_err(Fatal::Usage)?;
+    let (addr, tls_name) = resolve(&homeserver).map_err(Fatal::Usage)?;
+    let tls = match tls_name {
+        Some(name) => Some(TlsSetup {
+            config: client_config(args.ca_file.as_deref()).map_err(Fatal::Usage)?,
+            name,
+        }),
+        None if args.ca_file.is_some() => {
+            return Err(Fatal::Usage(
+                "--ca-file needs an https homeserver".to_owned(),
+            ))
+        }
+        None => None,
+    };
     let filter = args
         .filter
         .as_deref()
@@ -171,6 +193,7 @@ fn run() -> Result<(), Fatal> {
     let mut event_loop = Loop {
         poll,
         addr,
+        tls,
         homeserver,
         template,
         accounts: tokens.into_iter().map(Account::new).collect(),
@@ -184,28 +207,71 @@ fn run() -> Result<(), Fatal> {
     event_loop.run(&stop)
 }
 
-/// The socket address of an `http://host[:port]` homeserver.
-fn resolve(homeserver: &str) -> Result<SocketAddr, String> {
+/// The socket address of an `http(s)://host[:port]` homeserver, and for `https` the name its
+/// certificate must hold.
+fn resolve(homeserver: &str) -> Result<(SocketAddr, Option<ServerName<'static>>), String> {
     let uri: http::Uri = homeserver
         .parse()
         .map_err(|e| format!("--homeserver {homeserver:?}: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err("--homeserver: https is not supported by this example".to_owned())
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => {
+            return Err(format!(
+                "--homeserver {homeserver:?}: not an http(s):// URL"
+            ))
         }
-        _ => return Err(format!("--homeserver {homeserver:?}: not an http:// URL")),
-    }
+    };
     let host = uri
         .host()
         .ok_or_else(|| format!("--homeserver {homeserver:?}: no host"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    (host, port)
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let name = https
+        .then(|| ServerName::try_from(host.to_owned()))
+        .transpose()
+        .map_err(|e| format!("--homeserver: {host} cannot be a TLS server name: {e}"))?;
+    let addr = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("--homeserver: cannot resolve {host}: {e}"))?
         .next()
-        .ok_or_else(|| format!("--homeserver: {host} has no address"))
+        .ok_or_else(|| format!("--homeserver: {host} has no address"))?;
+    Ok((addr, name))
+}
+
+/// What every `https` connection shares: the rustls configuration and the server's name.
+struct TlsSetup {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+/// rustls on ring (the provider under ureq), trusting the bundled web roots and the
+/// certificates of `ca_file`.
+fn client_config(ca_file: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|e| format!("--ca-file {path}: {e}"))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| format!("--ca-file {path}: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("--ca-file {path}: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("--ca-file {path}: no certificate in it"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// One account: its token, then (after whoami) its user id and machine.
@@ -242,10 +308,85 @@ impl Account {
 /// A keep-alive connection to the homeserver.
 struct Conn {
     stream: TcpStream,
+    transport: Transport,
     connected: bool,
     /// Whether it already carried a whole exchange (then a close before any answer byte is a
     /// keep-alive race, and the request is sent again once on a fresh connection).
     reused: bool,
+}
+
+/// What runs over a connection's socket: HTTP itself, or TLS carrying it.
+enum Transport {
+    Plain,
+    Tls(Box<ClientConnection>),
+}
+
+impl Conn {
+    /// Writes (some of) `bytes` of plaintext, like a non-blocking socket: TLS takes them into
+    /// its buffer and sends what the socket accepts now; `WouldBlock` only when nothing was
+    /// taken.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let Transport::Tls(tls) = &mut self.transport else {
+            return self.stream.write(bytes);
+        };
+        let taken = tls.writer().write(bytes)?;
+        match send_tls(tls, &mut self.stream) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && taken > 0 => Ok(taken),
+            Err(e) => Err(e),
+            Ok(()) if taken == 0 => Err(io::ErrorKind::WouldBlock.into()),
+            Ok(()) => Ok(taken),
+        }
+    }
+
+    /// Sends the ciphertext TLS has queued, until the socket would block. Nothing to do for
+    /// plain HTTP.
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.transport {
+            Transport::Plain => Ok(()),
+            Transport::Tls(tls) => send_tls(tls, &mut self.stream),
+        }
+    }
+
+    /// Reads plaintext, like a non-blocking socket: `Ok(0)` at the end of the stream, and a
+    /// TLS failure as an `InvalidData` error carrying the `rustls::Error`.
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let Transport::Tls(tls) = &mut self.transport else {
+            return self.stream.read(buffer);
+        };
+        loop {
+            match tls.reader().read(buffer) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                read => return read, // plaintext, close_notify (0), or a cut stream
+            }
+            if tls.read_tls(&mut self.stream)? == 0 {
+                return Ok(0);
+            }
+            tls.process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            // The handshake's answers, and the request that waited for its end, go out now.
+            match send_tls(tls, &mut self.stream) {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Writes TLS's queued ciphertext to the socket until it is sent or the socket would block.
+fn send_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        tls.write_tls(stream)?;
+    }
+    Ok(())
+}
+
+/// A TLS failure (the certificate refused, a bad record) as the machine's failure kind.
+fn tls_failure(e: &io::Error) -> Option<TransportFailure> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(TransportFailure::new(
+        TransportErrorKind::Tls,
+        tls.to_string(),
+    ))
 }
 
 /// Who waits for a transfer's answer.
@@ -294,6 +435,8 @@ enum Outcome {
 struct Loop {
     poll: Poll,
     addr: SocketAddr,
+    /// For an `https` homeserver.
+    tls: Option<TlsSetup>,
     homeserver: String,
     template: Config,
     accounts: Vec<Account>,
@@ -675,10 +818,24 @@ impl Loop {
             )
             .map_err(|e| TransportFailure::new(TransportErrorKind::Other, e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        let transport = match &self.tls {
+            None => Transport::Plain,
+            Some(tls) => match ClientConnection::new(tls.config.clone(), tls.name.clone()) {
+                Ok(connection) => Transport::Tls(Box::new(connection)),
+                Err(e) => {
+                    let _ = self.poll.registry().deregister(&mut stream);
+                    return Err(TransportFailure::new(
+                        TransportErrorKind::Tls,
+                        e.to_string(),
+                    ));
+                }
+            },
+        };
         self.connecting += 1;
         self.opened += 1;
         self.accounts[index].conn = Some(Conn {
             stream,
+            transport,
             connected: false,
             reused: false,
         });
@@ -714,15 +871,27 @@ impl Loop {
             }
         }
         while transfer.written < transfer.bytes.len() {
-            match conn.stream.write(&transfer.bytes[transfer.written..]) {
+            match conn.write(&transfer.bytes[transfer.written..]) {
                 Ok(n) => transfer.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Pending,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.lost(index, e.to_string()),
             }
         }
+        // TLS records still queued go out as the socket takes them (a writable event later).
+        match conn.flush() {
+            Err(e)
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return self.lost(index, e.to_string())
+            }
+            _ => {}
+        }
         loop {
-            match conn.stream.read(&mut self.scratch) {
+            match conn.read(&mut self.scratch) {
                 Ok(0) => return self.eof(index),
                 Ok(n) => {
                     transfer.answered = true;
@@ -737,7 +906,10 @@ impl Loop {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Outcome::Pending,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.lost(index, e.to_string()),
+                Err(e) => match tls_failure(&e) {
+                    Some(failure) => return Outcome::Failed(failure),
+                    None => return self.lost(index, e.to_string()),
+                },
             }
         }
     }

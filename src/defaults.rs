@@ -59,6 +59,18 @@
 //!   bound keeps a loop from costing more than a handful of requests per backoff step.
 //! * **Driver channels: 1,024 events, 64 errors** (`DriverConfig`): enough to absorb a batch without stalling the driver;
 //!   errors are reports, so keeping the newest 64 is plenty.
+//! * **TLS: the bundled web roots, no extra CA** (`DriverConfig::trust_roots`,
+//!   `TrustRoots::Bundled`): Mozilla's root program compiled in verifies a public
+//!   homeserver the same way on every machine, in a minimal container without a CA store
+//!   as on a desktop, and an interception proxy installed in the system store cannot read
+//!   the access token. A private deployment adds its CA (`DriverConfig::add_ca_pem`, checked
+//!   when added); a site whose policy is the system store chooses `TrustRoots::Platform`.
+//!   Bundled roots with an extra CA come as certificates (`webpki-root-certs`, the same
+//!   Mozilla set), where the one root Mozilla limits to `.tr` names is not so limited.
+//! * **Name resolution: none for an IP address** (the driver's agent): ureq resolves before
+//!   every request and, with a timeout, on a new thread; an address needs no look-up, so it
+//!   is parsed on the driver thread, and only names take ureq's thread, which keeps a hung
+//!   look-up abandonable at the resolve timeout (10 s).
 
 use std::time::Duration;
 

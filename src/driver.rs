@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender};
 
+use crate::tls::{self, CaCertificate, CaPemError, TrustRoots};
 use crate::{
     defaults, Config, ConfigError, Credentials, Event, InputError, OutgoingRequest, SyncError,
     SyncMachine, SyncState, TransportErrorKind, TransportFailure,
@@ -74,8 +75,9 @@ struct Shared {
 pub type StoreCredentials =
     dyn Fn(&Credentials) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync;
 
-/// What only the driver uses: the capacities of its channels and where refreshed credentials
-/// are stored. The machine's own configuration is [`Config`].
+/// What only the driver uses: the capacities of its channels, where refreshed credentials
+/// are stored, and how its agent connects (proxy, TLS roots). The machine's own
+/// configuration is [`Config`].
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct DriverConfig {
@@ -92,7 +94,18 @@ pub struct DriverConfig {
     /// (as curl reads them, `NO_PROXY` included), read once at start. On by default; off means
     /// always direct. Ignored with [`agent`](Self::agent).
     pub proxy_from_env: bool,
-    /// The application's own agent (its proxy, TLS roots, resolver) instead of the driver's.
+    /// The certificate authorities trusted for `https`: the bundled web roots (the default)
+    /// or the platform's store, see [`TrustRoots`]. Ignored with [`agent`](Self::agent).
+    pub trust_roots: TrustRoots,
+    /// CA certificates trusted besides [`trust_roots`](Self::trust_roots), for a homeserver
+    /// whose certificate a private CA signed; added with [`add_ca_pem`](Self::add_ca_pem).
+    /// With [`TrustRoots::Bundled`] both are trusted; with [`TrustRoots::Platform`] a start
+    /// is refused ([`ConfigError::Invalid`], field `extra_ca`: the platform verifier takes
+    /// no extra roots here). Ignored with [`agent`](Self::agent).
+    pub extra_ca: Vec<CaCertificate>,
+    /// The application's own agent (its proxy, TLS roots, resolver) instead of the driver's:
+    /// then [`proxy_from_env`](Self::proxy_from_env), [`trust_roots`](Self::trust_roots) and
+    /// [`extra_ca`](Self::extra_ca) are ignored, the agent's own settings apply.
     /// The guarantees stay: every request is sent with statuses as values, no redirects
     /// followed, its deadline, and the body cap. [`SyncService::stop`] shuts this agent down
     /// to abort the request in flight, and clones share its pool: give the service an agent
@@ -107,6 +120,8 @@ impl Default for DriverConfig {
             error_channel_capacity: defaults::ERROR_CHANNEL_CAPACITY,
             on_credentials: None,
             proxy_from_env: true,
+            trust_roots: TrustRoots::default(),
+            extra_ca: Vec::new(),
             agent: None,
         }
     }
@@ -119,6 +134,8 @@ impl std::fmt::Debug for DriverConfig {
             .field("error_channel_capacity", &self.error_channel_capacity)
             .field("on_credentials", &self.on_credentials.is_some())
             .field("proxy_from_env", &self.proxy_from_env)
+            .field("trust_roots", &self.trust_roots)
+            .field("extra_ca", &self.extra_ca.len())
             .field("agent", &self.agent.is_some())
             .finish()
     }
@@ -144,11 +161,42 @@ impl DriverConfig {
         self
     }
 
+    /// Sets [`trust_roots`](Self::trust_roots).
+    #[must_use]
+    pub fn trust_roots(mut self, roots: TrustRoots) -> Self {
+        self.trust_roots = roots;
+        self
+    }
+
+    /// Adds every certificate of `pem` (the CA file of a private deployment, one or more
+    /// `BEGIN CERTIFICATE` sections) to [`extra_ca`](Self::extra_ca). Checked now: a PEM
+    /// that holds no certificate, is cut, or holds one that cannot be a trust root is
+    /// refused with its cause ([`CaPemError`]) and adds nothing.
+    ///
+    /// ```
+    /// # use matrix_sync_service::{CaPemError, DriverConfig};
+    /// let refused = DriverConfig::default().add_ca_pem(b"not a certificate");
+    /// assert!(matches!(refused, Err(CaPemError::NoCertificate)));
+    /// ```
+    pub fn add_ca_pem(mut self, pem: &[u8]) -> Result<Self, CaPemError> {
+        self.extra_ca.extend(CaCertificate::from_pem(pem)?);
+        Ok(self)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         crate::config::check_nonzero(&[
             ("event_channel_capacity", self.event_channel_capacity),
             ("error_channel_capacity", self.error_channel_capacity),
-        ])
+        ])?;
+        if self.agent.is_none() && tls::root_certs(self.trust_roots, &self.extra_ca).is_none() {
+            return Err(ConfigError::Invalid {
+                field: "extra_ca",
+                reason: "extra CA certificates cannot be added to the platform's trust store \
+                         (TrustRoots::Platform): install the CA in that store, or use \
+                         TrustRoots::Bundled with the extra CA",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -192,10 +240,7 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
-    let agent = options
-        .agent
-        .clone()
-        .unwrap_or_else(|| new_agent(options.proxy_from_env));
+    let agent = options.agent.clone().unwrap_or_else(|| new_agent(options));
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
@@ -363,20 +408,35 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-fn new_agent(proxy_from_env: bool) -> ureq::Agent {
-    let proxy = proxy_from_env.then(ureq::Proxy::try_from_env).flatten();
+/// The driver's own agent: statuses as values, no redirects, bounded connect and resolve,
+/// the proxy of the environment if asked, the configured TLS roots, and a resolver that
+/// spends no thread on an IP address (`crate::resolve`).
+fn new_agent(options: &DriverConfig) -> ureq::Agent {
+    let proxy = options
+        .proxy_from_env
+        .then(ureq::Proxy::try_from_env)
+        .flatten();
     if let Some(proxy) = &proxy {
         log::info!("requests go through the proxy at {}", proxy.host());
     }
+    // `validate` refused the combinations ureq cannot build; the fallback is never taken.
+    let roots = tls::root_certs(options.trust_roots, &options.extra_ca)
+        .unwrap_or(ureq::tls::RootCerts::WebPki);
+    let tls = ureq::tls::TlsConfig::builder().root_certs(roots).build();
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .proxy(proxy)
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_resolve(Some(CONNECT_TIMEOUT))
         .max_redirects(0)
+        .tls_config(tls)
         .user_agent(concat!("matrix-sync-service/", env!("CARGO_PKG_VERSION")))
         .build();
-    ureq::Agent::new_with_config(config)
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        crate::resolve::LiteralFirst::default(),
+    )
 }
 
 /// A channel that never blocks its sender: when full, the oldest item is dropped.
@@ -591,6 +651,9 @@ fn perform(
 fn transport_failure(error: ureq::Error, reading_body: bool) -> TransportFailure {
     use TransportErrorKind as K;
     let kind = match &error {
+        // rustls reports a refused handshake (unknown issuer, wrong name, expired) as an
+        // I/O error that carries its own.
+        ureq::Error::Io(io) if is_tls(io) => K::Tls,
         ureq::Error::Io(io) => match io.kind() {
             io::ErrorKind::ConnectionRefused => K::Connect,
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => K::TimedOut,
@@ -600,12 +663,17 @@ fn transport_failure(error: ureq::Error, reading_body: bool) -> TransportFailure
         ureq::Error::Timeout(_) => K::TimedOut,
         ureq::Error::HostNotFound => K::Dns,
         ureq::Error::ConnectionFailed => K::Connect,
-        ureq::Error::Tls(_) => K::Tls,
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::TlsRequired => K::Tls,
         ureq::Error::BodyExceedsLimit(_) => K::BodyTooLarge,
         ureq::Error::Protocol(_) if reading_body => K::Truncated,
         _ => K::Other,
     };
     TransportFailure::new(kind, error.to_string())
+}
+
+fn is_tls(io: &io::Error) -> bool {
+    io.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
 }
 
 #[cfg(test)]

@@ -232,10 +232,14 @@ mod gapfill;
 mod machine;
 mod normalize;
 mod request;
+#[cfg(feature = "driver")]
+mod resolve;
 mod response;
 mod scan;
 mod schedule;
 mod text;
+#[cfg(feature = "driver")]
+mod tls;
 mod token;
 
 pub use auth::{Credentials, RefreshMethod, RefreshToken};
@@ -255,6 +259,8 @@ pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, 
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
 pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
+#[cfg(feature = "driver")]
+pub use tls::{CaCertificate, CaPemError, TrustRoots};
 pub use token::MAX_TOKEN_BYTES;
 
 pub use ruma_client_api::filter::FilterDefinition;

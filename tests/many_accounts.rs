@@ -1,6 +1,8 @@
 //! The `many_accounts` example (one thread, one poll loop, one `SyncMachine` per account)
 //! against a real Synapse with 50 accounts in one room: every message reaches every account
-//! once and in order, and SIGTERM ends the process within 200 ms.
+//! once and in order, and SIGTERM ends the process within 200 ms. The same with 10 accounts
+//! over `https`, through the test kit's TLS terminator, its CA given with `--ca-file`; and
+//! without the CA every account is refused as a TLS failure.
 
 mod support;
 
@@ -12,11 +14,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use matrix_sync_testkit::tls::TlsTerminator;
 use serde_json::{json, Value};
 use support::client::Account;
 use support::synapse::SynapseOptions;
 
 const ACCOUNTS: usize = 50;
+const TLS_ACCOUNTS: usize = 10;
 const MESSAGES: usize = 5;
 /// The bound from SIGTERM to the process having exited.
 const STOP_BOUND: Duration = Duration::from_millis(200);
@@ -91,10 +95,11 @@ impl Running {
     }
 }
 
-fn spawn(base: &str, tokens: &Path) -> Running {
+fn spawn(base: &str, tokens: &Path, extra: &[&str]) -> Running {
     let mut child = Command::new(example_binary())
         .args(["--homeserver", base, "--tokens"])
         .arg(tokens)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -127,16 +132,27 @@ fn spawn(base: &str, tokens: &Path) -> Running {
 
 #[test]
 fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms() {
+    every_message_once_in_order_and_a_quick_stop(ACCOUNTS, false);
+}
+
+#[test]
+fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_none_starts() {
+    every_message_once_in_order_and_a_quick_stop(TLS_ACCOUNTS, true);
+}
+
+/// `n` accounts in one room, the example following them all (over `https` through a TLS
+/// terminator if `tls`), messages sent, then SIGTERM.
+fn every_message_once_in_order_and_a_quick_stop(n: usize, tls: bool) {
     let synapse = SynapseOptions::new()
         .config("bcrypt_rounds", json!(4))
         .start();
     let base = synapse.base_url();
     let sender = Account::register(&base, "sender");
-    let accounts = register(&base, ACCOUNTS);
+    let accounts = register(&base, n);
     let ids: Vec<&str> = accounts.iter().map(|a| a.user_id.as_str()).collect();
     let room = sender.create_room(&ids);
     thread::scope(|scope| {
-        for chunk in accounts.chunks(ACCOUNTS.div_ceil(4)) {
+        for chunk in accounts.chunks(n.div_ceil(4)) {
             let room = &room;
             scope.spawn(move || chunk.iter().for_each(|a| a.join(room)));
         }
@@ -150,7 +166,17 @@ fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_
         .collect();
     std::fs::write(&tokens, text).unwrap();
 
-    let mut running = spawn(&base, &tokens);
+    let terminator = tls.then(|| TlsTerminator::start(synapse.port()));
+    let ca_file = dir.path().join("ca.pem");
+    let (url, extra) = match &terminator {
+        Some(terminator) => {
+            std::fs::write(&ca_file, terminator.ca_pem()).unwrap();
+            let extra = vec!["--ca-file", ca_file.to_str().unwrap()];
+            (terminator.base_url(), extra)
+        }
+        None => (base.clone(), Vec::new()),
+    };
+    let mut running = spawn(&url, &tokens, &extra);
     let expected: HashSet<String> = accounts.iter().map(|a| a.user_id.clone()).collect();
     let mut per_account: HashMap<String, Vec<Value>> = HashMap::new();
     let mut synced = HashSet::new();
@@ -158,7 +184,7 @@ fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_
     // Every account finishes its initial sync: its first checkpoint (the machine is live once
     // the catch-up batch is handed on; the checkpoint's own `live` flag starts with the next).
     let deadline = Instant::now() + Duration::from_secs(120);
-    while synced.len() < ACCOUNTS {
+    while synced.len() < n {
         let line = running.next(deadline, "every account's first checkpoint");
         let account = line["account"]
             .as_str()
@@ -236,11 +262,7 @@ fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_
         "SIGTERM to exit took {stopped_in:?}, more than {STOP_BOUND:?}"
     );
 
-    assert_eq!(
-        per_account.len(),
-        ACCOUNTS,
-        "accounts seen; stderr:\n{stderr}"
-    );
+    assert_eq!(per_account.len(), n, "accounts seen; stderr:\n{stderr}");
     for (account, lines) in &per_account {
         assert_eq!(
             messages_of(lines),
@@ -266,4 +288,37 @@ fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_
         !stderr.contains(" error: "),
         "no sync error was expected; stderr:\n{stderr}"
     );
+    if let Some(terminator) = terminator {
+        assert!(
+            terminator.handshakes() >= n,
+            "{} TLS handshakes for {n} accounts",
+            terminator.handshakes()
+        );
+        assert_eq!(terminator.refused(), 0);
+        without_the_ca_every_account_is_refused_as_tls(&terminator, &tokens, n);
+    }
+}
+
+/// The same `https` homeserver with the bundled roots alone: every account's whoami fails
+/// as a TLS failure, and with no account left the example exits with 1.
+fn without_the_ca_every_account_is_refused_as_tls(
+    terminator: &TlsTerminator,
+    tokens: &Path,
+    n: usize,
+) {
+    let output = Command::new(example_binary())
+        .args(["--homeserver", &terminator.base_url(), "--tokens"])
+        .arg(tokens)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run many_accounts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr:\n{stderr}");
+    let refused = stderr
+        .lines()
+        .filter(|l| l.contains("whoami failed, left out: Tls"))
+        .count();
+    assert_eq!(refused, n, "stderr:\n{stderr}");
+    assert!(stderr.contains("no account left"), "stderr:\n{stderr}");
+    assert!(output.stdout.is_empty());
 }

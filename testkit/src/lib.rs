@@ -9,7 +9,8 @@
 //!   [`cpu_clock`]: CPU-time clocks.
 //! * With the `net` feature (default): [`synapse`], a throwaway Synapse (also as the
 //!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
-//!   proxy, and [`fake_server`], a scripted loopback HTTP server.
+//!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
+//!   terminator with a throwaway CA.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -57,6 +58,8 @@ pub mod rng;
 pub mod sim;
 #[cfg(feature = "net")]
 pub mod synapse;
+#[cfg(feature = "net")]
+pub mod tls;
 
 use std::ops::Deref;
 use std::time::{Duration, Instant};
