@@ -3,7 +3,7 @@
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL|NAME|@USER \
 //!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
-//!     [--format json|text] [--raw] [--e2ee --store DIR]
+//!     [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
@@ -59,11 +59,11 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, never, select, Receiver};
 use matrix_sync_service::{
     start_with, Config, Credentials, DriverConfig, Event, EventKind, FileCheckpointStore,
-    RefreshMethod, ServiceError, StartError, SyncFilter, SyncService,
+    RefreshMethod, ServiceError, StartError, SyncFilter, SyncService, TrustRoots,
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL|SERVER_NAME|@USER_ID [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL|SERVER_NAME|@USER_ID [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -132,6 +132,10 @@ struct Args {
     oauth_client_id: Option<String>,
     /// `--e2ee --store DIR`: the crypto store's directory.
     e2ee_store: Option<String>,
+    /// `--ca-file PEM`: CA certificates trusted besides the bundled roots.
+    ca_file: Option<String>,
+    /// `--platform-roots`: the operating system's trust store instead of the bundled roots.
+    platform_roots: bool,
 }
 
 /// The arguments, or `None` for `--help`.
@@ -151,6 +155,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         oauth_token_endpoint: None,
         oauth_client_id: None,
         e2ee_store: None,
+        ca_file: None,
+        platform_roots: false,
     };
     let (mut e2ee, mut store) = (false, None);
     while let Some(arg) = args.next() {
@@ -184,6 +190,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                 parsed.oauth_token_endpoint = Some(value("--oauth-token-endpoint")?)
             }
             "--oauth-client-id" => parsed.oauth_client_id = Some(value("--oauth-client-id")?),
+            "--ca-file" => parsed.ca_file = Some(value("--ca-file")?),
+            "--platform-roots" => parsed.platform_roots = true,
             "--e2ee" => e2ee = true,
             "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
@@ -286,6 +294,16 @@ fn run() -> Result<(), Fatal> {
     config.jitter_seed = std::process::id() as u64;
 
     let mut driver = DriverConfig::default();
+    if args.platform_roots {
+        driver = driver.trust_roots(TrustRoots::Platform);
+    }
+    if let Some(path) = &args.ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| Fatal::usage(format!("--ca-file {path}: {e}")))?;
+        driver = driver
+            .add_ca_pem(&pem)
+            .map_err(|e| Fatal::usage(format!("--ca-file {path}: {e}")))?;
+    }
     if let Some(file) = token_file {
         driver = driver.on_credentials(move |credentials| file.save(credentials));
     }

@@ -4,16 +4,15 @@
 //! transient failures backed off, no spinning whatever the server answers, and every later
 //! request going to the base URL found.
 
-
 use std::time::Duration;
 
-use matrix_sync_testkit::canned::*;
-use matrix_sync_testkit::sim::Harness;
 use matrix_sync_service::{
     defaults, Config, ConfigError, DiscoveryAction, DiscoveryError, ErrorClass, EventKind, Failure,
     OutgoingRequest, RefreshToken, RequestKind, SyncError, SyncState, TransportErrorKind,
     TransportFailure,
 };
+use matrix_sync_testkit::canned::*;
+use matrix_sync_testkit::sim::Harness;
 use serde_json::json;
 
 const WELL_KNOWN: &str = "https://example.org/.well-known/matrix/client";
@@ -492,7 +491,10 @@ fn stop_during_discovery_ends_everything() {
     h.machine.stop();
     h.drain();
     assert!(h.machine.poll_request().is_none());
-    assert!(h.machine.handle_response(req.id, versions(), h.now).is_err());
+    assert!(h
+        .machine
+        .handle_response(req.id, versions(), h.now)
+        .is_err());
     assert_eq!(h.take_states().last(), Some(&SyncState::Stopped));
 }
 

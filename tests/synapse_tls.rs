@@ -159,3 +159,54 @@ fn a_pem_without_a_certificate_and_platform_roots_with_extra_ca_are_config_error
         "{refused:?}"
     );
 }
+
+#[test]
+fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none() {
+    use std::process::{Command, Stdio};
+    use support::service::{json_lines, tail_binary, Tail};
+
+    let (alice, bob, room, tls) = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, tls.ca_pem()).unwrap();
+    let tail = |ca: Option<&std::path::Path>| {
+        let mut command = Command::new(tail_binary());
+        command
+            .args(["--homeserver", &tls.base_url(), "--timeout-ms", "1000"])
+            .env("MATRIX_ACCESS_TOKEN", &alice.access_token)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("ALL_PROXY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(ca) = ca {
+            command.arg("--ca-file").arg(ca);
+        }
+        let mut tail = Tail::spawn(&mut command);
+        let lines = json_lines(tail.0.stdout.take().unwrap());
+        (tail, lines)
+    };
+
+    let (mut trusting, lines) = tail(Some(&ca_file));
+    let sent = bob.send_text(&room, "tail over https");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).expect("tail printed the message in time");
+        if line["event_id"] == sent.as_str() {
+            assert_eq!(line["body"], "tail over https");
+            break;
+        }
+    }
+    let (status, _) = trusting.signal(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0));
+
+    // Without the CA the same tail prints nothing: every attempt is a refused handshake.
+    let refused_before = tls.refused();
+    let (mut untrusting, lines) = tail(None);
+    assert!(
+        lines.recv_timeout(Duration::from_secs(3)).is_err(),
+        "nothing printed without the CA"
+    );
+    untrusting.signal(libc::SIGTERM);
+    assert!(tls.refused() > refused_before, "its handshakes were refused");
+}
