@@ -627,6 +627,45 @@ mod closed_stdout {
 mod tests {
     use super::*;
 
+    /// The events of one sync answer with `body`.
+    fn events_of(body: &str) -> Vec<Event> {
+        use matrix_sync_service::SyncMachine;
+        let now = std::time::Instant::now();
+        let mut machine = SyncMachine::new(Config::new("http://127.0.0.1:1", "t"), now).unwrap();
+        let request = machine.poll_request().unwrap();
+        let response = http::Response::new(body.to_owned());
+        machine.handle_response(request.id, response, now).unwrap();
+        std::iter::from_fn(|| machine.poll_event()).collect()
+    }
+
+    #[test]
+    fn json_lines_are_the_events_shape_and_raw_comes_last_on_the_same_line() {
+        let events = events_of(
+            "{\"next_batch\": \"s1\", \"rooms\": {\"join\": {\"!r:x\": {\"timeline\": {\"events\": [\n\
+             {\"type\": \"m.room.message\", \"event_id\": \"$m:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"body\": \"hi\", \"msgtype\": \"m.text\"}}]}}}}}",
+        );
+        let print = |raw| {
+            let mut out = Vec::new();
+            for event in &events {
+                write_line(&mut out, event, Output { text: false, raw }).unwrap();
+            }
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            print(false),
+            "{\"kind\":\"message\",\"type\":\"m.room.message\",\"room_id\":\"!r:x\",\"event_id\":\"$m:x\",\"sender\":\"@a:x\",\"body\":\"hi\"}\n\
+             {\"kind\":\"checkpoint\",\"type\":\"checkpoint\",\"next_batch\":\"s1\",\"live\":false}\n"
+        );
+        let with_raw = print(true);
+        let lines: Vec<&str> = with_raw.lines().collect();
+        assert_eq!(lines.len(), 2, "{with_raw}");
+        assert!(lines[0].ends_with(
+            ",\"body\":\"hi\",\"raw\":{\"content\":{\"body\":\"hi\",\"msgtype\":\"m.text\"},\"event_id\":\"$m:x\",\"sender\":\"@a:x\",\"type\":\"m.room.message\"}}"
+        ), "{}", lines[0]);
+        assert!(lines[1].ends_with(",\"raw\":{\"live\":false,\"next_batch\":\"s1\"}}"));
+    }
+
     #[test]
     fn exit_statuses_are_distinct_and_documented() {
         assert_eq!(Exit::Success as u8, 0);
