@@ -40,7 +40,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use matrix_sync_service::{start, Config, Event, EventKind, SyncFilter};
+use matrix_sync_service::{start, Config, Event, SyncFilter};
 use matrix_sync_testkit::client::Account;
 use matrix_sync_testkit::synapse::SynapseOptions;
 use serde_json::{json, Value};
@@ -430,74 +430,21 @@ fn follow(index: usize, homeserver: &str, token: &str, filter: SyncFilter) {
     config.jitter_seed = index as u64 + 1;
     let service = start(config).expect("start");
     for event in service.events() {
-        let mut value = line(&event);
-        value["account"] = json!(account);
+        let line = OutLine {
+            account: &account,
+            event: &event,
+        };
         let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut out, &value);
+        let _ = serde_json::to_writer(&mut out, &line);
         let _ = out.write_all(b"\n");
     }
 }
 
-// DUPLICATED from `fn line` and `fn encryption_fields` in examples/tail.rs (as in
-// examples/many_accounts.rs), so that
-// both children print the same bytes.
-fn line(event: &Event) -> Value {
-    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
-    let fields = [
-        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
-        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
-        ("sender", event.sender.as_ref().map(|s| json!(s))),
-        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
-        ("body", event.body.as_deref().map(|b| json!(b))),
-    ];
-    for (name, value) in fields {
-        if let Some(value) = value {
-            line[name] = value;
-        }
-    }
-    let extra = &mut line;
-    if let Some(key) = &event.state_key {
-        extra["state_key"] = json!(key);
-    }
-    if let Some(rel) = &event.relation {
-        extra["relation"] =
-            json!({ "rel_type": rel.rel_type, "event_id": rel.event_id, "key": rel.key });
-    }
-    if let Some(target) = &event.redacts {
-        extra["redacts"] = json!(target);
-    }
-    encryption_fields(event, extra);
-    match &event.kind {
-        EventKind::Checkpoint(c) => {
-            extra["next_batch"] = json!(c.next_batch);
-            extra["live"] = json!(c.live);
-        }
-        EventKind::Gap(g) => {
-            extra["prev_batch"] = json!(g.prev_batch);
-            extra["previous_since"] = json!(g.previous_since);
-        }
-        _ => {}
-    }
-    line
-}
-
-/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
-fn encryption_fields(event: &Event, line: &mut Value) {
-    use matrix_sync_service::Encryption;
-    match event.encryption.as_deref() {
-        Some(Encryption::Decrypted(d)) => {
-            line["encrypted"] = json!(true);
-            line["sender_device"] = json!(d.sender_device);
-            line["verification"] = json!(d.verification.name());
-            if d.late {
-                line["late"] = json!(true);
-            }
-        }
-        Some(Encryption::Undecryptable(u)) => {
-            line["encrypted"] = json!(true);
-            line["undecryptable"] = json!(u.reason.to_string());
-        }
-        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
-        _ => {}
-    }
+/// One line of the driver child: the same as the `many_accounts` example's (the account, then
+/// the event in its JSON shape), so that both children print the same bytes.
+#[derive(serde::Serialize)]
+struct OutLine<'a> {
+    account: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
 }

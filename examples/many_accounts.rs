@@ -49,15 +49,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    Config, Event, EventKind, RequestId, SyncFilter, SyncMachine, TransportErrorKind,
-    TransportFailure,
+    Config, Event, RequestId, SyncFilter, SyncMachine, TransportErrorKind, TransportFailure,
 };
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
-use serde_json::{json, Value};
+use serde_json::Value;
 use ureq_proto::client::state::{RecvBody, RecvResponse};
 use ureq_proto::client::{Call, RecvBodyResult, RecvResponseResult, SendRequestResult};
 use ureq_proto::BodyMode;
@@ -684,10 +683,12 @@ impl Loop {
             };
             let account_id = account.user_id.as_deref().unwrap_or_default();
             while let Some(event) = machine.poll_event() {
-                let mut value = line(&event);
-                value["account"] = json!(account_id);
+                let line = Line {
+                    account: account_id,
+                    event: &event,
+                };
                 // A failed write shows again at the flush, which ends the loop.
-                let _ = serde_json::to_writer(&mut self.out, &value);
+                let _ = serde_json::to_writer(&mut self.out, &line);
                 let _ = self.out.write_all(b"\n");
             }
             while let Some(error) = machine.poll_error() {
@@ -1112,69 +1113,12 @@ fn log_line(account: &Account, what: impl std::fmt::Display) {
 }
 
 // ---- the output line --------------------------------------------------------------------
-//
-// DUPLICATED from `fn line` and `fn encryption_fields` in examples/tail.rs, on purpose and
-// verbatim: the two examples
-// print the same shape. It belongs in one shared place (see the report of this change); until
-// then, any change to tail's line must be made here too.
 
-fn line(event: &Event) -> Value {
-    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
-    let fields = [
-        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
-        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
-        ("sender", event.sender.as_ref().map(|s| json!(s))),
-        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
-        ("body", event.body.as_deref().map(|b| json!(b))),
-    ];
-    for (name, value) in fields {
-        if let Some(value) = value {
-            line[name] = value;
-        }
-    }
-    let extra = &mut line;
-    if let Some(key) = &event.state_key {
-        extra["state_key"] = json!(key);
-    }
-    if let Some(rel) = &event.relation {
-        extra["relation"] =
-            json!({ "rel_type": rel.rel_type, "event_id": rel.event_id, "key": rel.key });
-    }
-    if let Some(target) = &event.redacts {
-        extra["redacts"] = json!(target);
-    }
-    encryption_fields(event, extra);
-    match &event.kind {
-        EventKind::Checkpoint(c) => {
-            extra["next_batch"] = json!(c.next_batch);
-            extra["live"] = json!(c.live);
-        }
-        EventKind::Gap(g) => {
-            extra["prev_batch"] = json!(g.prev_batch);
-            extra["previous_since"] = json!(g.previous_since);
-        }
-        _ => {}
-    }
-    line
-}
-
-/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
-fn encryption_fields(event: &Event, line: &mut Value) {
-    use matrix_sync_service::Encryption;
-    match event.encryption.as_deref() {
-        Some(Encryption::Decrypted(d)) => {
-            line["encrypted"] = json!(true);
-            line["sender_device"] = json!(d.sender_device);
-            line["verification"] = json!(d.verification.name());
-            if d.late {
-                line["late"] = json!(true);
-            }
-        }
-        Some(Encryption::Undecryptable(u)) => {
-            line["encrypted"] = json!(true);
-            line["undecryptable"] = json!(u.reason.to_string());
-        }
-        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
-        _ => {}
-    }
+/// One line of output: the account, then the event in its JSON shape (the one `tail`
+/// prints).
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    account: &'a str,
+    #[serde(flatten)]
+    event: &'a Event,
 }

@@ -519,11 +519,20 @@ fn write_line(out: &mut impl Write, event: &Event, output: Output) -> io::Result
             None => Ok(()),
         };
     }
-    let mut line = line(event);
     if output.raw {
-        line["raw"] = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+        /// The event's line (`Event`'s JSON shape) plus the event as the server sent it,
+        /// re-serialized compactly so that it stays on one line.
+        #[derive(serde::Serialize)]
+        struct WithRaw<'a> {
+            #[serde(flatten)]
+            event: &'a Event,
+            raw: Value,
+        }
+        let raw = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+        serde_json::to_writer(&mut *out, &WithRaw { event, raw })?;
+    } else {
+        serde_json::to_writer(&mut *out, event)?;
     }
-    serde_json::to_writer(&mut *out, &line)?;
     out.write_all(b"\n")
 }
 
@@ -606,68 +615,6 @@ fn text_line(event: &Event) -> Option<String> {
     })
 }
 
-/// The JSON line: the fields that apply, absent ones left out.
-fn line(event: &Event) -> Value {
-    let mut line = json!({ "kind": event.kind.name(), "type": event.event_type });
-    let fields = [
-        ("room_id", event.room_id.as_ref().map(|r| json!(r))),
-        ("event_id", event.event_id.as_ref().map(|e| json!(e))),
-        ("sender", event.sender.as_ref().map(|s| json!(s))),
-        ("origin_server_ts", event.origin_server_ts.map(|t| json!(t))),
-        ("body", event.body.as_deref().map(|b| json!(b))),
-    ];
-    for (name, value) in fields {
-        if let Some(value) = value {
-            line[name] = value;
-        }
-    }
-    let extra = &mut line;
-    if let Some(key) = &event.state_key {
-        extra["state_key"] = json!(key);
-    }
-    if let Some(rel) = &event.relation {
-        extra["relation"] =
-            json!({ "rel_type": rel.rel_type, "event_id": rel.event_id, "key": rel.key });
-    }
-    if let Some(target) = &event.redacts {
-        extra["redacts"] = json!(target);
-    }
-    encryption_fields(event, extra);
-    match &event.kind {
-        EventKind::Checkpoint(c) => {
-            extra["next_batch"] = json!(c.next_batch);
-            extra["live"] = json!(c.live);
-        }
-        EventKind::Gap(g) => {
-            extra["prev_batch"] = json!(g.prev_batch);
-            extra["previous_since"] = json!(g.previous_since);
-        }
-        _ => {}
-    }
-    line
-}
-
-/// `"encrypted": true` (and what the E2EE stage found) for an encrypted event.
-fn encryption_fields(event: &Event, line: &mut Value) {
-    use matrix_sync_service::Encryption;
-    match event.encryption.as_deref() {
-        Some(Encryption::Decrypted(d)) => {
-            line["encrypted"] = json!(true);
-            line["sender_device"] = json!(d.sender_device);
-            line["verification"] = json!(d.verification.name());
-            if d.late {
-                line["late"] = json!(true);
-            }
-        }
-        Some(Encryption::Undecryptable(u)) => {
-            line["encrypted"] = json!(true);
-            line["undecryptable"] = json!(u.reason.to_string());
-        }
-        _ if event.kind == EventKind::Encrypted => line["encrypted"] = json!(true),
-        _ => {}
-    }
-}
-
 /// Whether fd 1 was closed when the process started.
 ///
 /// Rust's runtime reopens a closed stdout as `/dev/null` before `main`, so every write would
@@ -710,6 +657,45 @@ mod closed_stdout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The events of one sync answer with `body`.
+    fn events_of(body: &str) -> Vec<Event> {
+        use matrix_sync_service::SyncMachine;
+        let now = std::time::Instant::now();
+        let mut machine = SyncMachine::new(Config::new("http://127.0.0.1:1", "t"), now).unwrap();
+        let request = machine.poll_request().unwrap();
+        let response = http::Response::new(body.to_owned());
+        machine.handle_response(request.id, response, now).unwrap();
+        std::iter::from_fn(|| machine.poll_event()).collect()
+    }
+
+    #[test]
+    fn json_lines_are_the_events_shape_and_raw_comes_last_on_the_same_line() {
+        let events = events_of(
+            "{\"next_batch\": \"s1\", \"rooms\": {\"join\": {\"!r:x\": {\"timeline\": {\"events\": [\n\
+             {\"type\": \"m.room.message\", \"event_id\": \"$m:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"body\": \"hi\", \"msgtype\": \"m.text\"}}]}}}}}",
+        );
+        let print = |raw| {
+            let mut out = Vec::new();
+            for event in &events {
+                write_line(&mut out, event, Output { text: false, raw }).unwrap();
+            }
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            print(false),
+            "{\"kind\":\"message\",\"type\":\"m.room.message\",\"room_id\":\"!r:x\",\"event_id\":\"$m:x\",\"sender\":\"@a:x\",\"body\":\"hi\"}\n\
+             {\"kind\":\"checkpoint\",\"type\":\"checkpoint\",\"next_batch\":\"s1\",\"live\":false}\n"
+        );
+        let with_raw = print(true);
+        let lines: Vec<&str> = with_raw.lines().collect();
+        assert_eq!(lines.len(), 2, "{with_raw}");
+        assert!(lines[0].ends_with(
+            ",\"body\":\"hi\",\"raw\":{\"content\":{\"body\":\"hi\",\"msgtype\":\"m.text\"},\"event_id\":\"$m:x\",\"sender\":\"@a:x\",\"type\":\"m.room.message\"}}"
+        ), "{}", lines[0]);
+        assert!(lines[1].ends_with(",\"raw\":{\"live\":false,\"next_batch\":\"s1\"}}"));
+    }
 
     #[test]
     fn exit_statuses_are_distinct_and_documented() {

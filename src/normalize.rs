@@ -204,6 +204,9 @@ impl serde::Serialize for EventType {
 }
 
 /// One normalized item of the event stream.
+///
+/// It serializes (`serde::Serialize`) as one flat JSON object of the fields that apply, a
+/// stable shape for logs and pipes: see the [`Serialize` impl](#impl-Serialize-for-Event).
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Event {
@@ -383,6 +386,136 @@ impl Event {
         raw: Box<RawValue>,
     ) -> Self {
         Self::synthetic(kind, event_type, room_id, raw)
+    }
+}
+
+/// The stable JSON shape of an event, one object per event, for logs and pipes: what the
+/// `tail` example prints (and `many_accounts`, with `"account"` added).
+///
+/// The members, in this order; every one after `type` only where it applies (one that does
+/// not apply is left out rather than `null`):
+///
+/// | member | value |
+/// |---|---|
+/// | `kind` | [`EventKind::name`] |
+/// | `type` | [`Event::event_type`] |
+/// | `room_id`, `event_id`, `sender` | strings |
+/// | `origin_server_ts` | a number (milliseconds since the Unix epoch) |
+/// | `body`, `state_key` | strings |
+/// | `relation` | `{"rel_type": .., "event_id": .., "key": ..}`, `key` `null` unless a reaction's |
+/// | `redacts` | the redacted event's id |
+/// | `encrypted` | `true`, for an encrypted event (decrypted or not) |
+/// | `sender_device`, `verification` | for a decrypted event: the device id (`null` when not known) and [`Verification::name`](crate::Verification::name) |
+/// | `late` | `true`, for a decrypted event delivered before as undecryptable ([`Decrypted::late`](crate::Decrypted::late)) |
+/// | `undecryptable` | why not ([`UndecryptableReason`](crate::UndecryptableReason)'s `Display`) |
+/// | `next_batch`, `live` | for a checkpoint: a string and a boolean |
+/// | `prev_batch`, `previous_since` | for a gap: strings |
+///
+/// [`raw`](Event::raw) is not part of it (add it yourself if you want it: tail's `--raw`
+/// does). The shape is stable: members may be added, none renamed or removed.
+///
+/// ```
+/// use std::time::Instant;
+/// use matrix_sync_service::{Config, SyncMachine};
+///
+/// let now = Instant::now();
+/// let mut machine = SyncMachine::new(Config::new("https://example.org", "token"), now)?;
+/// let request = machine.poll_request().expect("the first sync is due");
+/// let body = r#"{"next_batch": "s2", "rooms": {"join": {"!r:example.org": {"timeline": {
+///     "events": [{"type": "m.room.message", "event_id": "$1:example.org",
+///         "sender": "@a:example.org", "origin_server_ts": 1700000000000,
+///         "content": {"msgtype": "m.text", "body": "hi"}}]}}}}}"#;
+/// machine.handle_response(request.id, http::Response::new(body), now)?;
+/// let lines = std::iter::from_fn(|| machine.poll_event())
+///     .map(|event| serde_json::to_string(&event))
+///     .collect::<Result<Vec<_>, _>>()?;
+/// assert_eq!(
+///     lines,
+///     [
+///         r#"{"kind":"message","type":"m.room.message","room_id":"!r:example.org","event_id":"$1:example.org","sender":"@a:example.org","origin_server_ts":1700000000000,"body":"hi"}"#,
+///         r#"{"kind":"checkpoint","type":"checkpoint","next_batch":"s2","live":false}"#,
+///     ]
+/// );
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// To add members of your own, flatten it into a struct of yours:
+/// `#[derive(Serialize)] struct Line<'a> { account: &'a str, #[serde(flatten)] event: &'a Event }`.
+impl serde::Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use crate::Encryption;
+        use serde::ser::SerializeMap;
+
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("kind", self.kind.name())?;
+        map.serialize_entry("type", &self.event_type)?;
+        if let Some(room_id) = &self.room_id {
+            map.serialize_entry("room_id", room_id)?;
+        }
+        if let Some(event_id) = &self.event_id {
+            map.serialize_entry("event_id", event_id)?;
+        }
+        if let Some(sender) = &self.sender {
+            map.serialize_entry("sender", sender)?;
+        }
+        if let Some(ts) = &self.origin_server_ts {
+            map.serialize_entry("origin_server_ts", ts)?;
+        }
+        if let Some(body) = &self.body {
+            map.serialize_entry("body", body)?;
+        }
+        if let Some(state_key) = &self.state_key {
+            map.serialize_entry("state_key", state_key)?;
+        }
+        if let Some(relation) = &self.relation {
+            map.serialize_entry("relation", &RelationJson(relation))?;
+        }
+        if let Some(redacts) = &self.redacts {
+            map.serialize_entry("redacts", redacts)?;
+        }
+        match self.encryption.as_deref() {
+            Some(Encryption::Decrypted(decrypted)) => {
+                map.serialize_entry("encrypted", &true)?;
+                map.serialize_entry("sender_device", &decrypted.sender_device)?;
+                map.serialize_entry("verification", decrypted.verification.name())?;
+                if decrypted.late {
+                    map.serialize_entry("late", &true)?;
+                }
+            }
+            Some(Encryption::Undecryptable(undecryptable)) => {
+                map.serialize_entry("encrypted", &true)?;
+                map.serialize_entry("undecryptable", &format_args!("{}", undecryptable.reason))?;
+            }
+            None if self.kind == EventKind::Encrypted => map.serialize_entry("encrypted", &true)?,
+            None => {}
+        }
+        match &self.kind {
+            EventKind::Checkpoint(checkpoint) => {
+                map.serialize_entry("next_batch", &checkpoint.next_batch)?;
+                map.serialize_entry("live", &checkpoint.live)?;
+            }
+            EventKind::Gap(gap) => {
+                map.serialize_entry("prev_batch", &gap.prev_batch)?;
+                map.serialize_entry("previous_since", &gap.previous_since)?;
+            }
+            _ => {}
+        }
+        map.end()
+    }
+}
+
+/// A [`Relation`] in the JSON shape of [`Event`]: every member, `key` `null` when absent.
+struct RelationJson<'a>(&'a Relation);
+
+impl serde::Serialize for RelationJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("rel_type", &self.0.rel_type)?;
+        map.serialize_entry("event_id", &self.0.event_id)?;
+        map.serialize_entry("key", &self.0.key)?;
+        map.end()
     }
 }
 
@@ -584,6 +717,202 @@ mod tests {
             section,
             None,
         )
+    }
+
+    fn json_line(event: &Event) -> String {
+        serde_json::to_string(event).unwrap()
+    }
+
+    fn in_room(json: &str, section: Section) -> Event {
+        let room = OwnedRoomId::try_from("!r:x").unwrap();
+        normalize(
+            RawValue::from_string(json.to_owned()).unwrap(),
+            section,
+            Some(&room),
+        )
+    }
+
+    #[test]
+    fn json_line_of_a_message_has_every_field_in_order_and_no_raw() {
+        let e = in_room(
+            r#"{"type":"m.room.message","event_id":"$m:x","sender":"@a:x","origin_server_ts":17,
+               "content":{"msgtype":"m.text","body":"hi \"there\"\n"}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"message","type":"m.room.message","room_id":"!r:x","event_id":"$m:x","sender":"@a:x","origin_server_ts":17,"body":"hi \"there\"\n"}"#
+        );
+    }
+
+    #[test]
+    fn json_line_leaves_out_what_does_not_apply() {
+        let e = norm(
+            r#"{"type":"m.direct","content":{}}"#,
+            Section::GlobalAccountData,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"global_account_data","type":"m.direct"}"#
+        );
+        // Fields of the wrong type read as absent, and are left out.
+        let e = in_room(
+            r#"{"type":"x.custom","event_id":7,"sender":[],"origin_server_ts":-1,"content":{"body":1}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"other_timeline","type":"x.custom","room_id":"!r:x"}"#
+        );
+        let e = norm(r#"[1]"#, Section::ToDevice);
+        assert_eq!(json_line(&e), r#"{"kind":"to_device","type":""}"#);
+        let e = Event::section(
+            EventKind::DeviceLists,
+            "device_lists",
+            None,
+            to_raw(&serde_json::json!({"changed": ["@a:x"]})),
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"device_lists","type":"device_lists"}"#
+        );
+    }
+
+    #[test]
+    fn json_line_of_state_relations_and_redactions() {
+        let e = in_room(
+            r#"{"type":"m.room.member","state_key":"@b:x","event_id":"$j:x","sender":"@b:x",
+               "origin_server_ts":1,"content":{"membership":"join"}}"#,
+            Section::State,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"member","type":"m.room.member","room_id":"!r:x","event_id":"$j:x","sender":"@b:x","origin_server_ts":1,"state_key":"@b:x"}"#
+        );
+        let e = in_room(
+            r#"{"type":"m.reaction","event_id":"$r:x","content":{"m.relates_to":
+               {"rel_type":"m.annotation","event_id":"$m:x","key":"👍"}}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"reaction","type":"m.reaction","room_id":"!r:x","event_id":"$r:x","relation":{"rel_type":"m.annotation","event_id":"$m:x","key":"👍"}}"#
+        );
+        // A relation without a key keeps the member, as null.
+        let e = in_room(
+            r#"{"type":"m.room.message","content":{"body":"re",
+               "m.relates_to":{"m.in_reply_to":{"event_id":"$m:x"}}}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"message","type":"m.room.message","room_id":"!r:x","body":"re","relation":{"rel_type":"m.in_reply_to","event_id":"$m:x","key":null}}"#
+        );
+        let e = in_room(
+            r#"{"type":"m.room.redaction","sender":"@a:x","content":{"redacts":"$m:x"}}"#,
+            Section::Timeline,
+        );
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"redaction","type":"m.room.redaction","room_id":"!r:x","sender":"@a:x","redacts":"$m:x"}"#
+        );
+    }
+
+    #[test]
+    fn json_line_of_checkpoints_and_gaps() {
+        let e = Event::checkpoint("s7".to_owned(), true);
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"checkpoint","type":"checkpoint","next_batch":"s7","live":true}"#
+        );
+        let e = Event::checkpoint("s1".to_owned(), false);
+        assert!(json_line(&e).ends_with(r#""next_batch":"s1","live":false}"#));
+        let room = OwnedRoomId::try_from("!r:x").unwrap();
+        let gap = Gap {
+            prev_batch: "p1".to_owned(),
+            previous_since: "s0".to_owned(),
+        };
+        assert_eq!(
+            json_line(&Event::gap(room, gap)),
+            r#"{"kind":"gap","type":"gap","room_id":"!r:x","prev_batch":"p1","previous_since":"s0"}"#
+        );
+    }
+
+    #[test]
+    fn json_line_of_encrypted_decrypted_and_undecryptable_events() {
+        use crate::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};
+        let encrypted = || {
+            in_room(
+                r#"{"type":"m.room.encrypted","event_id":"$e:x","sender":"@a:x",
+                   "origin_server_ts":3,"content":{"ciphertext":"c","body":"leak?"}}"#,
+                Section::Timeline,
+            )
+        };
+        // Without the E2EE stage.
+        assert_eq!(
+            json_line(&encrypted()),
+            r#"{"kind":"encrypted","type":"m.room.encrypted","room_id":"!r:x","event_id":"$e:x","sender":"@a:x","origin_server_ts":3,"encrypted":true}"#
+        );
+        let mut e = encrypted();
+        e.encryption = Some(Box::new(Encryption::Undecryptable(Undecryptable {
+            reason: UndecryptableReason::MissingRoomKey {
+                withheld: Some("m.unverified".to_owned()),
+            },
+            session_id: Some("sess".to_owned()),
+        })));
+        assert_eq!(
+            json_line(&e),
+            r#"{"kind":"encrypted","type":"m.room.encrypted","room_id":"!r:x","event_id":"$e:x","sender":"@a:x","origin_server_ts":3,"encrypted":true,"undecryptable":"room key withheld (m.unverified)"}"#
+        );
+        e.encryption = Some(Box::new(Encryption::Undecryptable(Undecryptable {
+            reason: UndecryptableReason::SenderNotTrusted(Verification::UnsignedDevice),
+            session_id: None,
+        })));
+        assert!(
+            json_line(&e).ends_with(r#""undecryptable":"sender not trusted (unsigned_device)"}"#)
+        );
+        // Decrypted: the plaintext's kind and fields, then what the stage found.
+        let decrypted = |sender_device: Option<&str>, late: bool| {
+            let mut e = in_room(
+                r#"{"type":"m.room.message","event_id":"$e:x","sender":"@a:x",
+                   "origin_server_ts":3,"content":{"msgtype":"m.text","body":"secret"}}"#,
+                Section::Timeline,
+            );
+            e.encryption = Some(Box::new(Encryption::Decrypted(Decrypted {
+                sender_device: sender_device.map(Into::into),
+                verification: Verification::UnverifiedIdentity,
+                session_id: Some("sess".to_owned()),
+                late,
+            })));
+            json_line(&e)
+        };
+        assert_eq!(
+            decrypted(Some("DEV"), false),
+            r#"{"kind":"message","type":"m.room.message","room_id":"!r:x","event_id":"$e:x","sender":"@a:x","origin_server_ts":3,"body":"secret","encrypted":true,"sender_device":"DEV","verification":"unverified_identity"}"#
+        );
+        assert!(decrypted(None, true).ends_with(
+            r#""encrypted":true,"sender_device":null,"verification":"unverified_identity","late":true}"#
+        ));
+    }
+
+    #[test]
+    fn json_line_flattens_into_a_struct_of_the_application() {
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            account: &'a str,
+            #[serde(flatten)]
+            event: &'a Event,
+        }
+        let e = Event::checkpoint("s7".to_owned(), true);
+        let line = serde_json::to_string(&Line {
+            account: "@a:x",
+            event: &e,
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"account":"@a:x","kind":"checkpoint","type":"checkpoint","next_batch":"s7","live":true}"#
+        );
     }
 
     #[test]
