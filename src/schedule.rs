@@ -326,6 +326,30 @@ mod tests {
     }
 
     #[test]
+    fn an_answered_refresh_starts_its_retries_over() {
+        let mut s = schedule();
+        let t = Instant::now();
+        let first = s.refresh_failed(&server_error(), t, true);
+        let second = s.refresh_failed(&server_error(), t, true);
+        assert_eq!((first.attempt, second.attempt), (1, 2));
+        assert_eq!(second.delay, 2 * first.delay);
+        s.refresh_answered();
+        let after = s.refresh_failed(&server_error(), t, true);
+        assert_eq!((after.attempt, after.delay), (1, first.delay));
+    }
+
+    #[test]
+    fn a_refresh_that_may_wait_alone_holds_nothing_else() {
+        let mut s = schedule();
+        let t = Instant::now();
+        let retry = s.refresh_failed(&server_error(), t, false);
+        assert_eq!(s.send_at, None, "syncs go on while the token lives");
+        let held = s.refresh_failed(&server_error(), t, true);
+        assert_eq!(s.send_at, Some(t + held.delay));
+        assert!(held.delay > retry.delay);
+    }
+
+    #[test]
     fn a_working_catch_up_does_not_reset_failing_long_polls() {
         let mut s = schedule();
         let t = Instant::now();

@@ -191,7 +191,9 @@ fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines.recv_timeout(left).expect("tail printed the message in time");
+        let line = lines
+            .recv_timeout(left)
+            .expect("tail printed the message in time");
         if line["event_id"] == sent.as_str() {
             assert_eq!(line["body"], "tail over https");
             break;
@@ -208,5 +210,8 @@ fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints
         "nothing printed without the CA"
     );
     untrusting.signal(libc::SIGTERM);
-    assert!(tls.refused() > refused_before, "its handshakes were refused");
+    assert!(
+        tls.refused() > refused_before,
+        "its handshakes were refused"
+    );
 }
