@@ -50,6 +50,7 @@
 //!
 //! Diagnostics never panic: a closed or broken stderr only loses them.
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -467,6 +468,7 @@ fn pump(
 ) -> Result<(), Fatal> {
     let stdout_failed = |e: io::Error| Fatal::failed(format!("stdout: {e}"));
     let mut out = BufWriter::new(io::stdout().lock());
+    let mut printer = Printer::new(output);
     let mut errors: Receiver<_> = service.errors().clone();
     let mut states: Receiver<_> = service.states().clone();
     loop {
@@ -478,7 +480,7 @@ fn pump(
             }
             recv(service.events()) -> event => {
                 let Ok(event) = event else { break };
-                write_line(&mut out, &event, output).map_err(stdout_failed)?;
+                printer.write(&mut out, &event).map_err(stdout_failed)?;
                 if let EventKind::Checkpoint(checkpoint) = &event.kind {
                     out.flush().map_err(stdout_failed)?;
                     if let Some(store) = store {
@@ -512,34 +514,71 @@ struct Output {
     raw: bool,
 }
 
-fn write_line(out: &mut impl Write, event: &Event, output: Output) -> io::Result<()> {
-    if output.text {
-        return match text_line(event) {
-            Some(text) => writeln!(out, "{text}"),
-            None => Ok(()),
+/// Writes events in the chosen format, remembering room names for the text one.
+struct Printer {
+    output: Output,
+    /// `m.room.name` of each room seen, for the text format's `[room]` label.
+    room_names: HashMap<String, String>,
+}
+
+impl Printer {
+    fn new(output: Output) -> Self {
+        Self {
+            output,
+            room_names: HashMap::new(),
+        }
+    }
+
+    fn write(&mut self, out: &mut impl Write, event: &Event) -> io::Result<()> {
+        if self.output.text {
+            self.learn_room_name(event);
+            return match text_line(event, &self.room_names) {
+                Some(text) => writeln!(out, "{text}"),
+                None => Ok(()),
+            };
+        }
+        if self.output.raw {
+            /// The event's line (`Event`'s JSON shape) plus the event as the server sent it,
+            /// re-serialized compactly so that it stays on one line.
+            #[derive(serde::Serialize)]
+            struct WithRaw<'a> {
+                #[serde(flatten)]
+                event: &'a Event,
+                raw: Value,
+            }
+            let raw = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
+            serde_json::to_writer(&mut *out, &WithRaw { event, raw })?;
+        } else {
+            serde_json::to_writer(&mut *out, event)?;
+        }
+        out.write_all(b"\n")
+    }
+
+    /// Keeps the name an `m.room.name` state event gives its room.
+    fn learn_room_name(&mut self, event: &Event) {
+        let (Some(room), "m.room.name") = (&event.room_id, event.event_type.as_ref()) else {
+            return;
+        };
+        #[derive(serde::Deserialize)]
+        struct Name {
+            name: Option<String>,
+        }
+        match event
+            .deserialize_content::<Name>()
+            .ok()
+            .and_then(|c| c.name)
+        {
+            Some(name) if !name.is_empty() => self.room_names.insert(room.to_string(), name),
+            _ => self.room_names.remove(room.as_str()),
         };
     }
-    if output.raw {
-        /// The event's line (`Event`'s JSON shape) plus the event as the server sent it,
-        /// re-serialized compactly so that it stays on one line.
-        #[derive(serde::Serialize)]
-        struct WithRaw<'a> {
-            #[serde(flatten)]
-            event: &'a Event,
-            raw: Value,
-        }
-        let raw = serde_json::from_str(event.raw.get()).unwrap_or(Value::Null);
-        serde_json::to_writer(&mut *out, &WithRaw { event, raw })?;
-    } else {
-        serde_json::to_writer(&mut *out, event)?;
-    }
-    out.write_all(b"\n")
 }
 
 /// One readable line per event a person cares about; `None` for the rest (checkpoints,
 /// device lists, account data...), which only the JSON format shows.
-fn text_line(event: &Event) -> Option<String> {
+fn text_line(event: &Event, room_names: &HashMap<String, String>) -> Option<String> {
     let room = event.room_id.as_ref().map_or("", |r| r.as_str());
+    let room = room_names.get(room).map_or(room, String::as_str);
     let sender = event.sender.as_ref().map_or("?", |s| s.as_str());
     let body = event.body.as_deref().unwrap_or("");
     let target = |e: &matrix_sync_service::ruma_common::OwnedEventId| e.to_string();
@@ -602,6 +641,13 @@ fn text_line(event: &Event) -> Option<String> {
         EventKind::Invite => format!("invited by {sender}"),
         EventKind::Leave => "left the room".to_owned(),
         EventKind::Gap(_) => "(some history was not fetched)".to_owned(),
+        EventKind::State if event.event_type == "m.room.name" => {
+            let name = room_names.get(event.room_id.as_ref()?.as_str());
+            format!(
+                "{sender} named the room {:?}",
+                name.map_or("", String::as_str)
+            )
+        }
         EventKind::State => format!("{sender} set {}", event.event_type),
         _ => return None,
     };
@@ -670,6 +716,33 @@ mod tests {
     }
 
     #[test]
+    fn text_lines_name_the_room_once_its_name_is_known() {
+        let events = events_of(
+            "{\"next_batch\": \"s1\", \"rooms\": {\"join\": {\"!r:x\": {\"timeline\": {\"events\": [\n\
+             {\"type\": \"m.room.message\", \"event_id\": \"$a:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"body\": \"before\", \"msgtype\": \"m.text\"}},\n\
+             {\"type\": \"m.room.name\", \"state_key\": \"\", \"event_id\": \"$n:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"name\": \"Demo\"}},\n\
+             {\"type\": \"m.room.message\", \"event_id\": \"$b:x\", \"sender\": \"@b:x\",\n\
+              \"content\": {\"body\": \"after\", \"msgtype\": \"m.text\"}}]}}}}}",
+        );
+        let mut printer = Printer::new(Output {
+            text: true,
+            raw: false,
+        });
+        let mut out = Vec::new();
+        for event in &events {
+            printer.write(&mut out, event).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[!r:x] @a:x: before\n\
+             [Demo] @a:x named the room \"Demo\"\n\
+             [Demo] @b:x: after\n"
+        );
+    }
+
+    #[test]
     fn json_lines_are_the_events_shape_and_raw_comes_last_on_the_same_line() {
         let events = events_of(
             "{\"next_batch\": \"s1\", \"rooms\": {\"join\": {\"!r:x\": {\"timeline\": {\"events\": [\n\
@@ -679,7 +752,9 @@ mod tests {
         let print = |raw| {
             let mut out = Vec::new();
             for event in &events {
-                write_line(&mut out, event, Output { text: false, raw }).unwrap();
+                Printer::new(Output { text: false, raw })
+                    .write(&mut out, event)
+                    .unwrap();
             }
             String::from_utf8(out).unwrap()
         };
