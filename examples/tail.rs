@@ -519,20 +519,36 @@ struct Printer {
     output: Output,
     /// `m.room.name` of each room seen, for the text format's `[room]` label.
     room_names: HashMap<String, String>,
+    /// The bodies of recent messages, so that an edit, reply or reaction can quote its target
+    /// (forgotten all at once past [`QUOTED_BODIES`]).
+    bodies: HashMap<String, String>,
 }
+
+/// How many message bodies the text format remembers for quoting.
+const QUOTED_BODIES: usize = 10_000;
 
 impl Printer {
     fn new(output: Output) -> Self {
         Self {
             output,
             room_names: HashMap::new(),
+            bodies: HashMap::new(),
         }
     }
 
     fn write(&mut self, out: &mut impl Write, event: &Event) -> io::Result<()> {
         if self.output.text {
             self.learn_room_name(event);
-            return match text_line(event, &self.room_names) {
+            let line = text_line(event, &self.room_names, &self.bodies);
+            if let (EventKind::Message, Some(id), Some(body)) =
+                (&event.kind, &event.event_id, &event.body)
+            {
+                if self.bodies.len() >= QUOTED_BODIES {
+                    self.bodies.clear();
+                }
+                self.bodies.insert(id.to_string(), body.clone());
+            }
+            return match line {
                 Some(text) => writeln!(out, "{text}"),
                 None => Ok(()),
             };
@@ -576,12 +592,20 @@ impl Printer {
 
 /// One readable line per event a person cares about; `None` for the rest (checkpoints,
 /// device lists, account data...), which only the JSON format shows.
-fn text_line(event: &Event, room_names: &HashMap<String, String>) -> Option<String> {
+fn text_line(
+    event: &Event,
+    room_names: &HashMap<String, String>,
+    bodies: &HashMap<String, String>,
+) -> Option<String> {
     let room = event.room_id.as_ref().map_or("", |r| r.as_str());
     let room = room_names.get(room).map_or(room, String::as_str);
     let sender = event.sender.as_ref().map_or("?", |s| s.as_str());
     let body = event.body.as_deref().unwrap_or("");
-    let target = |e: &matrix_sync_service::ruma_common::OwnedEventId| e.to_string();
+    // A message quoted by its body when it is known, by its id otherwise.
+    let target = |e: &matrix_sync_service::ruma_common::OwnedEventId| match bodies.get(e.as_str()) {
+        Some(body) => format!("{body:?}"),
+        None => e.to_string(),
+    };
     let text = match &event.kind {
         EventKind::Message => match &event.relation {
             Some(rel) if rel.rel_type == "m.replace" => {
@@ -619,7 +643,7 @@ fn text_line(event: &Event, room_names: &HashMap<String, String>) -> Option<Stri
             let read: Vec<String> = event
                 .receipts()
                 .iter()
-                .map(|(e, _, u)| format!("{u} read {e}"))
+                .map(|(e, _, u)| format!("{u} read {}", target(e)))
                 .collect();
             if read.is_empty() {
                 return None;
@@ -716,7 +740,7 @@ mod tests {
     }
 
     #[test]
-    fn text_lines_name_the_room_once_its_name_is_known() {
+    fn text_lines_name_the_room_once_known_and_quote_the_messages_they_refer_to() {
         let events = events_of(
             "{\"next_batch\": \"s1\", \"rooms\": {\"join\": {\"!r:x\": {\"timeline\": {\"events\": [\n\
              {\"type\": \"m.room.message\", \"event_id\": \"$a:x\", \"sender\": \"@a:x\",\n\
@@ -724,7 +748,11 @@ mod tests {
              {\"type\": \"m.room.name\", \"state_key\": \"\", \"event_id\": \"$n:x\", \"sender\": \"@a:x\",\n\
               \"content\": {\"name\": \"Demo\"}},\n\
              {\"type\": \"m.room.message\", \"event_id\": \"$b:x\", \"sender\": \"@b:x\",\n\
-              \"content\": {\"body\": \"after\", \"msgtype\": \"m.text\"}}]}}}}}",
+              \"content\": {\"body\": \"after\", \"msgtype\": \"m.text\"}},\n\
+             {\"type\": \"m.reaction\", \"event_id\": \"$c:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"m.relates_to\": {\"rel_type\": \"m.annotation\", \"event_id\": \"$b:x\", \"key\": \"+1\"}}},\n\
+             {\"type\": \"m.reaction\", \"event_id\": \"$d:x\", \"sender\": \"@a:x\",\n\
+              \"content\": {\"m.relates_to\": {\"rel_type\": \"m.annotation\", \"event_id\": \"$old:x\", \"key\": \"+1\"}}}]}}}}}",
         );
         let mut printer = Printer::new(Output {
             text: true,
@@ -738,7 +766,9 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "[!r:x] @a:x: before\n\
              [Demo] @a:x named the room \"Demo\"\n\
-             [Demo] @b:x: after\n"
+             [Demo] @b:x: after\n\
+             [Demo] @a:x reacted +1 to \"after\"\n\
+             [Demo] @a:x reacted +1 to $old:x\n"
         );
     }
 
