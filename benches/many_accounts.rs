@@ -34,7 +34,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -42,6 +41,7 @@ use std::time::{Duration, Instant};
 
 use matrix_sync_service::{start, Config, Event, SyncFilter};
 use matrix_sync_testkit::client::Account;
+use matrix_sync_testkit::example::example_binary;
 use matrix_sync_testkit::synapse::SynapseOptions;
 use serde_json::{json, Value};
 
@@ -63,7 +63,10 @@ fn main() {
     let n = env_usize("MANY_N", 1000);
     let idle = Duration::from_secs(env_usize("MANY_IDLE_S", 60) as u64);
     let messages = env_usize("MANY_MESSAGES", 3);
-    let example = example_binary();
+    let example = example_binary(
+        "many_accounts",
+        "run `cargo build --release --example many_accounts` (scripts/many_bench.sh does)",
+    );
 
     let setup = Instant::now();
     let synapse = SynapseOptions::new()
@@ -361,26 +364,6 @@ fn parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) ->
             .flat_map(|h| h.join().expect("worker thread"))
             .collect()
     })
-}
-
-/// The example, built in release mode beside this benchmark.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("many_accounts");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build --release --example many_accounts` (scripts/many_bench.sh does)",
-        binary.display()
-    );
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/many_accounts.rs");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&binary) >= modified(&source),
-        "{} is older than its source: rebuild it",
-        binary.display()
-    );
-    binary
 }
 
 // ---- the driver child --------------------------------------------------------------------

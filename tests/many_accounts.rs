@@ -8,12 +8,13 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use matrix_sync_testkit::example::example_binary;
 use matrix_sync_testkit::tls::TlsTerminator;
 use serde_json::{json, Value};
 use support::client::Account;
@@ -25,25 +26,8 @@ const MESSAGES: usize = 5;
 /// The bound from SIGTERM to the process having exited.
 const STOP_BOUND: Duration = Duration::from_millis(200);
 
-/// The example built beside this test binary (by `cargo test`, or `cargo build --examples`).
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join("many_accounts");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build --examples` (a full `cargo test` builds it)",
-        binary.display()
-    );
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/many_accounts.rs");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&binary) >= modified(&source),
-        "{} is older than its source: run `cargo build --examples` first",
-        binary.display()
-    );
-    binary
-}
+/// How to build the example this test runs.
+const BUILD: &str = "run `cargo build --examples` (a full `cargo test` builds it)";
 
 /// Registers `n` accounts, a few at a time.
 fn register(base: &str, n: usize) -> Vec<Account> {
@@ -96,7 +80,7 @@ impl Running {
 }
 
 fn spawn(base: &str, tokens: &Path, extra: &[&str]) -> Running {
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(example_binary("many_accounts", BUILD))
         .args(["--homeserver", base, "--tokens"])
         .arg(tokens)
         .args(extra)
@@ -306,7 +290,7 @@ fn without_the_ca_every_account_is_refused_as_tls(
     tokens: &Path,
     n: usize,
 ) {
-    let output = Command::new(example_binary())
+    let output = Command::new(example_binary("many_accounts", BUILD))
         .args(["--homeserver", &terminator.base_url(), "--tokens"])
         .arg(tokens)
         .stdin(Stdio::null())

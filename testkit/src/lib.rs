@@ -48,6 +48,7 @@ pub mod canned;
 #[cfg(feature = "net")]
 pub mod client;
 pub mod cpu_clock;
+pub mod example;
 #[cfg(feature = "net")]
 pub mod fake_server;
 pub mod gen;

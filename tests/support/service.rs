@@ -110,24 +110,7 @@ pub fn json_lines(stdout: ChildStdout) -> mpsc::Receiver<serde_json::Value> {
 }
 
 pub fn tail_binary() -> std::path::PathBuf {
-    // target/<profile>/deps/<test binary> -> target/<profile>/examples/tail
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(std::path::Path::parent).unwrap();
-    let tail = profile_dir.join("examples").join("tail");
-    assert!(
-        tail.exists(),
-        "{} is missing: `cargo test` builds the examples; run the tests through cargo",
-        tail.display()
-    );
-    // A stale binary would test old behaviour: refuse one older than its source.
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tail.rs");
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    assert!(
-        modified(&tail) >= modified(&source),
-        "{} is older than examples/tail.rs: run `cargo build --examples` first",
-        tail.display()
-    );
-    tail
+    matrix_sync_testkit::example::example_binary("tail", "run `cargo build --examples` first")
 }
 
 /// A running tail, killed when dropped (a failed assertion leaves no process behind).
