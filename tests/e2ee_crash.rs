@@ -166,10 +166,7 @@ fn sigkill_between_a_room_key_and_its_checkpoint() {
         s.iter().any(|l| l["kind"] == "checkpoint")
     });
     let mut sender = Sender::new(alice);
-    let room = sender.account.create_room(&[]);
-    sender.enable_encryption(&room);
-    sender.account.invite(&room, &ours.user_id);
-    ours.join(&room);
+    let room = sender.encrypted_room_with(&ours);
     let joined = |s: &[Value]| {
         s.iter()
             .position(|l| l["kind"] == "member" && l["room_id"] == room.as_str())

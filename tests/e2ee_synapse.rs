@@ -94,11 +94,24 @@ fn our_device_keys(observer: &Account, user: &str, device: &str) -> (Vec<String>
 
 /// Joins `ours` to a new encrypted room of `sender` after our keys are up.
 fn encrypted_room(sender: &Sender, ours: &Account) -> String {
-    let room = sender.account.create_room(&[]);
-    sender.enable_encryption(&room);
-    sender.account.invite(&room, &ours.user_id);
-    ours.join(&room);
-    room
+    sender.encrypted_room_with(ours)
+}
+
+/// The service delivers `expected` in `room`, decrypted and in order, and nothing it could
+/// not decrypt, without errors; then it is stopped.
+fn assert_decrypts_then_stop(service: SyncService, room: &str, expected: &[String], what: &str) {
+    let events = collect_until(&service, WITHIN, |events| {
+        decrypted_messages(events, room).len() >= expected.len()
+    });
+    let bodies: Vec<String> = decrypted_messages(&events, room)
+        .iter()
+        .map(|e| body(e))
+        .collect();
+    assert_eq!(bodies, expected, "{what}");
+    assert!(undecryptable_in(&events, room).is_empty());
+    assert_no_errors(&service, |_| false);
+    service.stop();
+    service.join().unwrap();
 }
 
 /// Items 1 and 2: 100 messages decrypted in order with bodies, relations and the sender's
@@ -180,35 +193,18 @@ fn hundred_messages_then_restart_then_history() {
         let text = format!("message {i}");
         ids.push(sender.send_text(&room, &to, &text, None));
     }
-    let events = collect_until(&service, WITHIN, |events| {
-        decrypted_messages(events, &room).len() >= 50
-    });
-    let bodies: Vec<String> = decrypted_messages(&events, &room)
-        .iter()
-        .map(|e| body(e))
-        .collect();
     let expected: Vec<String> = (100..150).map(|i| format!("message {i}")).collect();
-    assert_eq!(bodies, expected);
-    assert!(undecryptable_in(&events, &room).is_empty());
-    assert_no_errors(&service, |_| false);
-    service.stop();
-    service.join().unwrap();
+    assert_decrypts_then_stop(service, &room, &expected, "after the restart");
 
     // A catch-up from before the room: the whole history decrypts again (gap-filled).
     let service = start_ours(&ours, sqlite(store_dir.path()), Some(before_room));
-    let events = collect_until(&service, WITHIN, |events| {
-        decrypted_messages(events, &room).len() >= 150
-    });
-    let bodies: Vec<String> = decrypted_messages(&events, &room)
-        .iter()
-        .map(|e| body(e))
-        .collect();
     let expected: Vec<String> = (0..150).map(|i| format!("message {i}")).collect();
-    assert_eq!(bodies, expected, "the history decrypts again, in order");
-    assert!(undecryptable_in(&events, &room).is_empty());
-    assert_no_errors(&service, |_| false);
-    service.stop();
-    service.join().unwrap();
+    assert_decrypts_then_stop(
+        service,
+        &room,
+        &expected,
+        "the history decrypts again, in order",
+    );
 }
 
 /// Item 4: the room key reaches us one batch after the message: the message is delivered

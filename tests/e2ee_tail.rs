@@ -71,10 +71,7 @@ fn tail_prints_decrypted_and_undecryptable_messages() {
     });
 
     let mut sender = Sender::new(alice);
-    let room = sender.account.create_room(&[]);
-    sender.enable_encryption(&room);
-    sender.account.invite(&room, &ours.user_id);
-    ours.join(&room);
+    let room = sender.encrypted_room_with(&ours);
     let to = [ours.user_id.as_str()];
     let decrypted_id = sender.send_text(&room, &to, "hello, encrypted", None);
     // A message under a fresh room key whose share never goes out.

@@ -158,6 +158,15 @@ impl Sender {
         self.ok("PUT", &path, &json!({ "messages": request.messages }));
     }
 
+    /// A new room of ours with encryption on, `member` invited and joined; its id.
+    pub fn encrypted_room_with(&self, member: &Account) -> String {
+        let room = self.account.create_room(&[]);
+        self.enable_encryption(&room);
+        self.account.invite(&room, &member.user_id);
+        member.join(&room);
+        room
+    }
+
     /// Turns encryption on in `room` (Megolm).
     pub fn enable_encryption(&self, room: &str) {
         self.account.send_state(
