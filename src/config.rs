@@ -154,7 +154,7 @@ pub struct Config {
     /// {homeserver}/.well-known/matrix/client`, and the base URL it names (or, on a 404,
     /// `homeserver` itself) for every request after. Off with [`Config::new`], on with
     /// [`Config::discover()`]. Once the base URL is found, the machine's
-    /// [`config`](crate::SyncMachine::config) holds it in `homeserver`. See the crate docs
+    /// [`config`](crate::SyncMachine::config) holds it in `homeserver`, with `discover` off. See the crate docs
     /// (and the `discovery` module's, in the source).
     pub discover: bool,
     /// The access token, sent in the `Authorization` header only.

@@ -5,7 +5,7 @@
 //!
 //! 1. `GET {server}/.well-known/matrix/client`, where `{server}` is
 //!    [`Config::homeserver`](crate::Config::homeserver) (for [`Config::discover`]:
-//!    `https://` and the server name). Unauthenticated: no `Authorization` header.
+//!    `https://` and the server name, `http://` for a loopback name). Unauthenticated: no `Authorization` header.
 //!    Redirects are followed, at most [`MAX_DISCOVERY_REDIRECTS`](crate::defaults::MAX_DISCOVERY_REDIRECTS) in a row (the specification asks for
 //!    it, and no token rides on the request); a redirect from https to plain http only with
 //!    [`Config::allow_insecure_http`](crate::Config::allow_insecure_http).
@@ -342,7 +342,7 @@ pub(crate) fn read_well_known(
     let Some(base_url) = base_url else {
         return prompt(DiscoveryError::MissingBaseUrl { url: capped(url) });
     };
-    let https = url.starts_with("https:");
+    let https = has_scheme(url, "https");
     let normalized = base_url.trim_end_matches('/');
     check_base_url(normalized, https, allow_insecure_http).map_err(|reason| {
         Failure::from(DiscoveryError::InvalidBaseUrl {
@@ -475,8 +475,10 @@ fn redirect(
     Ok(WellKnown::Redirect(target))
 }
 
-/// `location` resolved against `base` (RFC 3986 §5.2, enough of it for redirects: absolute,
-/// network-path, absolute-path and relative-path references), without its fragment.
+/// `location` resolved against `base`, without its fragment: absolute, network-path,
+/// absolute-path and relative-path references (a relative path joins the base's directory;
+/// `.` and `..` segments are kept as sent, and a query-only reference joins the directory
+/// too, unlike RFC 3986 §5.2, which a well-known redirect does not need).
 fn resolve(base: &str, location: &str) -> Option<String> {
     let location = location.trim();
     let location = location.split('#').next().unwrap_or_default();

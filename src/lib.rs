@@ -47,7 +47,7 @@
 //!   slashes removed) is announced once as an [`EventKind::Discovered`] event, is
 //!   [`SyncMachine::homeserver`], and takes every later request (syncs, gap fills, refreshes).
 //!   The specification's outcomes: a 404 is `IGNORE`, and the server name's own address
-//!   (`https://{server_name}`) is the base URL; an unusable well-known (`FAIL_PROMPT`) or
+//!   (`https://{server_name}`, `http://` for a loopback name) is the base URL; an unusable well-known (`FAIL_PROMPT`) or
 //!   base URL (`FAIL_ERROR`) is [`Failure::Discovery`], class `NeedsUser`, retried only at the
 //!   maximum backoff ([`SyncState::Refused`] meanwhile), so a well-known fixed on the server is
 //!   picked up without a restart. Transport failures, deadlines, 5xx and 429 of either request

@@ -379,10 +379,14 @@ impl SyncMachine {
         self.now = now;
         let expires_at = auth::expiry(now, credentials.expires_in);
         self.put_in_force(credentials, expires_at);
-        if matches!(
-            self.state,
-            SyncState::Refused | SyncState::SessionEnded | SyncState::CredentialsNotStored
-        ) {
+        // New credentials answer a refusal of the old ones, not a discovery verdict.
+        let discovering = matches!(self.phase, Phase::Discovering { .. });
+        if !discovering
+            && matches!(
+                self.state,
+                SyncState::Refused | SyncState::SessionEnded | SyncState::CredentialsNotStored
+            )
+        {
             self.schedule.lift_wait();
             if self.state != SyncState::Refused {
                 self.set_state(self.resumed_state());
@@ -510,7 +514,8 @@ impl SyncMachine {
         if matches!(kind, RequestKind::Messages { .. }) && self.state == SyncState::BackingOff {
             self.set_state(SyncState::CatchingUp);
         }
-        if kind.is_discovery() {
+        // A verdict that needs the user stays `Refused` while it is retried.
+        if kind.is_discovery() && self.state != SyncState::Refused {
             self.set_state(SyncState::Discovering);
         }
         self.schedule.sent();
@@ -556,7 +561,14 @@ impl SyncMachine {
             let homeserver = std::mem::take(base_url);
             log::info!("server discovery: the homeserver is {homeserver}");
             self.config.homeserver.clone_from(&homeserver);
+            // From here `homeserver` is the base URL itself: a copy of this configuration
+            // starts syncing there at once.
+            self.config.discover = false;
             self.phase = Phase::Syncing { in_flight: None };
+            if self.state == SyncState::Refused {
+                // The verdict that needed the user is over: the server answered well.
+                self.set_state(self.catch_up_state());
+            }
             return Some(Event::discovered(homeserver));
         }
         let Phase::Delivering { delivery, answer } = &mut self.phase else {
@@ -631,10 +643,7 @@ impl SyncMachine {
     /// while server discovery ([`Config::discover()`]) has not announced it
     /// ([`EventKind::Discovered`]).
     pub fn homeserver(&self) -> Option<&str> {
-        match &self.phase {
-            Phase::Discovering { .. } => None,
-            _ => Some(&self.config.homeserver),
-        }
+        (!self.config.discover).then_some(self.config.homeserver.as_str())
     }
 
     /// The current state.
@@ -1007,7 +1016,11 @@ impl SyncMachine {
         }
         let timeout = match in_flight.kind {
             RequestKind::Sync { timeout } => timeout,
-            _ => Duration::ZERO,
+            RequestKind::Messages { .. }
+            | RequestKind::Refresh
+            | RequestKind::Crypto(_)
+            | RequestKind::Discovery
+            | RequestKind::VersionsCheck => Duration::ZERO,
         };
         let answer = Answer {
             channel: self.mode.channel(),

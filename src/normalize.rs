@@ -410,6 +410,7 @@ impl Event {
 /// | `undecryptable` | why not ([`UndecryptableReason`](crate::UndecryptableReason)'s `Display`) |
 /// | `next_batch`, `live` | for a checkpoint: a string and a boolean |
 /// | `prev_batch`, `previous_since` | for a gap: strings |
+/// | `homeserver` | for [`Discovered`](EventKind::Discovered): the base URL found |
 ///
 /// [`raw`](Event::raw) is not part of it (add it yourself if you want it: tail's `--raw`
 /// does). The shape is stable: members may be added, none renamed or removed.
@@ -497,6 +498,9 @@ impl serde::Serialize for Event {
             EventKind::Gap(gap) => {
                 map.serialize_entry("prev_batch", &gap.prev_batch)?;
                 map.serialize_entry("previous_since", &gap.previous_since)?;
+            }
+            EventKind::Discovered { homeserver } => {
+                map.serialize_entry("homeserver", homeserver)?;
             }
             _ => {}
         }

@@ -279,7 +279,11 @@ fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
         let again = retry_after(&mut h, failed_at, defaults::BACKOFF_MAX);
         assert_eq!(again.kind, RequestKind::Discovery, "{what}");
         assert_eq!(url(&again), WELL_KNOWN, "{what}");
-        assert_eq!(h.machine.state(), SyncState::Discovering, "{what}");
+        assert_eq!(
+            h.machine.state(),
+            SyncState::Refused,
+            "{what}: still refused while retried"
+        );
         // Fixed on the server: picked up without a restart.
         h.respond(&again, well_known("https://matrix.example.org"));
         let check = h.request();
@@ -566,4 +570,52 @@ fn a_loopback_server_name_discovers_over_plain_http() {
     assert_eq!(url(&check), "http://127.0.0.1:8008/_matrix/client/versions");
     h.respond(&check, versions());
     assert_eq!(discovered(&mut h), "http://127.0.0.1:8008");
+}
+
+#[test]
+fn once_found_the_configuration_names_the_base_url_and_the_event_line_carries_it() {
+    let mut h = Harness::new(discovering());
+    assert_eq!(h.machine.homeserver(), None, "not found yet");
+    discover(&mut h, "https://matrix.example.org/");
+    let events = h.take_events();
+    let line = serde_json::to_value(&events[0]).unwrap();
+    assert_eq!(
+        line,
+        json!({"kind": "discovered", "type": "discovered", "homeserver": "https://matrix.example.org"})
+    );
+    assert_eq!(h.machine.homeserver(), Some("https://matrix.example.org"));
+    // A copy of the machine's configuration syncs there at once, without discovering again.
+    let copy = h.machine.config().clone();
+    assert!(!copy.discover);
+    let mut again = Harness::new(copy);
+    let req = again.request();
+    assert!(matches!(req.kind, RequestKind::Sync { .. }));
+    assert!(url(&req).starts_with("https://matrix.example.org/_matrix/client/v3/sync"));
+}
+
+#[test]
+fn a_machine_stopped_while_discovering_names_no_homeserver() {
+    let mut h = Harness::new(discovering());
+    let _req = h.request();
+    h.stop();
+    assert_eq!(h.machine.homeserver(), None);
+}
+
+#[test]
+fn new_credentials_do_not_cut_short_the_wait_after_a_discovery_verdict() {
+    let mut h = Harness::new(discovering());
+    let req = h.request();
+    h.respond(&req, response(200, "not json"));
+    let error = one_error(&mut h);
+    assert_eq!(
+        discovery_error(&error).action(),
+        DiscoveryAction::FailPrompt
+    );
+    let failed_at = h.now;
+    h.machine
+        .set_access_token("syt_another_token", h.now)
+        .expect("a usable token");
+    assert_eq!(h.machine.state(), SyncState::Refused);
+    let again = retry_after(&mut h, failed_at, defaults::BACKOFF_MAX);
+    assert_eq!(again.kind, RequestKind::Discovery);
 }

@@ -114,6 +114,13 @@ pub enum E2eeError {
         /// The library's error message.
         detail: String,
     },
+    /// The configuration still discovers its homeserver
+    /// ([`Config::discover`](Config#structfield.discover)): the stage's
+    /// requests would go to the server name's address. Create the stage from the machine's
+    /// [`config`](crate::SyncMachine::config) once it announced
+    /// [`EventKind::Discovered`](crate::EventKind::Discovered), or from the base URL.
+    #[error("the E2EE stage needs the homeserver's base URL: server discovery has not run yet")]
+    NotDiscoveredYet,
 }
 
 /// Which crypto request a pending one is, for parking refused ones.
@@ -253,6 +260,9 @@ impl E2ee {
     /// `now`. With both ids configured, the store is opened here (an unusable store is an
     /// error now); otherwise the first request is `GET /account/whoami`.
     pub fn new(sync: &Config, config: E2eeConfig, now: Instant) -> Result<Self, E2eeError> {
+        if sync.discover {
+            return Err(E2eeError::NotDiscoveredYet);
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
