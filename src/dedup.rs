@@ -70,6 +70,16 @@ mod tests {
     }
 
     #[test]
+    fn reserves_up_to_a_thousand_ids_up_front() {
+        let small = Dedup::new(10);
+        assert!(small.order.capacity() >= 10 && small.seen.capacity() >= 10);
+        let large = Dedup::new(16_384);
+        assert!(large.order.capacity() >= PREALLOCATED);
+        assert!(large.seen.capacity() >= PREALLOCATED);
+        assert!(large.order.capacity() < 16_384, "the rest grows on demand");
+    }
+
+    #[test]
     fn each_machine_draws_its_own_key() {
         let (a, b) = (Dedup::new(1), Dedup::new(1));
         assert_ne!(a.key.hash_one("$same:x"), b.key.hash_one("$same:x"));
