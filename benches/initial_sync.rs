@@ -28,11 +28,11 @@
 //! Synapse and takes a few minutes. It never asserts a timing.
 
 use std::process::ExitCode;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{Config, EventKind, SyncMachine};
 use matrix_sync_testkit::client::{self, Account};
+use matrix_sync_testkit::parallel::parallel;
 use matrix_sync_testkit::synapse::SynapseOptions;
 use serde_json::json;
 
@@ -41,30 +41,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `f(0..n)` on `threads` threads, each taking every `threads`-th index (so that neighbours,
-/// such as joins of the same room, run on different threads); results in index order.
-fn parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let f = &f;
-    let mut results: Vec<(usize, T)> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.min(n))
-            .map(|first| {
-                scope.spawn(move || {
-                    (first..n)
-                        .step_by(threads)
-                        .map(|i| (i, f(i)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("worker thread"))
-            .collect()
-    });
-    results.sort_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, t)| t).collect()
 }
 
 /// What `scripts/demo.sh` sets up before it starts tail: alice's account.

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use matrix_sync_service::{start, Config, Event, SyncFilter};
 use matrix_sync_testkit::client::Account;
 use matrix_sync_testkit::example::example_binary;
+use matrix_sync_testkit::parallel::parallel;
 use matrix_sync_testkit::synapse::SynapseOptions;
 use serde_json::{json, Value};
 
@@ -346,24 +347,6 @@ fn rss_kb(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// `f(i)` for `i` in `0..n`, on `threads` threads; the results in order.
-fn parallel<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let f = &f;
-    let per = n.div_ceil(threads).max(1);
-    thread::scope(|scope| {
-        let handles: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|first| {
-                scope.spawn(move || (first..(first + per).min(n)).map(f).collect::<Vec<_>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("worker thread"))
-            .collect()
-    })
 }
 
 // ---- the driver child --------------------------------------------------------------------

@@ -15,6 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_testkit::example::example_binary;
+use matrix_sync_testkit::parallel::parallel;
 use matrix_sync_testkit::tls::TlsTerminator;
 use serde_json::{json, Value};
 use support::client::Account;
@@ -31,25 +32,7 @@ const BUILD: &str = "run `cargo build --examples` (a full `cargo test` builds it
 
 /// Registers `n` accounts, a few at a time.
 fn register(base: &str, n: usize) -> Vec<Account> {
-    let per_thread = n.div_ceil(4);
-    thread::scope(|scope| {
-        let handles: Vec<_> = (0..n)
-            .collect::<Vec<_>>()
-            .chunks(per_thread)
-            .map(|chunk| {
-                let count = chunk.len();
-                scope.spawn(move || {
-                    (0..count)
-                        .map(|_| Account::register(base, "many"))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("registration thread"))
-            .collect()
-    })
+    parallel(n, 4, |_| Account::register(base, "many"))
 }
 
 struct Running {

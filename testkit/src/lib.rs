@@ -52,6 +52,7 @@ pub mod example;
 #[cfg(feature = "net")]
 pub mod fake_server;
 pub mod gen;
+pub mod parallel;
 #[cfg(feature = "net")]
 pub mod proxy;
 pub mod query;
