@@ -11,14 +11,11 @@
 //! * a whole request: `GET` over one keep-alive connection to a loopback server that answers
 //!   `{}` at once, through an agent configured as the driver's, with each resolver.
 
-#[path = "../src/resolve.rs"]
-#[allow(dead_code)]
-mod resolve;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use matrix_sync_service::LiteralFirst;
 use ureq::unversioned::resolver::{DefaultResolver, Resolver};
 use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
@@ -41,7 +38,7 @@ fn main() {
     };
 
     let default = DefaultResolver::default();
-    let literal = resolve::LiteralFirst::default();
+    let literal = LiteralFirst::default();
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         a.push(time(|| default.resolve(&uri, &config, timeout).unwrap()));
@@ -63,7 +60,7 @@ fn main() {
     let literal_agent = ureq::Agent::with_parts(
         driver_like(),
         DefaultConnector::default(),
-        resolve::LiteralFirst::default(),
+        LiteralFirst::default(),
     );
     let url = uri.to_string();
     let get = |agent: &ureq::Agent| {

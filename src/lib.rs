@@ -232,8 +232,6 @@ mod gapfill;
 mod machine;
 mod normalize;
 mod request;
-#[cfg(feature = "driver")]
-mod resolve;
 mod response;
 mod scan;
 mod schedule;
@@ -250,7 +248,8 @@ pub use discovery::{DiscoveryAction, DiscoveryError};
 pub use driver::start_encrypted;
 #[cfg(feature = "driver")]
 pub use driver::{
-    start, start_with, DriverConfig, ServiceError, StartError, StoreCredentials, SyncService,
+    start, start_with, DriverConfig, LiteralFirst, ServiceError, StartError, StoreCredentials,
+    SyncService,
 };
 #[cfg(feature = "e2ee")]
 pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};

@@ -3,10 +3,12 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::connect_proxy::ConnectProxy;
+use support::fake_server::{FakeServer, Response};
 use support::service::tail_binary;
 
 use matrix_sync_service::{
@@ -162,4 +164,57 @@ fn tail_rejects_bad_arguments_and_a_missing_token_with_one_line_and_exit_2() {
     let secret = "syt_very_secret";
     let out = run(&["--homeserver", "http://example.org"], Some(secret));
     assert!(!out.contains(secret), "the token never shows: {out}");
+}
+
+/// Runs `tail` against `homeserver` with `HTTP_PROXY` set to `proxy` for `how_long`, then
+/// kills it; returns its stderr.
+fn tail_through_proxy(homeserver: &str, proxy: &str, how_long: Duration) -> String {
+    let mut child = Command::new(tail_binary())
+        .args(["--homeserver", homeserver, "--timeout-ms", "200"])
+        .env("MATRIX_ACCESS_TOKEN", "token")
+        .env_remove("ALL_PROXY")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("NO_PROXY")
+        .env("HTTP_PROXY", proxy)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(how_long);
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The driver's documented proxy limit (`DriverConfig::proxy_from_env`): a plain `http://`
+/// homeserver is reached through an HTTP proxy by a `CONNECT` tunnel, not in absolute form; a
+/// proxy that tunnels only to port 443 refuses it, which is reported as a connect failure
+/// naming the `CONNECT`, backed off from, and the homeserver never sees a request.
+#[test]
+fn an_http_proxy_is_asked_to_connect_even_for_plain_http_and_a_refusal_is_reported_and_backed_off()
+{
+    let server = FakeServer::start(|_| Response::json(200, r#"{"next_batch":"s1"}"#));
+    let target = server.url().trim_start_matches("http://").to_owned();
+
+    let open = ConnectProxy::start();
+    tail_through_proxy(&server.url(), &open.url(), Duration::from_secs(2));
+    assert!(open.tunnels_to(&target) >= 1, "{:?}", open.tunnels());
+    assert!(server.requests() >= 1, "the tunnel reached the homeserver");
+
+    let strict = ConnectProxy::start_ssl_ports_only();
+    let reached = server.requests();
+    let stderr = tail_through_proxy(&server.url(), &strict.url(), Duration::from_secs(3));
+    let refused = strict.refused_to(&target);
+    // The default backoff starts at 500 ms (jitter 50 %) and doubles: at most 4 or 5 attempts
+    // in 3 s, not a loop.
+    assert!((1..=5).contains(&refused), "{refused} refused CONNECTs");
+    assert_eq!(
+        server.requests(),
+        reached,
+        "the homeserver was never reached"
+    );
+    assert!(
+        stderr.contains("Connect") && stderr.contains("CONNECT proxy failed"),
+        "{stderr}"
+    );
 }

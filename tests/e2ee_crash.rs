@@ -12,8 +12,6 @@
 //!
 //! Needs Synapse (`scripts/synapse.sh install`); without it the test fails loudly.
 
-#[path = "support/e2ee_sender.rs"]
-mod e2ee_sender;
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,13 +19,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2ee_sender::Sender;
 use matrix_sync_service::e2ee::Encryption;
 use matrix_sync_service::{
     start_encrypted, Config, CryptoStore, DriverConfig, E2eeConfig, EventKind,
 };
 use serde_json::{json, Value};
 use support::client::Account;
+use support::e2ee_sender::Sender;
 use support::synapse::Synapse;
 
 const CHILD: &str = "E2EE_CRASH_CHILD";

@@ -3,14 +3,11 @@
 //!
 //! Needs Synapse (`scripts/synapse.sh install`); without it every test fails loudly.
 
-#[path = "support/e2ee_sender.rs"]
-mod e2ee_sender;
 mod support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use e2ee_sender::Sender;
 use matrix_sync_service::e2ee::{Decrypted, Encryption, UndecryptableReason, Verification};
 use matrix_sync_service::{
     start_encrypted, CryptoStore, DriverConfig, E2eeConfig, Event, EventKind, ServiceError,
@@ -18,6 +15,7 @@ use matrix_sync_service::{
 };
 use serde_json::{json, Value};
 use support::client::Account;
+use support::e2ee_sender::Sender;
 use support::service::{collect_until, config_for, drain_until_live, last_checkpoint};
 use support::synapse::Synapse;
 

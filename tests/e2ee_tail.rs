@@ -4,8 +4,6 @@
 //!
 //! Needs Synapse (`scripts/synapse.sh install`); without it the test fails loudly.
 
-#[path = "support/e2ee_sender.rs"]
-mod e2ee_sender;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -13,9 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2ee_sender::Sender;
 use serde_json::{json, Value};
 use support::client::Account;
+use support::e2ee_sender::Sender;
 use support::service::tail_binary;
 use support::synapse::Synapse;
 

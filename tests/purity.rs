@@ -20,17 +20,16 @@ const MACHINE_MODULES: &[&str] = &[
     "token.rs",
 ];
 
-/// The modules allowed to do I/O: the driver and its agent's parts (TLS roots, resolver), the
-/// file checkpoint store, the E2EE stage (its
-/// crypto store and runtime; a stage of its own beside the machine), and the crate root with
-/// the docs section it includes (their documentation examples).
+/// The modules allowed to do I/O: the driver (its loop, stages, transport and resolver) and
+/// its agent's TLS roots, the file checkpoint store, the E2EE stage (its crypto store and
+/// runtime; a stage of its own beside the machine), and the crate root with the docs section
+/// it includes (their documentation examples).
 const IO_MODULES: &[&str] = &[
     "checkpoint.rs",
     "docs_many_machines.md",
-    "driver.rs",
+    "driver",
     "e2ee",
     "lib.rs",
-    "resolve.rs",
     "tls.rs",
 ];
 

@@ -1,10 +1,13 @@
 //! Shared helpers for the integration tests that need the driver: a throwaway Synapse
 //! homeserver and a minimal blocking Matrix client (from the test kit), a fake server, a
-//! fault-injecting proxy and the service wrapper.
+//! fault-injecting proxy, the service wrapper and, with the `e2ee` feature, an independent
+//! encrypting client.
 #![allow(dead_code)]
 
 #[allow(unused_imports)]
 pub use matrix_sync_testkit::{client, fake_server, proxy, synapse};
 
 pub mod connect_proxy;
+#[cfg(feature = "e2ee")]
+pub mod e2ee_sender;
 pub mod service;

@@ -7,27 +7,26 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::tls::{self, CaCertificate, CaPemError, TrustRoots};
 use crate::{
-    defaults, Config, ConfigError, Credentials, Event, InputError, OutgoingRequest, SyncError,
-    SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+    defaults, Config, ConfigError, Credentials, Event, InputError, SyncError, SyncMachine,
+    SyncState,
 };
 
-/// Connect and resolve are the only steps `Agent::shutdown` cannot interrupt; bound them so a
-/// stop during a connect to a black-holed address still ends promptly enough.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATE_CHANNEL_CAPACITY: usize = 64;
 
-// The E2EE stage on the driver thread (its own loop, reusing the driver's parts).
-#[cfg(feature = "e2ee")]
-#[path = "e2ee/driver.rs"]
-mod e2ee;
-#[cfg(feature = "e2ee")]
-pub use e2ee::start_encrypted;
+mod resolve;
+mod run;
+mod stage;
+mod transport;
+
+pub use resolve::LiteralFirst;
+use run::{Driver, Lossy, SetCredentials};
+use stage::Stage;
 
 /// What reaches the `errors` channel.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +92,14 @@ pub struct DriverConfig {
     /// Route requests through the proxy named by `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY`
     /// (as curl reads them, `NO_PROXY` included), read once at start. On by default; off means
     /// always direct. Ignored with [`agent`](Self::agent).
+    ///
+    /// An HTTP proxy is asked for a `CONNECT` tunnel for every request, a plain `http://`
+    /// homeserver's included (ureq's choice; curl sends those in absolute form instead). A
+    /// proxy that tunnels only to port 443, as many forward proxies are set up, refuses a
+    /// plain-http homeserver on another port: each sync then fails as a
+    /// [`TransportErrorKind::Connect`](crate::TransportErrorKind::Connect) whose detail names
+    /// the `CONNECT`, and the service backs off. Use `https`, or put the homeserver in
+    /// `NO_PROXY`.
     pub proxy_from_env: bool,
     /// The certificate authorities trusted for `https`: the bundled web roots (the default)
     /// or the platform's store, see [`TrustRoots`]. Ignored with [`agent`](Self::agent).
@@ -227,20 +234,67 @@ pub fn start(config: Config) -> Result<SyncService, StartError> {
 pub fn start_with(config: Config, driver: DriverConfig) -> Result<SyncService, StartError> {
     driver.validate()?;
     let machine = SyncMachine::new(config, Instant::now())?;
-    let (driver, service) = wire(machine, &driver);
+    launch(machine, Vec::new(), &driver)
+}
+
+/// [`start_with`], with the end-to-end encryption stage after the machine (feature `e2ee`):
+/// events reach [`SyncService::events`] decrypted where the stage can (see [`crate::e2ee`]);
+/// the stage's failures reach `errors` as [`ServiceError::Sync`] (for its requests) or
+/// [`ServiceError::E2ee`]. The same loop as [`start_with`], with one more stage.
+///
+/// The crypto store is opened here when both ids are configured (an unusable store is a
+/// [`StartError::E2ee`]); otherwise after `GET /account/whoami`.
+///
+/// Server discovery ([`Config::discover`](crate::Config::discover())) is refused with
+/// [`StartError::Config`]: the stage's requests (whoami, the first keys upload) go out before
+/// the first sync, to the homeserver it was created with.
+#[cfg(feature = "e2ee")]
+pub fn start_encrypted(
+    config: Config,
+    driver: DriverConfig,
+    e2ee: crate::E2eeConfig,
+) -> Result<SyncService, StartError> {
+    driver.validate()?;
+    if config.discover {
+        return Err(StartError::Config(ConfigError::Invalid {
+            field: "discover",
+            reason: "server discovery is not supported with the E2EE stage: \
+                     start with the homeserver URL (Config::new)",
+        }));
+    }
+    let now = Instant::now();
+    let machine = SyncMachine::new(config, now)?;
+    let stage = crate::E2ee::new(machine.config(), e2ee, now).map_err(StartError::E2ee)?;
+    launch(machine, vec![Box::new(stage)], &driver)
+}
+
+/// Wires the machine and its stages to a new handle and starts the driver thread.
+fn launch(
+    machine: SyncMachine,
+    stages: Vec<Box<dyn Stage>>,
+    options: &DriverConfig,
+) -> Result<SyncService, StartError> {
+    let (driver, service) = wire(machine, stages, options);
     let thread = spawn(driver, Driver::run).map_err(StartError::Spawn)?;
     *lock(&service.thread) = Some(thread);
     Ok(service)
 }
 
 /// The driver and its handle, connected by their channels; the thread is not started yet.
-fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
+fn wire(
+    machine: SyncMachine,
+    stages: Vec<Box<dyn Stage>>,
+    options: &DriverConfig,
+) -> (Driver, SyncService) {
     let (event_tx, event_rx) = bounded(options.event_channel_capacity);
     let (error_tx, error_rx) = bounded(options.error_channel_capacity);
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
-    let agent = options.agent.clone().unwrap_or_else(|| new_agent(options));
+    let agent = options
+        .agent
+        .clone()
+        .unwrap_or_else(|| transport::new_agent(options));
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
@@ -250,6 +304,7 @@ fn wire(machine: SyncMachine, options: &DriverConfig) -> (Driver, SyncService) {
     });
     let driver = Driver {
         machine,
+        stages,
         agent,
         events: event_tx,
         errors: Lossy::new(error_tx, &error_rx, &shared, true),
@@ -408,274 +463,6 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
-/// The driver's own agent: statuses as values, no redirects, bounded connect and resolve,
-/// the proxy of the environment if asked, the configured TLS roots, and a resolver that
-/// spends no thread on an IP address (`crate::resolve`).
-fn new_agent(options: &DriverConfig) -> ureq::Agent {
-    let proxy = options
-        .proxy_from_env
-        .then(ureq::Proxy::try_from_env)
-        .flatten();
-    if let Some(proxy) = &proxy {
-        log::info!("requests go through the proxy at {}", proxy.host());
-    }
-    // `validate` refused the combinations ureq cannot build; the fallback is never taken.
-    let roots = tls::root_certs(options.trust_roots, &options.extra_ca)
-        .unwrap_or(ureq::tls::RootCerts::WebPki);
-    let tls = ureq::tls::TlsConfig::builder().root_certs(roots).build();
-    let config = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(proxy)
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_resolve(Some(CONNECT_TIMEOUT))
-        .max_redirects(0)
-        .tls_config(tls)
-        .user_agent(concat!("matrix-sync-service/", env!("CARGO_PKG_VERSION")))
-        .build();
-    ureq::Agent::with_parts(
-        config,
-        ureq::unversioned::transport::DefaultConnector::default(),
-        crate::resolve::LiteralFirst::default(),
-    )
-}
-
-/// A channel that never blocks its sender: when full, the oldest item is dropped.
-struct Lossy<T> {
-    tx: Sender<T>,
-    rx: Receiver<T>,
-    shared: Arc<Shared>,
-    counts: bool,
-}
-
-impl<T> Lossy<T> {
-    /// `counts`: whether drops are counted in `dropped_errors`.
-    fn new(tx: Sender<T>, rx: &Receiver<T>, shared: &Arc<Shared>, counts: bool) -> Self {
-        Self {
-            tx,
-            rx: rx.clone(),
-            shared: shared.clone(),
-            counts,
-        }
-    }
-
-    fn push(&self, mut item: T) {
-        loop {
-            match self.tx.try_send(item) {
-                Ok(()) => return,
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
-                Err(crossbeam_channel::TrySendError::Full(back)) => {
-                    item = back;
-                    if self.rx.try_recv().is_ok() && self.counts {
-                        self.shared.dropped_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    }
-}
-
-struct Driver {
-    machine: SyncMachine,
-    agent: ureq::Agent,
-    events: Sender<Event>,
-    errors: Lossy<ServiceError>,
-    states: Lossy<SyncState>,
-    stop: Receiver<()>,
-    credentials: Receiver<SetCredentials>,
-    store: Option<Arc<StoreCredentials>>,
-    shared: Arc<Shared>,
-}
-
-/// Why the loop ends.
-struct Stopped;
-
-/// A request's id, what came of it, and when.
-type Exchanged = (
-    crate::RequestId,
-    Result<http::Response<Vec<u8>>, TransportFailure>,
-    Instant,
-);
-
-/// Credentials set through the handle; `keep_refresh_token` for `set_access_token`.
-struct SetCredentials {
-    credentials: Credentials,
-    keep_refresh_token: bool,
-}
-
-impl Driver {
-    fn run(&mut self) {
-        while self.step().is_ok() {}
-        log::debug!("sync driver stopping");
-    }
-
-    /// One turn of the canonical loop: drain the outputs, then send a request or wait.
-    fn step(&mut self) -> Result<(), Stopped> {
-        self.drain()?;
-        if let Some(request) = self.machine.poll_request() {
-            let (id, outcome, now) = self.exchange(request)?;
-            let input = match outcome {
-                Ok(response) => self.machine.handle_response(id, response, now),
-                Err(failure) => self.machine.handle_failure(id, failure, now),
-            };
-            if let Err(err) = input {
-                log::warn!("input refused by the machine: {err}");
-            }
-            return Ok(());
-        }
-        let Some(wake) = self.machine.poll_timeout() else {
-            return Err(Stopped);
-        };
-        let wait = wake.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            select! {
-                recv(self.stop) -> _ => return Err(Stopped),
-                recv(self.credentials) -> set => if let Ok(set) = set { self.put_in_force(set) },
-                default(wait) => {}
-            }
-        }
-        // `Instant::now()` is monotonic, so the machine never sees time go backwards; a timer
-        // that fired a little early only makes the next turn wait the rest.
-        let _ = self.machine.handle_timeout(Instant::now());
-        Ok(())
-    }
-
-    /// Sends `request` (the machine's or the E2EE stage's) and returns its id, its outcome
-    /// and when it came; `Stopped` if a stop arrived meanwhile.
-    fn exchange(&self, request: OutgoingRequest) -> Result<Exchanged, Stopped> {
-        let id = request.id;
-        let outcome = perform(&self.agent, request, self.machine.config().max_body_bytes);
-        self.check_stop()?;
-        Ok((id, outcome, Instant::now()))
-    }
-
-    fn drain(&mut self) -> Result<(), Stopped> {
-        self.publish_states();
-        while let Some(error) = self.machine.poll_error() {
-            self.errors.push(ServiceError::Sync(error));
-        }
-        while let Some(event) = self.machine.poll_event() {
-            select! {
-                send(self.events, event) -> sent => if sent.is_err() { return Err(Stopped) },
-                recv(self.stop) -> _ => return Err(Stopped),
-            }
-        }
-        self.settle_credentials();
-        self.publish_states();
-        self.check_stop()
-    }
-
-    /// Puts credentials set through the handle in force, and has refreshed ones stored.
-    fn settle_credentials(&mut self) {
-        while let Ok(set) = self.credentials.try_recv() {
-            self.put_in_force(set);
-        }
-        while let Some(credentials) = self.machine.poll_credentials() {
-            self.store(&credentials);
-            while let Some(error) = self.machine.poll_error() {
-                self.errors.push(ServiceError::Sync(error));
-            }
-        }
-    }
-
-    /// Hands refreshed credentials to the application's store and tells the machine.
-    fn store(&mut self, credentials: &Credentials) {
-        let stored = match &self.store {
-            Some(store) => store(credentials).map_err(|e| e.to_string()),
-            None => Ok(()),
-        };
-        let now = Instant::now();
-        let answered = match stored {
-            Ok(()) => self.machine.handle_credentials_stored(now),
-            Err(reason) => self.machine.handle_credentials_not_stored(reason, now),
-        };
-        if let Err(err) = answered {
-            log::warn!("credentials answer refused by the machine: {err}");
-        }
-    }
-
-    fn put_in_force(&mut self, set: SetCredentials) {
-        let mut credentials = set.credentials;
-        if set.keep_refresh_token {
-            credentials.refresh_token = self.machine.config().refresh_token.clone();
-        }
-        if let Err(err) = self.machine.set_credentials(credentials, Instant::now()) {
-            log::warn!("new credentials refused by the machine: {err}");
-        }
-    }
-
-    fn publish_states(&mut self) {
-        while let Some(state) = self.machine.poll_state() {
-            *lock(&self.shared.state) = state;
-            self.states.push(state);
-        }
-    }
-
-    fn check_stop(&self) -> Result<(), Stopped> {
-        match self.stop.try_recv() {
-            Err(crossbeam_channel::TryRecvError::Empty) => Ok(()),
-            _ => Err(Stopped),
-        }
-    }
-}
-
-/// Sends one request and reads its whole body (up to `max_body` bytes).
-fn perform(
-    agent: &ureq::Agent,
-    request: OutgoingRequest,
-    max_body: u64,
-) -> Result<http::Response<Vec<u8>>, TransportFailure> {
-    let timeout = request.deadline.saturating_duration_since(Instant::now());
-    if timeout.is_zero() {
-        return Err(TransportFailure::new(
-            TransportErrorKind::TimedOut,
-            "deadline passed before sending",
-        ));
-    }
-    // Set on every request, so that an application's own agent keeps the guarantees.
-    let http = agent
-        .configure_request(request.http)
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
-        .build();
-    let response = agent.run(http).map_err(|e| transport_failure(e, false))?;
-    let (parts, mut body) = response.into_parts();
-    let bytes = body
-        .with_config()
-        .limit(max_body)
-        .read_to_vec()
-        .map_err(|e| transport_failure(e, true))?;
-    Ok(http::Response::from_parts(parts, bytes))
-}
-
-fn transport_failure(error: ureq::Error, reading_body: bool) -> TransportFailure {
-    use TransportErrorKind as K;
-    let kind = match &error {
-        // rustls reports a refused handshake (unknown issuer, wrong name, expired) as an
-        // I/O error that carries its own.
-        ureq::Error::Io(io) if is_tls(io) => K::Tls,
-        ureq::Error::Io(io) => match io.kind() {
-            io::ErrorKind::ConnectionRefused => K::Connect,
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => K::TimedOut,
-            io::ErrorKind::UnexpectedEof if reading_body => K::Truncated,
-            _ => K::Reset,
-        },
-        ureq::Error::Timeout(_) => K::TimedOut,
-        ureq::Error::HostNotFound => K::Dns,
-        ureq::Error::ConnectionFailed => K::Connect,
-        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::TlsRequired => K::Tls,
-        ureq::Error::BodyExceedsLimit(_) => K::BodyTooLarge,
-        ureq::Error::Protocol(_) if reading_body => K::Truncated,
-        _ => K::Other,
-    };
-    TransportFailure::new(kind, error.to_string())
-}
-
-fn is_tls(io: &io::Error) -> bool {
-    io.get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,7 +471,7 @@ mod tests {
     fn a_panic_in_the_driver_thread_reaches_errors_and_join() {
         let config = Config::new("http://127.0.0.1:9", "token");
         let machine = SyncMachine::new(config, Instant::now()).unwrap();
-        let (driver, service) = wire(machine, &DriverConfig::default());
+        let (driver, service) = wire(machine, Vec::new(), &DriverConfig::default());
         let thread = spawn(driver, |_| panic!("boom")).unwrap();
         let joined = thread
             .join()

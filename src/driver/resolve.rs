@@ -20,9 +20,12 @@ use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::NextTimeout;
 
-/// IP literals parsed here, names resolved by ureq's [`DefaultResolver`].
+/// The driver's resolver for ureq: IP literals parsed here, names resolved by ureq's
+/// [`DefaultResolver`]. For an application that builds its own agent
+/// ([`DriverConfig::agent`](crate::DriverConfig::agent)) with `ureq::Agent::with_parts` and
+/// wants the same saving.
 #[derive(Debug, Default)]
-pub(crate) struct LiteralFirst {
+pub struct LiteralFirst {
     names: DefaultResolver,
 }
 
