@@ -465,7 +465,140 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use matrix_sync_testkit::fake_server::{FakeServer, Response};
+
     use super::*;
+    use crate::{EventKind, OutgoingRequest, RequestId, RequestKind, TransportFailure};
+
+    /// A stage that sends one request of its own first and holds the sync until 200 ms after
+    /// its answer (a timer of its own), counting the events that pass through it.
+    struct Gate {
+        url: String,
+        state: GateState,
+        opened: Arc<Mutex<Option<Instant>>>,
+        passed: Arc<AtomicUsize>,
+        events: std::collections::VecDeque<Event>,
+    }
+
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum GateState {
+        ToSend,
+        Sent,
+        OpensAt(Instant),
+        Open,
+    }
+
+    impl Stage for Gate {
+        fn handle_event(&mut self, event: Event) {
+            self.passed.fetch_add(1, Ordering::SeqCst);
+            self.events.push_back(event);
+        }
+        fn poll_event(&mut self) -> Option<Event> {
+            self.events.pop_front()
+        }
+        fn poll_error(&mut self) -> Option<ServiceError> {
+            None
+        }
+        fn poll_request(&mut self, _: &crate::AccessToken) -> Option<OutgoingRequest> {
+            (self.state == GateState::ToSend).then(|| {
+                self.state = GateState::Sent;
+                OutgoingRequest {
+                    id: RequestId::new(u64::MAX),
+                    kind: RequestKind::VersionsCheck,
+                    http: http::Request::get(format!("{}/gate", self.url))
+                        .body(Vec::new())
+                        .unwrap(),
+                    deadline: Instant::now() + Duration::from_secs(10),
+                }
+            })
+        }
+        fn handle_response(&mut self, _: RequestId, _: http::Response<Vec<u8>>, now: Instant) {
+            self.state = GateState::OpensAt(now + Duration::from_millis(200));
+        }
+        fn handle_failure(&mut self, _: RequestId, _: TransportFailure, _: Instant) {
+            self.state = GateState::ToSend;
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            if matches!(self.state, GateState::OpensAt(at) if at <= now) {
+                self.state = GateState::Open;
+                *lock(&self.opened) = Some(now);
+            }
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            match self.state {
+                GateState::OpensAt(at) => Some(at),
+                _ => None,
+            }
+        }
+        fn holds_sync(&self) -> bool {
+            self.state != GateState::Open
+        }
+    }
+
+    #[test]
+    fn a_stage_sends_first_holds_the_sync_until_its_timer_and_sees_every_event_in_order() {
+        let first_sync = Arc::new(Mutex::new(None));
+        let seen = first_sync.clone();
+        let server = FakeServer::start(move |request| {
+            if request.path().ends_with("/sync") {
+                lock(&seen).get_or_insert_with(Instant::now);
+            }
+            Response::json(
+                200,
+                r#"{"next_batch":"s1","presence":{"events":[
+                {"type":"m.presence","sender":"@a:example.org","content":{"presence":"online"}}]}}"#,
+            )
+        });
+        let passed = Arc::new(AtomicUsize::new(0));
+        let opened = Arc::new(Mutex::new(None));
+        let gate = Gate {
+            url: server.url(),
+            state: GateState::ToSend,
+            opened: opened.clone(),
+            passed: passed.clone(),
+            events: Default::default(),
+        };
+        let machine = SyncMachine::new(Config::new(server.url(), "token"), Instant::now()).unwrap();
+        let service = launch(machine, vec![Box::new(gate)], &DriverConfig::default()).unwrap();
+        let mut received = Vec::new();
+        while let Ok(event) = service.events().recv_timeout(Duration::from_secs(10)) {
+            let done = matches!(event.kind, EventKind::Checkpoint(_));
+            received.push(event);
+            if done {
+                break;
+            }
+        }
+        service.stop();
+        service.join().unwrap();
+        let paths: Vec<String> = server.log().iter().map(|r| r.path().to_owned()).collect();
+        assert_eq!(
+            paths.first().map(String::as_str),
+            Some("/gate"),
+            "{paths:?}"
+        );
+        assert!(
+            paths.iter().skip(1).all(|p| p.ends_with("/sync")) && paths.len() >= 2,
+            "{paths:?}"
+        );
+        assert!(
+            matches!(
+                received.last().map(|e| &e.kind),
+                Some(EventKind::Checkpoint(_))
+            ),
+            "{received:?}"
+        );
+        assert_eq!(received.len(), 2, "the presence event and the checkpoint");
+        let (opened, first_sync) = (lock(&opened).unwrap(), lock(&first_sync).unwrap());
+        assert!(first_sync >= opened, "no sync while the stage held it");
+        assert_eq!(
+            passed.load(Ordering::SeqCst),
+            received.len(),
+            "all through the stage"
+        );
+    }
 
     #[test]
     fn a_panic_in_the_driver_thread_reaches_errors_and_join() {
