@@ -231,6 +231,8 @@ mod error;
 mod gapfill;
 mod machine;
 mod normalize;
+#[cfg(feature = "reactor")]
+pub mod reactor;
 mod request;
 #[cfg(feature = "driver")]
 mod resolve;
