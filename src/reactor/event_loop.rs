@@ -6,6 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,7 @@ pub(super) struct Outputs<K> {
     pub(super) errors: Lossy<AccountError<K>>,
     pub(super) states: Lossy<AccountState<K>>,
     pub(super) store: Option<Arc<StoreAccountCredentials<K>>>,
+    pub(super) connections_opened: Arc<AtomicU64>,
 }
 
 pub(super) struct Loop<K> {
@@ -551,6 +553,7 @@ impl<K: AccountKey> Loop<K> {
             )
             .map_err(|e| TransportFailure::new(TransportErrorKind::Other, e.to_string()))?;
         self.connecting += 1;
+        self.out.connections_opened.fetch_add(1, Ordering::Relaxed);
         if let Some(account) = self.account(slot) {
             account.conn = Some(conn);
         }

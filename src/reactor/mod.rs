@@ -361,6 +361,7 @@ struct Shared<K> {
     /// Dropped by `stop()`: a loop waiting to send an event wakes at once.
     stop: Mutex<Option<Sender<()>>>,
     dropped_errors: Arc<AtomicU64>,
+    connections_opened: Arc<AtomicU64>,
 }
 
 /// Starts a reactor with no account: its thread runs until [`Reactor::stop`].
@@ -386,11 +387,13 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (command_tx, command_rx) = crossbeam_channel::unbounded();
     let dropped_errors = Arc::new(AtomicU64::new(0));
+    let connections_opened = Arc::new(AtomicU64::new(0));
     let out = Outputs {
         events: event_tx,
         errors: Lossy::new(error_tx, &error_rx, Some(dropped_errors.clone())),
         states: Lossy::new(state_tx, &state_rx, None),
         store: config.on_credentials.clone(),
+        connections_opened: connections_opened.clone(),
     };
     let mut event_loop = Loop::new(
         poll,
@@ -422,6 +425,7 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
             waker,
             stop: Mutex::new(Some(stop_tx)),
             dropped_errors,
+            connections_opened,
         }),
         thread: Mutex::new(Some(thread)),
     })
@@ -530,6 +534,12 @@ impl<K: AccountKey> Reactor<K> {
     /// How many error reports were dropped because the `errors` channel was full.
     pub fn dropped_errors(&self) -> u64 {
         self.shared.dropped_errors.load(Ordering::Relaxed)
+    }
+
+    /// How many connections the reactor opened since it started (a keep-alive connection
+    /// serves one account's requests one after the other).
+    pub fn connections_opened(&self) -> u64 {
+        self.shared.connections_opened.load(Ordering::Relaxed)
     }
 
     /// Stops the reactor: every account's request aborted, every machine stopped; the
