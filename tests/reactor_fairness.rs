@@ -197,9 +197,11 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
         .unwrap();
     reactor.add(SILENT, config(&silent.url, "s", 101)).unwrap();
     let wait = Instant::now() + Duration::from_secs(10);
-    while trickler.sent.load(Ordering::SeqCst) == 0 || silent.accepted.load(Ordering::SeqCst) == 0
-    {
-        assert!(Instant::now() < wait, "the hostile servers were never asked");
+    while trickler.sent.load(Ordering::SeqCst) == 0 || silent.accepted.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < wait,
+            "the hostile servers were never asked"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     add_all(&reactor);
