@@ -289,3 +289,65 @@ fn through_the_environment_s_proxy_https_by_connect_and_http_in_absolute_form() 
     assert!(plain.requests() >= 1);
     assert!(behind_tls.requests() >= 1);
 }
+
+#[test]
+fn refreshed_credentials_are_stored_before_use_and_set_access_token_reaches_one_account() {
+    use matrix_sync_service::RefreshToken;
+    let stored: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let used_before_stored = Arc::new(AtomicBool::new(false));
+    let (store_view, flag) = (stored.clone(), used_before_stored.clone());
+    let server = FakeServer::start(move |request| {
+        let bearer = request
+            .header("authorization")
+            .unwrap_or_default()
+            .trim_start_matches("Bearer ")
+            .to_owned();
+        if request.path().ends_with("/v3/refresh") {
+            return Response::json(200, r#"{"access_token":"new","refresh_token":"rt-2"}"#);
+        }
+        if bearer == "new" && !store_view.lock().unwrap().iter().any(|(_, t)| t == "new") {
+            flag.store(true, Ordering::SeqCst);
+        }
+        match bearer.as_str() {
+            "old" => Response::json(401, r#"{"errcode":"M_UNKNOWN_TOKEN","error":"expired"}"#),
+            _ => Response::json(200, r#"{"next_batch":"s1"}"#),
+        }
+    });
+    let store = stored.clone();
+    let options = ReactorConfig::new().proxy_from_env(false).on_credentials(
+        move |key: &String, credentials| {
+            let token = credentials.access_token.expose().to_owned();
+            store.lock().unwrap().push((key.clone(), token));
+            Ok(())
+        },
+    );
+    let reactor = reactor::start(options).unwrap();
+    let mut refreshing = Config::new(server.url(), "old");
+    refreshing.refresh_token = Some(RefreshToken::new("rt-1"));
+    reactor.add("refreshing".to_owned(), refreshing).unwrap();
+    reactor
+        .add("other".to_owned(), Config::new(server.url(), "other-token"))
+        .unwrap();
+    until_checkpoints(&reactor, &["refreshing", "other"]);
+    assert_eq!(
+        *stored.lock().unwrap(),
+        [("refreshing".to_owned(), "new".to_owned())]
+    );
+    assert!(!used_before_stored.load(Ordering::SeqCst));
+
+    reactor
+        .set_access_token(&"other".to_owned(), "newer")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server
+        .log()
+        .iter()
+        .any(|r| r.header("authorization") == Some("Bearer newer"))
+    {
+        assert!(Instant::now() < deadline, "the new token was never used");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(reactor.set_access_token(&"nobody".to_owned(), "x").is_err());
+    reactor.stop();
+    reactor.join().unwrap();
+}

@@ -167,15 +167,19 @@ impl<K: AccountKey> Loop<K> {
                 }
             }
             let now = Instant::now();
-            let tokens: Vec<usize> = events
+            let ready: Vec<(usize, bool)> = events
                 .iter()
-                .map(|e| e.token())
-                .filter(|t| *t != WAKER)
-                .map(|t| t.0)
+                .filter(|e| e.token() != WAKER)
+                .map(|e| {
+                    (
+                        e.token().0,
+                        e.is_readable() || e.is_read_closed() || e.is_error(),
+                    )
+                })
                 .collect();
-            for index in tokens {
+            for (index, readable) in ready {
                 if let Some(generation) = self.generation(index) {
-                    self.on_socket((index, generation), now)?;
+                    self.on_socket((index, generation), readable, now)?;
                 }
             }
             for (waiters, resolved) in self.resolver.finished(now) {
@@ -185,7 +189,7 @@ impl<K: AccountKey> Loop<K> {
             }
             for _ in 0..self.ready.len() {
                 if let Some(slot) = self.ready.pop_front() {
-                    self.on_socket(slot, now)?;
+                    self.on_socket(slot, false, now)?;
                 }
             }
             self.on_timers(now)?;
@@ -605,16 +609,20 @@ impl<K: AccountKey> Loop<K> {
         }
     }
 
-    /// Readiness of the account's socket (or its turn in the ready queue).
-    fn on_socket(&mut self, slot: Slot, now: Instant) -> Result<(), Stopped> {
+    /// Readiness of the account's socket (`readable`: a readiness event said so), or its
+    /// turn in the ready queue.
+    fn on_socket(&mut self, slot: Slot, readable: bool, now: Instant) -> Result<(), Stopped> {
         let Some(account) = self.account(slot) else {
             return Ok(());
         };
         if account.transfer.is_none() {
             // An idle keep-alive connection became readable: the server closed it (or sent
-            // something unasked). Either way it is not reused.
-            if let Some(conn) = account.conn.take() {
-                self.close(conn);
+            // something unasked). Either way it is not reused. (A turn in the ready queue
+            // that outlived its transfer is nothing.)
+            if readable {
+                if let Some(conn) = account.conn.take() {
+                    self.close(conn);
+                }
             }
             return Ok(());
         }
