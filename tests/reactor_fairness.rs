@@ -7,7 +7,7 @@
 //! same measurement must stay within a generous multiple of the control (a loop blocked by
 //! the trickle would take tens of seconds: the trickled answer is long). Then the trickling
 //! account is removed: its `Stopped` state comes, its socket is closed (the trickler's
-//! writes fail), and the key can be added again.
+//! writes fail), it is reported ended, and the key can be added again.
 
 mod support;
 
@@ -237,6 +237,11 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
         Err(AccountCommandError::Unknown)
     ));
     let deadline = Instant::now() + Duration::from_secs(10);
+    let ended = reactor
+        .ended()
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the trickler ended");
+    assert_eq!(ended, TRICKLER);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let state = reactor
@@ -263,4 +268,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
         .unwrap();
     reactor.stop();
     reactor.join().unwrap();
+    // At the stop every account left ended, each once.
+    let ended: HashSet<String> = reactor.ended().try_iter().collect();
+    assert_eq!(ended.len(), ACCOUNTS + 2, "{ended:?}");
 }

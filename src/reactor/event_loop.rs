@@ -69,6 +69,8 @@ pub(super) struct Outputs<K> {
     pub(super) states: Lossy<AccountState<K>>,
     pub(super) store: Option<Arc<StoreAccountCredentials<K>>>,
     pub(super) connections_opened: Arc<AtomicU64>,
+    /// The keys of accounts that ended (unbounded: one item per account).
+    pub(super) ended: Sender<K>,
 }
 
 pub(super) struct Loop<K> {
@@ -295,10 +297,21 @@ impl<K: AccountKey> Loop<K> {
         account.transfer = None;
         account.machine.stop();
         self.out.publish(&mut account);
+        let _ = self.out.ended.send(account.key);
         log::debug!("{key:?}: removed");
     }
 
     fn shut_down(&mut self) {
+        // Commands the loop did not get to: every key accepted by `add` ends once.
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Add(key, _) if !self.by_key.contains_key(&key) => {
+                    let _ = self.out.ended.send(key);
+                }
+                Command::Remove(key) => self.remove(&key),
+                _ => {}
+            }
+        }
         for index in 0..self.slots.len() {
             if let Some(mut account) = self.slots[index].take() {
                 if let Some(conn) = account.conn.take() {
@@ -306,6 +319,7 @@ impl<K: AccountKey> Loop<K> {
                 }
                 account.machine.stop();
                 self.out.publish(&mut account);
+                let _ = self.out.ended.send(account.key);
             }
         }
         self.by_key.clear();

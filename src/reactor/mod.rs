@@ -53,11 +53,13 @@
 //!   [`remove`](Reactor::remove), [`set_credentials`](Reactor::set_credentials)) take effect
 //!   in the order they were called, so a remove followed by an add of the same key starts
 //!   a fresh machine after the old one ended. Events of a removed account that were already
-//!   in the channel stay there; none comes after its
-//!   [`Stopped`](crate::SyncState::Stopped) state.
+//!   in the channel stay there; none is added after its key came on
+//!   [`ended`](Reactor::ended).
 //! * **Removing an account** aborts its request in flight, closes its socket and stops its
-//!   machine: its last state, [`Stopped`](crate::SyncState::Stopped), comes on
-//!   [`states`](Reactor::states) with its key. Its key may be added again at once.
+//!   machine: its key then comes on [`ended`](Reactor::ended) (never dropped), when every
+//!   event of it is already in [`events`](Reactor::events); its last state,
+//!   [`Stopped`](crate::SyncState::Stopped), comes on [`states`](Reactor::states). Its key may
+//!   be added again at once.
 //! * **Refreshed credentials** are handed to [`ReactorConfig::on_credentials`] on the loop
 //!   thread before they are used (store them durably; every account waits meanwhile, so keep
 //!   it short); without it they live in memory only.
@@ -349,6 +351,7 @@ pub struct Reactor<K: AccountKey = String> {
     events: Receiver<AccountEvent<K>>,
     errors: Receiver<AccountError<K>>,
     states: Receiver<AccountState<K>>,
+    ended: Receiver<K>,
     shared: Arc<Shared<K>>,
     thread: Mutex<Option<JoinHandle<Result<(), ReactorError>>>>,
 }
@@ -386,6 +389,7 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
     let (state_tx, state_rx) = bounded(config.state_channel_capacity);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (command_tx, command_rx) = crossbeam_channel::unbounded();
+    let (ended_tx, ended_rx) = crossbeam_channel::unbounded();
     let dropped_errors = Arc::new(AtomicU64::new(0));
     let connections_opened = Arc::new(AtomicU64::new(0));
     let out = Outputs {
@@ -394,6 +398,7 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
         states: Lossy::new(state_tx, &state_rx, None),
         store: config.on_credentials.clone(),
         connections_opened: connections_opened.clone(),
+        ended: ended_tx,
     };
     let mut event_loop = Loop::new(
         poll,
@@ -419,6 +424,7 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
         events: event_rx,
         errors: error_rx,
         states: state_rx,
+        ended: ended_rx,
         shared: Arc::new(Shared {
             keys: Mutex::new(HashSet::new()),
             commands: command_tx,
@@ -438,6 +444,9 @@ impl<K: AccountKey> Reactor<K> {
     pub fn add(&self, key: impl Into<K>, config: Config) -> Result<(), AddError> {
         let key = key.into();
         let machine = SyncMachine::new(config, Instant::now())?;
+        if lock(&self.shared.stop).is_none() {
+            return Err(AddError::Stopped);
+        }
         let mut keys = lock(&self.shared.keys);
         if keys.contains(&key) {
             return Err(AddError::Duplicate);
@@ -450,8 +459,9 @@ impl<K: AccountKey> Reactor<K> {
     }
 
     /// Ends the account of `key`: its request in flight aborted, its socket closed, its
-    /// machine stopped; its `Stopped` state comes on [`states`](Self::states). Returns once
-    /// asked (the loop does it next); the key may be added again at once.
+    /// machine stopped; then its key comes on [`ended`](Self::ended) and its `Stopped` state
+    /// on [`states`](Self::states). Returns once asked (the loop does it next); the key may
+    /// be added again at once.
     pub fn remove(&self, key: &K) -> Result<(), AccountCommandError> {
         let mut keys = lock(&self.shared.keys);
         if !keys.contains(key) {
@@ -529,6 +539,15 @@ impl<K: AccountKey> Reactor<K> {
     /// dropped when nobody reads them).
     pub fn states(&self) -> &Receiver<AccountState<K>> {
         &self.states
+    }
+
+    /// The key of each account that ended, once: after [`remove`](Self::remove), and for
+    /// every account left at [`stop`](Self::stop). When a key comes here, every event of that
+    /// account is already in [`events`](Self::events) (perhaps not yet received): nothing
+    /// more of it follows. Never drops an item (one per account); disconnected once the
+    /// reactor ended.
+    pub fn ended(&self) -> &Receiver<K> {
+        &self.ended
     }
 
     /// How many error reports were dropped because the `errors` channel was full.
