@@ -654,3 +654,110 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn config() -> Config {
+        // A port nothing listens on: requests fail with Connect and back off.
+        Config::new("http://127.0.0.1:9", "token")
+    }
+
+    #[test]
+    fn keys_are_the_application_s_duplicates_and_unknown_keys_are_refused() {
+        let reactor: Reactor<u64> = start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+        reactor.add(7u64, config()).unwrap();
+        assert!(matches!(
+            reactor.add(7u64, config()),
+            Err(AddError::Duplicate)
+        ));
+        let mut invalid = config();
+        invalid.max_body_bytes = 0;
+        assert!(matches!(
+            reactor.add(8u64, invalid),
+            Err(AddError::Config(_))
+        ));
+        assert!(matches!(
+            reactor.remove(&8),
+            Err(AccountCommandError::Unknown)
+        ));
+        assert!(matches!(
+            reactor.set_access_token(&7, ""),
+            Err(AccountCommandError::Input(InputError::UnusableCredentials))
+        ));
+        assert_eq!(reactor.accounts(), [7]);
+
+        // Removed: it ends, reported once on `ended`, its last state Stopped.
+        reactor.remove(&7).unwrap();
+        assert_eq!(reactor.ended().recv_timeout(Duration::from_secs(10)), Ok(7));
+        let last = reactor
+            .states()
+            .iter()
+            .find(|s| s.state == SyncState::Stopped)
+            .expect("a Stopped state");
+        assert_eq!(last.account, 7);
+        assert!(reactor.accounts().is_empty());
+
+        // The same key again, then a stop: it ends with the reactor.
+        reactor.add(7u64, config()).unwrap();
+        reactor.stop();
+        reactor.join().unwrap();
+        assert!(reactor.is_finished());
+        assert_eq!(reactor.ended().try_iter().collect::<Vec<_>>(), [7]);
+        assert!(matches!(
+            reactor.add(9u64, config()),
+            Err(AddError::Stopped)
+        ));
+        assert!(reactor.events().recv().is_err(), "disconnected once ended");
+    }
+
+    #[test]
+    fn a_failing_account_reports_its_errors_tagged_with_its_key() {
+        let reactor: Reactor<String> = start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+        reactor.add("refused".to_owned(), config()).unwrap();
+        let error = reactor
+            .errors()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a failure report");
+        assert_eq!(error.account, "refused");
+        assert!(
+            matches!(
+                error.error.failure,
+                crate::Failure::Transport(crate::TransportFailure {
+                    kind: crate::TransportErrorKind::Connect,
+                    ..
+                })
+            ),
+            "{:?}",
+            error.error.failure
+        );
+    }
+
+    #[test]
+    fn extra_cas_with_the_platform_s_roots_are_refused_at_start() {
+        let der = webpki_root_certs::TLS_SERVER_ROOT_CERTS[0].as_ref();
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            proxy::base64(der)
+        );
+        let options = ReactorConfig::<String>::new()
+            .add_ca_pem(pem.as_bytes())
+            .unwrap();
+        assert_eq!(options.extra_ca.len(), 1);
+        // With the bundled roots, an extra CA is fine.
+        let reactor = start(options.clone().proxy_from_env(false)).unwrap();
+        reactor.stop();
+        reactor.join().unwrap();
+        let refused = start(options.trust_roots(TrustRoots::Platform));
+        assert!(matches!(
+            refused,
+            Err(StartError::Config(ConfigError::Invalid {
+                field: "extra_ca",
+                ..
+            }))
+        ));
+    }
+}
