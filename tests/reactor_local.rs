@@ -351,3 +351,47 @@ fn refreshed_credentials_are_stored_before_use_and_set_access_token_reaches_one_
     reactor.stop();
     reactor.join().unwrap();
 }
+
+#[test]
+fn a_panic_on_the_loop_thread_ends_every_account_and_reaches_join() {
+    use matrix_sync_service::reactor::ReactorError;
+    use matrix_sync_service::RefreshToken;
+    let server = FakeServer::start(|request| {
+        if request.path().ends_with("/v3/refresh") {
+            return Response::json(200, r#"{"access_token":"new","refresh_token":"rt-2"}"#);
+        }
+        match request.header("authorization") {
+            Some("Bearer old") => {
+                Response::json(401, r#"{"errcode":"M_UNKNOWN_TOKEN","error":"expired"}"#)
+            }
+            _ => Response::json(200, r#"{"next_batch":"s1"}"#),
+        }
+    });
+    // The application's callback runs on the loop thread: its panic ends the reactor.
+    let options = ReactorConfig::new()
+        .proxy_from_env(false)
+        .on_credentials(|_: &String, _| panic!("the store is broken"));
+    let reactor = reactor::start(options).unwrap();
+    reactor
+        .add("bystander".to_owned(), Config::new(server.url(), "fine"))
+        .unwrap();
+    let mut refreshing = Config::new(server.url(), "old");
+    refreshing.refresh_token = Some(RefreshToken::new("rt-1"));
+    reactor.add("refreshing".to_owned(), refreshing).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !reactor.is_finished() {
+        assert!(Instant::now() < deadline, "the reactor did not end");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let joined = reactor.join();
+    assert!(
+        matches!(&joined, Err(ReactorError::Panicked(m)) if m == "the store is broken"),
+        "{joined:?}"
+    );
+    let mut ended: Vec<String> = reactor.ended().try_iter().collect();
+    ended.sort();
+    assert_eq!(ended, ["bystander", "refreshing"]);
+    // Drained, the events channel reports the end.
+    while reactor.events().try_recv().is_ok() {}
+    assert!(reactor.events().recv().is_err());
+}

@@ -301,7 +301,8 @@ impl<K: AccountKey> Loop<K> {
         log::debug!("{key:?}: removed");
     }
 
-    fn shut_down(&mut self) {
+    /// Stops every machine and closes every socket; each account ends (`ended`, `Stopped`).
+    pub(super) fn shut_down(&mut self) {
         // Commands the loop did not get to: every key accepted by `add` ends once.
         while let Ok(command) = self.commands.try_recv() {
             match command {

@@ -73,8 +73,9 @@
 //!   [`Dns`](crate::TransportErrorKind::Dns) failure of the request that needed it.
 //! * [`stop`](Reactor::stop) ends everything: every machine stopped, every socket closed,
 //!   the channels disconnected once the thread ends. Dropping the handle stops it too.
-//! * A panic on the loop thread is a bug in this crate: it ends the reactor, the channels
-//!   disconnect and [`join`](Reactor::join) returns [`ReactorError::Panicked`].
+//! * A panic on the loop thread is a bug in this crate: it ends the reactor (every account
+//!   stopped and reported ended, as far as it can be), the channels disconnect and
+//!   [`join`](Reactor::join) returns [`ReactorError::Panicked`].
 
 mod conn;
 mod dns;
@@ -159,8 +160,9 @@ pub struct ReactorConfig<K = String> {
     /// Capacity of the `states` channel (oldest dropped when full).
     pub state_channel_capacity: usize,
     /// Called with an account's refreshed credentials before they are used (see
-    /// [`SyncMachine::poll_credentials`]), on the reactor's thread. Without it they are used
-    /// at once and live only in memory.
+    /// [`SyncMachine::poll_credentials`]), on the reactor's thread: every account waits
+    /// while it runs, and a panic in it ends the reactor ([`ReactorError::Panicked`]).
+    /// Without it they are used at once and live only in memory.
     pub on_credentials: Option<Arc<StoreAccountCredentials<K>>>,
     /// Route requests through the proxy named by `ALL_PROXY`, `HTTPS_PROXY` or `HTTP_PROXY`
     /// (as the driver reads them, `NO_PROXY` included), read once at start. On by default.
@@ -416,6 +418,8 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
             panic::catch_unwind(AssertUnwindSafe(|| event_loop.run())).map_err(|payload| {
                 let message = panic_message(payload);
                 log::error!("reactor thread panicked: {message}");
+                // Every account still ends, as far as the loop's state allows.
+                let _ = panic::catch_unwind(AssertUnwindSafe(|| event_loop.shut_down()));
                 ReactorError::Panicked(message)
             })
         })
