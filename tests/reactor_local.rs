@@ -395,3 +395,67 @@ fn a_panic_on_the_loop_thread_ends_every_account_and_reaches_join() {
     while reactor.events().try_recv().is_ok() {}
     assert!(reactor.events().recv().is_err());
 }
+
+#[test]
+fn a_server_that_floods_its_account_does_not_starve_another() {
+    // An endless chunked body, as fast as the socket takes it: the flooded account reads it
+    // until its body cap (128 MiB), a bounded share per turn of the loop.
+    const CAP: u64 = 128 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flood_url = format!("http://{}", listener.local_addr().unwrap());
+    let flooded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = flooded.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let count = count.clone();
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                if read_head(&mut reader).is_err() {
+                    return;
+                }
+                let mut stream = stream;
+                let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = format!("10000\r\n{}\r\n", "x".repeat(0x10000));
+                while stream.write_all(chunk.as_bytes()).is_ok() {
+                    count.fetch_add(0x10000, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let other = sync_server();
+
+    let reactor = reactor::start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+    let mut flood = Config::new(flood_url, "token");
+    flood.max_body_bytes = CAP;
+    reactor.add("flooded".to_owned(), flood).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while flooded.load(Ordering::SeqCst) < 4 << 20 {
+        assert!(Instant::now() < deadline, "the flood never got going");
+        thread::sleep(Duration::from_millis(1));
+    }
+    reactor
+        .add("other".to_owned(), Config::new(other.url(), "token"))
+        .unwrap();
+    until_checkpoints(&reactor, &["other"]);
+    let during = flooded.load(Ordering::SeqCst);
+    // The flooded account was still reading its body: a loop that served it until its
+    // socket ran dry would have reached the cap (and reported it) first.
+    let errors: Vec<String> = reactor
+        .errors()
+        .try_iter()
+        .map(|e| format!("{}: {}", e.account, e.error))
+        .collect();
+    assert!(
+        errors.iter().all(|e| !e.starts_with("flooded")),
+        "the flood's cap came first: {errors:?}"
+    );
+    assert!((during as u64) < CAP, "{during} bytes flooded already");
+    // And it does end at the cap.
+    let failure = first_error(&reactor, "flooded");
+    assert_eq!(failure, Failure::BodyTooLarge { limit: CAP });
+    reactor.stop();
+    reactor.join().unwrap();
+}

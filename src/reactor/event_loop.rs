@@ -25,9 +25,10 @@ use crate::{Credentials, OutgoingRequest, SyncMachine, TransportErrorKind, Trans
 pub(super) const WAKER: Token = Token(usize::MAX);
 /// Socket reads go through a buffer of this size.
 const READ_CHUNK: usize = 64 * 1024;
-/// At most this many reads for one account per turn of the loop: an account whose server
-/// sends as fast as it can is put back in line behind the others, never served to the end.
-const READ_BUDGET: usize = 16;
+/// At most this many reads (of up to [`READ_CHUNK`]) for one account per turn of the loop: an
+/// account whose server sends as fast as it can is put back in line behind the others, never
+/// served to the end.
+const READ_BUDGET: usize = 4;
 
 /// What the handle asks of the loop, in the order asked.
 pub(super) enum Command<K> {

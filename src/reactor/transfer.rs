@@ -12,6 +12,9 @@ use crate::{RequestId, TransportErrorKind, TransportFailure};
 /// A response head larger than this is refused: a server that never ends its head must not
 /// make the loop hold its bytes until the deadline.
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// More informational (1xx) answers than this before the response is a hostile server: each
+/// costs a parse, and a stream of them would otherwise last until the deadline.
+const MAX_INFORMATIONAL: u32 = 16;
 
 /// One request on the wire: the encoded bytes, and ureq-proto's call reading the answer.
 pub(super) struct Transfer {
@@ -25,6 +28,8 @@ pub(super) struct Transfer {
     pub(super) answered: bool,
     /// Whether the request was already sent again once on a fresh connection.
     pub(super) retried: bool,
+    /// Informational answers skipped so far.
+    informational: u32,
     stage: Stage,
     head: Option<http::response::Parts>,
     body: Vec<u8>,
@@ -64,6 +69,7 @@ impl Transfer {
             input: Vec::new(),
             answered: false,
             retried: false,
+            informational: 0,
             stage: Stage::Head(call),
             head: None,
             body: Vec::new(),
@@ -92,20 +98,26 @@ impl Transfer {
     pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<Option<Whole>, TransportFailure> {
         self.answered = true;
         self.input.extend_from_slice(bytes);
-        self.parse()
+        // Parsed from an offset, the bytes consumed removed once: linear in what came, however
+        // many small answers (informational ones) it holds.
+        let mut start = 0;
+        let parsed = self.parse(&mut start);
+        self.input.drain(..start.min(self.input.len()));
+        parsed
     }
 
-    fn parse(&mut self) -> Result<Option<Whole>, TransportFailure> {
+    fn parse(&mut self, start: &mut usize) -> Result<Option<Whole>, TransportFailure> {
         let bad =
             |e: ureq_proto::Error| TransportFailure::new(TransportErrorKind::Other, e.to_string());
         loop {
             match &mut self.stage {
                 Stage::Head(call) => {
-                    let (used, response) = call.try_response(&self.input, false).map_err(bad)?;
-                    self.input.drain(..used);
+                    let input = &self.input[*start..];
+                    let (used, response) = call.try_response(input, false).map_err(bad)?;
+                    *start += used;
                     let Some(response) = response else {
                         if used == 0 {
-                            if self.input.len() > MAX_HEAD_BYTES {
+                            if self.input.len() - *start > MAX_HEAD_BYTES {
                                 return Err(TransportFailure::new(
                                     TransportErrorKind::Other,
                                     "the response head is larger than 64 KiB",
@@ -113,7 +125,15 @@ impl Transfer {
                             }
                             return Ok(None);
                         }
-                        continue; // an informational answer was skipped
+                        // An informational answer was skipped.
+                        self.informational += 1;
+                        if self.informational > MAX_INFORMATIONAL {
+                            return Err(TransportFailure::new(
+                                TransportErrorKind::Other,
+                                "more than 16 informational (1xx) answers",
+                            ));
+                        }
+                        continue;
                     };
                     self.head = Some(response.into_parts().0);
                     let Stage::Head(call) = std::mem::replace(&mut self.stage, Stage::Moving)
@@ -140,10 +160,11 @@ impl Transfer {
                 }
                 Stage::Body(call) => {
                     let mut chunk = [0u8; 16 * 1024];
-                    while !self.input.is_empty() {
-                        let (used, n) = call.read(&self.input, &mut chunk).map_err(bad)?;
+                    while *start < self.input.len() {
+                        let input = &self.input[*start..];
+                        let (used, n) = call.read(input, &mut chunk).map_err(bad)?;
                         self.body.extend_from_slice(&chunk[..n]);
-                        self.input.drain(..used);
+                        *start += used;
                         if self.body.len() as u64 > self.max_body {
                             return Err(TransportFailure::new(
                                 TransportErrorKind::BodyTooLarge,
@@ -171,7 +192,7 @@ impl Transfer {
                         None => true,
                     };
                     // Bytes after the answer were never asked for: do not reuse the socket.
-                    let close = close || !self.input.is_empty();
+                    let close = close || *start < self.input.len();
                     return self.finish().map(|r| Some((r, close)));
                 }
                 Stage::Moving => return Ok(None),
@@ -324,6 +345,26 @@ mod tests {
             }
         }
         assert_eq!(failed.expect("refused").kind, TransportErrorKind::Other);
+    }
+
+    #[test]
+    fn an_endless_stream_of_informational_answers_is_refused() {
+        let (id, request, deadline) = a_request();
+        let mut transfer = Transfer::new(id, &request, deadline, 1024, false).unwrap();
+        let one = b"HTTP/1.1 102 Processing\r\n\r\n";
+        for _ in 0..16 {
+            assert!(transfer.feed(one).unwrap().is_none());
+        }
+        assert_eq!(
+            transfer.feed(one).unwrap_err().kind,
+            TransportErrorKind::Other
+        );
+        // A few, then the answer, are fine.
+        let mut transfer = Transfer::new(id, &request, deadline, 1024, false).unwrap();
+        let answer =
+            b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        let (response, _) = transfer.feed(answer).unwrap().unwrap();
+        assert_eq!(response.body(), b"{}");
     }
 
     #[test]
