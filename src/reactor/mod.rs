@@ -32,13 +32,14 @@
 //!   [`deadline`](crate::OutgoingRequest::deadline) enforced (the transfer is aborted and the
 //!   machine told [`TransportErrorKind::TimedOut`](crate::TransportErrorKind::TimedOut)); the
 //!   body capped at the account's [`Config::max_body_bytes`] while it is read
-//!   ([`BodyTooLarge`](crate::TransportErrorKind::BodyTooLarge)), and a response head at
-//!   64 KiB; statuses are values; no redirect is followed (discovery follows its own, in the
+//!   ([`BodyTooLarge`](crate::TransportErrorKind::BodyTooLarge)), a response head at 64 KiB,
+//!   informational (1xx) answers at 16 per request; statuses are values; no redirect is followed (discovery follows its own, in the
 //!   machine). One keep-alive HTTP/1.1 connection per account, reopened when the origin of a
 //!   request changes (after server discovery).
 //! * **No account delays another.** Nothing on the loop thread waits for a peer: sockets are
-//!   non-blocking, a name is looked up on a thread of its own, an account gets a bounded
-//!   number of reads per turn of the loop and then waits behind the others. A server that
+//!   non-blocking, a name is looked up on a thread of its own, an account gets at most
+//!   256 KiB of reads per turn of the loop and then waits behind the others, and parsing is
+//!   linear in the bytes read. A server that
 //!   trickles its answer, or never answers, costs its own account its deadline and nothing
 //!   else. At most [`ReactorConfig::max_connecting`] connections are being opened at once
 //!   (a listener's accept queue is short); the others wait their turn.
