@@ -193,9 +193,11 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     let silent = Hostile::start(false);
     let reactor = reactor::start(ReactorConfig::new().proxy_from_env(false)).unwrap();
     reactor
-        .add(TRICKLER, config(&trickler.url, "t", 100))
+        .add(TRICKLER.to_owned(), config(&trickler.url, "t", 100))
         .unwrap();
-    reactor.add(SILENT, config(&silent.url, "s", 101)).unwrap();
+    reactor
+        .add(SILENT.to_owned(), config(&silent.url, "s", 101))
+        .unwrap();
     let wait = Instant::now() + Duration::from_secs(10);
     while trickler.sent.load(Ordering::SeqCst) == 0 || silent.accepted.load(Ordering::SeqCst) == 0 {
         assert!(
@@ -228,7 +230,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
 
     // Per-account stop: the trickler's key is refused again while present, then removed.
     assert!(matches!(
-        reactor.add(TRICKLER, config(&trickler.url, "t", 100)),
+        reactor.add(TRICKLER.to_owned(), config(&trickler.url, "t", 100)),
         Err(AddError::Duplicate)
     ));
     reactor.remove(&TRICKLER.to_owned()).unwrap();
@@ -264,7 +266,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     assert!(after <= bound, "after the removal: {after:?}");
     assert!(reactor.accounts().len() == ACCOUNTS + 1);
     reactor
-        .add(TRICKLER, config(&trickler.url, "t", 102))
+        .add(TRICKLER.to_owned(), config(&trickler.url, "t", 102))
         .unwrap();
     reactor.stop();
     reactor.join().unwrap();

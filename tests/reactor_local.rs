@@ -459,3 +459,49 @@ fn a_server_that_floods_its_account_does_not_starve_another() {
     reactor.stop();
     reactor.join().unwrap();
 }
+
+#[test]
+fn server_discovery_moves_the_account_to_the_homeserver_it_names() {
+    // The server name's well-known names another server: the account's connection moves.
+    let homeserver = FakeServer::start(|request| match request.path() {
+        "/_matrix/client/versions" => Response::json(200, r#"{"versions":["v1.11"]}"#),
+        _ => Response::json(200, SYNC_BODY),
+    });
+    let base_url = homeserver.url();
+    let name_server = FakeServer::start(move |request| {
+        assert_eq!(request.path(), "/.well-known/matrix/client");
+        Response::json(
+            200,
+            format!(r#"{{"m.homeserver":{{"base_url":"{base_url}"}}}}"#),
+        )
+    });
+    let server_name = name_server.url().trim_start_matches("http://").to_owned();
+    let reactor = reactor::start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+    let config = Config::discover(&server_name, "token").unwrap();
+    reactor.add("discovering".to_owned(), config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut discovered = None;
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        let tagged = reactor.events().recv_timeout(wait).expect("the first sync");
+        match &tagged.event.kind {
+            EventKind::Discovered { .. } => discovered = Some(tagged.event.kind.clone()),
+            EventKind::Message => assert_eq!(tagged.event.body.as_deref(), Some("hi")),
+            EventKind::Checkpoint(_) => break,
+            _ => {}
+        }
+    }
+    assert!(discovered.is_some(), "no Discovered event");
+    assert_eq!(name_server.requests(), 1);
+    let paths: Vec<String> = homeserver
+        .log()
+        .iter()
+        .map(|r| r.path().to_owned())
+        .collect();
+    assert_eq!(paths[0], "/_matrix/client/versions");
+    assert!(paths[1].ends_with("/v3/sync"), "{paths:?}");
+    // Two origins, two connections.
+    assert_eq!(reactor.connections_opened(), 2);
+    reactor.stop();
+    reactor.join().unwrap();
+}

@@ -446,8 +446,7 @@ impl<K: AccountKey> Reactor<K> {
     /// Follows a new account under `key`: its machine is made now (the configuration
     /// validated) and starts syncing on the reactor's thread at once. Callable from any
     /// thread. Refused for a key already followed.
-    pub fn add(&self, key: impl Into<K>, config: Config) -> Result<(), AddError> {
-        let key = key.into();
+    pub fn add(&self, key: K, config: Config) -> Result<(), AddError> {
         let machine = SyncMachine::new(config, Instant::now())?;
         if lock(&self.shared.stop).is_none() {
             return Err(AddError::Stopped);
