@@ -372,6 +372,14 @@ impl<K: AccountKey> Loop<K> {
                 if let Some(request) = account.machine.poll_request() {
                     let id = request.id;
                     if let Err(failure) = self.start(slot, request) {
+                        // Nothing of it stays in flight: the machine's retry is not held up.
+                        if let Some(account) = self.account(slot) {
+                            account.transfer = None;
+                            account.resolving = false;
+                            if let Some(conn) = account.conn.take() {
+                                self.close(conn);
+                            }
+                        }
                         self.fail_with(slot, id, failure, now);
                         continue;
                     }
@@ -418,13 +426,19 @@ impl<K: AccountKey> Loop<K> {
         }
     }
 
-    /// Every due timer: transfer deadlines, then the machines' own instants.
+    /// Every due timer: transfer deadlines, then the machines' own instants. Those due now
+    /// are taken first: an account rescheduled at once waits for the next turn, behind the
+    /// others.
     fn on_timers(&mut self, now: Instant) -> Result<(), Stopped> {
+        let mut due = Vec::new();
         while let Some(Reverse((at, index, generation))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
+            due.push((at, index, generation));
+        }
+        for (at, index, generation) in due {
             let slot = (index, generation);
             let Some(account) = self.account(slot) else {
                 continue;

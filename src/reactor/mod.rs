@@ -741,6 +741,32 @@ mod tests {
     }
 
     #[test]
+    fn a_request_that_fails_as_it_starts_holds_up_no_retry() {
+        // Unresolvable (failed off the loop thread), and refused at connect (multicast, at once
+        // on most systems): each fails again at its backoff pace, not after a deadline.
+        let reactor: Reactor<&str> = start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+        for (key, url) in [
+            ("unresolvable", "http://no-such-host.invalid"),
+            ("unconnectable", "http://[ff02::1]:9"),
+        ] {
+            let mut config = Config::new(url, "token");
+            config.backoff.initial = Duration::from_millis(100);
+            config.allow_insecure_http = true;
+            reactor.add(key, config).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut attempts = std::collections::HashMap::new();
+        while attempts.len() < 2 || attempts.values().any(|&n| n < 2) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let error = reactor
+                .errors()
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("attempts so far {attempts:?}: {e}"));
+            *attempts.entry(error.account).or_insert(0) += 1;
+        }
+    }
+
+    #[test]
     fn extra_cas_with_the_platform_s_roots_are_refused_at_start() {
         let der = webpki_root_certs::TLS_SERVER_ROOT_CERTS[0].as_ref();
         let pem = format!(
