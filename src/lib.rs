@@ -15,6 +15,12 @@
 //!   `errors`, `states` and an idempotent `stop()`. With `default-features = false` the crate
 //!   is the machine alone, for any event loop and any HTTP client.
 //!
+//! For many accounts, the [`reactor`] (feature `reactor`, on by default) runs any number of
+//! machines on one thread over non-blocking sockets: accounts are added and removed at run
+//! time under keys the application chooses, their events come out tagged with the key, and
+//! the driver's guarantees (deadlines, body cap, TLS roots, proxy) hold per account, with no
+//! account able to delay another.
+//!
 //! # The rules
 //!
 //! 1. Feed the machine one input: [`handle_response`](SyncMachine::handle_response),
@@ -231,6 +237,8 @@ mod error;
 mod gapfill;
 mod machine;
 mod normalize;
+#[cfg(feature = "reactor")]
+pub mod reactor;
 mod request;
 mod response;
 mod scan;
