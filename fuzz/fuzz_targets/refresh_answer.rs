@@ -42,7 +42,9 @@ const FIRST: &str = r#"{"next_batch":"s_first"}"#;
 
 /// The rule of every credential, written out apart from the crate's.
 fn keeps_the_rules(token: &str) -> bool {
-    !token.is_empty() && token.len() <= MAX_TOKEN_BYTES && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_BYTES
+        && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// What the machine must hand out for `body`: `(access, refresh, lifetime)`, or `None` when
@@ -121,13 +123,18 @@ fuzz_target!(|data: &[u8]| {
     // To the refresh: ahead of the expiry, or after a 401.
     let first = m.poll_request().expect("the first sync");
     if ahead {
-        m.handle_response(first.id, response(200, FIRST), now).unwrap();
+        m.handle_response(first.id, response(200, FIRST), now)
+            .unwrap();
         errors(&mut m);
         now += LIFETIME * 4 / 5;
         m.handle_timeout(now).unwrap();
     } else {
-        m.handle_response(first.id, response(401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#), now)
-            .unwrap();
+        m.handle_response(
+            first.id,
+            response(401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#),
+            now,
+        )
+        .unwrap();
     }
     errors(&mut m);
     let refresh = m.poll_request().expect("the refresh is due");
@@ -140,10 +147,16 @@ fuzz_target!(|data: &[u8]| {
         (Some(new), Some((access, refresh, lifetime))) => {
             assert!(reported.is_empty(), "{reported:?}");
             assert_eq!(new.access_token.expose(), access);
-            assert_eq!(new.refresh_token.as_ref().map(|t| t.expose()), Some(refresh.as_str()));
+            assert_eq!(
+                new.refresh_token.as_ref().map(|t| t.expose()),
+                Some(refresh.as_str())
+            );
             assert_eq!(new.expires_in, lifetime);
             assert!(keeps_the_rules(new.access_token.expose()));
-            assert!(new.refresh_token.as_ref().is_some_and(|t| keeps_the_rules(t.expose())));
+            assert!(new
+                .refresh_token
+                .as_ref()
+                .is_some_and(|t| keeps_the_rules(t.expose())));
             assert!(new.expires_in.is_none_or(|l| l >= MIN_TOKEN_LIFETIME));
             m.handle_credentials_stored(now).unwrap();
             errors(&mut m);
@@ -172,7 +185,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(!shown.contains(MARKER), "the body is quoted: {shown}");
             let config = m.config();
             assert_eq!(config.access_token.expose(), ACCESS);
-            assert_eq!(config.refresh_token.as_ref().map(|t| t.expose()), Some(REFRESH));
+            assert_eq!(
+                config.refresh_token.as_ref().map(|t| t.expose()),
+                Some(REFRESH)
+            );
             // The refresh comes again after its wait; ahead of expiry, syncs go on meanwhile
             // with the old token.
             let mut retried = false;
@@ -194,15 +210,24 @@ fuzz_target!(|data: &[u8]| {
                 assert!(ahead, "the access token is dead: only the refresh may go");
                 assert_eq!(bearer(&req), Some(format!("Bearer {ACCESS}").as_str()));
                 now += Duration::from_millis(300);
-                m.handle_response(req.id, response(200, FIRST), now).unwrap();
+                m.handle_response(req.id, response(200, FIRST), now)
+                    .unwrap();
                 errors(&mut m);
             }
             assert!(retried, "the refresh is retried");
         }
         (handed, reference) => panic!(
             "the machine {} but the rules say {}",
-            if handed.is_some() { "handed out credentials" } else { "refused" },
-            if reference.is_some() { "keep them" } else { "refuse" }
+            if handed.is_some() {
+                "handed out credentials"
+            } else {
+                "refused"
+            },
+            if reference.is_some() {
+                "keep them"
+            } else {
+                "refuse"
+            }
         ),
     }
 });
