@@ -17,7 +17,9 @@
 //! from the file's modification time). When the token is refreshed (through the homeserver's
 //! `/refresh`, or the OAuth 2.0 token endpoint given), the file is rewritten atomically, mode
 //! 0600, with the new credentials before they are used: a restart from it goes on with the
-//! rotated refresh token.
+//! rotated refresh token. A refresh answer with a token that is empty, longer than 4,096
+//! bytes or not visible ASCII is refused (an `error:` line naming the field, never the token)
+//! and the refresh retried with backoff: the file keeps the old tokens.
 //!
 //! With `--e2ee --store DIR` (feature `e2ee`) encrypted rooms are decrypted, with the crypto
 //! store in `DIR` (its secrets encrypted with `MATRIX_STORE_PASSPHRASE` when set) and the

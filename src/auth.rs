@@ -24,6 +24,7 @@ use serde::Deserialize;
 use crate::config::{AccessToken, Config};
 use crate::defaults;
 use crate::error::Failure;
+use crate::token;
 
 /// A refresh token. Its `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,19 +87,22 @@ impl Credentials {
         self
     }
 
-    /// Whether both tokens can go in a request: non-empty visible ASCII.
+    /// Whether both tokens pass the rule of every credential ([`token::check_credential`]):
+    /// non-empty visible ASCII of at most [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES).
     pub(crate) fn is_usable(&self) -> bool {
-        usable(self.access_token.expose())
-            && self
-                .refresh_token
-                .as_ref()
-                .is_none_or(|t| usable(t.expose()))
+        self.check().is_ok()
     }
-}
 
-/// Non-empty visible ASCII: what a header value or a form field carries unchanged.
-pub(crate) fn usable(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+    /// The first token that breaks the rule, named as a refresh answer names it.
+    fn check(&self) -> Result<(), String> {
+        token::check_credential(self.access_token.expose())
+            .map_err(|p| p.describe("access_token"))?;
+        if let Some(refresh_token) = &self.refresh_token {
+            token::check_credential(refresh_token.expose())
+                .map_err(|p| p.describe("refresh_token"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Where the refresh token is exchanged for a new access token.
@@ -203,38 +207,60 @@ pub(crate) fn refresh_request(
         .body(body)
 }
 
-/// The answer of either endpoint: Matrix says `expires_in_ms`, OAuth 2.0 `expires_in` (s).
-#[derive(Deserialize)]
-struct RefreshAnswer {
-    access_token: String,
-    refresh_token: Option<String>,
-    expires_in_ms: Option<u64>,
-    expires_in: Option<u64>,
-}
-
-/// Reads a 2xx refresh answer. A token that cannot be used is a bad answer (the reason never
-/// quotes the body: it carries secrets). A missing refresh token keeps `old`.
+/// Reads a 2xx refresh answer of either endpoint: Matrix says `expires_in_ms`, OAuth 2.0
+/// `expires_in` (seconds); the first wins when both are there. A missing (or null) refresh
+/// token keeps `old`.
+///
+/// A server answer like a sync's: every token in it must pass the rule of every credential
+/// ([`token::check_credential`]: non-empty, at most [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES),
+/// visible ASCII), or the whole answer is refused, nothing of it kept. The reason names the
+/// field and the rule and never quotes the body, which carries secrets: the body is read as
+/// any JSON first, so that no parser message (`invalid type: string "..."`) can show a value.
+/// A lifetime below [`defaults::MIN_TOKEN_LIFETIME`] is raised to it.
 pub(crate) fn parse_refresh(body: &[u8], old: &RefreshToken) -> Result<Credentials, String> {
-    let answer: RefreshAnswer =
-        serde_json::from_slice(body).map_err(|e| format!("not a refresh answer ({e:#})"))?;
-    let expires_in = answer
-        .expires_in_ms
-        .map(Duration::from_millis)
-        .or(answer.expires_in.map(Duration::from_secs));
-    let credentials = Credentials {
-        access_token: AccessToken::new(answer.access_token),
-        refresh_token: Some(
-            answer
-                .refresh_token
-                .map_or_else(|| old.clone(), RefreshToken),
-        ),
-        expires_in,
+    use serde_json::Value;
+    let answer: Value = serde_json::from_slice(body).map_err(|e| {
+        // A syntax or end-of-input error names a position, never a value.
+        format!("not a refresh answer: not JSON ({e})")
+    })?;
+    let Value::Object(answer) = answer else {
+        return Err("not a refresh answer: not a JSON object".to_owned());
     };
-    if credentials.is_usable() {
-        Ok(credentials)
-    } else {
-        Err("a token in the refresh answer is empty or not visible ASCII".to_owned())
-    }
+    let text = |field: &str| match answer.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(format!("{field} is not a string")),
+    };
+    let integer = |field: &str| match answer.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{field} is not a non-negative integer")),
+    };
+    let access_token = text("access_token")?.ok_or("access_token is missing")?;
+    let refresh_token = text("refresh_token")?;
+    let expires_in = match (integer("expires_in_ms")?, integer("expires_in")?) {
+        (Some(ms), _) => Some(Duration::from_millis(ms)),
+        (None, Some(s)) => Some(Duration::from_secs(s)),
+        (None, None) => None,
+    };
+    let credentials = Credentials {
+        access_token: AccessToken::new(access_token),
+        refresh_token: Some(refresh_token.map_or_else(|| old.clone(), RefreshToken)),
+        expires_in: expires_in.map(|lifetime| {
+            if lifetime < defaults::MIN_TOKEN_LIFETIME {
+                log::warn!(
+                    "refresh answer: a token lifetime of {lifetime:?} is below the floor of \
+                     {:?}; taken as the floor",
+                    defaults::MIN_TOKEN_LIFETIME
+                );
+            }
+            lifetime.max(defaults::MIN_TOKEN_LIFETIME)
+        }),
+    };
+    credentials.check()?;
+    Ok(credentials)
 }
 
 /// Whether a failed refresh means the refresh token is dead: any 4xx but 429 (Synapse: 401
@@ -270,6 +296,7 @@ pub(crate) fn refused(status: u16, body: &[u8]) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn both_methods_build_their_request_without_an_authorization_header() {
@@ -333,6 +360,137 @@ mod tests {
             let reason = parse_refresh(body, &old).unwrap_err();
             assert!(!reason.contains("secret-r"), "{reason}");
         }
+    }
+
+    #[test]
+    fn every_bad_shape_of_either_method_is_refused_naming_the_field_and_rule_not_the_token() {
+        let old = RefreshToken::new("old");
+        let long = "L".repeat(crate::MAX_TOKEN_BYTES + 1);
+        let fine = "secret-fine-token";
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (
+                json!({ "access_token": long, "refresh_token": fine }),
+                "access_token is longer than 4096 bytes",
+            ),
+            (
+                json!({ "access_token": fine, "refresh_token": long }),
+                "refresh_token is longer than 4096 bytes",
+            ),
+            (
+                json!({ "access_token": "", "refresh_token": fine }),
+                "access_token is empty",
+            ),
+            (
+                json!({ "access_token": fine, "refresh_token": "" }),
+                "refresh_token is empty",
+            ),
+            (
+                json!({ "access_token": "secret\u{1b}[2J", "refresh_token": fine }),
+                "access_token contains a control character",
+            ),
+            (
+                json!({ "access_token": fine, "refresh_token": "secret\nr" }),
+                "refresh_token contains a control character",
+            ),
+            (
+                json!({ "access_token": "secret a", "token_type": "Bearer" }),
+                "access_token has a byte that is not visible ASCII",
+            ),
+            (
+                json!({ "access_token": fine, "refresh_token": "secr\u{e9}t" }),
+                "refresh_token has a byte that is not visible ASCII",
+            ),
+            (json!({ "refresh_token": fine }), "access_token is missing"),
+            (
+                json!({ "access_token": 7, "refresh_token": fine }),
+                "access_token is not a string",
+            ),
+            (
+                json!({ "access_token": fine, "refresh_token": ["secret-r"] }),
+                "refresh_token is not a string",
+            ),
+            // A parser's message would quote the value ("invalid type: string ...").
+            (
+                json!({ "access_token": fine, "expires_in_ms": "secret-ms" }),
+                "expires_in_ms is not a non-negative integer",
+            ),
+            (
+                json!({ "access_token": fine, "expires_in": -1 }),
+                "expires_in is not a non-negative integer",
+            ),
+            (
+                json!({ "access_token": fine, "expires_in": 1.5 }),
+                "expires_in is not a non-negative integer",
+            ),
+            (
+                json!(["secret-array"]),
+                "not a refresh answer: not a JSON object",
+            ),
+        ];
+        for (body, reason) in cases {
+            let text = body.to_string();
+            assert_eq!(
+                parse_refresh(text.as_bytes(), &old).unwrap_err(),
+                reason,
+                "{}",
+                &text[..text.len().min(200)]
+            );
+        }
+        let reason = parse_refresh(br#"{"access_token":"secret-cut"#, &old).unwrap_err();
+        assert!(
+            reason.starts_with("not a refresh answer: not JSON (EOF"),
+            "{reason}"
+        );
+        assert!(!reason.contains("secret"), "{reason}");
+    }
+
+    #[test]
+    fn a_lifetime_below_the_floor_is_raised_to_it_and_null_fields_count_as_absent() {
+        let old = RefreshToken::new("old");
+        let floor = defaults::MIN_TOKEN_LIFETIME;
+        for (body, lifetime) in [
+            (r#"{"access_token":"a","expires_in_ms":0}"#, Some(floor)),
+            (r#"{"access_token":"a","expires_in_ms":1}"#, Some(floor)),
+            (r#"{"access_token":"a","expires_in":0}"#, Some(floor)),
+            (r#"{"access_token":"a","expires_in":4}"#, Some(floor)),
+            (r#"{"access_token":"a","expires_in_ms":5000}"#, Some(floor)),
+            (
+                r#"{"access_token":"a","expires_in_ms":5001}"#,
+                Some(floor + Duration::from_millis(1)),
+            ),
+            (
+                r#"{"access_token":"a","expires_in_ms":10000,"expires_in":1}"#,
+                Some(Duration::from_secs(10)),
+            ),
+            (
+                r#"{"access_token":"a","expires_in_ms":null,"expires_in":300}"#,
+                Some(Duration::from_secs(300)),
+            ),
+            (r#"{"access_token":"a","expires_in_ms":null}"#, None),
+        ] {
+            let credentials = parse_refresh(body.as_bytes(), &old).unwrap();
+            assert_eq!(credentials.expires_in, lifetime, "{body}");
+        }
+        let kept = parse_refresh(br#"{"access_token":"a","refresh_token":null}"#, &old).unwrap();
+        assert_eq!(kept.refresh_token, Some(old));
+    }
+
+    #[test]
+    fn the_bound_is_the_one_of_next_batch() {
+        let old = RefreshToken::new("old");
+        let at_bound = "a".repeat(crate::MAX_TOKEN_BYTES);
+        let body = json!({ "access_token": at_bound, "refresh_token": at_bound }).to_string();
+        let credentials = parse_refresh(body.as_bytes(), &old).unwrap();
+        assert_eq!(
+            credentials.access_token.expose().len(),
+            crate::MAX_TOKEN_BYTES
+        );
+        assert!(credentials.is_usable());
+        let over = Credentials::new("a".repeat(crate::MAX_TOKEN_BYTES + 1));
+        assert!(
+            !over.is_usable(),
+            "set_credentials refuses what a refresh answer may not bring"
+        );
     }
 
     #[test]

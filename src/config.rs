@@ -10,7 +10,7 @@ use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
 use ruma_common::{OwnedServerName, ServerName, UserId};
 
-use crate::auth::{self, RefreshMethod, RefreshToken};
+use crate::auth::{RefreshMethod, RefreshToken};
 use crate::defaults;
 use crate::text::Escaped;
 use crate::token::{self, TokenProblem};
@@ -276,22 +276,29 @@ impl Config {
         if self.discover {
             validate_discovery_root(&self.homeserver)?;
         }
-        let token = self.access_token.expose();
-        if token.is_empty() {
-            return Err(ConfigError::MissingAccessToken);
+        // The rule of every credential (`token::check_credential`): a header value takes
+        // visible ASCII only, and a token past MAX_TOKEN_BYTES is refused wherever it comes from.
+        match token::check_credential(self.access_token.expose()) {
+            Ok(()) => {}
+            Err(TokenProblem::Empty) => return Err(ConfigError::MissingAccessToken),
+            Err(TokenProblem::TooLong) => {
+                return Err(ConfigError::Invalid {
+                    field: "access_token",
+                    reason: TokenProblem::TooLong.reason(),
+                })
+            }
+            Err(TokenProblem::ControlCharacter | TokenProblem::NotVisibleAscii) => {
+                return Err(ConfigError::InvalidAccessToken)
+            }
         }
-        // A header value takes visible ASCII only; anything else fails every request.
-        if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::InvalidAccessToken);
-        }
-        if self
+        if let Some(Err(problem)) = self
             .refresh_token
             .as_ref()
-            .is_some_and(|t| !auth::usable(t.expose()))
+            .map(|t| token::check_credential(t.expose()))
         {
             return Err(ConfigError::Invalid {
                 field: "refresh_token",
-                reason: "empty or not visible ASCII",
+                reason: problem.reason(),
             });
         }
         if let RefreshMethod::OAuth {
@@ -320,16 +327,10 @@ impl Config {
             match token::check(since) {
                 Ok(()) => {}
                 Err(TokenProblem::Empty) => return Err(ConfigError::EmptySince),
-                Err(TokenProblem::TooLong) => {
+                Err(problem) => {
                     return Err(ConfigError::Invalid {
                         field: "since",
-                        reason: "longer than MAX_TOKEN_BYTES",
-                    })
-                }
-                Err(TokenProblem::ControlCharacter) => {
-                    return Err(ConfigError::Invalid {
-                        field: "since",
-                        reason: "contains a control character",
+                        reason: problem.reason(),
                     })
                 }
             }
@@ -792,6 +793,36 @@ mod tests {
                 Config::new("https://x.org", bad).validate(),
                 Err(ConfigError::InvalidAccessToken),
                 "{bad:?}"
+            );
+        }
+        // The length bound of every token holds for the credentials too.
+        let long = "x".repeat(crate::MAX_TOKEN_BYTES + 1);
+        assert_eq!(
+            Config::new("https://x.org", long.as_str()).validate(),
+            Err(ConfigError::Invalid {
+                field: "access_token",
+                reason: "longer than MAX_TOKEN_BYTES"
+            })
+        );
+        assert_eq!(
+            Config::new("https://x.org", "x".repeat(crate::MAX_TOKEN_BYTES)).validate(),
+            Ok(())
+        );
+        for (refresh, reason) in [
+            (long.as_str(), "longer than MAX_TOKEN_BYTES"),
+            ("", "empty"),
+            ("r t", "not visible ASCII"),
+            ("r\u{0}", "contains a control character"),
+        ] {
+            let mut c = base();
+            c.refresh_token = Some(RefreshToken::new(refresh));
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::Invalid {
+                    field: "refresh_token",
+                    reason
+                }),
+                "{refresh:?}"
             );
         }
         let mut c = base();

@@ -55,6 +55,15 @@
 //!   strict deployments) would be refreshed in a loop with a fixed minute, so its lead is a
 //!   fifth of its lifetime. The lifetime is counted from when the refresh request was sent,
 //!   so a slow answer only makes the refresh earlier.
+//! * **A refreshed token lives at least 5 s** ([`MIN_TOKEN_LIFETIME`]): a refresh answer's
+//!   `expires_in_ms` (or OAuth 2.0 `expires_in`) below it is raised to it. Refreshing at four
+//!   fifths of the lifetime, a lifetime of 0 or 1 ms would make the machine refresh again
+//!   as soon as the new tokens are stored, a loop against the token endpoint that rewrites
+//!   the application's token store each turn. With the floor it refreshes at most once
+//!   every 4 s, and a server whose tokens really die sooner gets the 401 path, which
+//!   refreshes once and then backs off. 5 s stays below the shortest lifetime met in
+//!   practice, 10 s (Synapse configured for tests, as in this crate's Synapse tests), so a
+//!   real server's lifetime is never changed; production lifetimes are minutes to an hour.
 //! * **Discovery follows at most 5 redirects** ([`MAX_DISCOVERY_REDIRECTS`]): the
 //!   specification asks clients to follow a well-known's redirects and to avoid loops; real
 //!   chains are one or two hops (`example.org` to `www.example.org`, http to https), and a
@@ -107,6 +116,8 @@ pub const DEDUP_CAPACITY: usize = 16_384;
 /// How long before a known expiry the access token is refreshed, at most (at most a fifth of
 /// the token's lifetime).
 pub const REFRESH_LEAD: Duration = Duration::from_secs(60);
+/// The shortest lifetime taken from a refresh answer: shorter ones are raised to it.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(5);
 /// Capacity of the driver's events channel.
 pub const EVENT_CHANNEL_CAPACITY: usize = 1024;
 /// Capacity of the driver's errors channel.

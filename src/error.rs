@@ -156,7 +156,15 @@ pub enum Failure {
         location: Option<String>,
     },
     /// The status was a success (or an unexpected 1xx, or above 599) but the body is not
-    /// what the endpoint returns.
+    /// what the endpoint returns, or carries a token that breaks the token rules (see
+    /// [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES)).
+    ///
+    /// A refresh answer is refused the same way: unreadable, or with an access or refresh
+    /// token that is empty, longer than `MAX_TOKEN_BYTES`, or not visible ASCII. Nothing of
+    /// it is kept or handed to `poll_credentials`; the refresh is retried with backoff as
+    /// after a 5xx, with the old tokens (syncs go on with the old access token while it
+    /// lives). `reason` names the field and the rule, and `excerpt` is empty: a refresh
+    /// answer carries secrets. Nothing to do but fix the server if it keeps answering so.
     #[error(
         "bad response (status {status}): {}; body starts with {excerpt:?}",
         Escaped(reason)
@@ -344,9 +352,11 @@ pub enum InputError {
     /// [`poll_credentials`](crate::SyncMachine::poll_credentials) and left unanswered.
     #[error("no credentials were handed out to be stored")]
     NoCredentialsPending,
-    /// Credentials given to `set_credentials` or `set_access_token` with a token that is
-    /// empty or not visible ASCII (it could not go in a request). Nothing changed.
-    #[error("a token is empty or holds characters other than visible ASCII")]
+    /// Credentials given to `set_credentials` or `set_access_token` with a token that breaks
+    /// the rule of every credential: empty, longer than
+    /// [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES), or not visible ASCII (it could not go in
+    /// a request, or be stored and sent back as it is). Nothing changed.
+    #[error("a token is empty, too long, or holds characters other than visible ASCII")]
     UnusableCredentials,
 }
 

@@ -128,7 +128,11 @@
 //!   nothing is sent in between. A refused refresh (401, 403, 400 `invalid_grant`) ends the
 //!   session ([`SyncState::SessionEnded`], [`Failure::RefreshRefused`]): no more refreshes,
 //!   syncs only at the maximum backoff. A failing one (network, 5xx) is retried with backoff,
-//!   keeping the old tokens. [`set_credentials`](SyncMachine::set_credentials) replaces them
+//!   keeping the old tokens; so is a refresh answer whose tokens break the rule of
+//!   `next_batch` (empty, control characters, longer than [`MAX_TOKEN_BYTES`]) or are not
+//!   visible ASCII ([`Failure::BadResponse`], naming the field, never the token: nothing of
+//!   it is handed out). A lifetime below [`defaults::MIN_TOKEN_LIFETIME`] (5 s) is raised to
+//!   it. [`set_credentials`](SyncMachine::set_credentials) replaces them
 //!   live; a machine waiting after a refusal retries at once. The reasons are in the `auth`
 //!   module's source and in [`defaults`].
 //! * Events already delivered are not delivered again, within the memory of the last

@@ -366,7 +366,8 @@ impl SyncMachine {
     /// refreshed credentials not yet stored, are dropped: these win.
     ///
     /// Refused with [`InputError::UnusableCredentials`] (nothing changes) when a token is
-    /// empty or not visible ASCII. `expires_in` counts from `now`.
+    /// empty, longer than [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES) or not visible ASCII.
+    /// `expires_in` counts from `now`.
     pub fn set_credentials(
         &mut self,
         credentials: Credentials,

@@ -486,3 +486,157 @@ fn a_gap_fill_answered_401_fails_the_whole_batch() {
     assert_eq!(errors.len(), 1, "{show}");
     assert!(errors[0].contains("401"), "{show}");
 }
+
+// ---- 7. a refresh answer whose tokens break the rules -------------------------------------------
+
+/// Marks the token text of the refresh answers below: no line of tail may show it.
+const SECRET: &str = "SECRET";
+
+/// Runs tail with `--token-file` (old tokens, no expiry) against a homeserver that refuses
+/// the old access token with a 401 and answers every refresh (at `refresh_path`) with
+/// `answer`; checks what must hold for both methods and returns the run.
+fn refused_refresh_answer(args: &[&str], refresh_path: &'static str, answer: String) -> Run {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    let stored = br#"{"access_token":"old-access","refresh_token":"old-refresh"}"#;
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&token_file)
+        .unwrap()
+        .write_all(stored)
+        .unwrap();
+    let server = FakeServer::start(move |request| {
+        if request.path() == refresh_path {
+            return Response::json(200, answer.as_str());
+        }
+        if !is_sync(request) {
+            return not_found();
+        }
+        if request.header("authorization") == Some("Bearer old-access") {
+            return Response::json(
+                401,
+                r#"{"errcode":"M_UNKNOWN_TOKEN","error":"expired","soft_logout":true}"#,
+            );
+        }
+        Response::json(200, json!({ "next_batch": "s_new" }).to_string())
+    });
+    let server_url = server.url();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.replace("{server}", &server_url))
+        .chain(["--token-file".to_owned(), token_file.display().to_string()])
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let window = Duration::from_secs(3);
+    let run = run_tail(&server, &args, Some("s0"), window);
+    let show = run.show();
+    let refreshes: Vec<_> = run
+        .requests
+        .iter()
+        .filter(|r| r.path() == refresh_path)
+        .collect();
+    eprintln!(
+        "refused refresh answer at {refresh_path}: {} refreshes, {} syncs in {window:?}",
+        refreshes.len(),
+        syncs(&run.requests).len()
+    );
+    // The access token is dead: only refreshes go out after the 401, the first at once, each
+    // later one after one more backoff step (a failure like a 5xx).
+    assert_eq!(syncs(&run.requests).len(), 1, "{show}");
+    assert!(refreshes.len() >= 2, "the refresh is retried: {show}");
+    assert!(
+        refreshes.len() <= 1 + steps_within(window),
+        "{} refreshes in {window:?}: {show}",
+        refreshes.len()
+    );
+    for request in &run.requests {
+        let authorization = request.header("authorization");
+        assert!(
+            authorization.is_none_or(|a| a == "Bearer old-access"),
+            "only the old access token is ever sent: {show}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&request.body).contains(SECRET),
+            "the refused tokens are never sent: {show}"
+        );
+    }
+    for refresh in &refreshes {
+        assert!(
+            String::from_utf8_lossy(&refresh.body).contains("old-refresh"),
+            "every refresh sends the old refresh token: {show}"
+        );
+    }
+    assert_eq!(
+        fs::read(&token_file).unwrap(),
+        stored,
+        "the token file keeps the old tokens byte for byte: {show}"
+    );
+    let mode = fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{show}");
+    assert!(!run.stderr.contains("credentials refreshed"), "{show}");
+    assert!(!run.stderr.contains(SECRET), "no token echoed: {show}");
+    assert!(!run.ended_by_itself, "{show}");
+    assert_eq!(run.code, Some(STOPPED), "{show}");
+    assert!(run.events().is_empty(), "{show}");
+    assert_eq!(run.since.as_deref(), Some("s0"), "{show}");
+    // The 401, then each refresh answered before the signal (the last may be cut short).
+    let errors = run.error_lines().len();
+    assert!(
+        (refreshes.len()..=1 + refreshes.len()).contains(&errors),
+        "{errors} errors: {show}"
+    );
+    run
+}
+
+#[test]
+fn a_100_kb_access_token_from_refresh_is_refused_never_stored_nor_sent() {
+    let answer = json!({
+        "access_token": format!("{SECRET}{}", "a".repeat(100_000)),
+        "refresh_token": format!("{SECRET}_new_refresh"),
+        "expires_in_ms": 60_000,
+    })
+    .to_string();
+    let run = refused_refresh_answer(&[], "/_matrix/client/v3/refresh", answer);
+    let show = run.show();
+    let errors = run.error_lines();
+    assert!(
+        errors[1..]
+            .iter()
+            .all(|l| l.contains("access_token is longer than 4096 bytes")),
+        "each refusal names the field and the rule: {show}"
+    );
+}
+
+#[test]
+fn an_oauth_refresh_token_of_5_kb_is_refused_never_stored_nor_sent() {
+    let answer = json!({
+        "access_token": format!("{SECRET}_new_access"),
+        "refresh_token": format!("{SECRET}{}", "r".repeat(5_000)),
+        "token_type": "Bearer",
+        "expires_in": 300,
+    })
+    .to_string();
+    let run = refused_refresh_answer(
+        &[
+            "--oauth-token-endpoint",
+            "{server}/oauth2/token",
+            "--oauth-client-id",
+            "client-1",
+        ],
+        "/oauth2/token",
+        answer,
+    );
+    let show = run.show();
+    let errors = run.error_lines();
+    assert!(
+        errors[1..]
+            .iter()
+            .all(|l| l.contains("refresh_token is longer than 4096 bytes")),
+        "each refusal names the field and the rule: {show}"
+    );
+}

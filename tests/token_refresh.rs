@@ -493,6 +493,277 @@ fn no_token_shows_in_debug_or_in_errors() {
     ));
 }
 
+// ---- refresh answers whose tokens break the rules -----------------------------------------------
+
+/// Marks every token text of the answers below: no report may show it.
+const SECRET: &str = "SECRET";
+
+fn oauth() -> RefreshMethod {
+    RefreshMethod::OAuth {
+        token_endpoint: "http://127.0.0.1:9/oauth2/token".into(),
+        client_id: "client-1".into(),
+    }
+}
+
+fn config_for(method: &RefreshMethod, expires_in: Option<Duration>) -> Config {
+    let mut c = config_with_refresh(expires_in);
+    c.refresh = method.clone();
+    c
+}
+
+/// A 200 answer of `method`'s shape (Matrix: `expires_in_ms`; OAuth 2.0: `token_type` and
+/// `expires_in` in seconds) with the tokens given (a field left out when `None`).
+fn answer_of(
+    method: &RefreshMethod,
+    access: Option<&str>,
+    refresh: Option<&str>,
+    lifetime_ms: u64,
+) -> serde_json::Value {
+    let mut answer = json!({});
+    if let Some(access) = access {
+        answer["access_token"] = json!(access);
+    }
+    if let Some(refresh) = refresh {
+        answer["refresh_token"] = json!(refresh);
+    }
+    match method {
+        RefreshMethod::OAuth { .. } => {
+            answer["token_type"] = json!("Bearer");
+            answer["expires_in"] = json!(lifetime_ms / 1000);
+        }
+        _ => answer["expires_in_ms"] = json!(lifetime_ms),
+    }
+    answer
+}
+
+/// Every way a refresh answer's tokens can break the rule: the access token, the refresh
+/// token (the other one valid, and secret too), and the reason the report must give.
+fn bad_shapes() -> Vec<(Option<String>, Option<String>, &'static str)> {
+    let ok = || Some(format!("{SECRET}_fine_token"));
+    let long = || Some(format!("{SECRET}{}", "a".repeat(100_000)));
+    vec![
+        (long(), ok(), "access_token is longer than 4096 bytes"),
+        (ok(), long(), "refresh_token is longer than 4096 bytes"),
+        (Some(String::new()), ok(), "access_token is empty"),
+        (ok(), Some(String::new()), "refresh_token is empty"),
+        (
+            Some(format!("{SECRET}\u{7}bell")),
+            ok(),
+            "access_token contains a control character",
+        ),
+        (
+            ok(),
+            Some(format!("{SECRET}\nline")),
+            "refresh_token contains a control character",
+        ),
+        (
+            Some(format!("{SECRET} space")),
+            ok(),
+            "access_token has a byte that is not visible ASCII",
+        ),
+        (
+            ok(),
+            Some(format!("{SECRET}_caf\u{e9}")),
+            "refresh_token has a byte that is not visible ASCII",
+        ),
+        (None, ok(), "access_token is missing"),
+    ]
+}
+
+/// Plays a sync answered 401, then the refreshes it brings, each answered by `answer` (status
+/// and body); returns when each refresh was sent and the errors reported for them.
+fn refreshes_after_a_401(
+    method: &RefreshMethod,
+    answer: impl Fn() -> (u16, Vec<u8>),
+) -> (Harness, Vec<Duration>, Vec<matrix_sync_service::SyncError>) {
+    let mut h = Harness::new(config_for(method, None));
+    go_live(&mut h);
+    let poll = h.next_request();
+    h.reply(&poll, 401, r#"{"errcode":"M_UNKNOWN_TOKEN"}"#);
+    h.take_errors();
+    let mut at = Vec::new();
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        let refresh = h.next_request();
+        assert_eq!(
+            refresh.kind,
+            RequestKind::Refresh,
+            "only refreshes while the token is dead"
+        );
+        at.push(h.elapsed());
+        let (status, body) = answer();
+        h.reply(&refresh, status, body);
+        assert_eq!(h.machine.state(), SyncState::BackingOff);
+        assert!(h.machine.poll_credentials().is_none(), "nothing handed out");
+        errors.extend(h.take_errors());
+    }
+    (h, at, errors)
+}
+
+#[test]
+fn a_refresh_answer_breaking_the_token_rules_is_a_failure_backed_off_like_a_5xx_keeping_the_old_tokens(
+) {
+    for method in [RefreshMethod::Matrix, oauth()] {
+        let (_, reference, _) = refreshes_after_a_401(&method, || (502, b"bad gateway".to_vec()));
+        for (access, refresh, reason) in bad_shapes() {
+            let body = answer_of(&method, access.as_deref(), refresh.as_deref(), 60_000);
+            let body = serde_json::to_vec(&body).unwrap();
+            let (mut h, at, errors) = refreshes_after_a_401(&method, || (200, body.clone()));
+            let case = format!("{method:?}: {reason}");
+            assert_eq!(at, reference, "{case}: the backoff of a 5xx");
+            assert_eq!(errors.len(), 3, "{case}");
+            for error in &errors {
+                assert_eq!(error.request, RequestKind::Refresh, "{case}");
+                assert_eq!(error.class, ErrorClass::Transient, "{case}");
+                match &error.failure {
+                    Failure::BadResponse {
+                        status: 200,
+                        reason: given,
+                        excerpt,
+                    } => {
+                        assert_eq!(given, reason, "{case}");
+                        assert!(excerpt.is_empty(), "{case}: {excerpt:?}");
+                    }
+                    other => panic!("{case}: {other:?}"),
+                }
+                let shown = format!("{error} {error:?}");
+                assert!(!shown.contains(SECRET), "{case}: {shown}");
+            }
+            // The old tokens are still the ones in force, and the next answer that keeps the
+            // rules is taken as usual.
+            let config = h.machine.config();
+            assert_eq!(config.access_token.expose(), TOKEN, "{case}");
+            assert_eq!(
+                config.refresh_token.as_ref().unwrap().expose(),
+                REFRESH,
+                "{case}"
+            );
+            let refresh = h.next_request();
+            assert_eq!(refresh.kind, RequestKind::Refresh);
+            h.respond(
+                &refresh,
+                json_response(&answer_of(
+                    &method,
+                    Some("syt_good"),
+                    Some("syr_good"),
+                    60_000,
+                )),
+            );
+            assert_eq!(store(&mut h).access_token.expose(), "syt_good");
+            let sync = h.request();
+            assert_eq!(bearer(&sync).unwrap(), "Bearer syt_good", "{case}");
+            assert!(
+                h.log.requests.iter().all(|r| r
+                    .token
+                    .as_deref()
+                    .is_none_or(|t| t == TOKEN || t == "syt_good")),
+                "{case}: only the old and the good token were ever sent"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bad_answer_to_a_refresh_ahead_of_expiry_lets_syncs_go_on_with_the_old_token_while_it_lives() {
+    for method in [RefreshMethod::Matrix, oauth()] {
+        let mut h = Harness::new(config_for(&method, Some(Duration::from_secs(10))));
+        go_live(&mut h);
+        h.advance(Duration::from_secs(8));
+        let refresh = h.next_request();
+        assert_eq!(refresh.kind, RequestKind::Refresh);
+        let long = format!("{SECRET}{}", "a".repeat(100_000));
+        h.respond(
+            &refresh,
+            json_response(&answer_of(&method, Some(&long), Some("syr_next"), 10_000)),
+        );
+        assert!(h.machine.poll_credentials().is_none());
+        let error = h.take_errors().pop().expect("the refusal reported");
+        assert!(
+            matches!(&error.failure, Failure::BadResponse { reason, .. }
+                if reason == "access_token is longer than 4096 bytes"),
+            "{error}"
+        );
+        // Not held: the old access token still lives, so the sync goes out at once with it.
+        let sync = h.request();
+        assert!(matches!(sync.kind, RequestKind::Sync { .. }), "{method:?}");
+        assert_eq!(bearer(&sync).unwrap(), format!("Bearer {TOKEN}"));
+        // Long-polls answered every 100 ms, with the old token, until the refresh is retried
+        // after its backoff.
+        let mut n = 2;
+        let mut sync = sync;
+        loop {
+            assert_eq!(bearer(&sync).unwrap(), format!("Bearer {TOKEN}"));
+            h.now += Duration::from_millis(100);
+            let body = message_sync(&format!("s{n}"), "!r:localhost", &format!("m{n}"), &["x"]);
+            h.respond(&sync, json_response(&body));
+            n += 1;
+            let next = h.next_request();
+            if next.kind == RequestKind::Refresh {
+                break;
+            }
+            sync = next;
+        }
+        assert!(
+            h.elapsed() >= Duration::from_millis(8_500),
+            "retried after its backoff, not before: {:?}",
+            h.elapsed()
+        );
+        assert!(n > 4, "syncs went on meanwhile");
+        assert_eq!(
+            h.machine.config().refresh_token.as_ref().unwrap().expose(),
+            REFRESH
+        );
+    }
+}
+
+#[test]
+fn a_lifetime_below_the_floor_is_raised_to_it_so_refreshes_never_run_in_a_loop() {
+    let floor = matrix_sync_service::defaults::MIN_TOKEN_LIFETIME;
+    for (method, lifetime_ms) in [
+        (RefreshMethod::Matrix, 0),
+        (RefreshMethod::Matrix, 1),
+        (oauth(), 0),
+    ] {
+        let mut h = Harness::new(config_for(&method, Some(Duration::from_secs(10))));
+        go_live(&mut h);
+        let mut refreshed_at = Vec::new();
+        let mut syncs_between = vec![0];
+        let mut n = 1;
+        while h.elapsed() < Duration::from_secs(60) {
+            let req = h.next_request();
+            if req.kind == RequestKind::Refresh {
+                refreshed_at.push(h.elapsed());
+                let access = format!("syt_short_{n}");
+                h.respond(
+                    &req,
+                    json_response(&answer_of(&method, Some(&access), None, lifetime_ms)),
+                );
+                let new = store(&mut h);
+                assert_eq!(new.expires_in, Some(floor), "{method:?} {lifetime_ms} ms");
+                syncs_between.push(0);
+                continue;
+            }
+            *syncs_between.last_mut().unwrap() += 1;
+            h.now += Duration::from_millis(500);
+            n += 1;
+            let body = message_sync(&format!("s{n}"), "!r:localhost", &format!("m{n}"), &["x"]);
+            h.respond(&req, json_response(&body));
+        }
+        let case = format!("{method:?}, {lifetime_ms} ms: refreshes at {refreshed_at:?}");
+        // The first at four fifths of the configured 10 s, then one per four fifths of the floor.
+        assert!(refreshed_at.len() >= 10, "{case}");
+        assert!(refreshed_at.len() <= 1 + 52 / 4, "{case}");
+        for pair in refreshed_at.windows(2) {
+            assert!(pair[1] - pair[0] >= floor * 4 / 5, "{case}");
+        }
+        assert!(
+            syncs_between.iter().skip(1).all(|n| *n >= 1),
+            "{case}: a sync between any two refreshes ({syncs_between:?})"
+        );
+        assert!(h.errors().is_empty(), "{case}: {:?}", h.errors());
+    }
+}
+
 // ---- the simulation: a server whose tokens expire ----------------------------------------------
 
 mod simulated {
