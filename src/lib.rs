@@ -239,6 +239,8 @@ pub mod e2ee;
 mod e2ee;
 mod error;
 mod gapfill;
+#[cfg(feature = "driver")]
+mod lossy;
 mod machine;
 mod normalize;
 #[cfg(feature = "reactor")]

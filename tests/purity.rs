@@ -21,7 +21,7 @@ const MACHINE_MODULES: &[&str] = &[
 ];
 
 /// The modules allowed to do I/O: the driver (its loop, stages, transport and resolver) and
-/// its agent's TLS roots, the reactor (many accounts on one thread), the file checkpoint store, the E2EE stage (its crypto store and
+/// its agent's TLS roots, the reactor (many accounts on one thread), their lossy channels, the file checkpoint store, the E2EE stage (its crypto store and
 /// runtime; a stage of its own beside the machine), and the crate root with the docs section
 /// it includes (their documentation examples).
 const IO_MODULES: &[&str] = &[
@@ -30,6 +30,7 @@ const IO_MODULES: &[&str] = &[
     "driver",
     "e2ee",
     "lib.rs",
+    "lossy.rs",
     "reactor",
     "tls.rs",
 ];

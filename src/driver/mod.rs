@@ -24,8 +24,9 @@ mod run;
 mod stage;
 mod transport;
 
+use crate::lossy::Lossy;
 pub use resolve::LiteralFirst;
-use run::{Driver, Lossy, SetCredentials};
+use run::{Driver, SetCredentials};
 use stage::Stage;
 
 /// What reaches the `errors` channel.
@@ -64,7 +65,7 @@ struct Shared {
     credentials: Sender<SetCredentials>,
     /// A clone of the driver's agent, to abort its in-flight request on stop.
     agent: Mutex<Option<ureq::Agent>>,
-    dropped_errors: AtomicU64,
+    dropped_errors: Arc<AtomicU64>,
     state: Mutex<SyncState>,
 }
 
@@ -299,7 +300,7 @@ fn wire(
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
         agent: Mutex::new(Some(agent.clone())),
-        dropped_errors: AtomicU64::new(0),
+        dropped_errors: Arc::default(),
         state: Mutex::new(machine.state()),
     });
     let driver = Driver {
@@ -307,8 +308,8 @@ fn wire(
         stages,
         agent,
         events: event_tx,
-        errors: Lossy::new(error_tx, &error_rx, &shared, true),
-        states: Lossy::new(state_tx, &state_rx, &shared, false),
+        errors: Lossy::new(error_tx, &error_rx, Some(shared.dropped_errors.clone())),
+        states: Lossy::new(state_tx, &state_rx, None),
         stop: stop_rx,
         credentials: credentials_rx,
         store: options.on_credentials.clone(),

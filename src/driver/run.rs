@@ -4,7 +4,6 @@
 //! consumer, credentials to store), then sends one request, a stage's before the machine's,
 //! or waits for the earliest instant anyone wants, a stop, or new credentials.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,46 +12,12 @@ use crossbeam_channel::{select, Receiver, Sender};
 use super::stage::Stage;
 use super::transport::perform;
 use super::{lock, ServiceError, Shared, StoreCredentials};
+use crate::lossy::Lossy;
 use crate::{Credentials, Event, OutgoingRequest, SyncMachine, SyncState, TransportFailure};
 
 /// How long the loop waits when nobody has a timer, which happens only while a stage holds
 /// the sync (a safety net: a stage that holds it always has a timer).
 const IDLE_TICK: Duration = Duration::from_secs(1);
-
-/// A channel that never blocks its sender: when full, the oldest item is dropped.
-pub(super) struct Lossy<T> {
-    tx: Sender<T>,
-    rx: Receiver<T>,
-    pub(super) shared: Arc<Shared>,
-    counts: bool,
-}
-
-impl<T> Lossy<T> {
-    /// `counts`: whether drops are counted in `dropped_errors`.
-    pub(super) fn new(tx: Sender<T>, rx: &Receiver<T>, shared: &Arc<Shared>, counts: bool) -> Self {
-        Self {
-            tx,
-            rx: rx.clone(),
-            shared: shared.clone(),
-            counts,
-        }
-    }
-
-    pub(super) fn push(&self, mut item: T) {
-        loop {
-            match self.tx.try_send(item) {
-                Ok(()) => return,
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
-                Err(crossbeam_channel::TrySendError::Full(back)) => {
-                    item = back;
-                    if self.rx.try_recv().is_ok() && self.counts {
-                        self.shared.dropped_errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    }
-}
 
 pub(super) struct Driver {
     pub(super) machine: SyncMachine,

@@ -18,7 +18,8 @@ use super::conn::{tls_failure, Conn};
 use super::dns::{Lookup, Resolver};
 use super::proxy::{HttpProxy, Origin, Tunnel};
 use super::transfer::Transfer;
-use super::{AccountError, AccountEvent, AccountKey, AccountState, Lossy, StoreAccountCredentials};
+use super::{AccountError, AccountEvent, AccountKey, AccountState, StoreAccountCredentials};
+use crate::lossy::Lossy;
 use crate::{Credentials, OutgoingRequest, SyncMachine, TransportErrorKind, TransportFailure};
 
 /// The waker's token; the account in slot `i` uses `Token(i)`.

@@ -101,6 +101,7 @@ use mio::{Poll, Waker};
 use self::dns::Resolver;
 use self::event_loop::{Command, Loop, Outputs, WAKER};
 use self::proxy::HttpProxy;
+use crate::lossy::Lossy;
 use crate::tls::{CaCertificate, CaPemError, TrustRoots};
 use crate::{
     defaults, Config, ConfigError, Credentials, Event, InputError, SyncError, SyncMachine,
@@ -610,40 +611,6 @@ impl<K> Shared<K> {
     fn send(&self, command: Command<K>) -> Result<(), ()> {
         self.commands.send(command).map_err(|_| ())?;
         self.waker.wake().map_err(|_| ())
-    }
-}
-
-/// A channel that never blocks its sender: when full, the oldest item is dropped.
-struct Lossy<T> {
-    tx: Sender<T>,
-    rx: Receiver<T>,
-    dropped: Option<Arc<AtomicU64>>,
-}
-
-impl<T> Lossy<T> {
-    fn new(tx: Sender<T>, rx: &Receiver<T>, dropped: Option<Arc<AtomicU64>>) -> Self {
-        Self {
-            tx,
-            rx: rx.clone(),
-            dropped,
-        }
-    }
-
-    fn push(&self, mut item: T) {
-        loop {
-            match self.tx.try_send(item) {
-                Ok(()) => return,
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
-                Err(crossbeam_channel::TrySendError::Full(back)) => {
-                    item = back;
-                    if self.rx.try_recv().is_ok() {
-                        if let Some(dropped) = &self.dropped {
-                            dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        }
     }
 }
 
