@@ -18,7 +18,9 @@ use self_cell::self_cell;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
-use crate::normalize::{normalize, to_raw, Event, EventKind, Gap, Section};
+use crate::normalize::{
+    normalize, normalize_with, to_raw, Event, EventKind, Gap, Section, Senders,
+};
 use crate::response::{JoinedRoom, SyncResponse, Timeline};
 use crate::scan::event_fields;
 
@@ -98,12 +100,16 @@ impl Delivery {
             Steps {
                 queue: planner.steps,
                 delivered: 0,
+                senders: Senders::default(),
             }
         })
     }
 
     /// The next event not delivered before (within the memory of `dedup`), normalized now;
     /// `None` once the checkpoint was handed on.
+    // Inlined down to `normalize`, so that the 280-byte event is built where the caller takes
+    // it rather than copied out through each layer.
+    #[inline]
     pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
     }
@@ -128,6 +134,7 @@ impl fmt::Debug for Delivery {
 pub(crate) struct Steps<'a> {
     queue: VecDeque<Step<'a>>,
     delivered: usize,
+    senders: Senders,
 }
 
 enum Step<'a> {
@@ -148,7 +155,9 @@ enum Step<'a> {
 }
 
 impl Steps<'_> {
+    #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        let senders = &mut self.senders;
         loop {
             let step = self.queue.front_mut()?;
             let event = match step {
@@ -158,10 +167,10 @@ impl Steps<'_> {
                     room,
                 } => events
                     .next()
-                    .map(|raw| normalize((*raw).to_owned(), *section, room.as_ref())),
+                    .map(|raw| normalize_with((*raw).to_owned(), *section, room.as_ref(), senders)),
                 Step::Fetched { events, room } => events
                     .next()
-                    .map(|raw| normalize(raw, Section::Timeline, Some(room))),
+                    .map(|raw| normalize_with(raw, Section::Timeline, Some(room), senders)),
                 Step::Ready(event) => event.take().map(|event| *event),
             };
             match event {
