@@ -562,6 +562,7 @@ impl Section {
 }
 
 /// Normalizes one event from its raw JSON.
+#[cfg(any(test, fuzzing, feature = "e2ee"))]
 pub(crate) fn normalize(
     raw: Box<RawValue>,
     section: Section,
