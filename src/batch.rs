@@ -18,9 +18,8 @@ use self_cell::self_cell;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
-use crate::normalize::{normalize, to_raw, Event, EventKind, Gap, Section};
-use crate::response::{JoinedRoom, SyncResponse, Timeline};
-use crate::scan::event_fields;
+use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
+use crate::response::{JoinedRoom, SyncResponse};
 
 /// What gap filling produced for one room.
 #[derive(Debug, Default)]
@@ -98,12 +97,17 @@ impl Delivery {
             Steps {
                 queue: planner.steps,
                 delivered: 0,
+                senders: Senders::default(),
+                membership: None,
             }
         })
     }
 
     /// The next event not delivered before (within the memory of `dedup`), normalized now;
     /// `None` once the checkpoint was handed on.
+    // Inlined down to `normalize`, so that the 280-byte event is built where the caller takes
+    // it rather than copied out through each layer.
+    #[inline]
     pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
     }
@@ -128,6 +132,10 @@ impl fmt::Debug for Delivery {
 pub(crate) struct Steps<'a> {
     queue: VecDeque<Step<'a>>,
     delivered: usize,
+    senders: Senders,
+    /// The last membership event of the left room being delivered, as normalized for its
+    /// timeline: the leave marker is a copy of it, not a second reading of the same JSON.
+    membership: Option<Event>,
 }
 
 enum Step<'a> {
@@ -136,19 +144,27 @@ enum Step<'a> {
         events: std::slice::Iter<'a, &'a RawValue>,
         section: Section,
         room: Option<OwnedRoomId>,
+        /// A left room's timeline: its last membership event is kept for the leave marker.
+        keep_membership: bool,
     },
     /// Events fetched to fill a gap, oldest first.
     Fetched {
         events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
         room: OwnedRoomId,
     },
-    /// An item built in advance (gap, leave marker, device lists, key counts, checkpoint);
-    /// `None` once taken.
+    /// An item built in advance (gap, device lists, key counts, checkpoint); `None` once
+    /// taken.
     Ready(Option<Box<Event>>),
+    /// The leave marker of a room, from the membership event kept from its timeline; `None`
+    /// once taken.
+    Leave(Option<OwnedRoomId>),
 }
 
 impl Steps<'_> {
+    #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        let senders = &mut self.senders;
+        let membership = &mut self.membership;
         loop {
             let step = self.queue.front_mut()?;
             let event = match step {
@@ -156,13 +172,23 @@ impl Steps<'_> {
                     events,
                     section,
                     room,
-                } => events
-                    .next()
-                    .map(|raw| normalize((*raw).to_owned(), *section, room.as_ref())),
+                    keep_membership,
+                } => events.next().map(|raw| {
+                    let event = normalize_with((*raw).to_owned(), *section, room.as_ref(), senders);
+                    // Kept whether or not dedup lets it through: the marker does not depend
+                    // on it.
+                    if *keep_membership && event.event_type == "m.room.member" {
+                        *membership = Some(event.clone());
+                    }
+                    event
+                }),
                 Step::Fetched { events, room } => events
                     .next()
-                    .map(|raw| normalize(raw, Section::Timeline, Some(room))),
+                    .map(|raw| normalize_with(raw, Section::Timeline, Some(room), senders)),
                 Step::Ready(event) => event.take().map(|event| *event),
+                Step::Leave(room) => room
+                    .take()
+                    .map(|room| leave_marker(membership.take(), room)),
             };
             match event {
                 Some(event) if first_delivery(dedup, &event) => {
@@ -218,11 +244,22 @@ impl<'a> Planner<'a, '_> {
     }
 
     fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
+        self.list_keeping(events, section, room, false);
+    }
+
+    fn list_keeping(
+        &mut self,
+        events: &'a [&'a RawValue],
+        section: Section,
+        room: Option<&OwnedRoomId>,
+        keep_membership: bool,
+    ) {
         if !events.is_empty() {
             self.steps.push_back(Step::Listed {
                 events: events.iter(),
                 section,
                 room: room.cloned(),
+                keep_membership,
             });
         }
     }
@@ -258,22 +295,7 @@ impl<'a> Planner<'a, '_> {
         }
         for (room_id, room) in &rooms.leave {
             self.room(room_id, room, fills.remove(room_id), Membership::Left);
-            let marker = match last_membership(&room.timeline) {
-                Some(raw) => {
-                    let mut event = normalize(raw.to_owned(), Section::Timeline, Some(room_id));
-                    event.kind = EventKind::Leave;
-                    // The membership event itself was delivered just before, with its id.
-                    event.event_id = None;
-                    event
-                }
-                None => Event::section(
-                    EventKind::Leave,
-                    "m.room.member",
-                    Some(room_id.clone()),
-                    to_raw(&serde_json::json!({})),
-                ),
-            };
-            self.ready(marker);
+            self.steps.push_back(Step::Leave(Some(room_id.clone())));
         }
     }
 
@@ -290,7 +312,8 @@ impl<'a> Planner<'a, '_> {
         let id = Some(room_id);
         self.list(&room.state.events, Section::State, id);
         self.list(&room.state_after.events, Section::State, id);
-        self.list(&room.timeline.events, Section::Timeline, id);
+        let left = membership == Membership::Left;
+        self.list_keeping(&room.timeline.events, Section::Timeline, id, left);
         if membership == Membership::Joined {
             self.list(&room.ephemeral.events, Section::Ephemeral, id);
         }
@@ -335,15 +358,23 @@ impl<'a> Planner<'a, '_> {
     }
 }
 
-/// The raw JSON of the last membership event in a left room's timeline (normally the user's own
-/// leave or kick), for the leave marker.
-fn last_membership<'a>(timeline: &Timeline<'a>) -> Option<&'a RawValue> {
-    timeline
-        .events
-        .iter()
-        .rev()
-        .copied()
-        .find(|raw| event_fields(raw.get()).event_type.as_deref() == Some("m.room.member"))
+/// The leave marker of `room`: its last membership event in the timeline (normally the user's
+/// own leave or kick) when there was one.
+fn leave_marker(membership: Option<Event>, room: OwnedRoomId) -> Event {
+    match membership {
+        Some(mut event) => {
+            event.kind = EventKind::Leave;
+            // The membership event itself was delivered just before, with its id.
+            event.event_id = None;
+            event
+        }
+        None => Event::section(
+            EventKind::Leave,
+            "m.room.member",
+            Some(room),
+            to_raw(&serde_json::json!({})),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -392,6 +423,43 @@ mod tests {
         ] {
             let events = emit(&both(count, fallback), &mut dedup, &mut last);
             assert_eq!(events.len(), usize::from(reported), "{count} {fallback}");
+        }
+    }
+
+    #[test]
+    fn leave_marker_is_the_last_membership_event_even_when_that_was_delivered_before() {
+        let (mut dedup, mut last) = (Dedup::new(8), None);
+        let member = |id: &str, m: &str| {
+            format!(
+                r#"{{"type":"m.room.member","event_id":"{id}","sender":"@a:x","state_key":"@a:x","content":{{"membership":"{m}"}}}}"#
+            )
+        };
+        let body = format!(
+            r#"{{"next_batch":"a","rooms":{{"leave":{{
+                "!l:x":{{"timeline":{{"events":[{},{{"type":"m.room.message","event_id":"$m:x"}},{},{{"type":"m.room.message","event_id":"$n:x"}}]}}}},
+                "!m:x":{{"timeline":{{"events":[{{"type":"m.room.message","event_id":"$o:x"}}]}}}}}}}}}}"#,
+            member("$j:x", "join"),
+            member("$l:x", "leave"),
+        );
+        for round in 0..2 {
+            let events = emit(&body, &mut dedup, &mut last);
+            let markers: Vec<&Event> = events
+                .iter()
+                .filter(|e| e.kind == EventKind::Leave)
+                .collect();
+            assert_eq!(markers.len(), 2, "round {round}");
+            let (l, m) = (markers[0], markers[1]);
+            assert_eq!(l.raw.get(), member("$l:x", "leave"));
+            assert_eq!(
+                (l.event_id.as_ref(), l.event_type.as_str()),
+                (None, "m.room.member")
+            );
+            assert_eq!(l.sender.as_ref().map(|s| s.as_str()), Some("@a:x"));
+            assert_eq!(l.state_key.as_deref(), Some("@a:x"));
+            assert_eq!(l.room_id.as_ref().map(|r| r.as_str()), Some("!l:x"));
+            // A left room with no membership event in its timeline: an empty marker.
+            assert_eq!((m.raw.get(), m.sender.as_ref()), ("{}", None));
+            assert_eq!(m.room_id.as_ref().map(|r| r.as_str()), Some("!m:x"));
         }
     }
 

@@ -6,7 +6,9 @@
 //! failing the event, so nothing the server sent is dropped for being odd.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 
 use ruma_common::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, UserId,
@@ -560,10 +562,58 @@ impl Section {
 }
 
 /// Normalizes one event from its raw JSON.
+#[cfg(any(test, fuzzing, feature = "e2ee"))]
 pub(crate) fn normalize(
     raw: Box<RawValue>,
     section: Section,
     room_id: Option<&OwnedRoomId>,
+) -> Event {
+    normalize_with(raw, section, room_id, &mut Senders::default())
+}
+
+/// The senders validated so far in a batch. A batch names each sender many times over, and
+/// checking a user id costs several times more than finding it again here.
+#[derive(Debug, Default)]
+pub(crate) struct Senders {
+    /// By a hash of the id; a hit is compared in full before it is used.
+    ids: HashMap<u64, OwnedUserId, foldhash::fast::RandomState>,
+    // Seeded per batch, so that senders cannot be chosen to collide.
+    hasher: foldhash::fast::RandomState,
+}
+
+impl Senders {
+    /// Bounds the memory of a batch with many senders: past this, the kept ids are dropped.
+    const KEPT: usize = 4096;
+
+    /// `UserId::parse(sender).ok()`: a parsed id is its input unchanged, so a kept id equal
+    /// to `sender` is the answer.
+    fn parse(&mut self, sender: &str) -> Option<OwnedUserId> {
+        let hash = self.hasher.hash_one(sender);
+        if let Some(id) = self.ids.get(&hash) {
+            if id.as_str() == sender {
+                return Some(id.clone());
+            }
+            // Another sender with the same hash: parsed without being kept.
+            return UserId::parse(sender).ok();
+        }
+        let id = UserId::parse(sender).ok()?;
+        if self.ids.len() >= Self::KEPT {
+            self.ids.clear();
+        }
+        self.ids.insert(hash, id.clone());
+        Some(id)
+    }
+}
+
+/// [`normalize`] with the senders met before.
+// Inlined into the delivery loop, so that the 280-byte event is built where the caller takes
+// it rather than copied out through each layer.
+#[inline]
+pub(crate) fn normalize_with(
+    raw: Box<RawValue>,
+    section: Section,
+    room_id: Option<&OwnedRoomId>,
+    senders: &mut Senders,
 ) -> Event {
     let fields = event_fields(raw.get());
     let event_type = fields.event_type.as_deref().unwrap_or_default();
@@ -597,7 +647,7 @@ pub(crate) fn normalize(
             known_type(event_type).map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
         ),
         event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
-        sender: fields.sender.and_then(|s| UserId::parse(s.as_ref()).ok()),
+        sender: fields.sender.and_then(|s| senders.parse(&s)),
         origin_server_ts: fields
             .origin_server_ts
             .and_then(js_int_uint)
@@ -714,6 +764,27 @@ fn kind_of(section: Section, event_type: &str, has_state_key: bool) -> EventKind
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_senders_read_as_parsing_would() {
+        let mut senders = Senders::default();
+        let names: Vec<String> = (0..20)
+            .map(|i| format!("@u{}:example.org", i % 11))
+            .chain(["@a:b", "not an id", "@a:b ", "", "@A:b", "@a:b"].map(str::to_owned))
+            .chain((0..20).map(|i| format!("@u{}:example.org", (i * 7) % 13)))
+            .collect();
+        for name in &names {
+            let want = UserId::parse(name.as_str()).ok();
+            assert_eq!(senders.parse(name), want, "{name:?}");
+            assert!(senders.ids.len() <= Senders::KEPT);
+        }
+        // Past the bound, ids are forgotten and parsed again, with the same answers.
+        for i in 0..Senders::KEPT + 10 {
+            let name = format!("@u{}:x", i % (Senders::KEPT + 5));
+            assert_eq!(senders.parse(&name), UserId::parse(name.as_str()).ok());
+            assert!(senders.ids.len() <= Senders::KEPT);
+        }
+    }
 
     fn norm(json: &str, section: Section) -> Event {
         normalize(
