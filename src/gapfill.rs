@@ -14,7 +14,7 @@ use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
 
 use crate::batch::{ParsedBody, RoomFill, RoomFills};
-use crate::config::Config;
+use crate::config::{Config, GapFill};
 use crate::error::Failure;
 use crate::normalize::Gap;
 use crate::token;
@@ -132,21 +132,22 @@ impl GapFiller {
     /// The request for the room being filled; `None` once every room is done.
     pub(crate) fn next_request(&self, config: &Config) -> Option<PageRequest<'_>> {
         let job = self.jobs.front()?;
-        let remaining = config
-            .gap_fill
-            .max_events_per_room
-            .saturating_sub(job.newest_first.len());
         Some(PageRequest {
             room_id: &job.room_id,
             from: &job.from,
             to: &job.to,
-            limit: (config.gap_fill.page_size as usize).min(remaining).max(1) as u32,
+            limit: page_limit(&config.gap_fill, job.newest_first.len()),
         })
     }
 
     /// Takes one page for the room being filled. An `end` that could not be sent back is a
     /// bad page: the failure is returned for the caller to report and retry.
-    pub(crate) fn on_page(&mut self, page: messages::Response, cap: usize) -> Result<(), String> {
+    pub(crate) fn on_page(
+        &mut self,
+        page: messages::Response,
+        gap_fill: &GapFill,
+    ) -> Result<(), String> {
+        let cap = gap_fill.max_events_per_room;
         if let Some(end) = &page.end {
             token::check(end).map_err(|problem| problem.describe("end"))?;
         }
@@ -171,12 +172,17 @@ impl GapFiller {
         }
         self.held_bytes += page_bytes;
         let got = page.chunk.len();
+        let full = got >= page_limit(gap_fill, job.newest_first.len()) as usize;
         job.newest_first
             .extend(page.chunk.into_iter().map(|raw| raw.into_json()));
         let rest = match page.end {
-            // No `end`, or no progress: the range is exhausted.
+            // No `end`: the range is exhausted.
             None => None,
-            Some(end) if end == job.from => None,
+            // No progress after a page that was not full: exhausted too. After a full page
+            // the server may hold more it will not page to (palpo 0.0.2 answers every page
+            // with `end` = `from`): the rest is a gap, never silently dropped.
+            Some(end) if end == job.from && !full => None,
+            Some(end) if end == job.from => Some(end),
             Some(end) if job.newest_first.len() >= cap => Some(end),
             // An empty page with `end` means a filter hid events and more may follow; a run
             // of them is reported as a gap rather than paged through forever.
@@ -246,6 +252,13 @@ impl GapFiller {
     pub(crate) fn into_parts(self) -> (ParsedBody, RoomFills) {
         (self.parsed, self.fills)
     }
+}
+
+/// How many events to ask for when `held` are already fetched for the room: a page, never
+/// past the cap, at least one.
+fn page_limit(gap_fill: &GapFill, held: usize) -> u32 {
+    let remaining = gap_fill.max_events_per_room.saturating_sub(held);
+    (gap_fill.page_size as usize).min(remaining).max(1) as u32
 }
 
 fn unfilled(
@@ -355,11 +368,11 @@ mod tests {
         let mut f = filler(1, &config);
         let r = f.next_request(&config).unwrap();
         assert_eq!((r.from, r.to, r.limit), ("p0", "s0", 5));
-        f.on_page(page(5, Some("e1")), 7).unwrap();
+        f.on_page(page(5, Some("e1")), &config.gap_fill).unwrap();
         let r = f.next_request(&config).unwrap();
         assert_eq!((r.from, r.limit), ("e1", 2));
         assert!(!f.is_done());
-        f.on_page(page(2, Some("e2")), 7).unwrap();
+        f.on_page(page(2, Some("e2")), &config.gap_fill).unwrap();
         assert!(f.is_done());
         assert!(f.next_request(&config).is_none());
         let (_, fills) = f.into_parts();
@@ -372,8 +385,8 @@ mod tests {
     fn a_page_that_ends_where_it_started_or_without_end_exhausts_the_room() {
         let config = config(100, 10);
         let mut f = filler(2, &config);
-        f.on_page(page(3, Some("p0")), 100).unwrap();
-        f.on_page(page(1, None), 100).unwrap();
+        f.on_page(page(3, Some("p0")), &config.gap_fill).unwrap();
+        f.on_page(page(1, None), &config.gap_fill).unwrap();
         assert!(f.is_done());
         let (_, fills) = f.into_parts();
         assert!(fills[&room(0)].unfilled.is_none());
@@ -382,10 +395,28 @@ mod tests {
     }
 
     #[test]
+    fn a_full_page_that_ends_where_it_started_leaves_the_rest_as_a_gap() {
+        // palpo 0.0.2 answers every backward page with `end` = `from`: after a full page the
+        // server may hold more, which must be reported, not dropped.
+        let config = config(100, 10);
+        let mut f = filler(1, &config);
+        f.on_page(page(10, Some("p0")), &config.gap_fill).unwrap();
+        assert!(f.is_done(), "no second request for the same page");
+        let (_, fills) = f.into_parts();
+        let fill = &fills[&room(0)];
+        assert_eq!(fill.newest_first.len(), 10);
+        let gap = fill.unfilled.as_ref().expect("the rest is a gap");
+        assert_eq!(
+            (gap.prev_batch.as_str(), gap.previous_since.as_str()),
+            ("p0", "s0")
+        );
+    }
+
+    #[test]
     fn a_bad_end_is_refused_before_anything_is_taken() {
         let config = config(100, 10);
         let mut f = filler(1, &config);
-        assert!(f.on_page(page(2, Some("")), 100).is_err());
+        assert!(f.on_page(page(2, Some("")), &config.gap_fill).is_err());
         assert_eq!(f.held_bytes(), 0);
         assert_eq!(f.next_request(&config).unwrap().from, "p0");
     }
@@ -395,16 +426,18 @@ mod tests {
         let config = config(100, 10);
         let mut f = filler(1, &config);
         for n in 1..=MAX_EMPTY_PAGES {
-            f.on_page(page(0, Some(&format!("x{n}"))), 100).unwrap();
+            f.on_page(page(0, Some(&format!("x{n}"))), &config.gap_fill)
+                .unwrap();
             assert!(!f.is_done(), "empty page {n}");
         }
         // A page with events restarts the count.
-        f.on_page(page(1, Some("y")), 100).unwrap();
+        f.on_page(page(1, Some("y")), &config.gap_fill).unwrap();
         for n in 1..=MAX_EMPTY_PAGES {
-            f.on_page(page(0, Some(&format!("z{n}"))), 100).unwrap();
+            f.on_page(page(0, Some(&format!("z{n}"))), &config.gap_fill)
+                .unwrap();
             assert!(!f.is_done(), "empty page {n} after events");
         }
-        f.on_page(page(0, Some("last")), 100).unwrap();
+        f.on_page(page(0, Some("last")), &config.gap_fill).unwrap();
         assert!(f.is_done());
         let (_, fills) = f.into_parts();
         let fill = &fills[&room(0)];
@@ -418,19 +451,19 @@ mod tests {
         let one = page(1, Some("a")).chunk[0].json().get().len() as u64;
         config.max_body_bytes = 3 * one;
         let mut f = filler(2, &config);
-        f.on_page(page(2, Some("a")), 100).unwrap();
+        f.on_page(page(2, Some("a")), &config.gap_fill).unwrap();
         assert_eq!(f.held_bytes(), 2 * one);
         // Exactly at the budget is allowed.
-        f.on_page(page(1, Some("b")), 100).unwrap();
+        f.on_page(page(1, Some("b")), &config.gap_fill).unwrap();
         assert_eq!(f.held_bytes(), 3 * one);
-        f.on_page(page(1, Some("c")), 100).unwrap();
+        f.on_page(page(1, Some("c")), &config.gap_fill).unwrap();
         assert_eq!(
             f.held_bytes(),
             3 * one,
             "the page past the budget is dropped"
         );
         assert!(!f.is_done(), "the next room is still filled");
-        f.on_page(page(1, None), 100).unwrap();
+        f.on_page(page(1, None), &config.gap_fill).unwrap();
         let (_, fills) = f.into_parts();
         assert_eq!(fills[&room(0)].unfilled.as_ref().unwrap().prev_batch, "b");
         assert_eq!(fills[&room(0)].newest_first.len(), 3);
@@ -448,7 +481,7 @@ mod tests {
         assert_eq!(f.next_request(&config).unwrap().room_id, &room(1));
         // A page restarts the room's count but not the batch's.
         assert!(f.on_retryable_failure());
-        f.on_page(page(1, Some("m")), 100).unwrap();
+        f.on_page(page(1, Some("m")), &config.gap_fill).unwrap();
         for _ in 1..MAX_ROOM_ATTEMPTS {
             assert!(f.on_retryable_failure());
         }

@@ -1073,11 +1073,10 @@ impl SyncMachine {
             Ok(page) => page,
             Err(failure) => return self.fail(in_flight, failure),
         };
-        let cap = self.config.gap_fill.max_events_per_room;
         let Phase::FillingGaps { filler, .. } = &mut self.phase else {
             return;
         };
-        if let Err(reason) = filler.on_page(page, cap) {
+        if let Err(reason) = filler.on_page(page, &self.config.gap_fill) {
             return self.fail(in_flight, bad_response(status, reason, b""));
         }
         self.schedule.fill_answered();
