@@ -7,7 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use matrix_sync_service::{start, Config, Event, EventKind, SyncFilter, SyncService};
+use matrix_sync_service::{start, Config, Event, EventKind, GapFill, SyncFilter, SyncService};
 use matrix_sync_testkit::homeserver::Server;
 use serde_json::{json, Value};
 use support::client::{self, encode, room_of_two, Account};
@@ -272,4 +272,161 @@ fn a_post_without_content_type_is_served_on_synapse() {
 #[test]
 fn a_post_without_content_type_is_bad_json_on_palpo() {
     assert_eq!(join_without_content_type(Server::Palpo), 400);
+}
+
+// ---- a burst longer than the timeline, filled from /messages -----------------------------------
+
+/// 25 messages sent while the driver is away, then a restart from its checkpoint: the
+/// timeline is limited and the driver fills the gap from `/messages`. Returns the bodies
+/// delivered after the restart and the number of gaps reported.
+fn burst_after_a_restart(server: Server, page_size: u32) -> (Vec<String>, usize) {
+    let url = server.shared().base_url();
+    let (alice, bob, room) = room_of_two(&url, "burst", "writer");
+    let first = start(config(&alice, None)).expect("valid config");
+    let events = collect_until(&first, WITHIN, |events| {
+        matches!(
+            events.last().map(|e| &e.kind),
+            Some(EventKind::Checkpoint(_))
+        )
+    });
+    let checkpoint = last_checkpoint(&events).expect("a checkpoint");
+    first.stop();
+
+    send_all(&bob, &room, &numbered("burst", 25), Duration::ZERO);
+    bob.send_text(&room, "last");
+    let mut config = config(&alice, Some(checkpoint));
+    config.gap_fill = GapFill::default().with_page_size(page_size);
+    let second = start(config).expect("valid config");
+    let mut after = collect_until(&second, WITHIN, |events| {
+        bodies_in(events, &room).iter().any(|b| b == "last")
+            && matches!(
+                events.last().map(|e| &e.kind),
+                Some(EventKind::Checkpoint(_))
+            )
+    });
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while let Ok(event) = second.events().recv_deadline(quiet) {
+        after.push(event);
+    }
+    second.stop();
+    let bodies = bodies_in(&after, &room);
+    eprintln!(
+        "{server}, pages of {page_size}: {} gaps, bodies {bodies:?}",
+        gaps(&after)
+    );
+    (bodies, gaps(&after))
+}
+
+fn burst_bodies(older: impl Iterator<Item = usize>) -> Vec<String> {
+    older.map(|i| format!("burst {i}")).collect()
+}
+
+/// What the sync timeline itself carries after the burst: the last ten events on palpo,
+/// which ignores the filter's limit (on Synapse the limit of 5 holds, and the gap fill
+/// brings the rest).
+fn palpo_timeline_part() -> Vec<String> {
+    let mut part = burst_bodies(17..25);
+    part.push("last".to_owned());
+    part
+}
+
+#[test]
+fn a_burst_longer_than_the_timeline_is_filled_in_order_on_synapse() {
+    let (bodies, gaps) = burst_after_a_restart(Server::Synapse, 100);
+    let mut expected = burst_bodies(0..25);
+    expected.push("last".to_owned());
+    assert_eq!((bodies, gaps), (expected, 0));
+}
+
+/// palpo answers `/messages?dir=b` oldest first; the driver, which reads pages newest first
+/// as the specification has them, hands the filled part on in reverse. Nothing is lost or
+/// duplicated (the fill fits one page).
+#[test]
+fn a_burst_longer_than_the_timeline_is_filled_whole_but_reversed_on_palpo() {
+    let (bodies, gaps) = burst_after_a_restart(Server::Palpo, 100);
+    let mut expected = burst_bodies((0..17).rev());
+    expected.extend(palpo_timeline_part());
+    assert_eq!((bodies, gaps), (expected, 0));
+}
+
+#[test]
+fn a_burst_longer_than_a_page_is_filled_in_order_on_synapse() {
+    let (bodies, gaps) = burst_after_a_restart(Server::Synapse, 5);
+    let mut expected = burst_bodies(0..25);
+    expected.push("last".to_owned());
+    assert_eq!((bodies, gaps), (expected, 0));
+}
+
+/// palpo's first page backwards ends where it started (`end` == `from`), which the driver
+/// takes for an exhausted range: the messages older than that page are lost and no gap is
+/// reported. The library change that turns this into a reported gap is in the README's
+/// table of divergences.
+#[test]
+fn a_burst_longer_than_a_page_loses_the_older_messages_without_a_gap_on_palpo() {
+    let (bodies, gaps) = burst_after_a_restart(Server::Palpo, 5);
+    let mut expected = burst_bodies((12..17).rev());
+    expected.extend(palpo_timeline_part());
+    assert_eq!((bodies, gaps), (expected, 0));
+}
+
+// ---- /messages, asked directly -------------------------------------------------------------------
+
+/// Two pages of `/messages?dir=b&limit=3` from the newest event of a room holding
+/// `page 0` .. `page 8`: each page's bodies, `start` and `end`.
+fn two_pages_backwards(server: Server) -> Vec<(Vec<String>, Value, Value)> {
+    let url = server.shared().base_url();
+    let (alice, bob, room) = room_of_two(&url, "pager", "writer");
+    send_all(&bob, &room, &numbered("page", 9), Duration::ZERO);
+    let mut pages = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..2 {
+        let mut path = format!(
+            "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=3",
+            encode(&room)
+        );
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={}", encode(from)));
+        }
+        let (status, body) = alice.get_json(&path);
+        assert_eq!(status, 200, "{body}");
+        let bodies = body["chunk"]
+            .as_array()
+            .expect("a chunk")
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .collect();
+        from = body["end"].as_str().map(str::to_owned);
+        pages.push((bodies, body["start"].clone(), body["end"].clone()));
+    }
+    eprintln!("{server}: {pages:?}");
+    pages
+}
+
+fn page_bodies(numbers: [usize; 3]) -> Vec<String> {
+    numbers.iter().map(|i| format!("page {i}")).collect()
+}
+
+#[test]
+fn messages_pages_backwards_newest_first_on_synapse() {
+    let pages = two_pages_backwards(Server::Synapse);
+    assert_eq!(pages[0].0, page_bodies([8, 7, 6]));
+    assert_eq!(pages[1].0, page_bodies([5, 4, 3]));
+    assert_eq!(pages[1].1, pages[0].2, "a page starts where the last ended");
+    assert_ne!(pages[1].2, pages[1].1, "and ends elsewhere");
+}
+
+#[test]
+fn messages_pages_oldest_first_and_never_advance_on_palpo() {
+    let pages = two_pages_backwards(Server::Palpo);
+    assert_eq!(pages[0].0, page_bodies([6, 7, 8]));
+    assert_eq!(pages[1].0, page_bodies([6, 7, 8]), "the same page again");
+    assert_eq!(pages[1].1, pages[0].2);
+    assert_eq!(pages[1].2, pages[1].1, "`end` is `from`: no progress");
+    // Tokens are short decimal stream positions; without `from`, `start` is i64::MAX.
+    assert_eq!(pages[0].1, json!(i64::MAX.to_string()));
+    let end = pages[0].2.as_str().expect("an end");
+    assert!(
+        end.len() < 20 && end.bytes().all(|b| b.is_ascii_digit()),
+        "{end}"
+    );
 }
