@@ -430,3 +430,74 @@ fn messages_pages_oldest_first_and_never_advance_on_palpo() {
         "{end}"
     );
 }
+
+// ---- to-device messages reach the driver once ----------------------------------------------------
+
+fn to_device_messages_arrive_once(server: Server) {
+    let url = server.shared().base_url();
+    let (alice, bob, _room) = room_of_two(&url, "device", "writer");
+    let service = start(config(&alice, None)).expect("valid config");
+    drain_until_live(&service);
+    for i in 0..3 {
+        bob.send_to_device(
+            "org.example.ping",
+            &alice.user_id,
+            &alice.device_id,
+            &json!({"n": i}),
+        );
+    }
+    let pings = |events: &[Event]| -> Vec<i64> {
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ToDevice)
+            .filter_map(|e| serde_json::from_str::<Value>(e.raw.get()).ok())
+            .filter(|raw| raw["type"] == "org.example.ping")
+            .filter_map(|raw| raw["content"]["n"].as_i64())
+            .collect()
+    };
+    let mut events = collect_until(&service, WITHIN, |events| pings(events).len() >= 3);
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while let Ok(event) = service.events().recv_deadline(quiet) {
+        events.push(event);
+    }
+    service.stop();
+    assert_eq!(pings(&events), [0, 1, 2], "on {server}");
+}
+
+#[test]
+fn to_device_messages_arrive_once_on_synapse() {
+    to_device_messages_arrive_once(Server::Synapse);
+}
+
+#[test]
+fn to_device_messages_arrive_once_on_palpo() {
+    to_device_messages_arrive_once(Server::Palpo);
+}
+
+// ---- sliding sync ----------------------------------------------------------------------------------
+
+fn sliding_sync_answer(server: Server) -> (u16, Value) {
+    let url = server.shared().base_url();
+    let alice = Account::register(&url, "slider");
+    alice.post_json(
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        &json!({"lists": {"all": {
+            "ranges": [[0, 10]], "timeline_limit": 1, "required_state": [],
+        }}}),
+    )
+}
+
+#[test]
+fn sliding_sync_answers_on_synapse() {
+    let (status, body) = sliding_sync_answer(Server::Synapse);
+    assert_eq!(status, 200, "{body}");
+    assert!(body["pos"].is_string(), "{body}");
+}
+
+/// palpo 0.0.2 refuses an authenticated simplified sliding sync request as unauthenticated.
+#[test]
+fn sliding_sync_errors_on_palpo() {
+    let (status, body) = sliding_sync_answer(Server::Palpo);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+}
