@@ -501,3 +501,58 @@ fn sliding_sync_errors_on_palpo() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
 }
+
+// ---- resuming from a token the server never issued -------------------------------------------
+
+/// The driver resumes from a `since` the server never issued (`not-a-token`), in a room that
+/// already holds a message. Returns, after 6 s, the errors the driver reported (as text) and
+/// the bodies it delivered.
+fn resume_from_a_garbage_since(server: Server) -> (Vec<String>, Vec<String>) {
+    let url = server.shared().base_url();
+    let (alice, bob, room) = room_of_two(&url, "foreign", "writer");
+    bob.send_text(&room, "history");
+    let service = start(config(&alice, Some("not-a-token".to_owned()))).expect("valid config");
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut events = Vec::new();
+    while let Ok(event) = service.events().recv_deadline(deadline) {
+        events.push(event);
+    }
+    let mut errors = Vec::new();
+    while let Ok(error) = service.errors().try_recv() {
+        errors.push(error.to_string());
+    }
+    service.stop();
+    eprintln!("{server}: errors {errors:?}");
+    (errors, bodies_in(&events, &room))
+}
+
+/// Synapse refuses the token (400): the driver reports it as needing the user, delivers
+/// nothing, and waits at the maximum backoff.
+#[test]
+fn a_garbage_since_in_the_driver_is_refused_on_synapse() {
+    let (errors, bodies) = resume_from_a_garbage_since(Server::Synapse);
+    assert!(!errors.is_empty(), "no error reported");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("sync") && e.contains("400") && e.contains("NeedsUser")),
+        "{errors:?}"
+    );
+    assert!(bodies.is_empty(), "{bodies:?}");
+}
+
+/// palpo answers as to an initial sync, with a limited timeline: the driver fills the gap
+/// down to `not-a-token`, which palpo's `/messages` refuses (400 `M_UNKNOWN`); the room's
+/// history is then delivered as new events. The driver cannot tell it was reset.
+#[test]
+fn a_garbage_since_in_the_driver_replays_history_on_palpo() {
+    let (errors, bodies) = resume_from_a_garbage_since(Server::Palpo);
+    assert!(!errors.is_empty(), "no error reported");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("messages") && e.contains("400 M_UNKNOWN")),
+        "{errors:?}"
+    );
+    assert_eq!(bodies, ["history"]);
+}
