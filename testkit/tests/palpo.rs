@@ -61,3 +61,23 @@ fn either_server_behind_one_interface() {
     );
     assert_eq!(Server::ALL.map(Server::name), ["synapse", "palpo"]);
 }
+
+#[test]
+fn a_killed_palpo_restarts_on_its_port_with_its_database() {
+    let mut palpo = Palpo::start();
+    let base = palpo.base_url();
+    let alice = Account::register(&base, "survivor");
+    palpo.kill();
+    assert!(!palpo.is_running());
+    assert!(!port_open(palpo.port()), "palpo still listens after kill");
+    palpo.restart();
+    assert!(palpo.is_running());
+    assert_eq!(palpo.base_url(), base);
+    let (status, me) = alice.get_json("/_matrix/client/v3/account/whoami");
+    assert_eq!(
+        (status, me["user_id"].as_str()),
+        (200, Some(&*alice.user_id))
+    );
+    let again = Account::login(&base, &alice.user_id, matrix_sync_testkit::client::PASSWORD);
+    assert_eq!(again.user_id, alice.user_id);
+}
