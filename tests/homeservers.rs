@@ -556,3 +556,30 @@ fn a_garbage_since_in_the_driver_replays_history_on_palpo() {
     );
     assert_eq!(bodies, ["history"]);
 }
+
+// ---- refreshable access tokens ---------------------------------------------------------------
+
+#[test]
+fn a_refresh_token_is_issued_when_asked_and_refreshes_on_synapse() {
+    let url = Server::Synapse.shared().base_url();
+    let alice = Account::register_refreshable(&url, "refresher");
+    assert!(alice.refresh_token.is_some());
+    assert_eq!(alice.refresh_json().0, 200);
+}
+
+/// palpo ignores `"refresh_token": true` and has no `/refresh`: its tokens never expire, so
+/// the driver never needs to refresh one there.
+#[test]
+fn no_refresh_token_is_issued_and_refresh_is_unrecognized_on_palpo() {
+    let url = Server::Palpo.shared().base_url();
+    let alice = Account::register_refreshable(&url, "refresher");
+    assert_eq!(alice.refresh_token, None);
+    assert_eq!(alice.expires_in_ms, None);
+    let (status, body) =
+        alice.post_json("/_matrix/client/v3/refresh", &json!({"refresh_token": "x"}));
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (405, Some("M_UNRECOGNIZED")),
+        "{body}"
+    );
+}
