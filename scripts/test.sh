@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check the project has: formatting, lints, the dependency boundary of the pure
 # machine, and every test (unit, property, simulation, doctests, and the integration tests
-# against a real Synapse, which this script installs first).
+# against a real Synapse and a real palpo, which this script installs first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -12,6 +12,9 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
 step "Synapse for the integration tests"
 bash scripts/synapse.sh install
+
+step "palpo and PostgreSQL for the integration tests (palpo is cached in target/palpo)"
+bash scripts/palpo.sh install
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -10,7 +10,8 @@
 //! * With the `net` feature (default): [`synapse`], a throwaway Synapse (also as the
 //!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
 //!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
-//!   terminator with a throwaway CA.
+//!   terminator with a throwaway CA; [`palpo`], a throwaway palpo with its PostgreSQL, the
+//!   second homeserver, and [`homeserver`], either server behind one interface.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -52,6 +53,10 @@ pub mod example;
 #[cfg(feature = "net")]
 pub mod fake_server;
 pub mod gen;
+#[cfg(feature = "net")]
+pub mod homeserver;
+#[cfg(feature = "net")]
+pub mod palpo;
 pub mod parallel;
 #[cfg(feature = "net")]
 pub mod proxy;

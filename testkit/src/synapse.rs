@@ -426,7 +426,7 @@ fn fresh_dir() -> PathBuf {
 }
 
 /// A free loopback port, never one already handed out in this process.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
     for _ in 0..100 {

@@ -1,0 +1,410 @@
+//! A throwaway palpo homeserver (<https://github.com/palpo-im/palpo>, version 0.0.2) for
+//! integration tests: the second homeserver the tests run against, next to [`Synapse`].
+//!
+//! Each [`Palpo`] runs in its own data directory under `target/tmp/palpo-test/`: a fresh
+//! PostgreSQL cluster (`DIR/pg`, on a free loopback port, trust authentication, the database
+//! `palpo`) and palpo itself on another free loopback port, configured by `DIR/palpo.toml`
+//! (server name `localhost`, open registration, no federation, no admin room).
+//!
+//! Both run under `scripts/palpo.sh supervise`, whose stdin is a pipe held by this process:
+//! when the process exits, for whatever reason, the pipe closes and the supervisor stops
+//! palpo and PostgreSQL, so no server outlives its tests.
+//!
+//! PostgreSQL and palpo are installed on first use (once per process) by
+//! `scripts/palpo.sh install` (`PALPO_BIN` names an existing palpo binary instead). If
+//! either cannot be installed or started the tests panic: they never skip.
+//!
+//! [`Synapse`]: crate::synapse::Synapse
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::synapse::free_port;
+
+/// How long to wait for `/_matrix/client/versions` to answer 200 after spawning palpo
+/// (PostgreSQL's initdb and palpo's migrations included).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for the supervisor to exit after asking it to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How many fresh ports to try when palpo or PostgreSQL dies during startup.
+const START_ATTEMPTS: u32 = 3;
+
+/// A running (or stopped) throwaway palpo with its PostgreSQL.
+pub struct Palpo {
+    port: u16,
+    pg_port: u16,
+    dir: PathBuf,
+    /// How long the last start took, from spawning the supervisor to the first 200.
+    startup: Duration,
+    /// The `supervise` process; `None` once stopped.
+    child: Option<Child>,
+    /// Write end of the supervisor's stdin: dropping it stops palpo and PostgreSQL.
+    stdin: Option<ChildStdin>,
+}
+
+impl Palpo {
+    /// Starts a fresh palpo with an empty database on a free loopback port and waits until
+    /// it answers `/_matrix/client/versions`.
+    ///
+    /// Panics with the reason (and the tails of the logs) if palpo or PostgreSQL cannot be
+    /// installed or started.
+    pub fn start() -> Palpo {
+        ensure_installed();
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let port = free_port();
+            let pg_port = free_port();
+            let dir = fresh_dir();
+            write(&dir.join("palpo.toml"), &config(port, pg_port));
+            let mut palpo = Palpo {
+                port,
+                pg_port,
+                dir,
+                startup: Duration::ZERO,
+                child: None,
+                stdin: None,
+            };
+            match palpo.spawn_and_wait() {
+                Ok(()) => return palpo,
+                Err(e) => {
+                    failures.push(format!(
+                        "attempt {attempt} (port {port}, PostgreSQL {pg_port}): {e}"
+                    ));
+                    palpo.kill();
+                }
+            }
+        }
+        panic!(
+            "could not start palpo after {START_ATTEMPTS} attempts:\n{}",
+            failures.join("\n\n")
+        );
+    }
+
+    /// One palpo shared by all tests of this test binary, started on first use. For tests
+    /// that never kill or restart the server.
+    ///
+    /// It is never dropped: it stops when the test process exits and the supervisor's stdin
+    /// closes.
+    pub fn shared() -> &'static Palpo {
+        static SHARED: OnceLock<Palpo> = OnceLock::new();
+        SHARED.get_or_init(Palpo::start)
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server name: `localhost` (user ids are `@name:localhost`).
+    pub fn server_name(&self) -> &str {
+        "localhost"
+    }
+
+    /// The loopback port palpo listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The loopback port of palpo's PostgreSQL.
+    pub fn postgres_port(&self) -> u16 {
+        self.pg_port
+    }
+
+    /// The data directory (`palpo.toml`, the PostgreSQL cluster, logs).
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long the last start took: from spawning PostgreSQL and palpo (a fresh cluster,
+    /// palpo's migrations) to palpo's first answer.
+    pub fn startup_time(&self) -> Duration {
+        self.startup
+    }
+
+    /// Whether the supervised palpo and PostgreSQL are (still) running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The last `lines` lines of palpo's output, PostgreSQL's log and the supervisor's.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in [
+            "palpo.stdout",
+            "postgres.log",
+            "initdb.log",
+            "supervise.log",
+        ] {
+            let path = self.dir.join(name);
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out.push_str(&format!("--- tail of {} ---\n", path.display()));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Stops palpo hard (SIGKILL) and PostgreSQL (fast shutdown) and waits until both are
+    /// gone. Idempotent.
+    pub fn kill(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            // If the supervisor is already gone the write fails, which is fine: dropping
+            // the pipe stops everything too.
+            let _ = stdin.write_all(b"kill\n");
+            let _ = stdin.flush();
+        }
+        self.reap();
+    }
+
+    /// Starts palpo again on the same ports, data directory and database (it survives),
+    /// and waits until it answers. Kills it first if it is still running.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("palpo: restart on port {} failed, retrying: {e}", self.port);
+                    self.kill();
+                    thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("could not restart palpo on port {}: {e}", self.port),
+            }
+        }
+    }
+
+    /// Stops palpo (SIGTERM) and PostgreSQL gracefully. Idempotent.
+    fn stop(&mut self) {
+        drop(self.stdin.take());
+        self.reap();
+    }
+
+    /// Waits for the supervisor to exit, killing everything if it takes too long.
+    fn reap(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    for name in ["palpo.pid", "postgres.pid"] {
+                        if let Some(pid) = read_pid(&self.dir.join(name)) {
+                            let _ = Command::new("kill")
+                                .args(["-KILL", &pid.to_string()])
+                                .status();
+                        }
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_file(self.dir.join("palpo.pid"));
+        let _ = fs::remove_file(self.dir.join("postgres.pid"));
+    }
+
+    /// Spawns `palpo.sh supervise DIR PG_PORT` and waits for palpo's first answer.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "palpo is already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("supervise.log"))
+            .map_err(|e| format!("cannot open supervise.log: {e}"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("cannot clone log handle: {e}"))?;
+        let started = Instant::now();
+        let mut child = Command::new("bash")
+            .arg(script())
+            .arg("supervise")
+            .arg(&self.dir)
+            .arg(self.pg_port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        self.stdin = child.stdin.take();
+        self.child = Some(child);
+        self.wait_ready()?;
+        self.startup = started.elapsed();
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let url = format!("{}/_matrix/client/versions", self.base_url());
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .proxy(None)
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!(
+                        "palpo or PostgreSQL exited during startup ({status})\n{}",
+                        self.log_tail(40)
+                    ));
+                }
+            }
+            if let Ok(resp) = agent.get(&url).call() {
+                if resp.status().as_u16() == 200 {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                return Err(format!(
+                    "palpo did not answer 200 on {url} within {READY_TIMEOUT:?}\n{}",
+                    self.log_tail(40)
+                ));
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Palpo {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("PALPO_KEEP_DATA").is_none() && !thread::panicking() {
+            remove_dir(&self.dir);
+        }
+    }
+}
+
+/// `palpo.toml`: palpo on `port`, its database on `pg_port`.
+fn config(port: u16, pg_port: u16) -> String {
+    format!(
+        r#"server_name = "localhost"
+listen_addr = "127.0.0.1:{port}"
+allow_registration = true
+allow_federation = false
+allow_check_for_updates = false
+allow_local_presence = true
+enable_admin_room = false
+enable_lightning_bolt = false
+trusted_servers = []
+log_format = "compact"
+rust_log = "warn"
+
+[db]
+url = "postgres://postgres@127.0.0.1:{pg_port}/palpo"
+pool_size = 10
+
+[well_known]
+client = "http://127.0.0.1:{port}"
+"#
+    )
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The repository: the parent of the test kit's own directory.
+fn repo_root() -> PathBuf {
+    let kit = Path::new(env!("CARGO_MANIFEST_DIR"));
+    kit.parent().unwrap_or(kit).to_path_buf()
+}
+
+fn script() -> PathBuf {
+    repo_root().join("scripts").join("palpo.sh")
+}
+
+/// Parent of all palpo data directories.
+fn test_root() -> PathBuf {
+    repo_root().join("target").join("tmp").join("palpo-test")
+}
+
+fn write(path: &Path, text: &str) {
+    fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// Removes a data directory. The PostgreSQL cluster in it may belong to the `postgres`
+/// user, which root may remove anyway.
+fn remove_dir(dir: &Path) {
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// Installs PostgreSQL and palpo (once per process) and removes data directories left
+/// behind by test processes that are gone. Panics if the install fails.
+fn ensure_installed() {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
+        remove_stale_dirs();
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("install")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{} install` failed ({}):\n{}{}",
+                script().display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = result {
+        panic!("palpo and PostgreSQL are required for this test and could not be installed: {e}");
+    }
+}
+
+/// Data directories are named `<pid>-<n>-<nanos>`; remove those whose process no longer
+/// exists (only where `/proc` tells us).
+fn remove_stale_dirs() {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = fs::read_dir(test_root()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            remove_dir(&entry.path());
+        }
+    }
+}
+
+fn fresh_dir() -> PathBuf {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = test_root().join(format!("{}-{n}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create palpo data dir {}: {e}", dir.display()));
+    dir
+}
