@@ -121,3 +121,106 @@ impl Homeserver for Palpo {
         Palpo::log_tail(self, lines)
     }
 }
+
+/// Where a server's install script and throwaway data directories are: what the Synapse and
+/// palpo lifecycles share.
+pub(crate) struct Install {
+    /// The server's name, for messages.
+    pub(crate) name: &'static str,
+    /// Its script under `scripts/`, which takes `install`.
+    pub(crate) script: &'static str,
+    /// The directory under `target/tmp/` that holds its data directories.
+    pub(crate) data: &'static str,
+}
+
+impl Install {
+    pub(crate) fn repo_root() -> std::path::PathBuf {
+        let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        kit.parent().unwrap_or(kit).to_path_buf()
+    }
+
+    pub(crate) fn script(&self) -> std::path::PathBuf {
+        Self::repo_root().join("scripts").join(self.script)
+    }
+
+    /// Parent of all of this server's data directories.
+    pub(crate) fn test_root(&self) -> std::path::PathBuf {
+        Self::repo_root().join("target").join("tmp").join(self.data)
+    }
+
+    /// Runs the install script once per process (`installed` remembers the outcome) after
+    /// removing data directories left behind by test processes that are gone. Panics, loudly,
+    /// if the install fails: a test that needs the server never skips.
+    pub(crate) fn ensure(&self, installed: &std::sync::OnceLock<Result<(), String>>) {
+        let result = installed.get_or_init(|| {
+            self.remove_stale_dirs();
+            let script = self.script();
+            let out = std::process::Command::new("bash")
+                .arg(&script)
+                .arg("install")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{} install` failed ({}):\n{}{}",
+                    script.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        });
+        if let Err(e) = result {
+            panic!(
+                "{} is required for this test and could not be installed: {e}",
+                self.name
+            );
+        }
+    }
+
+    /// Data directories are named `<pid>-<n>-<nanos>`; removes those whose process no longer
+    /// exists (only where `/proc` tells us).
+    fn remove_stale_dirs(&self) {
+        let proc = std::path::Path::new("/proc");
+        if !proc.join("self").exists() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.test_root()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !proc.join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+
+    /// A new, empty data directory for one server of this process.
+    pub(crate) fn fresh_dir(&self) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = self
+            .test_root()
+            .join(format!("{}-{n}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            panic!(
+                "cannot create {} data dir {}: {e}",
+                self.name,
+                dir.display()
+            )
+        });
+        dir
+    }
+}

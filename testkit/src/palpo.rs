@@ -20,12 +20,21 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use crate::homeserver::Install;
 use crate::synapse::free_port;
+
+/// Its install script and data directories.
+const INSTALL: Install = Install {
+    name: "palpo",
+    script: "palpo.sh",
+    data: "palpo-test",
+};
+/// Whether `scripts/palpo.sh install` ran in this process, and how it went.
+static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// How long to wait for `/_matrix/client/versions` to answer 200 after spawning palpo
 /// (PostgreSQL's initdb and palpo's migrations included).
@@ -55,12 +64,12 @@ impl Palpo {
     /// Panics with the reason (and the tails of the logs) if palpo or PostgreSQL cannot be
     /// installed or started.
     pub fn start() -> Palpo {
-        ensure_installed();
+        INSTALL.ensure(&INSTALLED);
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
             let pg_port = free_port();
-            let dir = fresh_dir();
+            let dir = INSTALL.fresh_dir();
             write(&dir.join("palpo.toml"), &config(port, pg_port));
             let mut palpo = Palpo {
                 port,
@@ -234,7 +243,7 @@ impl Palpo {
             .map_err(|e| format!("cannot clone log handle: {e}"))?;
         let started = Instant::now();
         let mut child = Command::new("bash")
-            .arg(script())
+            .arg(INSTALL.script())
             .arg("supervise")
             .arg(&self.dir)
             .arg(self.pg_port.to_string())
@@ -242,7 +251,7 @@ impl Palpo {
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+            .map_err(|e| format!("cannot run {}: {e}", INSTALL.script().display()))?;
         self.stdin = child.stdin.take();
         self.child = Some(child);
         self.wait_ready()?;
@@ -322,21 +331,6 @@ fn read_pid(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// The repository: the parent of the test kit's own directory.
-fn repo_root() -> PathBuf {
-    let kit = Path::new(env!("CARGO_MANIFEST_DIR"));
-    kit.parent().unwrap_or(kit).to_path_buf()
-}
-
-fn script() -> PathBuf {
-    repo_root().join("scripts").join("palpo.sh")
-}
-
-/// Parent of all palpo data directories.
-fn test_root() -> PathBuf {
-    repo_root().join("target").join("tmp").join("palpo-test")
-}
-
 fn write(path: &Path, text: &str) {
     fs::write(path, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
@@ -345,66 +339,4 @@ fn write(path: &Path, text: &str) {
 /// user, which root may remove anyway.
 fn remove_dir(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
-}
-
-/// Installs PostgreSQL and palpo (once per process) and removes data directories left
-/// behind by test processes that are gone. Panics if the install fails.
-fn ensure_installed() {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        remove_stale_dirs();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("install")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "`{} install` failed ({}):\n{}{}",
-                script().display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    if let Err(e) = result {
-        panic!("palpo and PostgreSQL are required for this test and could not be installed: {e}");
-    }
-}
-
-/// Data directories are named `<pid>-<n>-<nanos>`; remove those whose process no longer
-/// exists (only where `/proc` tells us).
-fn remove_stale_dirs() {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = fs::read_dir(test_root()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            remove_dir(&entry.path());
-        }
-    }
-}
-
-fn fresh_dir() -> PathBuf {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = test_root().join(format!("{}-{n}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create palpo data dir {}: {e}", dir.display()));
-    dir
 }

@@ -14,17 +14,26 @@
 //! `scripts/synapse.sh install`. If it cannot be installed or started the tests panic: they
 //! never skip.
 
+use crate::homeserver::Install;
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+
+/// Its install script and data directories.
+const INSTALL: Install = Install {
+    name: "Synapse",
+    script: "synapse.sh",
+    data: "synapse-test",
+};
+/// Whether `scripts/synapse.sh install` ran in this process, and how it went.
+static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// How long to wait for `/health` to answer 200 after spawning Synapse.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(90);
@@ -109,11 +118,11 @@ impl Synapse {
 
     /// Like [`Synapse::start`], with extra settings (see [`SynapseOptions`]).
     pub fn start_with(options: SynapseOptions) -> Synapse {
-        ensure_installed();
+        INSTALL.ensure(&INSTALLED);
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
-            let dir = fresh_dir();
+            let dir = INSTALL.fresh_dir();
             let server_name = init(&dir, port, &options);
             let mut synapse = Synapse {
                 port,
@@ -283,14 +292,14 @@ impl Synapse {
             .try_clone()
             .map_err(|e| format!("cannot clone log handle: {e}"))?;
         let mut child = Command::new("bash")
-            .arg(script())
+            .arg(INSTALL.script())
             .arg("supervise")
             .arg(&self.dir)
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log2)
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+            .map_err(|e| format!("cannot run {}: {e}", INSTALL.script().display()))?;
         self.stdin = child.stdin.take();
         self.child = Some(child);
         self.wait_healthy()
@@ -339,90 +348,13 @@ impl Drop for Synapse {
     }
 }
 
-/// The repository: the parent of the test kit's own directory.
-fn repo_root() -> PathBuf {
-    let kit = Path::new(env!("CARGO_MANIFEST_DIR"));
-    kit.parent().unwrap_or(kit).to_path_buf()
-}
-
-fn script() -> PathBuf {
-    repo_root().join("scripts").join("synapse.sh")
-}
-
-/// Parent of all test data directories.
-fn test_root() -> PathBuf {
-    repo_root().join("target").join("tmp").join("synapse-test")
-}
-
 /// The virtualenv `scripts/synapse.sh install` installs Synapse into.
 fn venv_python() -> PathBuf {
     let venv = match std::env::var_os("SYNAPSE_VENV") {
         Some(dir) => PathBuf::from(dir),
-        None => repo_root().join(".synapse").join("venv"),
+        None => Install::repo_root().join(".synapse").join("venv"),
     };
     venv.join("bin").join("python")
-}
-
-/// Installs Synapse (once per process) and removes data directories left
-/// behind by test processes that are gone.  Panics if the install fails.
-fn ensure_installed() {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    let result = INSTALLED.get_or_init(|| {
-        remove_stale_dirs();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("install")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "`{} install` failed ({}):\n{}{}",
-                script().display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    if let Err(e) = result {
-        panic!("Synapse is required for this test and could not be installed: {e}");
-    }
-}
-
-/// Data directories are named `<pid>-<n>-<nanos>`; remove those whose
-/// process no longer exists (only where `/proc` tells us).
-fn remove_stale_dirs() {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = fs::read_dir(test_root()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.split('-').next()) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn fresh_dir() -> PathBuf {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let dir = test_root().join(format!("{}-{n}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create Synapse data dir {}: {e}", dir.display()));
-    dir
 }
 
 /// A free loopback port, never one already handed out in this process.
