@@ -224,3 +224,41 @@ impl Install {
         dir
     }
 }
+
+/// Why a server did not come up.
+pub(crate) enum NotReady {
+    /// Its process ended first.
+    Exited(std::process::ExitStatus),
+    /// It did not answer 200 in time.
+    TimedOut,
+}
+
+/// Polls `url` every 100 ms until it answers 200, the server's process (`child`) ends, or
+/// `timeout` passes.
+pub(crate) fn wait_for_200(
+    url: &str,
+    child: &mut Option<std::process::Child>,
+    timeout: std::time::Duration,
+) -> Result<(), NotReady> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(2)))
+        .build()
+        .into();
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(Ok(Some(status))) = child.as_mut().map(std::process::Child::try_wait) {
+            return Err(NotReady::Exited(status));
+        }
+        if let Ok(resp) = agent.get(url).call() {
+            if resp.status().as_u16() == 200 {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(NotReady::TimedOut);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

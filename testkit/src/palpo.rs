@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::homeserver::Install;
+use crate::homeserver::{wait_for_200, Install, NotReady};
 use crate::synapse::free_port;
 
 /// Its install script and data directories.
@@ -261,35 +261,16 @@ impl Palpo {
 
     fn wait_ready(&mut self) -> Result<(), String> {
         let url = format!("{}/_matrix/client/versions", self.base_url());
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .proxy(None)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .into();
-        let started = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!(
-                        "palpo or PostgreSQL exited during startup ({status})\n{}",
-                        self.log_tail(40)
-                    ));
-                }
-            }
-            if let Ok(resp) = agent.get(&url).call() {
-                if resp.status().as_u16() == 200 {
-                    return Ok(());
-                }
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                return Err(format!(
-                    "palpo did not answer 200 on {url} within {READY_TIMEOUT:?}\n{}",
-                    self.log_tail(40)
-                ));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_200(&url, &mut self.child, READY_TIMEOUT).map_err(|why| match why {
+            NotReady::Exited(status) => format!(
+                "palpo or PostgreSQL exited during startup ({status})\n{}",
+                self.log_tail(40)
+            ),
+            NotReady::TimedOut => format!(
+                "palpo did not answer 200 on {url} within {READY_TIMEOUT:?}\n{}",
+                self.log_tail(40)
+            ),
+        })
     }
 }
 

@@ -14,7 +14,7 @@
 //! `scripts/synapse.sh install`. If it cannot be installed or started the tests panic: they
 //! never skip.
 
-use crate::homeserver::Install;
+use crate::homeserver::{wait_for_200, Install, NotReady};
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
@@ -307,35 +307,16 @@ impl Synapse {
 
     fn wait_healthy(&mut self) -> Result<(), String> {
         let url = format!("{}/health", self.base_url());
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .proxy(None)
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(2)))
-            .build()
-            .into();
-        let started = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Err(format!(
-                        "Synapse exited during startup ({status})\n{}",
-                        self.log_tail(40)
-                    ));
-                }
-            }
-            if let Ok(resp) = agent.get(&url).call() {
-                if resp.status().as_u16() == 200 {
-                    return Ok(());
-                }
-            }
-            if started.elapsed() > HEALTH_TIMEOUT {
-                return Err(format!(
-                    "Synapse did not answer 200 on {url} within {HEALTH_TIMEOUT:?}\n{}",
-                    self.log_tail(40)
-                ));
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_200(&url, &mut self.child, HEALTH_TIMEOUT).map_err(|why| match why {
+            NotReady::Exited(status) => format!(
+                "Synapse exited during startup ({status})\n{}",
+                self.log_tail(40)
+            ),
+            NotReady::TimedOut => format!(
+                "Synapse did not answer 200 on {url} within {HEALTH_TIMEOUT:?}\n{}",
+                self.log_tail(40)
+            ),
+        })
     }
 }
 
