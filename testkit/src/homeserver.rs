@@ -262,3 +262,20 @@ pub(crate) fn wait_for_200(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The last `lines` lines of each of `files` in a server's data directory `dir`, for a
+/// failure message.
+pub(crate) fn log_tail(dir: &std::path::Path, files: &[&str], lines: usize) -> String {
+    let mut out = String::new();
+    for name in files {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("--- tail of {} ---\n", path.display()));
+        for line in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}

@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::homeserver::{wait_for_200, Install, NotReady};
+use crate::homeserver::{self, wait_for_200, Install, NotReady};
 use crate::synapse::free_port;
 
 /// Its install script and data directories.
@@ -146,24 +146,16 @@ impl Palpo {
 
     /// The last `lines` lines of palpo's output, PostgreSQL's log and the supervisor's.
     pub fn log_tail(&self, lines: usize) -> String {
-        let mut out = String::new();
-        for name in [
-            "palpo.stdout",
-            "postgres.log",
-            "initdb.log",
-            "supervise.log",
-        ] {
-            let path = self.dir.join(name);
-            let text = fs::read_to_string(&path).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
-            let tail = &all[all.len().saturating_sub(lines)..];
-            out.push_str(&format!("--- tail of {} ---\n", path.display()));
-            for line in tail {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        homeserver::log_tail(
+            &self.dir,
+            &[
+                "palpo.stdout",
+                "postgres.log",
+                "initdb.log",
+                "supervise.log",
+            ],
+            lines,
+        )
     }
 
     /// Stops palpo hard (SIGKILL) and PostgreSQL (fast shutdown) and waits until both are

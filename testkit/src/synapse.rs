@@ -14,7 +14,7 @@
 //! `scripts/synapse.sh install`. If it cannot be installed or started the tests panic: they
 //! never skip.
 
-use crate::homeserver::{wait_for_200, Install, NotReady};
+use crate::homeserver::{self, wait_for_200, Install, NotReady};
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
@@ -188,19 +188,11 @@ impl Synapse {
 
     /// The last `lines` lines of the Synapse log and of its stdout/stderr.
     pub fn log_tail(&self, lines: usize) -> String {
-        let mut out = String::new();
-        for name in ["homeserver.log", "synapse.stdout", "supervise.log"] {
-            let path = self.dir.join(name);
-            let text = fs::read_to_string(&path).unwrap_or_default();
-            let all: Vec<&str> = text.lines().collect();
-            let tail = &all[all.len().saturating_sub(lines)..];
-            out.push_str(&format!("--- tail of {} ---\n", path.display()));
-            for line in tail {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        homeserver::log_tail(
+            &self.dir,
+            &["homeserver.log", "synapse.stdout", "supervise.log"],
+            lines,
+        )
     }
 
     /// Stops Synapse hard (SIGKILL, no graceful shutdown) and waits until the
