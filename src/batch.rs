@@ -18,8 +18,11 @@ use self_cell::self_cell;
 use serde_json::value::RawValue;
 
 use crate::dedup::Dedup;
-use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
-use crate::response::{JoinedRoom, SyncResponse};
+use crate::normalize::{
+    normalize_fields, normalize_with, to_raw, Event, EventKind, Gap, Section, Senders,
+};
+use crate::response::{EventList, JoinedRoom, SyncResponse};
+use crate::scan::event_fields;
 
 /// What gap filling produced for one room.
 #[derive(Debug, Default)]
@@ -141,7 +144,9 @@ pub(crate) struct Steps<'a> {
 enum Step<'a> {
     /// A list of events in the body, for one section of one room (or of the account).
     Listed {
-        events: std::slice::Iter<'a, &'a RawValue>,
+        events: &'a EventList<'a>,
+        /// The next one to deliver.
+        next: usize,
         section: Section,
         room: Option<OwnedRoomId>,
         /// A left room's timeline: its last membership event is kept for the leave marker.
@@ -170,11 +175,16 @@ impl Steps<'_> {
             let event = match step {
                 Step::Listed {
                     events,
+                    next,
                     section,
                     room,
                     keep_membership,
-                } => events.next().map(|raw| {
-                    let event = normalize_with((*raw).to_owned(), *section, room.as_ref(), senders);
+                } => events.get(*next).map(|(raw, fields)| {
+                    *next += 1;
+                    // Noted by the strict pass, or read now.
+                    let fields = fields.unwrap_or_else(|| event_fields(raw.get()));
+                    let event =
+                        normalize_fields(raw.to_owned(), fields, *section, room.as_ref(), senders);
                     // Kept whether or not dedup lets it through: the marker does not depend
                     // on it.
                     if *keep_membership && event.event_type == "m.room.member" {
@@ -243,20 +253,21 @@ impl<'a> Planner<'a, '_> {
         self.steps.push_back(Step::Ready(Some(Box::new(event))));
     }
 
-    fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
+    fn list(&mut self, events: &'a EventList<'a>, section: Section, room: Option<&OwnedRoomId>) {
         self.list_keeping(events, section, room, false);
     }
 
     fn list_keeping(
         &mut self,
-        events: &'a [&'a RawValue],
+        events: &'a EventList<'a>,
         section: Section,
         room: Option<&OwnedRoomId>,
         keep_membership: bool,
     ) {
         if !events.is_empty() {
             self.steps.push_back(Step::Listed {
-                events: events.iter(),
+                events,
+                next: 0,
                 section,
                 room: room.cloned(),
                 keep_membership,

@@ -15,7 +15,7 @@ use ruma_common::{
 };
 use serde_json::value::RawValue;
 
-use crate::scan::event_fields;
+use crate::scan::{event_fields, EventFields};
 
 /// What an [`Event`] is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -605,6 +605,59 @@ impl Senders {
     }
 }
 
+/// Builds the [`Event`] of `$raw` from its `$fields`. A macro rather than a function so that the
+/// fields may borrow from `$raw` itself, which moves into the event last.
+macro_rules! normalized {
+    ($raw:expr, $fields:ident, $section:expr, $room_id:expr, $senders:expr) => {{
+        let event_type = $fields.event_type.as_deref().unwrap_or_default();
+        let kind = kind_of($section, event_type, $fields.state_key.is_some());
+        let body = match kind {
+            EventKind::Encrypted => None,
+            _ => $fields.body.map(Cow::into_owned),
+        };
+        let relation = match ($fields.rel_type, $fields.rel_event_id, $fields.in_reply_to) {
+            (Some(rel_type), Some(id), _) => parse_event_id(&id).map(|event_id| Relation {
+                rel_type: rel_type.into_owned(),
+                event_id,
+                key: $fields.rel_key.map(Cow::into_owned),
+            }),
+            (_, _, Some(id)) => parse_event_id(&id).map(|event_id| Relation {
+                rel_type: "m.in_reply_to".to_owned(),
+                event_id,
+                key: None,
+            }),
+            _ => None,
+        };
+        let redacts = match kind {
+            EventKind::Redaction => $fields
+                .redacts
+                .or($fields.content_redacts)
+                .and_then(|r| parse_event_id(&r)),
+            _ => None,
+        };
+        Event {
+            event_type: EventType(
+                known_type(event_type)
+                    .map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
+            ),
+            event_id: $fields.event_id.and_then(|id| parse_event_id(&id)),
+            sender: $fields.sender.and_then(|s| $senders.parse(&s)),
+            origin_server_ts: $fields
+                .origin_server_ts
+                .and_then(js_int_uint)
+                .map(MilliSecondsSinceUnixEpoch),
+            state_key: $fields.state_key.map(Cow::into_owned),
+            kind,
+            room_id: $room_id.cloned(),
+            body,
+            relation,
+            redacts,
+            raw: $raw,
+            encryption: None,
+        }
+    }};
+}
+
 /// [`normalize`] with the senders met before.
 // Inlined into the delivery loop, so that the 280-byte event is built where the caller takes
 // it rather than copied out through each layer.
@@ -616,51 +669,20 @@ pub(crate) fn normalize_with(
     senders: &mut Senders,
 ) -> Event {
     let fields = event_fields(raw.get());
-    let event_type = fields.event_type.as_deref().unwrap_or_default();
-    let kind = kind_of(section, event_type, fields.state_key.is_some());
-    let body = match kind {
-        EventKind::Encrypted => None,
-        _ => fields.body.map(Cow::into_owned),
-    };
-    let relation = match (fields.rel_type, fields.rel_event_id, fields.in_reply_to) {
-        (Some(rel_type), Some(id), _) => parse_event_id(&id).map(|event_id| Relation {
-            rel_type: rel_type.into_owned(),
-            event_id,
-            key: fields.rel_key.map(Cow::into_owned),
-        }),
-        (_, _, Some(id)) => parse_event_id(&id).map(|event_id| Relation {
-            rel_type: "m.in_reply_to".to_owned(),
-            event_id,
-            key: None,
-        }),
-        _ => None,
-    };
-    let redacts = match kind {
-        EventKind::Redaction => fields
-            .redacts
-            .or(fields.content_redacts)
-            .and_then(|r| parse_event_id(&r)),
-        _ => None,
-    };
-    Event {
-        event_type: EventType(
-            known_type(event_type).map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
-        ),
-        event_id: fields.event_id.and_then(|id| parse_event_id(&id)),
-        sender: fields.sender.and_then(|s| senders.parse(&s)),
-        origin_server_ts: fields
-            .origin_server_ts
-            .and_then(js_int_uint)
-            .map(MilliSecondsSinceUnixEpoch),
-        state_key: fields.state_key.map(Cow::into_owned),
-        kind,
-        room_id: room_id.cloned(),
-        body,
-        relation,
-        redacts,
-        raw,
-        encryption: None,
-    }
+    normalized!(raw, fields, section, room_id, senders)
+}
+
+/// [`normalize_with`] with the fields read already (by the strict pass over the body, or by
+/// [`event_fields`]), borrowing from the body `raw` was copied from.
+#[inline]
+pub(crate) fn normalize_fields(
+    raw: Box<RawValue>,
+    fields: EventFields<'_>,
+    section: Section,
+    room_id: Option<&OwnedRoomId>,
+    senders: &mut Senders,
+) -> Event {
+    normalized!(raw, fields, section, room_id, senders)
 }
 
 fn js_int_uint(v: u64) -> Option<js_int::UInt> {

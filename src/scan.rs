@@ -344,6 +344,491 @@ impl<'a> Scanner<'a> {
     }
 }
 
+// ---- the strict pass ----------------------------------------------------------------------------
+
+/// Where a string field of an event lies, relative to the event's first byte: the text between
+/// the quotes. `off == 0` (the event's `{`) means absent.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct At {
+    off: u16,
+    len: u16,
+}
+
+/// Indices of the fields in [`Scanned`] (0-5) and in a list's table of rarer fields (6-11).
+const TYPE: usize = 0;
+const EVENT_ID: usize = 1;
+const SENDER: usize = 2;
+const STATE_KEY: usize = 3;
+const BODY: usize = 4;
+const TS: usize = 5;
+const REDACTS: usize = 6;
+const CONTENT_REDACTS: usize = 7;
+const REL_TYPE: usize = 8;
+const REL_EVENT_ID: usize = 9;
+const REL_KEY: usize = 10;
+const IN_REPLY_TO: usize = 11;
+/// Bits of `seen` for the objects descended into (a second one makes the event rescanned).
+const SEEN_CONTENT: u16 = 1 << 12;
+const SEEN_RELATES_TO: u16 = 1 << 13;
+const SEEN_IN_REPLY_TO: u16 = 1 << 14;
+/// Set in [`Scanned::escaped`] when the fields were not kept (a duplicate or escaped key where
+/// fields are read, an offset past 64 KiB, an event that is not an object): the event is read
+/// again with [`event_fields`] when it is delivered.
+const RESCAN: u16 = 1 << 15;
+
+/// One event of a list as the strict pass left it: its place in the body and where its fields
+/// are, 36 bytes, read into [`EventFields`] when it is delivered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scanned {
+    start: u32,
+    len: u32,
+    at: [At; 6],
+    /// Bit `i`: field `i` has escapes. [`RESCAN`]: see there.
+    escaped: u16,
+    /// 0, or 1 + the index of this event's rarer fields in its list's table.
+    rare: u16,
+}
+
+/// The rarer fields of one event (redactions and relations), indices 6-11.
+pub(crate) type Rare = [At; 6];
+
+impl Scanned {
+    /// The event's JSON in `body`.
+    pub(crate) fn json<'a>(&self, body: &'a str) -> &'a str {
+        let start = self.start as usize;
+        body.get(start..start + self.len as usize)
+            .unwrap_or_default()
+    }
+
+    /// The fields of the event whose JSON is `json` (from [`Scanned::json`]).
+    pub(crate) fn fields<'a>(&self, json: &'a str, rare: &[Rare]) -> EventFields<'a> {
+        if self.escaped & RESCAN != 0 {
+            return event_fields(json);
+        }
+        let text = |i: usize, at: At| -> Option<Cow<'a, str>> {
+            if at.off == 0 {
+                return None;
+            }
+            let (start, end) = (at.off as usize, at.off as usize + at.len as usize);
+            if self.escaped & (1 << i) == 0 {
+                json.get(start..end).map(Cow::Borrowed)
+            } else {
+                let quoted = json.get(start - 1..end + 1)?;
+                serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+            }
+        };
+        let at = self.at;
+        let mut f = EventFields {
+            event_type: text(TYPE, at[TYPE]),
+            event_id: text(EVENT_ID, at[EVENT_ID]),
+            sender: text(SENDER, at[SENDER]),
+            origin_server_ts: text(TS, at[TS]).and_then(|digits| {
+                digits.bytes().try_fold(0u64, |n, d| {
+                    n.checked_mul(10)?
+                        .checked_add(u64::from(d.wrapping_sub(b'0')))
+                })
+            }),
+            state_key: text(STATE_KEY, at[STATE_KEY]),
+            body: text(BODY, at[BODY]),
+            ..EventFields::default()
+        };
+        if let Some(r) = (self.rare as usize)
+            .checked_sub(1)
+            .and_then(|i| rare.get(i))
+        {
+            f.redacts = text(REDACTS, r[REDACTS - 6]);
+            f.content_redacts = text(CONTENT_REDACTS, r[CONTENT_REDACTS - 6]);
+            f.rel_type = text(REL_TYPE, r[REL_TYPE - 6]);
+            f.rel_event_id = text(REL_EVENT_ID, r[REL_EVENT_ID - 6]);
+            f.rel_key = text(REL_KEY, r[REL_KEY - 6]);
+            f.in_reply_to = text(IN_REPLY_TO, r[IN_REPLY_TO - 6]);
+        }
+        f
+    }
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = ONES << 7;
+
+/// A strict reader of JSON: every value it accepts, `serde_json` accepts too (RFC 8259: no
+/// control characters in strings, only the defined escapes, the number grammar, no trailing
+/// commas). It gives up (`None`) on anything it does not accept, and also on nesting deeper
+/// than 64 levels, which `serde_json` would accept: callers then take `serde_json`'s path,
+/// which has the last word. The input is a `&str`, so UTF-8 is already checked.
+pub(crate) struct Strict<'a> {
+    pub(crate) src: &'a str,
+    pub(crate) i: usize,
+}
+
+impl<'a> Strict<'a> {
+    #[inline]
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.src.as_bytes().get(self.i).copied()
+    }
+
+    #[inline]
+    pub(crate) fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// Consumes `byte` (after whitespace), or gives up.
+    #[inline]
+    pub(crate) fn expect(&mut self, byte: u8) -> Option<()> {
+        self.ws();
+        if self.peek() != Some(byte) {
+            return None;
+        }
+        self.i += 1;
+        Some(())
+    }
+
+    /// The string opening at `i` (which must be `"`): its contents, and whether it has
+    /// escapes.
+    #[inline]
+    pub(crate) fn string(&mut self) -> Option<(&'a str, bool)> {
+        let b = self.src.as_bytes();
+        if b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        let start = self.i + 1;
+        let mut i = start;
+        let mut escaped = false;
+        loop {
+            // Eight bytes at a time up to the first quote, backslash or control character
+            // (the lowest flagged byte is exact: false hits only come above a true one).
+            while let Some(chunk) = b.get(i..i + 8) {
+                let w = u64::from_le_bytes(chunk.try_into().ok()?);
+                let ctrl = w.wrapping_sub(ONES * 0x20) & !w;
+                let q = w ^ (ONES * u64::from(b'"'));
+                let q = q.wrapping_sub(ONES) & !q;
+                let e = w ^ (ONES * u64::from(b'\\'));
+                let e = e.wrapping_sub(ONES) & !e;
+                let hits = (ctrl | q | e) & HIGH;
+                if hits != 0 {
+                    i += (hits.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                i += 8;
+            }
+            match *b.get(i)? {
+                b'"' => {
+                    self.i = i + 1;
+                    return Some((self.src.get(start..i)?, escaped));
+                }
+                b'\\' => {
+                    escaped = true;
+                    match *b.get(i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                        b'u' => {
+                            let hex = b.get(i + 2..i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            i += 6;
+                        }
+                        _ => return None,
+                    }
+                }
+                0..=0x1f => return None,
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The number at `i`; true when it is an integer with neither sign, fraction nor exponent.
+    pub(crate) fn number(&mut self) -> Option<bool> {
+        let b = self.src.as_bytes();
+        let mut i = self.i;
+        let negative = b.get(i) == Some(&b'-');
+        i += usize::from(negative);
+        let digits = |mut i: usize| {
+            while let Some(b'0'..=b'9') = b.get(i) {
+                i += 1;
+            }
+            i
+        };
+        match b.get(i)? {
+            b'0' => i += 1,
+            b'1'..=b'9' => i = digits(i + 1),
+            _ => return None,
+        }
+        let mut plain = !negative;
+        if b.get(i) == Some(&b'.') {
+            let end = digits(i + 1);
+            if end == i + 1 {
+                return None;
+            }
+            (i, plain) = (end, false);
+        }
+        if let Some(b'e' | b'E') = b.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = b.get(i) {
+                i += 1;
+            }
+            let end = digits(i);
+            if end == i {
+                return None;
+            }
+            (i, plain) = (end, false);
+        }
+        // A digit right after is a second leading zero ("01"): the caller would refuse it as
+        // no separator, as serde_json does.
+        self.i = i;
+        Some(plain)
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        if self.src.as_bytes().get(self.i..self.i + word.len())? != word {
+            return None;
+        }
+        self.i += word.len();
+        Some(())
+    }
+
+    /// A scalar value, or the opening of a container (returned, `i` past it).
+    #[inline]
+    fn scalar_or_open(&mut self) -> Option<Option<u8>> {
+        match self.peek()? {
+            b'"' => self.string().map(|_| None),
+            open @ (b'{' | b'[') => {
+                self.i += 1;
+                Some(Some(open))
+            }
+            b't' => self.literal(b"true").map(|_| None),
+            b'f' => self.literal(b"false").map(|_| None),
+            b'n' => self.literal(b"null").map(|_| None),
+            b'-' | b'0'..=b'9' => self.number().map(|_| None),
+            _ => None,
+        }
+    }
+
+    /// After `{` (and whitespace): the next key and its colon, `i` at the value.
+    #[inline]
+    pub(crate) fn key(&mut self) -> Option<(&'a str, bool)> {
+        let key = self.string()?;
+        self.expect(b':')?;
+        self.ws();
+        Some(key)
+    }
+
+    /// Skips one value (at `i`, whitespace before it skipped), checking it strictly.
+    pub(crate) fn skip_value(&mut self) -> Option<()> {
+        // One bit per open container, 1 for an object.
+        let mut stack = 0u64;
+        let mut depth = 0u32;
+        loop {
+            // A value.
+            if let Some(open) = self.scalar_or_open()? {
+                self.ws();
+                let close = if open == b'{' { b'}' } else { b']' };
+                if self.peek() == Some(close) {
+                    self.i += 1;
+                } else {
+                    if depth == 64 {
+                        return None;
+                    }
+                    stack = stack << 1 | u64::from(open == b'{');
+                    depth += 1;
+                    if open == b'{' {
+                        self.key()?;
+                    }
+                    continue;
+                }
+            }
+            // After a value: close what ends here.
+            loop {
+                if depth == 0 {
+                    return Some(());
+                }
+                self.ws();
+                let object = stack & 1 == 1;
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        if object {
+                            self.key()?;
+                        }
+                        break;
+                    }
+                    b'}' if object => {}
+                    b']' if !object => {}
+                    _ => return None,
+                }
+                self.i += 1;
+                stack >>= 1;
+                depth -= 1;
+            }
+        }
+    }
+
+    /// One event of a list (at `i`, whitespace skipped), checked strictly and its fields noted.
+    pub(crate) fn event(&mut self, rare: &mut Vec<Rare>) -> Option<Scanned> {
+        let start = self.i;
+        let mut scanned = Scanned {
+            start: u32::try_from(start).ok()?,
+            len: 0,
+            at: [At::default(); 6],
+            escaped: 0,
+            rare: 0,
+        };
+        if self.peek() != Some(b'{') {
+            self.skip_value()?;
+            scanned.escaped = RESCAN;
+        } else {
+            let mut at = [At::default(); 12];
+            self.event_object(start, &mut at, &mut scanned.escaped)?;
+            scanned.at.copy_from_slice(&at[..6]);
+            if at[6..].iter().any(|a| a.off != 0) {
+                rare.push(at[6..].try_into().ok()?);
+                match u16::try_from(rare.len()) {
+                    Ok(n) => scanned.rare = n,
+                    Err(_) => scanned.escaped |= RESCAN,
+                }
+            }
+        }
+        scanned.len = u32::try_from(self.i - start).ok()?;
+        Some(scanned)
+    }
+
+    fn event_object(&mut self, start: usize, at: &mut [At; 12], flags: &mut u16) -> Option<()> {
+        self.i += 1;
+        self.ws();
+        let mut level = Level::Event;
+        let mut seen = 0u16;
+        let mut empty = self.peek() == Some(b'}');
+        loop {
+            if !empty {
+                let (key, escaped) = self.key()?;
+                let target = if escaped {
+                    *flags |= RESCAN;
+                    Field::Skip
+                } else {
+                    field(level, key.as_bytes())
+                };
+                match target {
+                    Field::Str(n) | Field::Ts(n) => {
+                        if seen & (1 << n) != 0 {
+                            *flags |= RESCAN;
+                        }
+                        seen |= 1 << n;
+                        let value_start = self.i;
+                        let kept = match (target, self.peek()) {
+                            (Field::Str(_), Some(b'"')) => {
+                                let (text, escaped) = self.string()?;
+                                *flags |= u16::from(escaped) << n;
+                                Some((value_start + 1, text.len()))
+                            }
+                            (Field::Ts(_), Some(b'0'..=b'9')) => {
+                                let plain = self.number()?;
+                                plain.then_some((value_start, self.i - value_start))
+                            }
+                            _ => {
+                                self.skip_value()?;
+                                None
+                            }
+                        };
+                        at[n] = At::default();
+                        if let Some((off, len)) = kept {
+                            match (u16::try_from(off - start), u16::try_from(len)) {
+                                (Ok(off), Ok(len)) => at[n] = At { off, len },
+                                _ => *flags |= RESCAN,
+                            }
+                        }
+                    }
+                    Field::Object(child, bit) => {
+                        if seen & bit != 0 {
+                            *flags |= RESCAN;
+                        }
+                        seen |= bit;
+                        if self.peek() == Some(b'{') {
+                            self.i += 1;
+                            self.ws();
+                            if self.peek() != Some(b'}') {
+                                level = child;
+                                continue;
+                            }
+                            self.i += 1;
+                        } else {
+                            self.skip_value()?;
+                        }
+                    }
+                    Field::Skip => self.skip_value()?,
+                }
+            }
+            empty = false;
+            // After a member: the next one, or the end of this object and of those it ends.
+            loop {
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                        break;
+                    }
+                    b'}' => {
+                        self.i += 1;
+                        match level.parent() {
+                            Some(parent) => level = parent,
+                            None => return Some(()),
+                        }
+                    }
+                    _ => return None,
+                }
+            }
+        }
+    }
+}
+
+/// What the strict pass does with a member of an event (or of the objects read inside it).
+#[derive(Clone, Copy)]
+enum Field {
+    Str(usize),
+    Ts(usize),
+    Object(Level, u16),
+    Skip,
+}
+
+fn field(level: Level, key: &[u8]) -> Field {
+    use Field::*;
+    match (level, key) {
+        (Level::Event, b"type") => Str(TYPE),
+        (Level::Event, b"event_id") => Str(EVENT_ID),
+        (Level::Event, b"sender") => Str(SENDER),
+        (Level::Event, b"origin_server_ts") => Ts(TS),
+        (Level::Event, b"state_key") => Str(STATE_KEY),
+        (Level::Event, b"redacts") => Str(REDACTS),
+        (Level::Event, b"content") => Object(Level::Content, SEEN_CONTENT),
+        (Level::Content, b"body") => Str(BODY),
+        (Level::Content, b"redacts") => Str(CONTENT_REDACTS),
+        (Level::Content, b"m.relates_to") => Object(Level::RelatesTo, SEEN_RELATES_TO),
+        (Level::RelatesTo, b"rel_type") => Str(REL_TYPE),
+        (Level::RelatesTo, b"event_id") => Str(REL_EVENT_ID),
+        (Level::RelatesTo, b"key") => Str(REL_KEY),
+        (Level::RelatesTo, b"m.in_reply_to") => Object(Level::InReplyTo, SEEN_IN_REPLY_TO),
+        (Level::InReplyTo, b"event_id") => Str(IN_REPLY_TO),
+        _ => Skip,
+    }
+}
+
+/// The strict pass over one event alone: its fields when it is accepted (and nothing follows
+/// it), `None` when it gives up. For the tests and the `scan_fields` fuzz target, which check
+/// that an accepted event is one `serde_json` accepts, with the fields [`event_fields`] reads.
+#[cfg(any(test, fuzzing))]
+pub fn strict_event_fields(json: &str) -> Option<EventFields<'_>> {
+    let mut s = Strict { src: json, i: 0 };
+    let mut rare = Vec::new();
+    s.ws();
+    let scanned = s.event(&mut rare)?;
+    s.ws();
+    if s.i != json.len() {
+        return None;
+    }
+    Some(scanned.fields(scanned.json(json), &rare))
+}
+
 /// The semantics, read off a `serde_json::Value` independently of the scanner: what the tests
 /// and the `scan_fields` fuzz target compare it with.
 #[cfg(any(test, fuzzing))]
