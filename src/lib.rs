@@ -293,7 +293,8 @@ pub struct ReadmeDoctests;
 pub mod fuzzing {
     use serde_json::value::RawValue;
 
-    pub use crate::scan::{event_fields, reference_fields, EventFields};
+    pub use crate::response::check_against_serde;
+    pub use crate::scan::{event_fields, reference_fields, strict_event_fields, EventFields};
 
     /// Normalizes one event as found in a room timeline, state, or any other section
     /// (`section` picks one of them by index, modulo their number).

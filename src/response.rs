@@ -508,6 +508,69 @@ mod strict {
     }
 }
 
+/// The strict pass's reading of `body` against serde_json's: the same verdict, and when
+/// both accept, the same response, event for event, with the fields the scanner reads.
+#[cfg(any(test, fuzzing))]
+pub fn check_against_serde(body: &str) {
+    let by_serde = serde_json::from_str::<SyncResponse<'_>>(body);
+    let by_strict = strict::response(body);
+    if let Some(strict) = &by_strict {
+        let serde = by_serde.as_ref().unwrap_or_else(|e| {
+            panic!("the strict pass accepts what serde_json refuses ({e}): {body}")
+        });
+        assert_eq!(strict.next_batch, serde.next_batch);
+        assert_eq!(
+            format!("{:?}", strict.device_lists),
+            format!("{:?}", serde.device_lists)
+        );
+        assert_eq!(
+            strict.device_one_time_keys_count,
+            serde.device_one_time_keys_count
+        );
+        assert_eq!(
+            strict.device_unused_fallback_key_types,
+            serde.device_unused_fallback_key_types
+        );
+        let lists = |r: &'_ SyncResponse<'_>| {
+            let mut lists: Vec<(String, Vec<(String, String)>)> = Vec::new();
+            let mut add = |name: String, list: &EventList<'_>| {
+                let events = (0..list.len())
+                    .map(|i| {
+                        let (raw, fields) = list.get(i).unwrap();
+                        let fields = fields.unwrap_or_else(|| crate::scan::event_fields(raw.get()));
+                        (raw.get().to_owned(), format!("{fields:?}"))
+                    })
+                    .collect();
+                lists.push((name, events));
+            };
+            add("presence".into(), &r.presence.events);
+            add("account_data".into(), &r.account_data.events);
+            add("to_device".into(), &r.to_device.events);
+            for (kind, rooms) in [("join", &r.rooms.join), ("leave", &r.rooms.leave)] {
+                for (id, room) in rooms {
+                    let name = format!(
+                        "{kind} {id} {} {:?}",
+                        room.timeline.limited, room.timeline.prev_batch
+                    );
+                    add(format!("{name} timeline"), &room.timeline.events);
+                    add(format!("{name} state"), &room.state.events);
+                    add(format!("{name} state_after"), &room.state_after.events);
+                    add(format!("{name} ephemeral"), &room.ephemeral.events);
+                    add(format!("{name} account_data"), &room.account_data.events);
+                }
+            }
+            for (id, room) in &r.rooms.invite {
+                add(format!("invite {id}"), &room.invite_state.events);
+            }
+            for (id, room) in &r.rooms.knock {
+                add(format!("knock {id}"), &room.knock_state.events);
+            }
+            lists
+        };
+        assert_eq!(lists(strict), lists(serde), "{body}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,69 +627,6 @@ mod tests {
             raw_value(r#"{"a":[1,"b"]}"#).unwrap().get(),
             r#"{"a":[1,"b"]}"#
         );
-    }
-
-    /// The strict pass's reading of `body` against serde_json's: the same verdict, and when
-    /// both accept, the same response, event for event, with the fields the scanner reads.
-    pub(crate) fn check_against_serde(body: &str) {
-        let by_serde = serde_json::from_str::<SyncResponse<'_>>(body);
-        let by_strict = strict::response(body);
-        if let Some(strict) = &by_strict {
-            let serde = by_serde.as_ref().unwrap_or_else(|e| {
-                panic!("the strict pass accepts what serde_json refuses ({e}): {body}")
-            });
-            assert_eq!(strict.next_batch, serde.next_batch);
-            assert_eq!(
-                format!("{:?}", strict.device_lists),
-                format!("{:?}", serde.device_lists)
-            );
-            assert_eq!(
-                strict.device_one_time_keys_count,
-                serde.device_one_time_keys_count
-            );
-            assert_eq!(
-                strict.device_unused_fallback_key_types,
-                serde.device_unused_fallback_key_types
-            );
-            let lists = |r: &'_ SyncResponse<'_>| {
-                let mut lists: Vec<(String, Vec<(String, String)>)> = Vec::new();
-                let mut add = |name: String, list: &EventList<'_>| {
-                    let events = (0..list.len())
-                        .map(|i| {
-                            let (raw, fields) = list.get(i).unwrap();
-                            let fields =
-                                fields.unwrap_or_else(|| crate::scan::event_fields(raw.get()));
-                            (raw.get().to_owned(), format!("{fields:?}"))
-                        })
-                        .collect();
-                    lists.push((name, events));
-                };
-                add("presence".into(), &r.presence.events);
-                add("account_data".into(), &r.account_data.events);
-                add("to_device".into(), &r.to_device.events);
-                for (kind, rooms) in [("join", &r.rooms.join), ("leave", &r.rooms.leave)] {
-                    for (id, room) in rooms {
-                        let name = format!(
-                            "{kind} {id} {} {:?}",
-                            room.timeline.limited, room.timeline.prev_batch
-                        );
-                        add(format!("{name} timeline"), &room.timeline.events);
-                        add(format!("{name} state"), &room.state.events);
-                        add(format!("{name} state_after"), &room.state_after.events);
-                        add(format!("{name} ephemeral"), &room.ephemeral.events);
-                        add(format!("{name} account_data"), &room.account_data.events);
-                    }
-                }
-                for (id, room) in &r.rooms.invite {
-                    add(format!("invite {id}"), &room.invite_state.events);
-                }
-                for (id, room) in &r.rooms.knock {
-                    add(format!("knock {id}"), &room.knock_state.events);
-                }
-                lists
-            };
-            assert_eq!(lists(strict), lists(serde), "{body}");
-        }
     }
 
     #[test]

@@ -1258,6 +1258,24 @@ mod tests {
         fn matches_reference(json in prop_oneof![1 => value(), 6 => event(0)]) {
             let v: Value = serde_json::from_str(&json).expect("generated JSON is valid");
             prop_assert_eq!(event_fields(&json), reference_fields(&v), "{}", json);
+            // The strict pass takes every generated event (none nests 64 deep) and notes the
+            // same fields.
+            prop_assert_eq!(strict_event_fields(&json), Some(reference_fields(&v)), "{}", json);
+        }
+
+        #[test]
+        fn strict_pass_takes_only_what_serde_json_takes(json in event(0),
+                cut in any::<prop::sample::Index>(), junk in "[\"\\\\{}\\[\\]:, a0-]{0,3}") {
+            let at = cut.index(json.len() + 1);
+            let at = (0..=at).rev().find(|&i| json.is_char_boundary(i)).unwrap_or(0);
+            let (a, b) = json.split_at(at);
+            for text in [a.to_owned(), format!("{a}{junk}{b}")] {
+                if let Some(fields) = strict_event_fields(&text) {
+                    let v: Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("strict took what serde_json refuses ({e}): {text}"));
+                    prop_assert_eq!(fields, reference_fields(&v), "{}", text);
+                }
+            }
         }
 
         #[test]

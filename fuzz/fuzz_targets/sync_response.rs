@@ -10,8 +10,9 @@
 //!   that follow), a value length byte (`& 31`) and the value bytes;
 //! * the rest: the body.
 //!
-//! Checks: no panic; a non-2xx status or a body that is not a sync response leaves `since`
-//! unchanged and reports an error carrying the status; a valid one is delivered up to a
+//! Checks: no panic; the strict pass over the body accepts only what serde_json accepts,
+//! reading the same response; a non-2xx status or a body that is not a sync response leaves
+//! `since` unchanged and reports an error carrying the status; a valid one is delivered up to a
 //! checkpoint that moves `since` (unless it is an idle answer or waits for gap filling); every
 //! error delay is within the configured caps; and the machine hands out its next request,
 //! at once or after `handle_timeout(poll_timeout())`.
@@ -233,6 +234,10 @@ fn run(input: Input<'_>) {
     let since_before = m.since().map(str::to_owned);
     let code = input.status.as_u16();
     let body = input.body;
+    // The machine's strict pass over a body reads it as serde_json does, or leaves it to it.
+    if let Ok(text) = std::str::from_utf8(body) {
+        matrix_sync_service::fuzzing::check_against_serde(text);
+    }
     // The oracle: ruma's own parse of the body, independent of the machine, less the tokens
     // the machine must refuse because it could not store or send them back.
     let parsed = if input.status.is_success() {
