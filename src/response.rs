@@ -289,14 +289,14 @@ mod strict {
             (None, None, None, None, None);
         let (mut device_lists, mut counts, mut fallback) = (None, None, None);
         w.members(|w, key| match key {
-            "next_batch" => once(&mut next_batch, w.typed()?),
-            "rooms" => once(&mut rooms, w.rooms()?),
-            "presence" => once(&mut presence, w.events()?),
-            "account_data" => once(&mut account_data, w.events()?),
-            "to_device" => once(&mut to_device, w.events()?),
-            "device_lists" => once(&mut device_lists, w.typed()?),
-            "device_one_time_keys_count" => once(&mut counts, w.typed()?),
-            "device_unused_fallback_key_types" => once(&mut fallback, w.typed()?),
+            b"next_batch" => once(&mut next_batch, w.typed()?),
+            b"rooms" => once(&mut rooms, w.rooms()?),
+            b"presence" => once(&mut presence, w.events()?),
+            b"account_data" => once(&mut account_data, w.events()?),
+            b"to_device" => once(&mut to_device, w.events()?),
+            b"device_lists" => once(&mut device_lists, w.typed()?),
+            b"device_one_time_keys_count" => once(&mut counts, w.typed()?),
+            b"device_unused_fallback_key_types" => once(&mut fallback, w.typed()?),
             _ => w.s.skip_value(),
         })?;
         w.s.ws();
@@ -332,7 +332,7 @@ mod strict {
 
     impl<'a> Walker<'a> {
         /// The members of the object at `i`, each handed to `f` with `i` at its value.
-        fn members(&mut self, mut f: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+        fn members(&mut self, mut f: impl FnMut(&mut Self, &'a [u8]) -> Option<()>) -> Option<()> {
             self.s.expect(b'{')?;
             self.s.ws();
             if self.s.peek() == Some(b'}') {
@@ -373,6 +373,7 @@ mod strict {
         ) -> Option<BTreeMap<OwnedRoomId, T>> {
             let mut map = BTreeMap::new();
             self.members(|w, key| {
+                let key = std::str::from_utf8(key).ok()?;
                 let id = OwnedRoomId::deserialize(
                     BorrowedStrDeserializer::<serde_json::Error>::new(key),
                 )
@@ -389,13 +390,13 @@ mod strict {
         fn rooms(&mut self) -> Option<Rooms<'a>> {
             let (mut join, mut invite, mut knock, mut leave) = (None, None, None, None);
             self.members(|w, key| match key {
-                "join" => once(&mut join, w.map(Self::joined)?),
-                "invite" => once(
+                b"join" => once(&mut join, w.map(Self::joined)?),
+                b"invite" => once(
                     &mut invite,
                     w.map(|w| {
                         let mut invite_state = None;
                         w.members(|w, key| match key {
-                            "invite_state" => once(&mut invite_state, w.events()?),
+                            b"invite_state" => once(&mut invite_state, w.events()?),
                             _ => w.s.skip_value(),
                         })?;
                         Some(InvitedRoom {
@@ -403,12 +404,12 @@ mod strict {
                         })
                     })?,
                 ),
-                "knock" => once(
+                b"knock" => once(
                     &mut knock,
                     w.map(|w| {
                         let mut knock_state = None;
                         w.members(|w, key| match key {
-                            "knock_state" => once(&mut knock_state, w.events()?),
+                            b"knock_state" => once(&mut knock_state, w.events()?),
                             _ => w.s.skip_value(),
                         })?;
                         Some(KnockedRoom {
@@ -416,7 +417,7 @@ mod strict {
                         })
                     })?,
                 ),
-                "leave" => once(&mut leave, w.map(Self::joined)?),
+                b"leave" => once(&mut leave, w.map(Self::joined)?),
                 _ => w.s.skip_value(),
             })?;
             Some(Rooms {
@@ -431,11 +432,11 @@ mod strict {
             let (mut timeline, mut state, mut state_after, mut ephemeral, mut account_data) =
                 (None, None, None, None, None);
             self.members(|w, key| match key {
-                "timeline" => once(&mut timeline, w.timeline()?),
-                "state" => once(&mut state, w.events()?),
-                "state_after" => once(&mut state_after, w.events()?),
-                "ephemeral" => once(&mut ephemeral, w.events()?),
-                "account_data" => once(&mut account_data, w.events()?),
+                b"timeline" => once(&mut timeline, w.timeline()?),
+                b"state" => once(&mut state, w.events()?),
+                b"state_after" => once(&mut state_after, w.events()?),
+                b"ephemeral" => once(&mut ephemeral, w.events()?),
+                b"account_data" => once(&mut account_data, w.events()?),
                 _ => w.s.skip_value(),
             })?;
             Some(JoinedRoom {
@@ -450,9 +451,9 @@ mod strict {
         fn timeline(&mut self) -> Option<Timeline<'a>> {
             let (mut limited, mut prev_batch, mut events) = (None, None, None);
             self.members(|w, key| match key {
-                "limited" => once(&mut limited, w.typed()?),
-                "prev_batch" => once(&mut prev_batch, w.typed()?),
-                "events" => once(&mut events, w.list()?),
+                b"limited" => once(&mut limited, w.typed()?),
+                b"prev_batch" => once(&mut prev_batch, w.typed()?),
+                b"events" => once(&mut events, w.list()?),
                 _ => w.s.skip_value(),
             })?;
             Some(Timeline {
@@ -465,7 +466,7 @@ mod strict {
         fn events(&mut self) -> Option<Events<'a>> {
             let mut events = None;
             self.members(|w, key| match key {
-                "events" => once(&mut events, w.list()?),
+                b"events" => once(&mut events, w.list()?),
                 _ => w.s.skip_value(),
             })?;
             Some(Events {
@@ -675,6 +676,29 @@ mod tests {
         ];
         for body in cases {
             check_against_serde(body);
+        }
+        // Long strings (searched past their first 32 bytes differently), with what they may
+        // and may not hold at every offset.
+        for at in 0..80 {
+            for (insert, valid) in [
+                ("\u{1}", false),
+                ("\u{1f}", false),
+                ("\n", false),
+                ("\\n", true),
+                ("\\u00e9", true),
+                ("\\u00g9", false),
+                ("\\x", false),
+                ("\\\"", true),
+                ("é😀", true),
+                ("\u{7f}", true),
+            ] {
+                let text = format!("{}{insert}{}", "a".repeat(at), "b".repeat(80 - at));
+                let body = format!(
+                    r#"{{"next_batch":"a","presence":{{"events":[{{"type":"{text}","k":"{text}"}}]}}}}"#
+                );
+                assert_eq!(strict::response(&body).is_some(), valid, "{body}");
+                check_against_serde(&body);
+            }
         }
         let deep = format!(
             r#"{{"next_batch":"a","presence":{{"events":[{{"a":{}{}}}]}}}}"#,
