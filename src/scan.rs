@@ -1273,10 +1273,13 @@ mod tests {
             let at = (0..=at).rev().find(|&i| json.is_char_boundary(i)).unwrap_or(0);
             let (a, b) = json.split_at(at);
             for text in [a.to_owned(), format!("{a}{junk}{b}")] {
+                // What serde_json takes as an event of a body: a `&RawValue` (which, unlike a
+                // `Value`, lets lone surrogates through).
                 if let Some(fields) = strict_event_fields(&text) {
-                    let v: Value = serde_json::from_str(&text)
-                        .unwrap_or_else(|e| panic!("strict took what serde_json refuses ({e}): {text}"));
-                    prop_assert_eq!(fields, reference_fields(&v), "{}", text);
+                    if let Err(e) = serde_json::from_str::<&serde_json::value::RawValue>(&text) {
+                        panic!("strict took what serde_json refuses ({e}): {text}");
+                    }
+                    prop_assert_eq!(fields, event_fields(&text), "{}", text);
                 }
             }
         }
