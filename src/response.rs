@@ -700,6 +700,34 @@ mod tests {
                 check_against_serde(&body);
             }
         }
+        // What does not fit in the 28 bytes kept per event: read again when delivered.
+        assert_eq!(std::mem::size_of::<Scanned>(), 28);
+        let long = "x".repeat(70_000);
+        for event in [
+            format!(r#"{{"type":"t","sender":"@a:x","unsigned":{{"pad":"{long}"}}}}"#),
+            format!(
+                r#"{{"type":"t","content":{{"body":"{}"}}}}"#,
+                &long[..32_767]
+            ),
+            format!(
+                r#"{{"type":"t","content":{{"body":"{}"}}}}"#,
+                &long[..32_768]
+            ),
+            format!(r#"{{"type":"t","sender":"@{}:x"}}"#, &long[..124]),
+            format!(r#"{{"type":"t","sender":"@{}:x"}}"#, &long[..125]),
+            format!(
+                r#"{{"pad":"{}","type":"t","sender":"@a:x"}}"#,
+                &long[..65_530]
+            ),
+        ] {
+            let body =
+                format!(r#"{{"next_batch":"a","to_device":{{"events":[{event},{event}]}}}}"#);
+            let response = strict::response(&body).expect("taken");
+            let (raw, fields) = response.to_device.events.get(1).unwrap();
+            assert_eq!(raw.get(), event);
+            assert_eq!(fields.unwrap(), crate::scan::event_fields(&event));
+            check_against_serde(&body);
+        }
         let deep = format!(
             r#"{{"next_batch":"a","presence":{{"events":[{{"a":{}{}}}]}}}}"#,
             "[".repeat(100),
