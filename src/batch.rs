@@ -22,7 +22,6 @@ use crate::normalize::{
     normalize_fields, normalize_with, to_raw, Event, EventKind, Gap, Section, Senders,
 };
 use crate::response::{EventList, JoinedRoom, SyncResponse};
-use crate::scan::event_fields;
 
 /// What gap filling produced for one room.
 #[derive(Debug, Default)]
@@ -179,12 +178,16 @@ impl Steps<'_> {
                     section,
                     room,
                     keep_membership,
-                } => events.get(*next).map(|(raw, fields)| {
+                } => events.entry(*next).map(|entry| {
                     *next += 1;
-                    // Noted by the strict pass, or read now.
-                    let fields = fields.unwrap_or_else(|| event_fields(raw.get()));
-                    let event =
-                        normalize_fields(raw.to_owned(), fields, *section, room.as_ref(), senders);
+                    let fields = entry.fields();
+                    let event = normalize_fields(
+                        entry.raw.to_owned(),
+                        fields,
+                        *section,
+                        room.as_ref(),
+                        senders,
+                    );
                     // Kept whether or not dedup lets it through: the marker does not depend
                     // on it.
                     if *keep_membership && event.event_type == "m.room.member" {

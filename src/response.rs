@@ -132,15 +132,47 @@ impl<'a> EventList<'a> {
     }
 
     /// The `index`th event: its JSON, and its fields when the strict pass noted them.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn get(&self, index: usize) -> Option<(&RawValue, Option<EventFields<'_>>)> {
+        let entry = self.entry(index)?;
+        Some((
+            entry.raw,
+            entry
+                .scanned
+                .map(|(s, rare)| s.fields(entry.raw.get(), rare)),
+        ))
+    }
+
+    /// The `index`th event, its fields not read yet.
     #[inline]
-    pub(crate) fn get(&self, index: usize) -> Option<(&'a RawValue, Option<EventFields<'a>>)> {
+    pub(crate) fn entry(&self, index: usize) -> Option<Entry<'_>> {
         match self {
-            EventList::Raw(events) => events.get(index).map(|raw| (*raw, None)),
+            EventList::Raw(events) => events.get(index).map(|raw| Entry { raw, scanned: None }),
             EventList::Scanned { body, events, rare } => {
                 let scanned = events.get(index)?;
-                let json = scanned.json(body);
-                Some((raw_value(json)?, Some(scanned.fields(json, rare))))
+                Some(Entry {
+                    raw: raw_value(scanned.json(body))?,
+                    scanned: Some((scanned, rare)),
+                })
             }
+        }
+    }
+}
+
+/// One event of a list: its JSON, and where its fields are when the strict pass noted them.
+pub(crate) struct Entry<'a> {
+    pub(crate) raw: &'a RawValue,
+    scanned: Option<(&'a Scanned, &'a [Rare])>,
+}
+
+impl<'a> Entry<'a> {
+    /// The fields normalization reads: noted by the strict pass, or read now.
+    // Inlined, so that the fields (12 strings) are built where they are used, not copied.
+    #[inline]
+    pub(crate) fn fields(&self) -> EventFields<'a> {
+        match self.scanned {
+            Some((scanned, rare)) => scanned.fields(self.raw.get(), rare),
+            None => crate::scan::event_fields(self.raw.get()),
         }
     }
 }
