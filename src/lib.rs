@@ -249,6 +249,7 @@ mod request;
 mod response;
 mod scan;
 mod schedule;
+pub mod sliding;
 mod text;
 #[cfg(feature = "driver")]
 mod tls;
@@ -272,6 +273,7 @@ pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, 
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
 pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
+pub use sliding::{ActiveProtocol, Protocol, RoomSubscription, SlidingPosition, SlidingSyncConfig};
 #[cfg(feature = "driver")]
 pub use tls::{CaCertificate, CaPemError, TrustRoots};
 pub use token::MAX_TOKEN_BYTES;
