@@ -1377,6 +1377,9 @@ impl SyncMachine {
             sliding.count = None;
             sliding.lists.clear();
         }
+        // Paced on the channel of the request refused, as a failure of it would be: a
+        // catch-up that works after it proves nothing about the long-polls.
+        let channel = self.mode.channel();
         if self.mode == Mode::LongPoll {
             self.mode = Mode::CatchUp;
         }
@@ -1391,7 +1394,7 @@ impl SyncMachine {
         self.phase = Phase::Delivering {
             delivery: Batch::Notice(Some(Box::new(event))),
             answer: Answer {
-                channel: self.mode.channel(),
+                channel,
                 held: false,
             },
         };
@@ -1445,8 +1448,15 @@ impl SyncMachine {
             // Nothing to hand on, not even a checkpoint: the position is unchanged.
             return self.answered(answer.channel, answer.held);
         }
+        let dropped = self
+            .since
+            .as_deref()
+            .and_then(SlidingPosition::from_token)
+            .and_then(|p| p.pos)
+            .filter(|_| sliding.pos == Pos::Dropped);
         let context = Context {
             sent: &sent,
+            reset_floor: dropped.as_deref().map(SlidingPosition::stream_part),
             live: answer.channel == Channel::LongPoll,
             last_key_counts: &mut self.last_key_counts,
             lists: &mut sliding.lists,

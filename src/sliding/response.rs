@@ -3,7 +3,8 @@
 //!
 //! Order within a batch, as for `/v3/sync`: to-device, device lists and key counts, global
 //! account data, then the list update (when the list changed), then rooms in room-id order.
-//! Within a room: gap item (a `limited` timeline of a room the connection had sent before),
+//! Within a room: gap item (a `limited` timeline of a room the connection had sent before, or
+//! of any room after a connection reset),
 //! `required_state`, timeline, receipts and typing, room account data; an invited or knocked
 //! room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
 
@@ -202,6 +203,9 @@ pub(crate) type ListMemory = BTreeMap<String, ListUpdate>;
 pub(crate) struct Context<'m> {
     /// The position the request was sent from.
     pub(crate) sent: &'m SlidingPosition,
+    /// After a connection reset, the stream part of the last checkpoint's `pos`: rooms come
+    /// back `initial`, and a `limited` one has a real gap back to it.
+    pub(crate) reset_floor: Option<&'m str>,
     pub(crate) live: bool,
     pub(crate) last_key_counts: &'m mut Option<KeyCounts>,
     pub(crate) lists: &'m mut ListMemory,
@@ -314,12 +318,17 @@ impl<'a> Steps<'a> {
                 self.list(stripped, stripped_section(stripped), id);
                 continue;
             }
-            if let (true, false, Some(prev_batch), Some(previous)) =
-                (room.limited, room.initial, &room.prev_batch, previous)
-            {
+            // A room the connection sent before, or any room after a reset, that is limited
+            // has missed events back to the previous position.
+            let floor = if room.initial {
+                context.reset_floor
+            } else {
+                previous
+            };
+            if let (true, Some(prev_batch), Some(floor)) = (room.limited, &room.prev_batch, floor) {
                 let gap = Gap {
                     prev_batch: prev_batch.clone(),
-                    previous_since: previous.to_owned(),
+                    previous_since: floor.to_owned(),
                 };
                 self.ready(Event::gap(room_id.clone(), gap));
             }
@@ -515,6 +524,7 @@ mod tests {
         let mut counts = None;
         let context = Context {
             sent,
+            reset_floor: None,
             live: false,
             last_key_counts: &mut counts,
             lists,
