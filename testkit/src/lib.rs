@@ -11,7 +11,8 @@
 //!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
 //!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
 //!   terminator with a throwaway CA; [`palpo`], a throwaway palpo with its PostgreSQL, the
-//!   second homeserver, and [`homeserver`], either server behind one interface.
+//!   second homeserver, and [`homeserver`], either server behind one interface;
+//!   [`synapse_db`], SQL on a throwaway Synapse's database.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -70,6 +71,8 @@ pub mod rng;
 pub mod sim;
 #[cfg(feature = "net")]
 pub mod synapse;
+#[cfg(feature = "net")]
+pub mod synapse_db;
 #[cfg(feature = "net")]
 pub mod tls;
 
