@@ -10,9 +10,9 @@
 //! * the configuration ([`Protocol`], [`SlidingSyncConfig`], [`RoomSubscription`]);
 //! * the position the machine resumes from ([`SlidingPosition`]): `pos` and the to-device
 //!   extension's own cursor, stored together as one checkpoint token;
-//! * the request body ([`request`]) and the response, parsed once with every event borrowed
+//! * the request body (module `request`) and the response, parsed once with every event borrowed
 //!   from the body and handed on as the same normalized [`Event`](crate::Event)s as `/v3/sync`
-//!   ([`response`]), plus list updates ([`ListUpdate`]) and connection resets
+//!   (module `response`), plus list updates ([`ListUpdate`]) and connection resets
 //!   ([`ConnectionReset`]) as their own event kinds.
 
 pub(crate) mod request;
