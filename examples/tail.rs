@@ -42,7 +42,9 @@
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
-//! checkpoint only after every line before it was written and flushed (at-least-once).
+//! checkpoint only after every line before it was written and flushed (at-least-once), and
+//! no sync goes out before the checkpoint is stored, so that the server keeps to-device
+//! messages until they are printed (`DriverConfig::acknowledge_checkpoints`).
 //!
 //! Exit status (also in `--help`):
 //!
@@ -331,6 +333,9 @@ fn run() -> Result<(), Fatal> {
     if let Some(file) = token_file {
         driver = driver.on_credentials(move |credentials| file.save(credentials));
     }
+    // No sync goes out before the checkpoint is in the since file: the server deletes
+    // to-device messages once a sync carries the position after them.
+    driver.acknowledge_checkpoints = store.is_some();
     let service = start_service(config, driver, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
@@ -513,6 +518,8 @@ fn pump(
                                 store.path()
                             ))
                         })?;
+                        // Stopped meanwhile: nothing more goes out anyway.
+                        let _ = service.checkpoint_stored();
                     }
                 }
             }
