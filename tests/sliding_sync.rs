@@ -845,3 +845,100 @@ proptest! {
         prop_assert_eq!(sim.machine.state(), SyncState::Live);
     }
 }
+
+// ---- edges ------------------------------------------------------------------------------------------
+
+#[test]
+fn the_range_grows_exactly_when_the_list_has_a_room_past_it() {
+    for (count, grows) in [(100, false), (101, true)] {
+        let mut h = Harness::new(sliding_config());
+        let req = h.request();
+        h.respond(
+            &req,
+            json_response(&answer("1/s1", count, &[("!a:x", "$1")], "1", &[])),
+        );
+        let expected_end = if grows { 199 } else { 99 };
+        assert_eq!(
+            h.machine.sliding_range_end(),
+            Some(expected_end),
+            "count {count}"
+        );
+        assert_eq!(
+            h.machine.state() == SyncState::Live,
+            !grows,
+            "count {count}"
+        );
+        let req = h.next_request();
+        assert_eq!(range(&req), json!([[0, expected_end]]));
+        assert_eq!(timeout_param(&req) == "0", grows, "count {count}");
+    }
+}
+
+#[test]
+fn a_new_to_device_cursor_alone_is_a_checkpoint() {
+    let mut h = live();
+    let req = h.request();
+    // Same pos, nothing for the consumer, but the cursor moved (messages deleted meanwhile
+    // by another request of this device): the pair changed, so it is handed out.
+    h.respond(&req, json_response(&answer("1/s1", 1, &[], "9", &[])));
+    let events = h.take_events();
+    assert_eq!(kinds(&events), ["checkpoint"]);
+    assert_eq!(
+        position(h.machine.since().unwrap())
+            .to_device_since
+            .as_deref(),
+        Some("9")
+    );
+}
+
+#[test]
+fn without_the_to_device_extension_the_stored_cursor_is_kept() {
+    let mut c = sliding_config();
+    c.sliding_sync.extensions.to_device = false;
+    c.since = Some(
+        SlidingPosition {
+            pos: Some("3/s3".into()),
+            to_device_since: Some("4".into()),
+        }
+        .to_token(),
+    );
+    let mut h = Harness::new(c);
+    let req = h.request();
+    assert!(body(&req)["extensions"].get("to_device").is_none());
+    let mut reply = answer("4/s4", 1, &[("!a:x", "$1")], "0", &[]);
+    reply["extensions"] = json!({});
+    h.respond(&req, json_response(&reply));
+    assert_eq!(
+        position(h.machine.since().unwrap()),
+        SlidingPosition {
+            pos: Some("4/s4".into()),
+            to_device_since: Some("4".into())
+        }
+    );
+}
+
+#[test]
+fn auto_never_falls_back_from_a_stored_sliding_checkpoint() {
+    let mut c = config_no_jitter();
+    c.protocol = Protocol::Auto;
+    c.since = Some(
+        SlidingPosition {
+            pos: Some("3/s3".into()),
+            to_device_since: None,
+        }
+        .to_token(),
+    );
+    let mut h = Harness::new(c);
+    let req = h.request();
+    h.reply(
+        &req,
+        404,
+        r#"{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}"#,
+    );
+    assert_eq!(h.take_errors().len(), 1, "a refusal, reported");
+    assert_eq!(h.machine.protocol(), ActiveProtocol::SlidingSync);
+    assert!(matches!(
+        h.next_request().kind,
+        RequestKind::SlidingSync { .. }
+    ));
+}
