@@ -707,6 +707,15 @@ impl Server for Model {
             8..=9 => {
                 self.forgets += 1;
                 self.positions.clear();
+                // More than a timeline's worth in one room while the connection is lost:
+                // the fresh connection's `initial` room is `limited`, a real gap.
+                let room = 1 + self.roll(self.rooms.len() as u64 - 1) as usize;
+                let burst = if self.next_position > 1 { 8 } else { 0 };
+                for _ in 0..burst {
+                    self.stream += 1;
+                    self.events
+                        .push((self.stream, room, format!("$e{}", self.stream)));
+                }
             }
             _ => {}
         }
