@@ -269,3 +269,67 @@ fn auto_chooses_sliding_sync_on_synapse() {
     );
     assert!(time_to_close(&service) < Duration::from_secs(2));
 }
+
+/// The many-account reactor drives sliding sync machines too: two accounts, each on its own
+/// connection, each gets its room's messages once and in order.
+#[cfg(feature = "reactor")]
+#[test]
+fn the_reactor_syncs_two_accounts_with_sliding_sync() {
+    use matrix_sync_service::reactor::{self, ReactorConfig};
+
+    let synapse = Synapse::shared();
+    let (alice, bob, room_a) = room_of_two(&synapse.base_url(), "reactor-a", "sender");
+    let (carol, dave, room_c) = room_of_two(&synapse.base_url(), "reactor-c", "sender");
+    let reactor = reactor::start(ReactorConfig::new()).expect("the reactor starts");
+    reactor
+        .add("alice".to_owned(), sliding_config(&alice))
+        .unwrap();
+    reactor
+        .add("carol".to_owned(), sliding_config(&carol))
+        .unwrap();
+    for i in 0..10 {
+        bob.send_text(&room_a, &format!("to alice {i}"));
+        dave.send_text(&room_c, &format!("to carol {i}"));
+    }
+    let mut per_account: std::collections::BTreeMap<String, Vec<Event>> = Default::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while per_account
+        .get("alice")
+        .map_or(0, |e| bodies_in(e, &room_a).len())
+        < 10
+        || per_account
+            .get("carol")
+            .map_or(0, |e| bodies_in(e, &room_c).len())
+            < 10
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let tagged = reactor
+            .events()
+            .recv_timeout(left)
+            .expect("both accounts' messages within 60 s");
+        per_account
+            .entry(tagged.account)
+            .or_default()
+            .push(tagged.event);
+    }
+    assert_eq!(
+        bodies_in(&per_account["alice"], &room_a),
+        numbered("to alice", 0..10)
+    );
+    assert_eq!(
+        bodies_in(&per_account["carol"], &room_c),
+        numbered("to carol", 0..10)
+    );
+    for events in per_account.values() {
+        let checkpoint = events
+            .iter()
+            .find_map(|e| match &e.kind {
+                EventKind::Checkpoint(c) => Some(c.clone()),
+                _ => None,
+            })
+            .expect("a checkpoint");
+        assert!(checkpoint.sliding_position().is_some(), "{checkpoint:?}");
+    }
+    reactor.stop();
+    reactor.join().unwrap();
+}
