@@ -3,7 +3,8 @@
 //! ```text
 //! MATRIX_ACCESS_TOKEN=... cargo run --release --example tail -- --homeserver URL|NAME|@USER \
 //!     [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] \
-//!     [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR]
+//!     [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR] \
+//!     [--sliding-sync [auto]]
 //! cargo run --release --example tail -- --homeserver URL --token-file PATH \
 //!     [--oauth-token-endpoint URL --oauth-client-id ID] ...
 //! ```
@@ -26,6 +27,14 @@
 //! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
 //! plaintext one plus `"encrypted": true`, an undecryptable one says why.
 //!
+//! `--sliding-sync` syncs with simplified sliding sync (MSC4186) instead of `/v3/sync`;
+//! `--sliding-sync auto` uses it when the server offers it (and, with `--since-file`, goes on
+//! with the protocol of the stored checkpoint). The since file then holds the sliding sync
+//! position (`pos` and the to-device cursor, one small JSON object), `--timeline-limit` sets
+//! the list's timeline limit, and two more kinds of lines may come: `list_update` (the room
+//! list's count changed) and `connection_reset` (the server dropped the connection; a fresh
+//! one follows).
+//!
 //! `--format text` prints one readable line per event a person cares about (`[room] sender:
 //! body`, edits, replies, reactions, who is typing, who read what, membership); the default
 //! `--format json` prints one JSON object per event with the fields that apply (absent ones
@@ -33,7 +42,9 @@
 //!
 //! Events go to stdout (flushed after each batch); state changes and errors to stderr, one
 //! line each. With `--since-file` it resumes from the token stored there and stores each
-//! checkpoint only after every line before it was written and flushed (at-least-once).
+//! checkpoint only after every line before it was written and flushed (at-least-once), and
+//! no sync goes out before the checkpoint is stored, so that the server keeps to-device
+//! messages until they are printed (`DriverConfig::acknowledge_checkpoints`).
 //!
 //! Exit status (also in `--help`):
 //!
@@ -61,12 +72,12 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, never, select, Receiver};
 use matrix_sync_service::{
-    start_with, Config, Credentials, DriverConfig, Event, EventKind, FileCheckpointStore,
+    start_with, Config, Credentials, DriverConfig, Event, EventKind, FileCheckpointStore, Protocol,
     RefreshMethod, ServiceError, StartError, SyncFilter, SyncService, TrustRoots,
 };
 use serde_json::{json, Value};
 
-const USAGE: &str = "usage: tail --homeserver URL|SERVER_NAME|@USER_ID [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
+const USAGE: &str = "usage: tail --homeserver URL|SERVER_NAME|@USER_ID [--since-file PATH] [--timeline-limit N] [--no-fill-gaps] [--timeout-ms N] [--format json|text] [--raw] [--ca-file PEM] [--platform-roots] [--e2ee --store DIR] [--sliding-sync [auto]] [--token-file PATH [--oauth-token-endpoint URL --oauth-client-id ID]] (token in MATRIX_ACCESS_TOKEN or --token-file)";
 
 const EXIT_STATUS: &str = "exit status:
   0  stopped by SIGINT or SIGTERM
@@ -139,11 +150,13 @@ struct Args {
     ca_file: Option<String>,
     /// `--platform-roots`: the operating system's trust store instead of the bundled roots.
     platform_roots: bool,
+    /// `--sliding-sync [auto]`.
+    protocol: Protocol,
 }
 
 /// The arguments, or `None` for `--help`.
 fn parse_args() -> Result<Option<Args>, String> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
     let mut parsed = Args {
         homeserver: std::env::var("MATRIX_HOMESERVER").unwrap_or_default(),
         since_file: None,
@@ -160,6 +173,7 @@ fn parse_args() -> Result<Option<Args>, String> {
         e2ee_store: None,
         ca_file: None,
         platform_roots: false,
+        protocol: Protocol::V3,
     };
     let (mut e2ee, mut store) = (false, None);
     while let Some(arg) = args.next() {
@@ -195,6 +209,13 @@ fn parse_args() -> Result<Option<Args>, String> {
             "--oauth-client-id" => parsed.oauth_client_id = Some(value("--oauth-client-id")?),
             "--ca-file" => parsed.ca_file = Some(value("--ca-file")?),
             "--platform-roots" => parsed.platform_roots = true,
+            "--sliding-sync" => {
+                parsed.protocol = if args.next_if(|next| next == "auto").is_some() {
+                    Protocol::Auto
+                } else {
+                    Protocol::SlidingSync
+                };
+            }
             "--e2ee" => e2ee = true,
             "--store" => store = Some(value("--store")?),
             "-h" | "--help" => return Ok(None),
@@ -289,7 +310,9 @@ fn run() -> Result<(), Fatal> {
     };
     if let Some(limit) = args.timeline_limit {
         config.filter = Some(SyncFilter::timeline_limit(limit));
+        config.sliding_sync.timeline_limit = limit;
     }
+    config.protocol = args.protocol;
     if let Some(ms) = args.timeout_ms {
         config.long_poll_timeout = Duration::from_millis(ms);
     }
@@ -310,6 +333,9 @@ fn run() -> Result<(), Fatal> {
     if let Some(file) = token_file {
         driver = driver.on_credentials(move |credentials| file.save(credentials));
     }
+    // No sync goes out before the checkpoint is in the since file: the server deletes
+    // to-device messages once a sync carries the position after them.
+    driver.acknowledge_checkpoints = store.is_some();
     let service = start_service(config, driver, args.e2ee_store)?.map_err(|e| match e {
         StartError::Config(e) => Fatal::usage(format!("invalid configuration: {e}")),
         other => Fatal::failed(other.to_string()),
@@ -492,6 +518,8 @@ fn pump(
                                 store.path()
                             ))
                         })?;
+                        // Stopped meanwhile: nothing more goes out anyway.
+                        let _ = service.checkpoint_stored();
                     }
                 }
             }
@@ -667,6 +695,10 @@ fn text_line(
         EventKind::Invite => format!("invited by {sender}"),
         EventKind::Leave => "left the room".to_owned(),
         EventKind::Gap(_) => "(some history was not fetched)".to_owned(),
+        EventKind::ConnectionReset(reset) => format!(
+            "(sliding sync connection reset by the server: {}; starting over)",
+            reset.reason.name()
+        ),
         EventKind::State if event.event_type == "m.room.name" => {
             let name = room_names.get(event.room_id.as_ref()?.as_str());
             format!(

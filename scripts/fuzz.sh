@@ -5,7 +5,7 @@
 #
 #   SECONDS_PER_TARGET  how long libFuzzer runs each target (default 60)
 #   TARGET              sync_response, input_sequence, normalize_event, gap_messages,
-#                       scan_fields, refresh_answer
+#                       scan_fields, refresh_answer, sliding_response
 #                       (default: all of them, one after the other)
 #
 # Environment:
@@ -22,9 +22,9 @@ set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
-ALL_TARGETS=(sync_response input_sequence normalize_event gap_messages scan_fields refresh_answer)
+ALL_TARGETS=(sync_response input_sequence normalize_event gap_messages scan_fields refresh_answer sliding_response)
 # Targets fed JSON bytes directly get the Matrix dictionary.
-DICT_TARGETS=" sync_response normalize_event gap_messages scan_fields refresh_answer "
+DICT_TARGETS=" sync_response normalize_event gap_messages scan_fields refresh_answer sliding_response "
 
 die() {
     echo "fuzz.sh: $*" >&2

@@ -12,6 +12,7 @@ use ruma_common::{OwnedServerName, ServerName, UserId};
 
 use crate::auth::{RefreshMethod, RefreshToken};
 use crate::defaults;
+use crate::sliding::{Protocol, SlidingPosition, SlidingSyncConfig};
 use crate::text::Escaped;
 use crate::token::{self, TokenProblem};
 
@@ -199,6 +200,11 @@ pub struct Config {
     pub gap_fill: GapFill,
     /// How many recently delivered event ids are remembered to suppress duplicates.
     pub dedup_capacity: usize,
+    /// The sync protocol: `/v3/sync` (the default), simplified sliding sync (MSC4186), or
+    /// sliding sync when the server offers it ([`Protocol::Auto`]).
+    pub protocol: Protocol,
+    /// The settings of sliding sync, used when it is the protocol spoken.
+    pub sliding_sync: SlidingSyncConfig,
 }
 
 impl Config {
@@ -227,6 +233,8 @@ impl Config {
             allow_insecure_http: false,
             gap_fill: GapFill::default(),
             dedup_capacity: defaults::DEDUP_CAPACITY,
+            protocol: Protocol::V3,
+            sliding_sync: SlidingSyncConfig::default(),
         }
     }
 
@@ -334,7 +342,17 @@ impl Config {
                     })
                 }
             }
+            if self.protocol == Protocol::SlidingSync
+                && SlidingPosition::from_token(since).is_none()
+            {
+                return Err(ConfigError::Invalid {
+                    field: "since",
+                    reason: "not a sliding sync checkpoint (a /v3/sync token? start without \
+                             one, or use Protocol::Auto to resume /v3/sync from it)",
+                });
+            }
         }
+        crate::sliding::validate(&self.sliding_sync)?;
         check_duration(
             "long_poll_timeout",
             self.long_poll_timeout,

@@ -358,6 +358,10 @@ pub enum InputError {
     /// a request, or be stored and sent back as it is). Nothing changed.
     #[error("a token is empty, too long, or holds characters other than visible ASCII")]
     UnusableCredentials,
+    /// A sliding sync room subscription with a `timeline_limit` outside 1 to 1000 (Synapse
+    /// would refuse every request carrying it). Nothing changed; fix the subscription.
+    #[error("room subscription: timeline_limit must be within 1..=1000")]
+    InvalidSubscription,
 }
 
 #[cfg(test)]

@@ -72,6 +72,13 @@
 //!   timeout. Each request has a deadline: the long-poll timeout plus a margin for a long-poll,
 //!   [`Config::catch_up_deadline`] for a `timeout=0` catch-up from a `since` (after days
 //!   offline it is as heavy as an initial sync), [`Config::initial_sync_deadline`] without one.
+//! * **Simplified sliding sync** (MSC4186) instead, with [`Config::protocol`]
+//!   ([`Protocol::SlidingSync`], or [`Protocol::Auto`]): `POST
+//!   /_matrix/client/unstable/org.matrix.simplified_msc3575/sync` as Synapse reads it, the
+//!   same events plus [`EventKind::ListUpdate`] and [`EventKind::ConnectionReset`], the
+//!   checkpoint the pair of `pos` and to-device cursor ([`SlidingPosition`]). Everything below
+//!   holds for it too, except gap filling (a limited timeline is a [`Gap`] item). See the
+//!   [`sliding`] module.
 //! * A sync body is parsed once, every event kept as a slice of the body; the machine keeps the
 //!   body until its batch is handed on, and builds each [`Event`] when it is polled, from the few
 //!   fields normalization reads (never the whole event into ruma's typed enums). So a batch
@@ -249,6 +256,7 @@ mod request;
 mod response;
 mod scan;
 mod schedule;
+pub mod sliding;
 mod text;
 #[cfg(feature = "driver")]
 mod tls;
@@ -272,6 +280,7 @@ pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, 
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
 pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
+pub use sliding::{ActiveProtocol, Protocol, RoomSubscription, SlidingPosition, SlidingSyncConfig};
 #[cfg(feature = "driver")]
 pub use tls::{CaCertificate, CaPemError, TrustRoots};
 pub use token::MAX_TOKEN_BYTES;

@@ -1,6 +1,6 @@
 //! The sans-IO sync state machine.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use ruma_client_api::message::get_message_events::v3 as messages;
@@ -17,7 +17,13 @@ use crate::gapfill::{FillFailure, GapFiller, Plan};
 use crate::normalize::{Event, EventKind};
 use crate::request::{self, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 use crate::schedule::{self, Channel, Retry, Schedule};
+use crate::sliding::request::{self as sliding_request, Ask, LIST};
+use crate::sliding::response::{Context, ListMemory, SlidingBody, SlidingDelivery};
+use crate::sliding::{
+    ActiveProtocol, ConnectionReset, Protocol, ResetReason, RoomSubscription, SlidingPosition,
+};
 use crate::token;
+use ruma_common::{OwnedRoomId, RoomId};
 
 /// What the service is doing, as reported by [`SyncMachine::poll_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,10 +77,94 @@ enum Phase {
         answer: Answer,
         in_flight: Option<InFlight>,
     },
-    /// A batch is being handed on, event by event, ending with its checkpoint.
-    Delivering { delivery: Delivery, answer: Answer },
+    /// A batch is being handed on, event by event, ending with its checkpoint (or a sliding
+    /// sync connection reset is being announced).
+    Delivering { delivery: Batch, answer: Answer },
     /// Stopped: no request, event, error or state comes out any more.
     Stopped,
+}
+
+/// What is being handed on.
+#[derive(Debug)]
+enum Batch {
+    /// A `/v3/sync` batch.
+    V3(Delivery),
+    /// A sliding sync batch.
+    Sliding(SlidingDelivery),
+    /// A single item of the machine's own (a connection reset); `None` once taken.
+    Notice(Option<Box<Event>>),
+}
+
+impl Batch {
+    fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        match self {
+            Batch::V3(delivery) => delivery.next_event(dedup),
+            Batch::Sliding(delivery) => delivery.next_event(dedup),
+            Batch::Notice(event) => event.take().map(|event| *event),
+        }
+    }
+
+    fn delivered(&self) -> usize {
+        match self {
+            Batch::V3(delivery) => delivery.delivered(),
+            Batch::Sliding(delivery) => delivery.delivered(),
+            Batch::Notice(_) => 0,
+        }
+    }
+}
+
+/// The protocol spoken, with the state only sliding sync has.
+#[derive(Debug)]
+enum Wire {
+    /// [`Protocol::Auto`] without a checkpoint: the versions check decides.
+    Deciding,
+    V3,
+    Sliding(Sliding),
+}
+
+/// A sliding sync connection. Its position is the last checkpoint handed on (`since`, a
+/// [`SlidingPosition`] token), unless the server dropped it.
+#[derive(Debug)]
+struct Sliding {
+    pos: Pos,
+    /// The last index of the list's one range.
+    range_end: u64,
+    /// The list's `count` in the last answer.
+    count: Option<u64>,
+    /// The list as last reported.
+    lists: ListMemory,
+}
+
+/// Which `pos` the next sliding sync request carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pos {
+    /// The last checkpoint's (none before the first).
+    Checkpoint,
+    /// None: the server dropped the connection; the next checkpoint starts a new one.
+    Dropped,
+}
+
+impl Sliding {
+    fn new(config: &Config) -> Self {
+        Self {
+            pos: Pos::Checkpoint,
+            range_end: u64::from(config.sliding_sync.window) - 1,
+            count: None,
+            lists: ListMemory::new(),
+        }
+    }
+
+    /// Widens the range by a window when the list has rooms past it; true if it did.
+    fn grow(&mut self, window: u32) -> bool {
+        match self.count {
+            Some(count) if count > self.range_end + 1 => {
+                self.range_end += u64::from(window);
+                log::debug!("sliding sync: range grows to 0..={}", self.range_end);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The request the machine waits for.
@@ -136,6 +226,10 @@ pub struct SyncMachine {
     auth: Auth,
     /// Counts the credentials put in force (refreshed or set); requests carry the count.
     credentials: u64,
+    /// The protocol spoken.
+    wire: Wire,
+    /// Sliding sync room subscriptions, sent with every sliding sync request.
+    subscriptions: BTreeMap<OwnedRoomId, RoomSubscription>,
 }
 
 impl SyncMachine {
@@ -165,7 +259,20 @@ impl SyncMachine {
             auth::expiry(now, config.access_token_expires_in),
             config.refresh_token.is_some(),
         );
+        let stored_sliding = config
+            .since
+            .as_deref()
+            .map(|since| SlidingPosition::from_token(since).is_some());
+        let wire = match (config.protocol, stored_sliding) {
+            (Protocol::V3, _) | (Protocol::Auto, Some(false)) => Wire::V3,
+            (Protocol::SlidingSync, _) | (Protocol::Auto, Some(true)) => {
+                Wire::Sliding(Sliding::new(&config))
+            }
+            (Protocol::Auto, None) => Wire::Deciding,
+        };
         Ok(Self {
+            wire,
+            subscriptions: BTreeMap::new(),
             auth,
             credentials: 0,
             since: config.since.clone(),
@@ -215,6 +322,17 @@ impl SyncMachine {
             return Ok(());
         }
         if let Err(failure) = classify(parts.status, &parts.headers, bytes) {
+            if let RequestKind::SlidingSync { .. } = in_flight.kind {
+                if let Some(reason) = ResetReason::of(&failure).filter(|_| self.pos_sent()) {
+                    self.reset(reason);
+                    return Ok(());
+                }
+                if self.may_fall_back(&failure) {
+                    log::info!("sliding sync is not served here (404): falling back to /v3/sync");
+                    self.wire = Wire::V3;
+                    return Ok(());
+                }
+            }
             let failure = match in_flight.kind {
                 RequestKind::Refresh if auth::ends_session(&failure) => {
                     auth::refused(parts.status.as_u16(), bytes)
@@ -236,6 +354,10 @@ impl SyncMachine {
                 self.on_page(in_flight, http::Response::from_parts(parts, bytes))
             }
             RequestKind::Refresh => self.on_refresh(in_flight, parts.status, bytes),
+            RequestKind::SlidingSync { .. } => {
+                self.on_sliding(in_flight, parts.status, body.into())
+            }
+            RequestKind::ProtocolCheck => self.on_protocol_check(bytes),
             // The machine never sends the E2EE stage's requests; discovery's went above.
             RequestKind::Crypto(_) | RequestKind::Discovery | RequestKind::VersionsCheck => self
                 .fail(
@@ -576,13 +698,28 @@ impl SyncMachine {
             return None;
         };
         let event = delivery.next_event(&mut self.dedup)?;
-        if let EventKind::Checkpoint(checkpoint) = &event.kind {
-            // The batch is over: its body is freed now, not at the next batch.
-            let productive = delivery.delivered() > 0 || answer.held;
-            let channel = answer.channel;
-            self.phase = Phase::Syncing { in_flight: None };
-            self.since = Some(checkpoint.next_batch.clone());
-            self.answered(channel, productive);
+        match &event.kind {
+            EventKind::Checkpoint(checkpoint) => {
+                // The batch is over: its body is freed now, not at the next batch.
+                let productive = delivery.delivered() > 0 || answer.held;
+                let channel = answer.channel;
+                self.phase = Phase::Syncing { in_flight: None };
+                self.since = Some(checkpoint.next_batch.clone());
+                if let Wire::Sliding(sliding) = &mut self.wire {
+                    sliding.pos = Pos::Checkpoint;
+                }
+                self.answered(channel, productive);
+            }
+            EventKind::ConnectionReset(_) => {
+                // Announced: the fresh connection is paced like an answer that delivered
+                // nothing, so a server that keeps dropping connections cannot make it spin.
+                let channel = answer.channel;
+                self.phase = Phase::Syncing { in_flight: None };
+                if let Some(delay) = self.schedule.sync_answered(channel, false, self.now) {
+                    log::debug!("connection reset: next sync in {} ms", delay.as_millis());
+                }
+            }
+            _ => {}
         }
         Some(event)
     }
@@ -680,6 +817,68 @@ impl SyncMachine {
         &self.config
     }
 
+    /// The protocol spoken ([`Config::protocol`] as decided).
+    pub fn protocol(&self) -> ActiveProtocol {
+        match self.wire {
+            Wire::Deciding => ActiveProtocol::Deciding,
+            Wire::V3 => ActiveProtocol::V3,
+            Wire::Sliding(_) => ActiveProtocol::SlidingSync,
+        }
+    }
+
+    /// Sliding sync: the position the next request carries (the last checkpoint's, without
+    /// `pos` after a [connection reset](EventKind::ConnectionReset)); `None` under another
+    /// protocol.
+    pub fn sliding_position(&self) -> Option<SlidingPosition> {
+        matches!(self.wire, Wire::Sliding(_)).then(|| self.next_position())
+    }
+
+    /// Sliding sync: the last index of the list's range the next request asks for; `None`
+    /// under another protocol.
+    pub fn sliding_range_end(&self) -> Option<u64> {
+        match &self.wire {
+            Wire::Sliding(sliding) => Some(sliding.range_end),
+            _ => None,
+        }
+    }
+
+    /// Subscribes to `room` (sliding sync): from the next request on, the room is synced
+    /// whether or not it is in the list's window. Replaces an earlier subscription to it.
+    /// Kept, and unused, while the protocol is `/v3/sync` (which syncs every room anyway).
+    ///
+    /// A request already in flight (a long-poll) goes on without it: the subscription
+    /// takes effect with the next request. Refused with
+    /// [`InputError::InvalidSubscription`] for a `timeline_limit` outside 1 to 1000, and
+    /// [`InputError::Stopped`] after a stop.
+    pub fn subscribe_room(
+        &mut self,
+        room: OwnedRoomId,
+        subscription: RoomSubscription,
+    ) -> Result<(), InputError> {
+        if matches!(self.phase, Phase::Stopped) {
+            return Err(InputError::Stopped);
+        }
+        if !crate::sliding::valid_subscription(&subscription) {
+            return Err(InputError::InvalidSubscription);
+        }
+        self.subscriptions.insert(room, subscription);
+        Ok(())
+    }
+
+    /// Ends the subscription to `room` from the next request on; true if there was one. The
+    /// room is still synced while it is in the list's window.
+    pub fn unsubscribe_room(&mut self, room: &RoomId) -> Result<bool, InputError> {
+        if matches!(self.phase, Phase::Stopped) {
+            return Err(InputError::Stopped);
+        }
+        Ok(self.subscriptions.remove(room).is_some())
+    }
+
+    /// The sliding sync room subscriptions in force.
+    pub fn room_subscriptions(&self) -> &BTreeMap<OwnedRoomId, RoomSubscription> {
+        &self.subscriptions
+    }
+
     // ---- internals ------------------------------------------------------------------------
 
     fn check_input(&self, now: Instant) -> Result<(), InputError> {
@@ -720,6 +919,15 @@ impl SyncMachine {
 
     /// The next sync request: its HTTP form, kind and deadline.
     fn build_sync(&mut self) -> (Result<http::Request<Vec<u8>>, String>, RequestKind, Instant) {
+        match self.wire {
+            Wire::V3 => {}
+            Wire::Sliding(_) => return self.build_sliding(),
+            Wire::Deciding => {
+                let http = sliding_request::versions_request(&self.config);
+                let deadline = self.now + self.config.deadline_margin;
+                return (http, RequestKind::ProtocolCheck, deadline);
+            }
+        }
         let since = self.since.as_deref();
         let timeout = match self.mode {
             Mode::First | Mode::CatchUp => Duration::ZERO,
@@ -742,7 +950,8 @@ impl SyncMachine {
     }
 
     fn catch_up_state(&self) -> SyncState {
-        if self.since.is_some() {
+        let dropped = matches!(&self.wire, Wire::Sliding(s) if s.pos == Pos::Dropped);
+        if self.since.is_some() && !dropped {
             SyncState::CatchingUp
         } else {
             SyncState::InitialSync
@@ -763,9 +972,16 @@ impl SyncMachine {
         if let Some(delay) = self.schedule.sync_answered(channel, productive, self.now) {
             log::debug!("nothing delivered: next sync in {} ms", delay.as_millis());
         }
+        // Sliding sync: while the list has rooms past the range, the range grows and the
+        // machine keeps catching up.
+        let window = self.config.sliding_sync.window;
+        let growing = match &mut self.wire {
+            Wire::Sliding(sliding) => sliding.grow(window),
+            Wire::V3 | Wire::Deciding => false,
+        };
         // Only the answer to a catch-up means caught up; a gap fill that failed during a
         // long-poll's batch leaves the next sync a catch-up.
-        if channel == Channel::CatchUp && self.mode != Mode::LongPoll {
+        if channel == Channel::CatchUp && self.mode != Mode::LongPoll && !growing {
             self.mode = Mode::LongPoll;
             self.set_state(SyncState::Live);
         }
@@ -940,7 +1156,10 @@ impl SyncMachine {
         {
             Some(retry) => retry,
             None => match &in_flight.kind {
-                RequestKind::Sync { .. } | RequestKind::Crypto(_) => self.sync_failed(&failure),
+                RequestKind::Sync { .. }
+                | RequestKind::SlidingSync { .. }
+                | RequestKind::ProtocolCheck
+                | RequestKind::Crypto(_) => self.sync_failed(&failure),
                 RequestKind::Messages { .. } => self.fill_failed(&failure),
                 RequestKind::Refresh => self.refresh_failed(&in_flight, &failure),
                 RequestKind::Discovery | RequestKind::VersionsCheck => {
@@ -1021,7 +1240,9 @@ impl SyncMachine {
             | RequestKind::Refresh
             | RequestKind::Crypto(_)
             | RequestKind::Discovery
-            | RequestKind::VersionsCheck => Duration::ZERO,
+            | RequestKind::VersionsCheck
+            | RequestKind::SlidingSync { .. }
+            | RequestKind::ProtocolCheck => Duration::ZERO,
         };
         let answer = Answer {
             channel: self.mode.channel(),
@@ -1100,7 +1321,182 @@ impl SyncMachine {
     fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, answer: Answer) {
         let live = answer.channel == Channel::LongPoll;
         let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
-        self.phase = Phase::Delivering { delivery, answer };
+        self.phase = Phase::Delivering {
+            delivery: Batch::V3(delivery),
+            answer,
+        };
+    }
+
+    // ---- sliding sync ---------------------------------------------------------------------
+
+    /// The position the next sliding sync request carries.
+    fn next_position(&self) -> SlidingPosition {
+        let Wire::Sliding(sliding) = &self.wire else {
+            return SlidingPosition::default();
+        };
+        let mut position = self
+            .since
+            .as_deref()
+            .and_then(SlidingPosition::from_token)
+            .unwrap_or_default();
+        if sliding.pos == Pos::Dropped {
+            position.pos = None;
+        }
+        position
+    }
+
+    /// Whether the sliding sync request in flight carried a `pos` (nothing changes the
+    /// position while a request is in flight).
+    fn pos_sent(&self) -> bool {
+        matches!(self.wire, Wire::Sliding(_)) && self.next_position().pos.is_some()
+    }
+
+    /// [`Protocol::Auto`] falls back to `/v3/sync` when the sliding sync endpoint is not
+    /// served (404 `M_UNRECOGNIZED`), unless a checkpoint was handed on already.
+    fn may_fall_back(&self, failure: &Failure) -> bool {
+        let not_served = matches!(
+            failure,
+            Failure::Refused { status: 404, errcode, .. }
+                if errcode.as_deref().is_none_or(|e| e == "M_UNRECOGNIZED")
+        );
+        not_served && self.config.protocol == Protocol::Auto && self.since.is_none()
+    }
+
+    /// The server dropped the connection: announce it, then start a fresh one (no `pos`,
+    /// the to-device cursor kept), paced like an answer that delivered nothing.
+    fn reset(&mut self, reason: ResetReason) {
+        let to_device_since = self.next_position().to_device_since;
+        log::warn!(
+            "sliding sync connection reset by the server ({}): starting a fresh connection",
+            reason.name()
+        );
+        let window = self.config.sliding_sync.window;
+        if let Wire::Sliding(sliding) = &mut self.wire {
+            sliding.pos = Pos::Dropped;
+            sliding.range_end = u64::from(window) - 1;
+            sliding.count = None;
+            sliding.lists.clear();
+        }
+        // Paced on the channel of the request refused, as a failure of it would be: a
+        // catch-up that works after it proves nothing about the long-polls.
+        let channel = self.mode.channel();
+        if self.mode == Mode::LongPoll {
+            self.mode = Mode::CatchUp;
+        }
+        if !matches!(self.state, SyncState::Refused | SyncState::SessionEnded) {
+            self.set_state(SyncState::InitialSync);
+        }
+        let event = ConnectionReset {
+            reason,
+            to_device_since,
+        }
+        .event();
+        self.phase = Phase::Delivering {
+            delivery: Batch::Notice(Some(Box::new(event))),
+            answer: Answer {
+                channel,
+                held: false,
+            },
+        };
+    }
+
+    /// The answer to the versions check of [`Protocol::Auto`].
+    fn on_protocol_check(&mut self, body: &[u8]) {
+        if sliding_request::offers_sliding_sync(body) {
+            log::info!("the server offers simplified sliding sync: using it");
+            self.wire = Wire::Sliding(Sliding::new(&self.config));
+        } else {
+            log::info!("the server does not offer simplified sliding sync: using /v3/sync");
+            self.wire = Wire::V3;
+        }
+    }
+
+    fn on_sliding(&mut self, in_flight: InFlight, status: http::StatusCode, body: Vec<u8>) {
+        let parsed = match SlidingBody::parse(body) {
+            Ok(parsed) => parsed,
+            Err((body, err)) => {
+                let failure = bad_response(status.as_u16(), err.to_string(), &body);
+                return self.fail(in_flight, failure);
+            }
+        };
+        let sent = self.next_position();
+        if let Err(reason) = parsed.response().check_tokens(&sent) {
+            return self.fail(in_flight, bad_response(status.as_u16(), reason, b""));
+        }
+        if matches!(self.state, SyncState::Refused | SyncState::SessionEnded) {
+            self.set_state(self.catch_up_state());
+        }
+        let timeout = match in_flight.kind {
+            RequestKind::SlidingSync { timeout } => timeout,
+            _ => Duration::ZERO,
+        };
+        let answer = Answer {
+            channel: self.mode.channel(),
+            held: schedule::held(in_flight.sent_at, self.now, timeout),
+        };
+        let Wire::Sliding(sliding) = &mut self.wire else {
+            return;
+        };
+        let response = parsed.response();
+        if let Some(count) = response.count(LIST) {
+            sliding.count = Some(count);
+        }
+        let unchanged = sent.pos.as_deref() == Some(response.pos.as_str())
+            && response.next_position(&sent) == sent
+            && response.is_empty();
+        if unchanged {
+            // Nothing to hand on, not even a checkpoint: the position is unchanged.
+            return self.answered(answer.channel, answer.held);
+        }
+        let dropped = self
+            .since
+            .as_deref()
+            .and_then(SlidingPosition::from_token)
+            .and_then(|p| p.pos)
+            .filter(|_| sliding.pos == Pos::Dropped);
+        let context = Context {
+            sent: &sent,
+            reset_floor: dropped.as_deref().map(SlidingPosition::stream_part),
+            live: answer.channel == Channel::LongPoll,
+            last_key_counts: &mut self.last_key_counts,
+            lists: &mut sliding.lists,
+        };
+        let delivery = SlidingDelivery::plan(parsed, context);
+        self.phase = Phase::Delivering {
+            delivery: Batch::Sliding(delivery),
+            answer,
+        };
+    }
+
+    /// The next sliding sync request.
+    fn build_sliding(&mut self) -> (Result<http::Request<Vec<u8>>, String>, RequestKind, Instant) {
+        let position = self.next_position();
+        let range_end = match &self.wire {
+            Wire::Sliding(sliding) => sliding.range_end,
+            _ => u64::from(self.config.sliding_sync.window) - 1,
+        };
+        let timeout = match self.mode {
+            Mode::First | Mode::CatchUp => Duration::ZERO,
+            Mode::LongPoll => self.config.long_poll_timeout,
+        };
+        let deadline = self.now
+            + match (&position.pos, self.mode) {
+                (None, _) => self.config.initial_sync_deadline,
+                (Some(_), Mode::First | Mode::CatchUp) => self.config.catch_up_deadline,
+                (Some(_), Mode::LongPoll) => timeout + self.config.deadline_margin,
+            };
+        let ask = Ask {
+            position: &position,
+            timeout,
+            range_end,
+            subscriptions: &self.subscriptions,
+        };
+        let http = sliding_request::sync_request(&self.config, &ask);
+        let waiting_on_user = matches!(self.state, SyncState::Refused | SyncState::SessionEnded);
+        if !waiting_on_user && self.mode != Mode::LongPoll {
+            self.set_state(self.catch_up_state());
+        }
+        (http, RequestKind::SlidingSync { timeout }, deadline)
     }
 }
 

@@ -74,6 +74,11 @@ pub enum EventKind {
         /// The homeserver's base URL, without a trailing slash.
         homeserver: String,
     },
+    /// Sliding sync: the list's count or rooms changed (`raw` is `{"list", "count", "ops"}`).
+    ListUpdate(crate::sliding::ListUpdate),
+    /// Sliding sync: the server dropped the connection and a fresh one follows (`raw` is
+    /// `{"reason", "to_device_since"}`). See [`ConnectionReset`](crate::sliding::ConnectionReset).
+    ConnectionReset(crate::sliding::ConnectionReset),
 }
 
 impl EventKind {
@@ -102,6 +107,8 @@ impl EventKind {
             EventKind::Gap(_) => "gap",
             EventKind::Discovered { .. } => "discovered",
             EventKind::Checkpoint(_) => "checkpoint",
+            EventKind::ListUpdate(_) => "list_update",
+            EventKind::ConnectionReset(_) => "connection_reset",
         }
     }
 }
@@ -127,6 +134,14 @@ pub struct Checkpoint {
     /// False for history (the initial sync and each catch-up after a start or an error),
     /// true for batches received while live.
     pub live: bool,
+}
+
+impl Checkpoint {
+    /// A sliding sync checkpoint's position (`pos` and the to-device cursor); `None` for a
+    /// `/v3/sync` checkpoint.
+    pub fn sliding_position(&self) -> Option<crate::sliding::SlidingPosition> {
+        crate::sliding::SlidingPosition::from_token(&self.next_batch)
+    }
 }
 
 /// A relation of an event to another (`m.relates_to`), such as an edit, a reaction or a reply.
@@ -413,6 +428,8 @@ impl Event {
 /// | `next_batch`, `live` | for a checkpoint: a string and a boolean |
 /// | `prev_batch`, `previous_since` | for a gap: strings |
 /// | `homeserver` | for [`Discovered`](EventKind::Discovered): the base URL found |
+/// | `list`, `count` | for a sliding sync [`ListUpdate`](EventKind::ListUpdate): a string and a number |
+/// | `reason` | for a sliding sync [`ConnectionReset`](EventKind::ConnectionReset): [`ResetReason::name`](crate::sliding::ResetReason::name) |
 ///
 /// [`raw`](Event::raw) is not part of it (add it yourself if you want it: tail's `--raw`
 /// does). The shape is stable: members may be added, none renamed or removed.
@@ -503,6 +520,13 @@ impl serde::Serialize for Event {
             }
             EventKind::Discovered { homeserver } => {
                 map.serialize_entry("homeserver", homeserver)?;
+            }
+            EventKind::ListUpdate(update) => {
+                map.serialize_entry("list", &update.list)?;
+                map.serialize_entry("count", &update.count)?;
+            }
+            EventKind::ConnectionReset(reset) => {
+                map.serialize_entry("reason", reset.reason.name())?;
             }
             _ => {}
         }

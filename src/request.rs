@@ -58,6 +58,16 @@ pub enum RequestKind {
     /// Server discovery's check of the base URL found: `GET {base_url}/_matrix/client/versions`.
     /// No `Authorization` header.
     VersionsCheck,
+    /// Simplified sliding sync (MSC4186): `POST
+    /// /_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=…&timeout=…` with a
+    /// JSON body (see the [`sliding`](crate::sliding) module).
+    SlidingSync {
+        /// The server-side long-poll timeout it carries (zero when catching up).
+        timeout: Duration,
+    },
+    /// [`Protocol::Auto`](crate::Protocol::Auto) asking which protocol the server offers:
+    /// `GET /_matrix/client/versions` with the access token (Synapse answers per user).
+    ProtocolCheck,
 }
 
 /// What a request of the E2EE stage is for.
@@ -110,6 +120,8 @@ impl RequestKind {
             RequestKind::Crypto(kind) => kind.name(),
             RequestKind::Discovery => "discovery",
             RequestKind::VersionsCheck => "versions",
+            RequestKind::SlidingSync { .. } => "sliding_sync",
+            RequestKind::ProtocolCheck => "protocol_check",
         }
     }
 }

@@ -16,6 +16,9 @@ const MACHINE_MODULES: &[&str] = &[
     "response.rs",
     "scan.rs",
     "schedule.rs",
+    "sliding/mod.rs",
+    "sliding/request.rs",
+    "sliding/response.rs",
     "text.rs",
     "token.rs",
 ];
@@ -79,8 +82,12 @@ fn every_module_is_either_pure_or_named_as_doing_io() {
     for entry in std::fs::read_dir(src).expect("src exists") {
         let name = entry.expect("readable").file_name();
         let name = name.to_string_lossy();
+        // A directory of the machine is listed by its files (`sliding/mod.rs`).
+        let machine = MACHINE_MODULES
+            .iter()
+            .any(|m| *m == name || m.split_once('/').is_some_and(|(dir, _)| dir == name));
         assert!(
-            MACHINE_MODULES.contains(&name.as_ref()) || IO_MODULES.contains(&name.as_ref()),
+            machine || IO_MODULES.contains(&name.as_ref()),
             "src/{name} is in neither list of tests/purity.rs"
         );
     }

@@ -63,6 +63,8 @@ struct Shared {
     stop: Mutex<Option<Sender<()>>>,
     /// Credentials set by the application, for the driver thread to put in force.
     credentials: Sender<SetCredentials>,
+    /// Checkpoints the application stored ([`DriverConfig::acknowledge_checkpoints`]).
+    acks: Sender<()>,
     /// A clone of the driver's agent, to abort its in-flight request on stop.
     agent: Mutex<Option<ureq::Agent>>,
     dropped_errors: Arc<AtomicU64>,
@@ -119,6 +121,17 @@ pub struct DriverConfig {
     /// to abort the request in flight, and clones share its pool: give the service an agent
     /// of its own.
     pub agent: Option<ureq::Agent>,
+    /// Hold every request after handing a checkpoint to the consumer until the application
+    /// says it stored it ([`SyncService::checkpoint_stored`]). Off by default: then the next
+    /// sync goes out as soon as the checkpoint is in the `events` channel.
+    ///
+    /// Why it exists: the server deletes to-device messages once a later sync carries the
+    /// position after them (`/v3/sync`'s `since`, sliding sync's to-device cursor). Without
+    /// acknowledgements, a consumer that crashes with a batch still in the channel (read but
+    /// its checkpoint not yet stored) restarts from an older checkpoint and gets the room
+    /// events again, but not the batch's to-device messages: the server deleted them. With
+    /// them on, to-device messages are delivered at least once across crashes too.
+    pub acknowledge_checkpoints: bool,
 }
 
 impl Default for DriverConfig {
@@ -131,6 +144,7 @@ impl Default for DriverConfig {
             trust_roots: TrustRoots::default(),
             extra_ca: Vec::new(),
             agent: None,
+            acknowledge_checkpoints: false,
         }
     }
 }
@@ -145,6 +159,7 @@ impl std::fmt::Debug for DriverConfig {
             .field("trust_roots", &self.trust_roots)
             .field("extra_ca", &self.extra_ca.len())
             .field("agent", &self.agent.is_some())
+            .field("acknowledge_checkpoints", &self.acknowledge_checkpoints)
             .finish()
     }
 }
@@ -292,6 +307,7 @@ fn wire(
     let (state_tx, state_rx) = bounded(STATE_CHANNEL_CAPACITY);
     let (stop_tx, stop_rx) = bounded::<()>(0);
     let (credentials_tx, credentials_rx) = crossbeam_channel::unbounded();
+    let (acks_tx, acks_rx) = crossbeam_channel::unbounded();
     let agent = options
         .agent
         .clone()
@@ -299,6 +315,7 @@ fn wire(
     let shared = Arc::new(Shared {
         stop: Mutex::new(Some(stop_tx)),
         credentials: credentials_tx,
+        acks: acks_tx,
         agent: Mutex::new(Some(agent.clone())),
         dropped_errors: Arc::default(),
         state: Mutex::new(machine.state()),
@@ -312,6 +329,8 @@ fn wire(
         states: Lossy::new(state_tx, &state_rx, None),
         stop: stop_rx,
         credentials: credentials_rx,
+        acks: options.acknowledge_checkpoints.then_some(acks_rx),
+        unacknowledged: 0,
         store: options.on_credentials.clone(),
         shared: shared.clone(),
     };
@@ -402,6 +421,14 @@ impl SyncService {
             .credentials
             .send(command)
             .map_err(|_| InputError::Stopped)
+    }
+
+    /// With [`DriverConfig::acknowledge_checkpoints`]: the application stored the oldest
+    /// checkpoint it received and did not acknowledge yet (call it once per checkpoint, in
+    /// order, after storing it); the next request may go out. Callable from any thread; does
+    /// nothing without the setting. [`InputError::Stopped`] once the service ended.
+    pub fn checkpoint_stored(&self) -> Result<(), InputError> {
+        self.shared.acks.send(()).map_err(|_| InputError::Stopped)
     }
 
     /// Stops the service: aborts the in-flight request and any backoff wait; the channels

@@ -29,6 +29,11 @@ pub(super) struct Driver {
     pub(super) states: Lossy<SyncState>,
     pub(super) stop: Receiver<()>,
     pub(super) credentials: Receiver<SetCredentials>,
+    /// Acknowledgements of stored checkpoints, when the application gives them.
+    pub(super) acks: Option<Receiver<()>>,
+    /// Checkpoints handed to the consumer and not acknowledged yet: no request goes out
+    /// while there is one.
+    pub(super) unacknowledged: usize,
     pub(super) store: Option<Arc<StoreCredentials>>,
     pub(super) shared: Arc<Shared>,
 }
@@ -73,7 +78,9 @@ impl Driver {
                 return Ok(());
             }
         }
-        let held = self.stages.iter().any(|stage| stage.holds_sync());
+        self.take_acks();
+        let unacknowledged = self.unacknowledged > 0;
+        let held = unacknowledged || self.stages.iter().any(|stage| stage.holds_sync());
         if !held {
             if let Some(request) = self.machine.poll_request() {
                 let (id, outcome, now) = self.exchange(request)?;
@@ -105,10 +112,15 @@ impl Driver {
             (a, b) => a.into_iter().chain(b).min().unwrap_or(now),
         };
         let wait = wake.saturating_duration_since(now);
+        let acks = match (&self.acks, unacknowledged) {
+            (Some(acks), true) => acks.clone(),
+            _ => crossbeam_channel::never(),
+        };
         if !wait.is_zero() {
             select! {
                 recv(self.stop) -> _ => return Err(Stopped),
                 recv(self.credentials) -> set => if let Ok(set) = set { self.put_in_force(set) },
+                recv(acks) -> ack => if ack.is_ok() { self.acknowledged() },
                 default(wait) => {}
             }
         }
@@ -116,6 +128,22 @@ impl Driver {
         // a little early only makes the next turn wait the rest.
         self.tick(Instant::now());
         Ok(())
+    }
+
+    /// Counts the acknowledgements that came in.
+    fn take_acks(&mut self) {
+        let Some(acks) = &self.acks else { return };
+        let mut came = 0;
+        while acks.try_recv().is_ok() {
+            came += 1;
+        }
+        for _ in 0..came {
+            self.acknowledged();
+        }
+    }
+
+    fn acknowledged(&mut self) {
+        self.unacknowledged = self.unacknowledged.saturating_sub(1);
     }
 
     /// Tells the stages and the machine the time.
@@ -164,6 +192,9 @@ impl Driver {
         if let Some(stage) = self.stages.get_mut(index) {
             stage.handle_event(event);
             return Ok(());
+        }
+        if self.acks.is_some() && matches!(event.kind, crate::EventKind::Checkpoint(_)) {
+            self.unacknowledged += 1;
         }
         select! {
             send(self.events, event) -> sent => sent.map_err(|_| Stopped),

@@ -29,6 +29,11 @@
 //! lost for good). If the store write fails, the batch is retried with backoff and the sync
 //! is held meanwhile.
 //!
+//! With sliding sync the same events come from its `to_device` and `e2ee` extensions. A
+//! [`ConnectionReset`](crate::EventKind::ConnectionReset) (held with the batch that follows
+//! it) marks every tracked user's devices outdated before that batch's changes go in: device
+//! list changes are only given relative to a `pos`, so those made meanwhile are unknown.
+//!
 //! The machine reports key counts only when they change; an item without a
 //! `signed_curve25519` count means zero (matrix-sdk-crypto 0.18 would read it as
 //! "unchanged" and never replenish the one-time keys).

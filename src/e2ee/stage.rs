@@ -873,6 +873,21 @@ impl E2ee {
                 _ => {}
             }
         }
+        if batch
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::ConnectionReset(_)))
+        {
+            // Sliding sync gives device list changes only relative to a `pos`: after a reset,
+            // any tracked user's devices may have changed unseen.
+            let dirty = self.runtime.block_on(olm.mark_all_tracked_users_as_dirty());
+            if let Err(e) = dirty {
+                self.crypto_error("marking tracked users outdated", &e);
+                return Err(batch);
+            }
+            log::info!(
+                "e2ee: sliding sync connection reset: every tracked user's devices outdated"
+            );
+        }
         let changes = EncryptionSyncChanges {
             to_device_events: to_device,
             changed_devices: &device_lists,

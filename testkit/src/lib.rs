@@ -11,7 +11,8 @@
 //!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
 //!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
 //!   terminator with a throwaway CA; [`palpo`], a throwaway palpo with its PostgreSQL, the
-//!   second homeserver, and [`homeserver`], either server behind one interface.
+//!   second homeserver, and [`homeserver`], either server behind one interface;
+//!   [`synapse_db`], SQL on a throwaway Synapse's database.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -43,6 +44,11 @@
 //!   Discovery requests are unauthenticated, like a refresh.
 //! * Errors: at least attempt 1, the class of their failure, and a delay within the backoff
 //!   cap (for rate limits, the larger of it and `max_server_wait`).
+//! * Sliding sync: its requests are syncs for pacing; each carries the `pos` of the last
+//!   checkpoint handed on (a sliding sync position), or none before the first and after a
+//!   connection reset was handed on, and always the to-device cursor of the last checkpoint;
+//!   a reset moves neither `since` nor that cursor; list updates and resets are the machine's
+//!   own items, not deliveries.
 
 pub mod backoff;
 pub mod canned;
@@ -66,15 +72,17 @@ pub mod sim;
 #[cfg(feature = "net")]
 pub mod synapse;
 #[cfg(feature = "net")]
+pub mod synapse_db;
+#[cfg(feature = "net")]
 pub mod tls;
 
 use std::ops::Deref;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{
-    AccessToken, BackoffPolicy, Config, ConfigError, Credentials, ErrorClass, Event, EventKind,
-    Failure, InputError, OutgoingRequest, RequestId, RequestKind, SyncError, SyncMachine,
-    SyncState, TransportFailure,
+    AccessToken, ActiveProtocol, BackoffPolicy, Config, ConfigError, Credentials, ErrorClass,
+    Event, EventKind, Failure, InputError, OutgoingRequest, RequestId, RequestKind,
+    SlidingPosition, SyncError, SyncMachine, SyncState, TransportFailure,
 };
 
 /// How far back pacing windows are checked: the bound grows linearly past the ramp, so
@@ -265,6 +273,9 @@ impl Checked {
                 assert!(!uri.contains(secret), "a token is in the URL");
             }
             let uri = request.http.uri();
+            if let RequestKind::SlidingSync { .. } = request.kind {
+                self.check_sliding_request(request);
+            }
             if let RequestKind::Sync { .. } = request.kind {
                 assert_eq!(
                     query::uri_param(uri, "since").as_deref(),
@@ -277,12 +288,103 @@ impl Checked {
         request
     }
 
+    /// A sliding sync request asks from the last checkpoint's position: its `pos` (none
+    /// before the first checkpoint and after a reset) and always its to-device cursor.
+    fn check_sliding_request(&self, request: &OutgoingRequest) {
+        let checkpoint = self
+            .machine
+            .since()
+            .map(|since| SlidingPosition::from_token(since).expect("a sliding sync checkpoint"))
+            .unwrap_or_default();
+        let pos = query::uri_param(request.http.uri(), "pos");
+        let expected = checkpoint
+            .pos
+            .filter(|_| !self.invariants.reset_since_checkpoint);
+        assert_eq!(pos, expected, "a sliding sync asks from another pos");
+        let body: serde_json::Value =
+            serde_json::from_slice(request.http.body()).expect("a JSON body");
+        let since = body["extensions"]["to_device"]["since"].as_str();
+        if body["extensions"]["to_device"].is_object() {
+            assert_eq!(
+                since,
+                checkpoint.to_device_since.as_deref(),
+                "a sliding sync asks from another to-device cursor"
+            );
+        }
+        assert!(body.get("pos").is_none(), "pos belongs in the query string");
+        assert_eq!(
+            self.machine.sliding_position().map(|p| p.pos),
+            Some(pos),
+            "sliding_position() is not what the request carries"
+        );
+    }
+
+    /// [`SyncMachine::subscribe_room`], checked: changes nothing but the subscriptions.
+    pub fn subscribe_room(
+        &mut self,
+        room: matrix_sync_service::ruma_common::OwnedRoomId,
+        subscription: matrix_sync_service::RoomSubscription,
+    ) -> Result<(), InputError> {
+        let before = self.snapshot();
+        let result = self.machine.subscribe_room(room, subscription);
+        assert_eq!(
+            self.snapshot(),
+            before,
+            "a subscription changed the machine"
+        );
+        result
+    }
+
+    /// [`SyncMachine::unsubscribe_room`], checked: changes nothing but the subscriptions.
+    pub fn unsubscribe_room(
+        &mut self,
+        room: &matrix_sync_service::ruma_common::RoomId,
+    ) -> Result<bool, InputError> {
+        let before = self.snapshot();
+        let result = self.machine.unsubscribe_room(room);
+        assert_eq!(
+            self.snapshot(),
+            before,
+            "an unsubscription changed the machine"
+        );
+        result
+    }
+
     /// [`SyncMachine::poll_event`], checked.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
         let before = self.machine.since().map(str::to_owned);
         let event = self.machine.poll_event();
         if let Some(event) = &event {
+            match &event.kind {
+                EventKind::Checkpoint(cp)
+                    if self.machine.protocol() == ActiveProtocol::SlidingSync =>
+                {
+                    let position = cp.sliding_position().expect("a sliding sync checkpoint");
+                    assert!(
+                        position.pos.is_some(),
+                        "a sliding sync checkpoint without pos"
+                    );
+                    self.invariants.reset_since_checkpoint = false;
+                }
+                EventKind::ConnectionReset(reset) => {
+                    let kept = before
+                        .as_deref()
+                        .and_then(SlidingPosition::from_token)
+                        .and_then(|p| p.to_device_since);
+                    assert_eq!(
+                        reset.to_device_since, kept,
+                        "a reset lost the to-device cursor"
+                    );
+                    assert_eq!(
+                        self.machine.sliding_position().and_then(|p| p.pos),
+                        None,
+                        "a pos after a reset"
+                    );
+                    self.invariants.reset_since_checkpoint = true;
+                }
+                _ => {}
+            }
             match &event.kind {
                 EventKind::Checkpoint(cp) => assert_eq!(
                     self.machine.since(),
@@ -483,6 +585,9 @@ struct Invariants {
     batch_dropped: bool,
     /// When each server discovery request went out.
     discoveries: Vec<Instant>,
+    /// A sliding sync connection reset was handed on after the last checkpoint: the next
+    /// request carries no `pos`.
+    reset_since_checkpoint: bool,
 }
 
 impl Invariants {
@@ -500,6 +605,7 @@ impl Invariants {
             awaited: None,
             batch_dropped: false,
             discoveries: Vec::new(),
+            reset_since_checkpoint: false,
         }
     }
 
@@ -515,7 +621,10 @@ impl Invariants {
             "request ids are not handed out in increasing order"
         );
         self.last_id = Some(request.id);
-        let sync = matches!(request.kind, RequestKind::Sync { .. });
+        let sync = matches!(
+            request.kind,
+            RequestKind::Sync { .. } | RequestKind::SlidingSync { .. }
+        );
         self.awaited = Some((request.id, sync));
         if matches!(
             request.kind,
@@ -523,7 +632,7 @@ impl Invariants {
         ) {
             self.check_discovery_pacing(now);
         }
-        if let RequestKind::Sync { timeout } = request.kind {
+        if let RequestKind::Sync { timeout } | RequestKind::SlidingSync { timeout } = request.kind {
             self.batch_dropped = false;
             self.check_pacing(now);
             self.syncs.push(SyncRecord {
@@ -561,6 +670,8 @@ impl Invariants {
                 | EventKind::Checkpoint(_)
                 | EventKind::Leave
                 | EventKind::Discovered { .. }
+                | EventKind::ListUpdate(_)
+                | EventKind::ConnectionReset(_)
         );
         if !synthetic {
             if let Some(record) = self.syncs.last_mut() {
@@ -583,7 +694,7 @@ impl Invariants {
             error.delay
         );
         match &error.request {
-            RequestKind::Sync { .. } => {
+            RequestKind::Sync { .. } | RequestKind::SlidingSync { .. } => {
                 if let Some(record) = self.syncs.last_mut() {
                     record.failed = true;
                 }
@@ -606,6 +717,9 @@ impl Invariants {
             // A refresh paces itself on its own backoff and delivers nothing by itself;
             // discovery is paced apart (`check_discovery_pacing`).
             RequestKind::Refresh | RequestKind::Discovery | RequestKind::VersionsCheck => {}
+            // Protocol::Auto's versions check waits on the sync schedule and delivers
+            // nothing; it goes out once per decision.
+            RequestKind::ProtocolCheck => {}
             other => panic!("a request kind the invariants do not know: {other:?}"),
         }
     }

@@ -936,7 +936,12 @@ impl<S> Sim<S> {
         let timeout = query(&uri, "timeout").map(|ms| {
             Duration::from_millis(ms.parse().expect("timeout is a number of milliseconds"))
         });
-        if let (Some(t), RequestKind::Sync { timeout: declared }) = (timeout, &out.kind) {
+        if let (
+            Some(t),
+            RequestKind::Sync { timeout: declared }
+            | RequestKind::SlidingSync { timeout: declared },
+        ) = (timeout, &out.kind)
+        {
             assert_eq!(t, *declared, "timeout in the URL and in the kind differ");
         }
         let since = query(&uri, "since");

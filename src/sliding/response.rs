@@ -1,0 +1,651 @@
+//! The sliding sync answer, read once with every event borrowed from the body, and handed on
+//! as the same normalized events as a `/v3/sync` batch.
+//!
+//! Order within a batch, as for `/v3/sync`: to-device, device lists and key counts, global
+//! account data, then the list update (when the list changed), then rooms in room-id order.
+//! Within a room: gap item (a `limited` timeline of a room the connection had sent before, or
+//! of any room after a connection reset),
+//! `required_state`, timeline, receipts and typing, room account data; an invited or knocked
+//! room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use js_int::UInt;
+use ruma_client_api::sync::sync_events::DeviceLists;
+use ruma_common::{OneTimeKeyAlgorithm, OwnedRoomId};
+use self_cell::self_cell;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{ListOp, ListUpdate, SlidingPosition};
+use crate::batch::KeyCounts;
+use crate::dedup::Dedup;
+use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
+
+/// The body of a sliding sync answer (Synapse's shape; unknown members are ignored).
+#[derive(Debug, Deserialize)]
+pub(crate) struct SlidingResponse<'a> {
+    pub(crate) pos: String,
+    #[serde(default)]
+    pub(crate) lists: BTreeMap<String, ListResult>,
+    #[serde(default, borrow)]
+    pub(crate) rooms: BTreeMap<OwnedRoomId, Room<'a>>,
+    #[serde(default, borrow)]
+    pub(crate) extensions: ExtensionsResult<'a>,
+}
+
+/// One list's result.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListResult {
+    pub(crate) count: UInt,
+    #[serde(default)]
+    pub(crate) ops: Vec<Op>,
+}
+
+/// A list operation (Synapse: `SYNC` with the range and its rooms).
+#[derive(Debug, Deserialize)]
+pub(crate) struct Op {
+    pub(crate) op: String,
+    #[serde(default)]
+    pub(crate) range: Option<(UInt, UInt)>,
+    #[serde(default)]
+    pub(crate) room_ids: Vec<OwnedRoomId>,
+}
+
+/// A room of the answer.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Room<'a> {
+    #[serde(default)]
+    pub(crate) initial: bool,
+    #[serde(default)]
+    pub(crate) limited: bool,
+    #[serde(default)]
+    pub(crate) prev_batch: Option<String>,
+    #[serde(default, borrow)]
+    pub(crate) required_state: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub(crate) timeline: Vec<&'a RawValue>,
+    /// Invited or knocked rooms: stripped state, no timeline.
+    #[serde(default, borrow)]
+    pub(crate) invite_state: Option<Vec<&'a RawValue>>,
+}
+
+/// `extensions` of the answer: a member only for an extension asked for.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ExtensionsResult<'a> {
+    #[serde(default, borrow)]
+    pub(crate) to_device: Option<ToDevice<'a>>,
+    #[serde(default)]
+    pub(crate) e2ee: Option<E2ee>,
+    #[serde(default, borrow)]
+    pub(crate) account_data: AccountData<'a>,
+    #[serde(default, borrow)]
+    pub(crate) receipts: PerRoom<'a>,
+    #[serde(default, borrow)]
+    pub(crate) typing: PerRoom<'a>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ToDevice<'a> {
+    pub(crate) next_batch: String,
+    #[serde(default, borrow)]
+    pub(crate) events: Vec<&'a RawValue>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct E2ee {
+    #[serde(default)]
+    pub(crate) device_lists: DeviceLists,
+    #[serde(default)]
+    pub(crate) device_one_time_keys_count: BTreeMap<OneTimeKeyAlgorithm, UInt>,
+    #[serde(default)]
+    pub(crate) device_unused_fallback_key_types: Option<Vec<OneTimeKeyAlgorithm>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct AccountData<'a> {
+    #[serde(default, borrow)]
+    pub(crate) global: Vec<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub(crate) rooms: BTreeMap<OwnedRoomId, Vec<&'a RawValue>>,
+}
+
+/// `receipts` or `typing`: one ephemeral event per room.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct PerRoom<'a> {
+    #[serde(default, borrow)]
+    pub(crate) rooms: BTreeMap<OwnedRoomId, &'a RawValue>,
+}
+
+impl<'a> SlidingResponse<'a> {
+    pub(crate) fn parse(body: &'a [u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// Nothing for the consumer besides the position and the list (key counts aside, which
+    /// every answer repeats).
+    pub(crate) fn is_empty(&self) -> bool {
+        let ext = &self.extensions;
+        self.rooms.is_empty()
+            && ext.to_device.as_ref().is_none_or(|t| t.events.is_empty())
+            && ext.e2ee.as_ref().is_none_or(|e| e.device_lists.is_empty())
+            && ext.account_data.global.is_empty()
+            && ext.account_data.rooms.values().all(Vec::is_empty)
+            && ext.receipts.rooms.is_empty()
+            && ext.typing.rooms.is_empty()
+    }
+
+    /// The position the answer moves to: its `pos`, and the to-device cursor it returned (or
+    /// the one sent, when the extension is off).
+    pub(crate) fn next_position(&self, sent: &SlidingPosition) -> SlidingPosition {
+        SlidingPosition {
+            pos: Some(self.pos.clone()),
+            to_device_since: match &self.extensions.to_device {
+                Some(to_device) => Some(to_device.next_batch.clone()),
+                None => sent.to_device_since.clone(),
+            },
+        }
+    }
+
+    /// The count of list `name`, if the answer has it.
+    pub(crate) fn count(&self, name: &str) -> Option<u64> {
+        self.lists.get(name).map(|l| l.count.into())
+    }
+
+    /// Every token the machine would store or send back must survive the trip.
+    pub(crate) fn check_tokens(&self, sent: &SlidingPosition) -> Result<(), String> {
+        let next = self.next_position(sent);
+        next.check()?;
+        crate::token::check(&next.to_token()).map_err(|p| p.describe("the checkpoint"))?;
+        for room in self.rooms.values().filter(|r| r.limited) {
+            if let Some(prev_batch) = &room.prev_batch {
+                crate::token::check(prev_batch).map_err(|p| p.describe("prev_batch"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+self_cell!(
+    /// A sliding sync body and its parse, which borrows every event from it.
+    pub(crate) struct SlidingBody {
+        owner: Vec<u8>,
+        #[covariant]
+        dependent: SlidingResponse,
+    }
+);
+
+impl SlidingBody {
+    /// Parses `body`; on failure the body comes back with the error (for its excerpt).
+    pub(crate) fn parse(body: Vec<u8>) -> Result<Self, (Vec<u8>, serde_json::Error)> {
+        Self::try_new_or_recover(body, |body| SlidingResponse::parse(body))
+    }
+
+    pub(crate) fn response(&self) -> &SlidingResponse<'_> {
+        self.borrow_dependent()
+    }
+}
+
+impl fmt::Debug for SlidingBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlidingBody")
+            .field("bytes", &self.borrow_owner().len())
+            .field("pos", &self.response().pos)
+            .finish()
+    }
+}
+
+/// The list as last reported: a [`ListUpdate`] comes only when it changed.
+pub(crate) type ListMemory = BTreeMap<String, ListUpdate>;
+
+/// What planning a batch needs from the machine.
+pub(crate) struct Context<'m> {
+    /// The position the request was sent from.
+    pub(crate) sent: &'m SlidingPosition,
+    /// After a connection reset, the stream part of the last checkpoint's `pos`: rooms come
+    /// back `initial`, and a `limited` one has a real gap back to it.
+    pub(crate) reset_floor: Option<&'m str>,
+    pub(crate) live: bool,
+    pub(crate) last_key_counts: &'m mut Option<KeyCounts>,
+    pub(crate) lists: &'m mut ListMemory,
+}
+
+self_cell!(
+    /// A sliding sync batch being handed on.
+    pub(crate) struct SlidingDelivery {
+        owner: SlidingBody,
+        #[covariant]
+        dependent: Steps,
+    }
+);
+
+impl SlidingDelivery {
+    /// Plans the delivery of `body`, ending with its checkpoint.
+    pub(crate) fn plan(body: SlidingBody, context: Context<'_>) -> Self {
+        Self::new(body, |body| {
+            let response = body.response();
+            let mut steps = Steps {
+                queue: VecDeque::new(),
+                delivered: 0,
+                senders: Senders::default(),
+            };
+            steps.batch(response, context);
+            steps
+        })
+    }
+
+    /// The next event not delivered before; `None` once the checkpoint was handed on.
+    pub(crate) fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        self.with_dependent_mut(|_, steps| steps.next_event(dedup))
+    }
+
+    /// Server events handed on so far (list updates, gaps and the checkpoint do not count).
+    pub(crate) fn delivered(&self) -> usize {
+        self.borrow_dependent().delivered
+    }
+}
+
+impl fmt::Debug for SlidingDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlidingDelivery")
+            .field("body", self.borrow_owner())
+            .field("steps_left", &self.borrow_dependent().queue.len())
+            .finish()
+    }
+}
+
+/// What is left of a batch, in delivery order.
+pub(crate) struct Steps<'a> {
+    queue: VecDeque<Step<'a>>,
+    delivered: usize,
+    senders: Senders,
+}
+
+enum Step<'a> {
+    Listed {
+        events: std::slice::Iter<'a, &'a RawValue>,
+        section: Section,
+        room: Option<OwnedRoomId>,
+    },
+    Ready(Option<Box<Event>>),
+}
+
+impl<'a> Steps<'a> {
+    fn ready(&mut self, event: Event) {
+        self.queue.push_back(Step::Ready(Some(Box::new(event))));
+    }
+
+    fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
+        if !events.is_empty() {
+            self.queue.push_back(Step::Listed {
+                events: events.iter(),
+                section,
+                room: room.cloned(),
+            });
+        }
+    }
+
+    fn batch(&mut self, response: &'a SlidingResponse<'a>, context: Context<'_>) {
+        let ext = &response.extensions;
+        if let Some(to_device) = &ext.to_device {
+            self.list(&to_device.events, Section::ToDevice, None);
+        }
+        if let Some(e2ee) = &ext.e2ee {
+            if !e2ee.device_lists.is_empty() {
+                let raw = to_raw(&e2ee.device_lists);
+                self.ready(Event::section(
+                    EventKind::DeviceLists,
+                    "device_lists",
+                    None,
+                    raw,
+                ));
+            }
+            self.key_counts(e2ee, context.last_key_counts);
+        }
+        self.list(&ext.account_data.global, Section::GlobalAccountData, None);
+        for (name, list) in &response.lists {
+            self.list_update(name, list, context.lists);
+        }
+        let previous = context
+            .sent
+            .pos
+            .as_deref()
+            .map(SlidingPosition::stream_part);
+        for (room_id, room) in &response.rooms {
+            let id = Some(room_id);
+            if let Some(stripped) = &room.invite_state {
+                self.list(stripped, stripped_section(stripped), id);
+                continue;
+            }
+            // A room the connection sent before, or any room after a reset, that is limited
+            // has missed events back to the previous position.
+            let floor = if room.initial {
+                context.reset_floor
+            } else {
+                previous
+            };
+            if let (true, Some(prev_batch), Some(floor)) = (room.limited, &room.prev_batch, floor) {
+                let gap = Gap {
+                    prev_batch: prev_batch.clone(),
+                    previous_since: floor.to_owned(),
+                };
+                self.ready(Event::gap(room_id.clone(), gap));
+            }
+            self.list(&room.required_state, Section::State, id);
+            self.list(&room.timeline, Section::Timeline, id);
+            self.ephemeral(response, room_id);
+            self.room_account_data(response, room_id);
+        }
+        // Extension data of rooms that did not come in `rooms` themselves.
+        let ephemeral_only = ext
+            .receipts
+            .rooms
+            .keys()
+            .chain(ext.typing.rooms.keys())
+            .chain(ext.account_data.rooms.keys())
+            .filter(|id| !response.rooms.contains_key(*id))
+            .collect::<std::collections::BTreeSet<_>>();
+        for room_id in ephemeral_only {
+            self.ephemeral(response, room_id);
+            self.room_account_data(response, room_id);
+        }
+        let next = response.next_position(context.sent);
+        self.ready(Event::checkpoint(next.to_token(), context.live));
+    }
+
+    fn ephemeral(&mut self, response: &'a SlidingResponse<'a>, room_id: &OwnedRoomId) {
+        let ext = &response.extensions;
+        for map in [&ext.receipts.rooms, &ext.typing.rooms] {
+            if let Some(raw) = map.get(room_id) {
+                self.list(std::slice::from_ref(raw), Section::Ephemeral, Some(room_id));
+            }
+        }
+    }
+
+    fn room_account_data(&mut self, response: &'a SlidingResponse<'a>, room_id: &OwnedRoomId) {
+        if let Some(events) = response.extensions.account_data.rooms.get(room_id) {
+            self.list(events, Section::RoomAccountData, Some(room_id));
+        }
+    }
+
+    fn list_update(&mut self, name: &str, list: &ListResult, memory: &mut ListMemory) {
+        let update = ListUpdate {
+            list: name.to_owned(),
+            count: list.count.into(),
+            ops: list
+                .ops
+                .iter()
+                .map(|op| ListOp {
+                    op: op.op.clone(),
+                    range: op.range.map(|(a, b)| (a.into(), b.into())),
+                    room_ids: op.room_ids.clone(),
+                })
+                .collect(),
+        };
+        if memory.get(name) == Some(&update) {
+            return;
+        }
+        let raw = to_raw(&serde_json::json!({
+            "list": name,
+            "count": update.count,
+            "ops": update.ops.iter().map(|op| serde_json::json!({
+                "op": op.op,
+                "range": op.range.map(|(a, b)| [a, b]),
+                "room_ids": op.room_ids,
+            })).collect::<Vec<_>>(),
+        }));
+        memory.insert(name.to_owned(), update.clone());
+        self.ready(Event::section(
+            EventKind::ListUpdate(update),
+            "list_update",
+            None,
+            raw,
+        ));
+    }
+
+    fn key_counts(&mut self, e2ee: &E2ee, last: &mut Option<KeyCounts>) {
+        let counts = &e2ee.device_one_time_keys_count;
+        let fallback = &e2ee.device_unused_fallback_key_types;
+        if counts.is_empty() && fallback.is_none() {
+            return;
+        }
+        if let Some((last_counts, last_fallback)) = &*last {
+            if last_counts == counts && last_fallback == fallback {
+                return;
+            }
+        }
+        let raw = to_raw(&serde_json::json!({
+            "device_one_time_keys_count": counts,
+            "device_unused_fallback_key_types": fallback,
+        }));
+        *last = Some((counts.clone(), fallback.clone()));
+        self.ready(Event::section(
+            EventKind::OneTimeKeyCounts,
+            "device_one_time_keys_count",
+            None,
+            raw,
+        ));
+    }
+
+    fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        loop {
+            let step = self.queue.front_mut()?;
+            let event = match step {
+                Step::Listed {
+                    events,
+                    section,
+                    room,
+                } => events.next().map(|raw| {
+                    normalize_with(
+                        (*raw).to_owned(),
+                        *section,
+                        room.as_ref(),
+                        &mut self.senders,
+                    )
+                }),
+                Step::Ready(event) => event.take().map(|event| *event),
+            };
+            match event {
+                Some(event) if first_delivery(dedup, &event) => {
+                    if !matches!(
+                        event.kind,
+                        EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::ListUpdate(_)
+                    ) {
+                        self.delivered += 1;
+                    }
+                    return Some(event);
+                }
+                Some(event) => log::debug!("skipping already delivered event {:?}", event.event_id),
+                None => {
+                    self.queue.pop_front();
+                }
+            }
+        }
+    }
+}
+
+/// The rule of `/v3/sync` batches: room events seen before (by event id) are not delivered
+/// again; stripped state and to-device events are never deduplicated.
+fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
+    match &event.event_id {
+        Some(_)
+            if matches!(
+                event.kind,
+                EventKind::Invite | EventKind::Knock | EventKind::ToDevice
+            ) =>
+        {
+            true
+        }
+        Some(id) => dedup.first_time(id),
+        None => true,
+    }
+}
+
+/// Synapse sends invited and knocked rooms alike, as `invite_state`: a knock carries the
+/// user's own `knock` membership event among it.
+fn stripped_section(events: &[&RawValue]) -> Section {
+    #[derive(Deserialize)]
+    struct Stripped<'a> {
+        #[serde(rename = "type", borrow, default)]
+        event_type: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        content: Membership,
+    }
+    #[derive(Default, Deserialize)]
+    struct Membership {
+        #[serde(default)]
+        membership: Option<String>,
+    }
+    let knock = events.iter().any(|raw| {
+        serde_json::from_str::<Stripped<'_>>(raw.get()).is_ok_and(|s| {
+            s.event_type.as_deref() == Some("m.room.member")
+                && s.content.membership.as_deref() == Some("knock")
+        })
+    });
+    if knock {
+        Section::Knock
+    } else {
+        Section::Invite
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emit(
+        body: &str,
+        sent: &SlidingPosition,
+        dedup: &mut Dedup,
+        lists: &mut ListMemory,
+    ) -> Vec<Event> {
+        let parsed = SlidingBody::parse(body.as_bytes().to_vec()).unwrap();
+        let mut counts = None;
+        let context = Context {
+            sent,
+            reset_floor: None,
+            live: false,
+            last_key_counts: &mut counts,
+            lists,
+        };
+        let mut delivery = SlidingDelivery::plan(parsed, context);
+        std::iter::from_fn(|| delivery.next_event(dedup)).collect()
+    }
+
+    const BODY: &str = r#"{"pos":"7/s9_1","lists":{"all":{"count":2,"ops":[{"op":"SYNC","range":[0,9],"room_ids":["!b:x","!a:x"]}]}},
+        "rooms":{
+          "!b:x":{"limited":true,"prev_batch":"t1","timeline":[{"type":"m.room.message","event_id":"$m:x","sender":"@u:x","origin_server_ts":1,"content":{"body":"hi"}}],
+                  "required_state":[{"type":"m.room.name","event_id":"$n:x","sender":"@u:x","state_key":"","content":{"name":"N"}}]},
+          "!a:x":{"initial":true,"limited":true,"prev_batch":"t0","timeline":[]},
+          "!i:x":{"invite_state":[{"type":"m.room.member","sender":"@u:x","state_key":"@me:x","content":{"membership":"invite"}}]},
+          "!k:x":{"invite_state":[{"type":"m.room.member","sender":"@me:x","state_key":"@me:x","content":{"membership":"knock"}}]}},
+        "extensions":{"to_device":{"next_batch":"12","events":[{"type":"m.dummy","sender":"@u:x","content":{}}]},
+          "e2ee":{"device_one_time_keys_count":{"signed_curve25519":3},"device_lists":{"changed":["@u:x"],"left":[]}},
+          "account_data":{"global":[{"type":"m.push_rules","content":{}}],"rooms":{"!b:x":[{"type":"m.tag","content":{}}]}},
+          "receipts":{"rooms":{"!b:x":{"type":"m.receipt","content":{}}}},
+          "typing":{"rooms":{"!z:x":{"type":"m.typing","content":{"user_ids":[]}}}}}}"#;
+
+    #[test]
+    fn a_batch_comes_in_the_order_of_v3_batches_and_ends_with_the_pair() {
+        let sent = SlidingPosition {
+            pos: Some("6/s8_1".to_owned()),
+            to_device_since: Some("10".to_owned()),
+        };
+        let (mut dedup, mut lists) = (Dedup::new(64), ListMemory::new());
+        let events = emit(BODY, &sent, &mut dedup, &mut lists);
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "to_device",
+                "device_lists",
+                "one_time_key_counts",
+                "global_account_data",
+                "list_update",
+                "gap",
+                "state",
+                "message",
+                "receipt",
+                "room_account_data",
+                "invite",
+                "knock",
+                "typing",
+                "checkpoint"
+            ]
+        );
+        let gap = events.iter().find_map(|e| match &e.kind {
+            EventKind::Gap(gap) => Some(gap.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            gap,
+            Some(Gap {
+                prev_batch: "t1".to_owned(),
+                previous_since: "s8_1".to_owned()
+            }),
+            "only the limited room the connection had sent before has a gap"
+        );
+        let message = &events[7];
+        assert_eq!(message.room_id.as_ref().unwrap().as_str(), "!b:x");
+        assert_eq!(message.body.as_deref(), Some("hi"));
+        let EventKind::Checkpoint(checkpoint) = &events.last().unwrap().kind else {
+            panic!("no checkpoint");
+        };
+        assert_eq!(
+            SlidingPosition::from_token(&checkpoint.next_batch),
+            Some(SlidingPosition {
+                pos: Some("7/s9_1".to_owned()),
+                to_device_since: Some("12".to_owned())
+            })
+        );
+        // The same answer again: room events and an unchanged list are not repeated.
+        let again = emit(BODY, &sent, &mut dedup, &mut lists);
+        let kinds: Vec<&str> = again.iter().map(|e| e.kind.name()).collect();
+        assert!(
+            !kinds.contains(&"list_update") && !kinds.contains(&"message"),
+            "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn empty_answers_and_token_rules() {
+        let sent = SlidingPosition::default();
+        let idle = SlidingResponse::parse(
+            br#"{"pos":"1/s1","lists":{"all":{"count":0}},"rooms":{},"extensions":{"to_device":{"next_batch":"3","events":[]},"e2ee":{"device_one_time_keys_count":{}}}}"#,
+        )
+        .unwrap();
+        assert!(idle.is_empty());
+        assert!(idle.check_tokens(&sent).is_ok());
+        assert_eq!(
+            idle.next_position(&sent).to_device_since.as_deref(),
+            Some("3")
+        );
+        for bad in [
+            &br#"{"pos":""}"#[..],
+            br#"{"pos":"a\u0000"}"#,
+            br#"{"pos":"a","extensions":{"to_device":{"next_batch":"","events":[]}}}"#,
+            br#"{"pos":"a","rooms":{"!r:x":{"limited":true,"prev_batch":"a\nb"}}}"#,
+        ] {
+            let parsed = SlidingResponse::parse(bad).unwrap();
+            assert!(
+                parsed.check_tokens(&sent).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        for unreadable in [
+            &b"{}"[..],
+            br#"{"pos":1}"#,
+            br#"{"pos":"a","rooms":{"nope":{}}}"#,
+        ] {
+            assert!(SlidingResponse::parse(unreadable).is_err());
+        }
+        let long = format!(r#"{{"pos":"{}"}}"#, "x".repeat(crate::MAX_TOKEN_BYTES - 5));
+        let parsed = SlidingResponse::parse(long.as_bytes()).unwrap();
+        assert!(
+            parsed.check_tokens(&sent).is_err(),
+            "the pair must fit one token"
+        );
+    }
+}
