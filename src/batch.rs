@@ -222,8 +222,9 @@ impl Steps<'_> {
     }
 }
 
-/// Whether `event` is new: room events seen before (by event id) are not delivered again.
-fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
+/// Whether `event` is new: room events seen before (by event id) are not delivered again
+/// (the rule of both protocols' batches).
+pub(crate) fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
     match &event.event_id {
         // Stripped state and to-device events are not room timeline: never deduplicated.
         Some(_)

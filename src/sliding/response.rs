@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ListOp, ListUpdate, SlidingPosition};
-use crate::batch::KeyCounts;
+use crate::batch::{first_delivery, KeyCounts};
 use crate::dedup::Dedup;
 use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
 
@@ -462,23 +462,6 @@ impl<'a> Steps<'a> {
                 }
             }
         }
-    }
-}
-
-/// The rule of `/v3/sync` batches: room events seen before (by event id) are not delivered
-/// again; stripped state and to-device events are never deduplicated.
-fn first_delivery(dedup: &mut Dedup, event: &Event) -> bool {
-    match &event.event_id {
-        Some(_)
-            if matches!(
-                event.kind,
-                EventKind::Invite | EventKind::Knock | EventKind::ToDevice
-            ) =>
-        {
-            true
-        }
-        Some(id) => dedup.first_time(id),
-        None => true,
     }
 }
 
