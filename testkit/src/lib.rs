@@ -11,7 +11,8 @@
 //!   `synapse` binary), [`client`], a blocking test client, [`proxy`], a fault-injecting
 //!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
 //!   terminator with a throwaway CA; [`palpo`], a throwaway palpo with its PostgreSQL, the
-//!   second homeserver, and [`homeserver`], either server behind one interface.
+//!   second homeserver, and [`homeserver`], either server behind one interface; [`nats`], a
+//!   throwaway `nats-server -js` for the fleet.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -55,6 +56,8 @@ pub mod fake_server;
 pub mod gen;
 #[cfg(feature = "net")]
 pub mod homeserver;
+#[cfg(feature = "net")]
+pub mod nats;
 #[cfg(feature = "net")]
 pub mod palpo;
 pub mod parallel;
