@@ -138,6 +138,18 @@ fn read_until(
                 })
                 .collect();
             let events: usize = seen.per_account.values().map(Vec::len).sum();
+            let stream = admin.read_all().unwrap_or_default();
+            for i in 0..ACCOUNTS {
+                let name = format!("acct-{i:03}");
+                if !seen.per_account.contains_key(&name) {
+                    eprintln!(
+                        "{name}: lease {:?}, checkpoint {:?}, {} in the stream",
+                        admin.lease(&name),
+                        admin.checkpoint(&name),
+                        stream.iter().filter(|m| m.account == name).count()
+                    );
+                }
+            }
             panic!(
                 "timed out waiting for {what} ({} accounts, {events} events read); \
                  workers' stderr:\n{}",

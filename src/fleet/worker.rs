@@ -98,6 +98,7 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
         .rt
         .spawn(watch_accounts(nats.accounts.clone(), reports_tx.clone()));
     let presence = nats.rt.spawn(presence(
+        nats.js.clone(),
         nats.workers.clone(),
         config.clone(),
         reports_tx.clone(),
@@ -126,6 +127,8 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
         bad: HashSet::new(),
         live_workers: 1,
         workers_changed: Instant::now(),
+        last_status: Instant::now(),
+        cursor: 0,
     };
     let ticks = tick((worker.config.renew_every / 2).max(Duration::from_millis(50)));
     loop {
@@ -150,11 +153,6 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
     worker.shut_down(&reports);
     watcher.abort();
     presence.abort();
-    let workers = worker.nats.workers.clone();
-    let id = worker.config.worker_id.clone();
-    let _ = worker
-        .nats
-        .block_on(worker.config.nats_timeout, workers.delete(id));
     let joined = worker.reactor.join();
     let Worker { nats, .. } = worker;
     nats.rt.shutdown_timeout(Duration::from_secs(1));
@@ -177,6 +175,10 @@ struct Worker {
     live_workers: usize,
     /// When `live_workers` last changed: leases are shed only once it is stable.
     workers_changed: Instant,
+    /// When the status line was last logged.
+    last_status: Instant,
+    /// Where the next round of lease attempts starts in the sorted accounts.
+    cursor: usize,
     started: Instant,
     /// Unique per worker run; with a counter, unique per lease taken.
     nonce: String,
@@ -330,8 +332,10 @@ impl Worker {
                 held_elsewhere,
             } => {
                 self.acquiring.remove(&name);
+                // Held elsewhere: free again at the earliest when its holder dies and a TTL
+                // passes.
                 let pause = if held_elsewhere {
-                    self.config.renew_every
+                    self.config.lease_ttl / 2
                 } else {
                     self.config.renew_every * 2
                 };
@@ -443,18 +447,39 @@ impl Worker {
             .filter(|h| !matches!(h.phase, Phase::Leaving | Phase::Losing | Phase::Releasing))
             .count();
         let count = holding + self.acquiring.len();
+        if self.last_status.elapsed() >= Duration::from_secs(5) {
+            self.last_status = Instant::now();
+            log::info!(
+                "worker {}: holding {holding} leases, taking {}, {} accounts, {} live workers",
+                self.config.worker_id,
+                self.acquiring.len(),
+                accounts.len(),
+                self.live_workers
+            );
+        }
         if count < fair {
             let want = fair - count;
-            let candidates: Vec<String> = accounts
-                .into_iter()
-                .filter(|a| {
-                    !self.held.contains_key(a)
-                        && !self.acquiring.contains(a)
-                        && !self.cooldown.contains_key(a)
-                        && !self.bad.contains(a)
-                })
-                .take(want)
-                .collect();
+            // Round the accounts from where the last round stopped, so that every free
+            // lease is tried in turn.
+            let mut accounts = accounts;
+            accounts.sort_unstable();
+            let start = self.cursor % accounts.len().max(1);
+            let mut candidates = Vec::new();
+            let mut examined = 0;
+            for a in accounts.iter().cycle().skip(start).take(accounts.len()) {
+                examined += 1;
+                if !self.held.contains_key(a)
+                    && !self.acquiring.contains(a)
+                    && !self.cooldown.contains_key(a)
+                    && !self.bad.contains(a)
+                {
+                    candidates.push(a.clone());
+                    if candidates.len() == want {
+                        break;
+                    }
+                }
+            }
+            self.cursor = start + examined;
             for name in candidates {
                 self.leases_taken += 1;
                 let nonce = format!("{}-{}", self.nonce, self.leases_taken);
@@ -603,6 +628,7 @@ async fn watch_accounts(
 
 /// Keeps this worker's key in the workers bucket and counts the live workers.
 async fn presence(
+    js: async_nats::jetstream::Context,
     workers: async_nats::jetstream::kv::Store,
     config: FleetConfig,
     reports: crossbeam_channel::Sender<Report>,
@@ -617,14 +643,16 @@ async fn presence(
         {
             log::warn!("workers bucket: {e}");
         }
+        // One message per live worker: the bucket keeps one per key, a key expires with its
+        // worker (a stopping worker leaves its key to expire too), so the bucket's stream
+        // holds as many messages as there are live workers. (Listing the keys can miss one
+        // replaced while it is listed.)
         let count = tokio::time::timeout(limit, async {
-            let mut keys = workers.keys().await.map_err(|e| e.to_string())?;
-            // A key may come twice (a worker's put while the keys are listed).
-            let mut seen = HashSet::new();
-            while let Some(key) = keys.next().await {
-                seen.insert(key.map_err(|e| e.to_string())?);
-            }
-            Ok::<_, String>(seen.len())
+            let stream = js
+                .get_stream(format!("KV_{}", config.workers_bucket))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(stream.cached_info().state.messages as usize)
         })
         .await;
         match count {
