@@ -153,6 +153,21 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
     worker.shut_down(&reports);
     watcher.abort();
     presence.abort();
+    // This worker's key out of the workers bucket without a marker (a purge of its subject),
+    // so that the others count one worker less at once and take its accounts.
+    let js = worker.nats.js.clone();
+    let bucket = worker.config.workers_bucket.clone();
+    let id = worker.config.worker_id.clone();
+    let _ = worker
+        .nats
+        .block_on(worker.config.nats_timeout, async move {
+            let stream = js.get_stream(format!("KV_{bucket}")).await.ok()?;
+            stream
+                .purge()
+                .filter(format!("$KV.{bucket}.{id}"))
+                .await
+                .ok()
+        });
     let joined = worker.reactor.join();
     let Worker { nats, .. } = worker;
     nats.rt.shutdown_timeout(Duration::from_secs(1));
@@ -644,8 +659,8 @@ async fn presence(
             log::warn!("workers bucket: {e}");
         }
         // One message per live worker: the bucket keeps one per key, a key expires with its
-        // worker (a stopping worker leaves its key to expire too), so the bucket's stream
-        // holds as many messages as there are live workers. (Listing the keys can miss one
+        // worker (a stopping worker purges its subject: no delete marker), so the bucket's
+        // stream holds as many messages as there are live workers. (Listing the keys can miss one
         // replaced while it is listed.)
         let count = tokio::time::timeout(limit, async {
             let stream = js
