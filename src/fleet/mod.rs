@@ -77,12 +77,14 @@
 //!
 //! # Why async-nats
 //!
-//! The synchronous `nats` crate is deprecated (its last release is 0.26, no longer
-//! maintained, and it predates parts of the KV API used here). `async-nats` is the maintained
-//! client: its JetStream KV has *create* (fails if the key exists), *update* with an expected
+//! The synchronous `nats` crate is deprecated (its last release, 0.26, says "use async-nats
+//! instead"): a new feature should not start on it. `async-nats` is the maintained client: its JetStream KV has *create* (fails if the key exists), *update* with an expected
 //! revision, *delete* with an expected revision, buckets with `max_age`, and publishing with
 //! `Nats-Msg-Id` returns an acknowledgement future that says whether the message was a
-//! duplicate. It builds on Rust 1.89 and newer. It runs on a small tokio runtime owned by the
+//! duplicate. It declares Rust 1.89 as its minimum and builds here on 1.95. Its
+//! `create_key_value` first asks for the account's limits in a shape nats-server 2.9 (Debian's
+//! package) does not answer with, so the buckets' streams are created here with the settings
+//! it would use, then opened as buckets. It runs on a small tokio runtime owned by the
 //! worker (one worker thread); the API of this module is blocking, like the rest of the
 //! crate, and tokio was already an optional dependency (of `e2ee`). Its default features are
 //! off: only `jetstream`, `kv`, `ring` (TLS to NATS) and `nuid`, which speak to nats-server
