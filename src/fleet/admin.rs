@@ -84,7 +84,7 @@ impl FleetClient {
     /// Connects with `config`'s NATS URL and names (its worker id names the connection).
     pub fn connect(config: &FleetConfig) -> Result<Self, FleetError> {
         Ok(Self {
-            nats: Nats::connect(config)?,
+            nats: Nats::connect(config, false)?,
             config: config.clone(),
         })
     }

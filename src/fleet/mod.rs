@@ -261,8 +261,10 @@ pub struct FleetConfig {
     /// The live workers bucket (default `sync-workers`).
     pub workers_bucket: String,
     /// How long a lease lives without renewal: the `max_age` of the leases bucket (default
-    /// 10 s). A dead worker's accounts move after about this long. Every worker of a fleet
-    /// must use the same value (the bucket is created by the first).
+    /// 10 s). A dead worker's accounts move after about this long. The first worker (or
+    /// [`FleetClient`]) creates the bucket with it; a worker whose TTL is longer than an
+    /// existing bucket's `max_age`, or whose `2 × lease_ttl` exceeds the existing stream's
+    /// duplicate window, refuses to start ([`FleetError::Config`]).
     pub lease_ttl: Duration,
     /// How often leases are renewed (default 2.5 s); less than a third of the TTL.
     pub renew_every: Duration,

@@ -20,7 +20,8 @@ pub(crate) struct Nats {
 }
 
 impl Nats {
-    pub fn connect(config: &FleetConfig) -> Result<Self, FleetError> {
+    /// `worker`: check that the existing leases bucket and stream fit this worker's TTL.
+    pub fn connect(config: &FleetConfig, worker: bool) -> Result<Self, FleetError> {
         config.validate()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -63,30 +64,51 @@ impl Nats {
                 let name = name.to_owned();
                 async move {
                     let what = || format!("open the bucket {name}");
-                    js.get_or_create_stream(stream::Config {
-                        name: format!("KV_{name}"),
-                        subjects: vec![format!("$KV.{name}.>")],
-                        max_messages_per_subject: 1,
-                        max_age,
-                        storage: stream::StorageType::File,
-                        allow_rollup: true,
-                        deny_delete: true,
-                        allow_direct: true,
-                        discard: stream::DiscardPolicy::New,
-                        num_replicas: 1,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| FleetError::js(what(), e))?;
-                    js.get_key_value(name.as_str())
+                    let made = js
+                        .get_or_create_stream(stream::Config {
+                            name: format!("KV_{name}"),
+                            subjects: vec![format!("$KV.{name}.>")],
+                            max_messages_per_subject: 1,
+                            max_age,
+                            storage: stream::StorageType::File,
+                            allow_rollup: true,
+                            deny_delete: true,
+                            allow_direct: true,
+                            discard: stream::DiscardPolicy::New,
+                            num_replicas: 1,
+                            ..Default::default()
+                        })
                         .await
-                        .map_err(|e| FleetError::js(what(), e))
+                        .map_err(|e| FleetError::js(what(), e))?;
+                    let kept = made.cached_info().config.max_age;
+                    let store = js
+                        .get_key_value(name.as_str())
+                        .await
+                        .map_err(|e| FleetError::js(what(), e))?;
+                    Ok::<_, FleetError>((store, kept))
                 }
             };
-            let accounts = bucket(&config.accounts_bucket, Duration::ZERO).await?;
-            let leases = bucket(&config.leases_bucket, config.lease_ttl).await?;
-            let checkpoints = bucket(&config.checkpoints_bucket, Duration::ZERO).await?;
-            let workers = bucket(&config.workers_bucket, config.lease_ttl).await?;
+            let (accounts, _) = bucket(&config.accounts_bucket, Duration::ZERO).await?;
+            let (leases, lease_age) = bucket(&config.leases_bucket, config.lease_ttl).await?;
+            let (checkpoints, _) = bucket(&config.checkpoints_bucket, Duration::ZERO).await?;
+            let (workers, _) = bucket(&config.workers_bucket, config.lease_ttl).await?;
+            // Buckets and stream made earlier by a worker with other settings: a lease that
+            // the server drops before this worker stops counting on it would let two workers
+            // sync one account; a window shorter than a takeover would keep duplicates.
+            if worker && (lease_age.is_zero() || lease_age < config.lease_ttl) {
+                return Err(FleetError::Config {
+                    field: "lease_ttl",
+                    reason: "longer than the max_age of the existing leases bucket: use the \
+                             fleet's TTL (or delete the bucket while no worker runs)",
+                });
+            }
+            if worker && stream.cached_info().config.duplicate_window < config.lease_ttl * 2 {
+                return Err(FleetError::Config {
+                    field: "duplicate_window",
+                    reason: "the existing stream's duplicate window is shorter than twice \
+                             lease_ttl: raise it on the stream, or shorten lease_ttl",
+                });
+            }
             Ok::<_, FleetError>((js, stream, accounts, leases, checkpoints, workers))
         })?;
         Ok(Self {

@@ -56,7 +56,7 @@ struct Held {
 /// its reactor panicked; failures of NATS or of a homeserver while running are logged (`log`)
 /// and retried.
 pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
-    let nats = Nats::connect(&config)?;
+    let nats = Nats::connect(&config, true)?;
     let (reports_tx, reports) = crossbeam_channel::unbounded();
     let ctx = Arc::new(Ctx {
         js: nats.js.clone(),
