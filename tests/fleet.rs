@@ -16,6 +16,9 @@
 //!   a worker stopped with SIGTERM hands its accounts to the last one, which then stops
 //!   cleanly too, giving back every lease.
 //!
+//! A second test breaks a worker's lease (no homeserver needed): the worker stops the account
+//! at its next renewal, then takes a new lease.
+//!
 //! nats-server comes from `NATS_SERVER_BIN` or `PATH` (`scripts/nats.sh install`): without
 //! it the test fails, it never skips.
 
@@ -28,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use matrix_sync_service::fleet::{AccountEntry, FleetClient, FleetConfig, StreamMessage};
+use matrix_sync_service::fleet::{self, AccountEntry, FleetClient, FleetConfig, StreamMessage};
 use matrix_sync_testkit::example::example_binary;
 use matrix_sync_testkit::nats::NatsServer;
 use matrix_sync_testkit::parallel::parallel;
@@ -556,4 +559,71 @@ fn three_workers_share_300_accounts_survive_a_sigkill_and_a_nats_restart_and_los
         assert_eq!(admin.lease(name).unwrap(), None, "{name}: lease still held");
     }
     eprintln!("total: {:?}", started.elapsed());
+}
+
+/// A worker whose lease is taken from it stops the account at once (`lost`), then takes a new
+/// lease (a higher revision) and syncs it again; on stop it gives the lease back. No
+/// homeserver needed: the account's server refuses connections, the lease is what is tested.
+#[test]
+fn a_worker_stops_an_account_whose_lease_it_lost_and_takes_a_new_one() {
+    use matrix_sync_service::fleet::{LeaseChange, LeaseChangeKind};
+    use std::sync::mpsc;
+
+    let nats = NatsServer::start();
+    let config = FleetConfig::new(nats.url(), "solo-worker").lease_ttl(Duration::from_secs(2));
+    let admin = FleetClient::connect(&config).unwrap();
+    admin
+        .put_account("solo", &AccountEntry::new("http://127.0.0.1:9", "token"))
+        .unwrap();
+    let (tx, changes) = mpsc::channel::<LeaseChange>();
+    let tx = Mutex::new(tx);
+    let mut worker_config = config.clone().on_lease(move |c| {
+        let _ = tx.lock().unwrap().send(c.clone());
+    });
+    worker_config.settle = Duration::ZERO;
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    let worker = thread::spawn(move || fleet::run(worker_config, &stop));
+    let next = |what: &str| {
+        changes
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no lease change ({e}) while waiting for {what}"))
+    };
+
+    let first = next("the first lease");
+    assert_eq!(
+        (first.account.as_str(), &first.kind),
+        ("solo", &LeaseChangeKind::Acquired)
+    );
+    assert_eq!(admin.lease("solo").unwrap().unwrap().worker, "solo-worker");
+
+    let broken = Instant::now();
+    admin.break_lease("solo").unwrap();
+    let lost = next("the lease lost");
+    assert_eq!(
+        (lost.kind, lost.lease),
+        (LeaseChangeKind::Lost, first.lease)
+    );
+    assert!(
+        broken.elapsed() < config.renew_every * 2 + Duration::from_secs(1),
+        "stopped {:?} after the lease was broken",
+        broken.elapsed()
+    );
+
+    let again = next("a new lease");
+    assert_eq!(again.kind, LeaseChangeKind::Acquired);
+    assert!(
+        again.lease > first.lease,
+        "{} then {}",
+        first.lease,
+        again.lease
+    );
+
+    drop(stop_tx);
+    worker.join().unwrap().unwrap();
+    let released = next("the lease given back");
+    assert_eq!(
+        (released.kind, released.lease),
+        (LeaseChangeKind::Released, again.lease)
+    );
+    assert_eq!(admin.lease("solo").unwrap(), None);
 }

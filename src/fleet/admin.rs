@@ -165,6 +165,25 @@ impl FleetClient {
             }))
     }
 
+    /// Forces the lease of account `name` free (deletes its key). Its holder finds the lease
+    /// gone at its next renewal or checkpoint write (within
+    /// [`renew_every`](FleetConfig::renew_every)) and stops the account at once
+    /// ([`Lost`](super::LeaseChangeKind::Lost)); any worker may take it meanwhile, so for a
+    /// moment two may sync it (their checkpoint writes stay fenced). For evicting an account
+    /// from a stuck worker; to stop syncing it, [`remove_account`](Self::remove_account).
+    pub fn break_lease(&self, name: &str) -> Result<(), FleetError> {
+        if !valid_name(name) {
+            return Err(FleetError::InvalidAccount(name.to_owned()));
+        }
+        self.run("break a lease", async {
+            self.nats
+                .leases
+                .delete(name)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
     /// The stored checkpoint (`since`) of account `name`, if any.
     pub fn checkpoint(&self, name: &str) -> Result<Option<String>, FleetError> {
         let bytes = self.run("read a checkpoint", async {
