@@ -233,7 +233,10 @@ pub struct LeaseChange {
     pub kind: LeaseChangeKind,
     /// The revision at which this worker took the lease.
     pub lease: u64,
-    /// When (wall clock).
+    /// When (wall clock): for `Acquired`, just before the account was added to the reactor;
+    /// for `Released` and `Lost`, once its sync had ended. The span from one to the other
+    /// covers every moment the account was synced here (and, for `Released`, ends before the
+    /// lease was given back).
     pub at: SystemTime,
 }
 

@@ -44,6 +44,8 @@ struct Held {
     actor: mpsc::Sender<Command>,
     epoch: u64,
     phase: Phase,
+    /// When its sync ended for good (the lease is given back after).
+    stopped: Option<SystemTime>,
 }
 
 /// Runs a worker on this thread until `stop` receives a message or is disconnected: connects
@@ -201,7 +203,10 @@ struct Worker {
 }
 
 impl Worker {
-    fn lease_change(&self, account: &str, kind: LeaseChangeKind, lease: u64) {
+    /// Reports a lease change that happened `at`: for `Acquired`, just before the account was
+    /// added to the reactor; for `Released` and `Lost`, once its sync had ended (the reactor's
+    /// `ended`), so that the span between them covers every moment it was synced here.
+    fn lease_change(&self, account: &str, kind: LeaseChangeKind, lease: u64, at: SystemTime) {
         match kind {
             LeaseChangeKind::Acquired => log::info!("account {account}: lease {lease} taken"),
             LeaseChangeKind::Released => log::info!("account {account}: lease {lease} given back"),
@@ -212,7 +217,7 @@ impl Worker {
                 account: account.to_owned(),
                 kind,
                 lease,
-                at: SystemTime::now(),
+                at,
             });
         }
     }
@@ -240,21 +245,22 @@ impl Worker {
                 if held.actor.blocking_send(Command::Reload).is_err() {
                     let epoch = held.epoch;
                     self.held.remove(&name);
-                    self.lease_change(&name, LeaseChangeKind::Lost, epoch);
+                    self.lease_change(&name, LeaseChangeKind::Lost, epoch, SystemTime::now());
                 }
             }
             Phase::Releasing => {
                 held.phase = Phase::Leaving;
+                held.stopped = Some(SystemTime::now());
                 if held.actor.blocking_send(Command::Release).is_err() {
                     let epoch = held.epoch;
                     self.held.remove(&name);
-                    self.lease_change(&name, LeaseChangeKind::Released, epoch);
+                    self.lease_change(&name, LeaseChangeKind::Released, epoch, SystemTime::now());
                 }
             }
             Phase::Losing => {
                 let epoch = held.epoch;
                 self.held.remove(&name);
-                self.lease_change(&name, LeaseChangeKind::Lost, epoch);
+                self.lease_change(&name, LeaseChangeKind::Lost, epoch, SystemTime::now());
             }
             Phase::Reloading | Phase::Leaving => {}
         }
@@ -283,7 +289,7 @@ impl Worker {
                 Phase::Losing => {
                     let epoch = held.epoch;
                     self.held.remove(name);
-                    self.lease_change(name, LeaseChangeKind::Lost, epoch);
+                    self.lease_change(name, LeaseChangeKind::Lost, epoch, SystemTime::now());
                 }
                 Phase::Releasing => {
                     held.phase = Phase::Leaving;
@@ -321,7 +327,9 @@ impl Worker {
                     actor: tx,
                     epoch,
                     phase: Phase::Leaving,
+                    stopped: None,
                 };
+                let at = SystemTime::now();
                 let added = entry.map(|entry| {
                     self.reactor
                         .add(name.clone(), self.account_config(&name, &entry, since))
@@ -330,7 +338,7 @@ impl Worker {
                     Some(Ok(())) => {
                         held.phase = Phase::Syncing;
                         self.held.insert(name.clone(), held);
-                        self.lease_change(&name, LeaseChangeKind::Acquired, epoch);
+                        self.lease_change(&name, LeaseChangeKind::Acquired, epoch, at);
                     }
                     other => {
                         if let Some(Err(e)) = other {
@@ -363,7 +371,7 @@ impl Worker {
                     if held.phase == Phase::Leaving {
                         let epoch = held.epoch;
                         self.held.remove(&name);
-                        self.lease_change(&name, LeaseChangeKind::Lost, epoch);
+                        self.lease_change(&name, LeaseChangeKind::Lost, epoch, SystemTime::now());
                     }
                 }
             }
@@ -397,7 +405,8 @@ impl Worker {
             }
             Report::Released { name } => {
                 if let Some(held) = self.held.remove(&name) {
-                    self.lease_change(&name, LeaseChangeKind::Released, held.epoch);
+                    let at = held.stopped.unwrap_or_else(SystemTime::now);
+                    self.lease_change(&name, LeaseChangeKind::Released, held.epoch, at);
                 }
                 self.cooldown
                     .insert(name, Instant::now() + self.config.lease_ttl);
@@ -557,7 +566,9 @@ impl Worker {
             }
         }
         ended.extend(self.reactor.ended().try_iter());
+        let stopped = SystemTime::now();
         for held in self.held.values_mut() {
+            held.stopped.get_or_insert(stopped);
             if held.phase != Phase::Leaving {
                 held.phase = Phase::Leaving;
                 let _ = held.actor.blocking_send(Command::Release);
@@ -568,7 +579,8 @@ impl Worker {
             match reports.recv_timeout(left) {
                 Ok(Report::Released { name }) | Ok(Report::Lost { name, .. }) => {
                     if let Some(held) = self.held.remove(&name) {
-                        self.lease_change(&name, LeaseChangeKind::Released, held.epoch);
+                        let at = held.stopped.unwrap_or_else(SystemTime::now);
+                        self.lease_change(&name, LeaseChangeKind::Released, held.epoch, at);
                     }
                 }
                 Ok(Report::Acquired { name, lease }) => {
