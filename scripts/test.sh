@@ -64,3 +64,25 @@ cargo test --features e2ee --lib e2ee
 cargo test --features e2ee --bench decrypt
 cargo build --features e2ee --examples
 cargo test --features e2ee --test e2ee_synapse --test e2ee_crash --test e2ee_tail
+
+# ---- a fleet of workers on NATS JetStream (feature `fleet`) -----------------------------------
+
+step "fleet: nats-server for the fleet test"
+NATS_SERVER_BIN="$(bash scripts/nats.sh install)"
+export NATS_SERVER_BIN
+
+step "fleet: without the feature, no NATS client in the dependency tree"
+if cargo tree -e normal --prefix none | grep -E '^async-nats '; then
+    echo "async-nats is in the dependency tree without the fleet feature" >&2
+    exit 1
+fi
+
+step "fleet: clippy and cargo doc with the feature"
+cargo clippy --all-targets --features fleet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features fleet
+
+step "fleet: unit tests, doctests, the examples, three workers against nats-server and Synapse"
+cargo test --features fleet --lib fleet
+cargo test --features fleet --doc fleet
+cargo build --features fleet --examples
+cargo test --features fleet --test fleet

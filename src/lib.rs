@@ -245,6 +245,8 @@ pub mod e2ee;
 #[cfg(not(feature = "e2ee"))]
 mod e2ee;
 mod error;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 mod gapfill;
 #[cfg(feature = "driver")]
 mod lossy;

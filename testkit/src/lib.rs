@@ -12,7 +12,8 @@
 //!   proxy, [`fake_server`], a scripted loopback HTTP server, and [`tls`], a loopback TLS
 //!   terminator with a throwaway CA; [`palpo`], a throwaway palpo with its PostgreSQL, the
 //!   second homeserver, and [`homeserver`], either server behind one interface;
-//!   [`synapse_db`], SQL on a throwaway Synapse's database.
+//!   [`synapse_db`], SQL on a throwaway Synapse's database; [`nats`], a throwaway
+//!   `nats-server -js` for the fleet.
 //!
 //! [`Checked`] wraps a [`SyncMachine`] and checks, at every call, the invariants that must hold
 //! whatever the inputs: the model test, the simulations and the `input_sequence` fuzz target
@@ -61,6 +62,8 @@ pub mod fake_server;
 pub mod gen;
 #[cfg(feature = "net")]
 pub mod homeserver;
+#[cfg(feature = "net")]
+pub mod nats;
 #[cfg(feature = "net")]
 pub mod palpo;
 pub mod parallel;
