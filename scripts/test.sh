@@ -63,4 +63,4 @@ step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests agai
 cargo test --features e2ee --lib e2ee
 cargo test --features e2ee --bench decrypt
 cargo build --features e2ee --examples
-cargo test --features e2ee --test e2ee_synapse --test e2ee_crash --test e2ee_tail
+cargo test --features e2ee --test e2ee --test e2ee_crash --test e2ee_tail
