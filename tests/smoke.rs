@@ -4,9 +4,9 @@
 
 mod support;
 
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::json;
 use support::client::Account;
-use matrix_sync_testkit::homeserver::Server;
 
 fn a_shared_server_stores_a_message(server: Server) {
     let server = server.shared();

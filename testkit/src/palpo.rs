@@ -82,7 +82,10 @@ impl Palpo {
             } else {
                 "localhost".to_owned()
             };
-            write(&dir.join("palpo.toml"), &config(&server_name, port, pg_port));
+            write(
+                &dir.join("palpo.toml"),
+                &config(&server_name, port, pg_port),
+            );
             let mut palpo = Palpo {
                 server_name,
                 port,
