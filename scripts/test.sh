@@ -38,7 +38,7 @@ cargo test --no-default-features
 step "the test kit's own tests"
 cargo test -p matrix-sync-testkit
 
-step "every test, with the driver and a real Synapse"
+step "every test, with the driver and a real Synapse and palpo"
 cargo test
 
 step "the unit tests inside the tail example (its exit statuses)"
@@ -59,7 +59,7 @@ step "e2ee: clippy and cargo doc with the feature"
 cargo clippy --all-targets --features e2ee -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features e2ee
 
-step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse"
+step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse and palpo"
 cargo test --features e2ee --lib e2ee
 cargo test --features e2ee --bench decrypt
 cargo build --features e2ee --examples
