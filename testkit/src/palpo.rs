@@ -309,7 +309,8 @@ rust_log = "warn"
 
 [db]
 url = "postgres://postgres@127.0.0.1:{pg_port}/palpo"
-pool_size = 10
+# Its default of 10 stalls 50 accounts long-polling at once (see the README's table).
+pool_size = 60
 
 [well_known]
 client = "http://127.0.0.1:{port}"
