@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The server matrix: for each integration test file that runs against a real homeserver, how
 # many of its tests passed (and failed) on Synapse and on palpo. Prints a Markdown table.
-# Needs both servers (`scripts/synapse.sh install`, `scripts/palpo.sh install`).
+# Needs both servers (`scripts/synapse.sh install`, `scripts/palpo.sh install`). Each file's
+# output is kept in target/server-matrix/NAME.log.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,6 +18,8 @@ files=(
 
 count() { grep -cE "_on_$1 \.\.\. $2" <<<"$3"; }
 
+logs=target/server-matrix
+mkdir -p "${logs}"
 printf '| test file | Synapse passed | palpo passed | failed |\n|---|---|---|---|\n'
 totals=(0 0 0)
 for entry in "${files[@]}"; do
@@ -24,6 +27,7 @@ for entry in "${files[@]}"; do
     # shellcheck disable=SC2086
     out=$(cargo test $flags --test "$name" 2>&1)
     status=$?
+    printf '%s\n' "$out" >"${logs}/${name}.log"
     synapse=$(count synapse ok "$out")
     palpo=$(count palpo ok "$out")
     failed=$(grep -cE '\.\.\. FAILED' <<<"$out")
