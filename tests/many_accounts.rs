@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -123,10 +123,6 @@ fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_no
 /// `n` accounts in one room, the example following them all (over `https` through a TLS
 /// terminator if `tls`), messages sent, then SIGTERM.
 fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: bool) {
-    // One at a time: run side by side (two Synapses, two palpos, 120 accounts on two cores),
-    // palpo left messages undelivered to some accounts (see the README's table).
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let homeserver = server.start_with(Options::new().quick_passwords());
     let base = homeserver.base_url();
     let sender = Account::register(&base, "sender");
