@@ -38,51 +38,39 @@ cargo test --no-default-features
 step "the test kit's own tests"
 cargo test -p matrix-sync-testkit
 
-step "every test, with the driver and a real Synapse"
+step "every test, with the driver and a real Synapse and palpo"
 cargo test
 
 step "the unit tests inside the tail example (its exit statuses)"
 cargo test --example tail
 
-# ---- end-to-end encryption (feature `e2ee`) ---------------------------------------------------
+# ---- the optional features: end-to-end encryption (`e2ee`) and the fleet (`fleet`) ------------
+# Both are built together, once: one more build of the crate, not one per feature.
 
-step "e2ee: without the feature, no crypto crate is in the dependency tree"
+step "without the features, no crypto crate and no NATS client in the dependency tree"
 for features in "" "--no-default-features"; do
     if cargo tree ${features} -e normal --prefix none \
-        | grep -E '^(matrix-sdk-[a-z-]+|vodozemac|ruma|tokio|rusqlite|libsqlite3-sys) '; then
-        echo "a crypto crate is in the dependency tree without the e2ee feature (${features:-default features})" >&2
+        | grep -E '^(matrix-sdk-[a-z-]+|vodozemac|ruma|tokio|rusqlite|libsqlite3-sys|async-nats) '; then
+        echo "a crypto crate or a NATS client is in the dependency tree without its feature (${features:-default features})" >&2
         exit 1
     fi
 done
 
-step "e2ee: clippy and cargo doc with the feature"
-cargo clippy --all-targets --features e2ee -- -D warnings
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features e2ee
-
-step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse"
-cargo test --features e2ee --lib e2ee
-cargo test --features e2ee --bench decrypt
-cargo build --features e2ee --examples
-cargo test --features e2ee --test e2ee_synapse --test e2ee_crash --test e2ee_tail
-
-# ---- a fleet of workers on NATS JetStream (feature `fleet`) -----------------------------------
-
-step "fleet: nats-server for the fleet test"
+step "nats-server for the fleet test"
 NATS_SERVER_BIN="$(bash scripts/nats.sh install)"
 export NATS_SERVER_BIN
 
-step "fleet: without the feature, no NATS client in the dependency tree"
-if cargo tree -e normal --prefix none | grep -E '^async-nats '; then
-    echo "async-nats is in the dependency tree without the fleet feature" >&2
-    exit 1
-fi
+step "clippy and cargo doc with e2ee and fleet"
+cargo clippy --all-targets --features e2ee,fleet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features e2ee,fleet
 
-step "fleet: clippy and cargo doc with the feature"
-cargo clippy --all-targets --features fleet -- -D warnings
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet --features fleet
+step "e2ee: the stage's unit tests, the decrypt bench as a check, the tests against Synapse and palpo"
+cargo test --features e2ee,fleet --lib e2ee
+cargo test --features e2ee,fleet --bench decrypt
+cargo build --features e2ee,fleet --examples
+cargo test --features e2ee,fleet --test e2ee --test e2ee_crash --test e2ee_tail --test sliding_sync_e2ee
 
-step "fleet: unit tests, doctests, the examples, three workers against nats-server and Synapse"
-cargo test --features fleet --lib fleet
-cargo test --features fleet --doc fleet
-cargo build --features fleet --examples
-cargo test --features fleet --test fleet
+step "fleet: unit tests, doctests, three workers against nats-server and Synapse"
+cargo test --features e2ee,fleet --lib fleet
+cargo test --features e2ee,fleet --doc fleet
+cargo test --features e2ee,fleet --test fleet

@@ -10,7 +10,8 @@
 //! from the checkpoint before that batch: the server has no to-device message for it any
 //! more, so the messages can only decrypt with the key from the store.
 //!
-//! Needs Synapse (`scripts/synapse.sh install`); without it the test fails loudly.
+//! Runs against Synapse, then palpo (`scripts/synapse.sh install`, `scripts/palpo.sh
+//! install`); without either the test fails loudly.
 
 mod support;
 
@@ -23,10 +24,10 @@ use matrix_sync_service::e2ee::Encryption;
 use matrix_sync_service::{
     start_encrypted, Config, CryptoStore, DriverConfig, E2eeConfig, EventKind,
 };
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::{json, Value};
 use support::client::Account;
 use support::e2ee_sender::Sender;
-use support::synapse::Synapse;
 
 const CHILD: &str = "E2EE_CRASH_CHILD";
 const WITHIN: Duration = Duration::from_secs(120);
@@ -36,12 +37,14 @@ fn main() {
         child();
         return;
     }
-    let started = Instant::now();
-    sigkill_between_a_room_key_and_its_checkpoint();
-    println!(
-        "test sigkill_between_a_room_key_and_its_checkpoint ... ok ({:.1} s)",
-        started.elapsed().as_secs_f64()
-    );
+    for server in Server::ALL {
+        let started = Instant::now();
+        sigkill_between_a_room_key_and_its_checkpoint(server);
+        println!(
+            "test sigkill_between_a_room_key_and_its_checkpoint_on_{server} ... ok ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The child: the encrypted driver, one JSON line per event on stdout.
@@ -151,8 +154,8 @@ impl Running {
     }
 }
 
-fn sigkill_between_a_room_key_and_its_checkpoint() {
-    let server = Synapse::shared();
+fn sigkill_between_a_room_key_and_its_checkpoint(kind: Server) {
+    let server = kind.shared();
     let base = server.base_url();
     let ours = Account::register(&base, "bot");
     let alice = Account::register(&base, "alice");

@@ -1,8 +1,9 @@
-//! `tail --e2ee --store DIR` against Synapse: a decrypted message prints like a plaintext one
-//! plus `"encrypted": true`; an undecryptable one says why; the device id comes from
-//! `MATRIX_DEVICE_ID`.
+//! `tail --e2ee --store DIR` against Synapse and palpo: a decrypted message prints like a
+//! plaintext one plus `"encrypted": true`; an undecryptable one says why; the device id comes
+//! from `MATRIX_DEVICE_ID`.
 //!
-//! Needs Synapse (`scripts/synapse.sh install`); without it the test fails loudly.
+//! Needs Synapse and palpo (`scripts/synapse.sh install`, `scripts/palpo.sh install`);
+//! without them the test fails loudly.
 
 mod support;
 
@@ -11,15 +12,14 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::{json, Value};
 use support::client::Account;
 use support::e2ee_sender::Sender;
 use support::service::tail_binary;
-use support::synapse::Synapse;
 
-#[test]
-fn tail_prints_decrypted_and_undecryptable_messages() {
-    let server = Synapse::shared();
+fn tail_prints_decrypted_and_undecryptable_messages(kind: Server) {
+    let server = kind.shared();
     let base = server.base_url();
     let ours = Account::register(&base, "bot");
     let alice = Account::register(&base, "alice");
@@ -105,4 +105,14 @@ fn tail_prints_decrypted_and_undecryptable_messages() {
         !stderr.contains("hello, encrypted"),
         "no decrypted content in the diagnostics: {stderr}"
     );
+}
+
+#[test]
+fn tail_prints_decrypted_and_undecryptable_messages_on_synapse() {
+    tail_prints_decrypted_and_undecryptable_messages(Server::Synapse);
+}
+
+#[test]
+fn tail_prints_decrypted_and_undecryptable_messages_on_palpo() {
+    tail_prints_decrypted_and_undecryptable_messages(Server::Palpo);
 }

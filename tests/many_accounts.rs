@@ -1,6 +1,6 @@
 //! The `many_accounts` example (one thread, one poll loop, one `SyncMachine` per account)
-//! against a real Synapse with 50 accounts in one room: every message reaches every account
-//! once and in order, and SIGTERM ends the process within 200 ms. The same with 10 accounts
+//! against a real homeserver (Synapse and palpo) with 50 accounts in one room: every message
+//! reaches every account once and in order, and SIGTERM ends the process within 200 ms. The same with 10 accounts
 //! over `https`, through the test kit's TLS terminator, its CA given with `--ca-file`; and
 //! without the CA every account is refused as a TLS failure.
 
@@ -15,11 +15,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_testkit::example::example_binary;
+use matrix_sync_testkit::homeserver::{Options, Server};
 use matrix_sync_testkit::parallel::parallel;
 use matrix_sync_testkit::tls::TlsTerminator;
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::client::Account;
-use support::synapse::SynapseOptions;
 
 const ACCOUNTS: usize = 50;
 const TLS_ACCOUNTS: usize = 10;
@@ -98,22 +98,33 @@ fn spawn(base: &str, tokens: &Path, extra: &[&str]) -> Running {
 }
 
 #[test]
-fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms() {
-    every_message_once_in_order_and_a_quick_stop(ACCOUNTS, false);
+fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms_on_synapse()
+{
+    every_message_once_in_order_and_a_quick_stop(Server::Synapse, ACCOUNTS, false);
 }
 
 #[test]
-fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_none_starts() {
-    every_message_once_in_order_and_a_quick_stop(TLS_ACCOUNTS, true);
+fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms_on_palpo() {
+    every_message_once_in_order_and_a_quick_stop(Server::Palpo, ACCOUNTS, false);
+}
+
+#[test]
+fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_none_starts_on_synapse(
+) {
+    every_message_once_in_order_and_a_quick_stop(Server::Synapse, TLS_ACCOUNTS, true);
+}
+
+#[test]
+fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_none_starts_on_palpo()
+{
+    every_message_once_in_order_and_a_quick_stop(Server::Palpo, TLS_ACCOUNTS, true);
 }
 
 /// `n` accounts in one room, the example following them all (over `https` through a TLS
 /// terminator if `tls`), messages sent, then SIGTERM.
-fn every_message_once_in_order_and_a_quick_stop(n: usize, tls: bool) {
-    let synapse = SynapseOptions::new()
-        .config("bcrypt_rounds", json!(4))
-        .start();
-    let base = synapse.base_url();
+fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: bool) {
+    let homeserver = server.start_with(Options::new().quick_passwords());
+    let base = homeserver.base_url();
     let sender = Account::register(&base, "sender");
     let accounts = register(&base, n);
     let ids: Vec<&str> = accounts.iter().map(|a| a.user_id.as_str()).collect();
@@ -133,7 +144,7 @@ fn every_message_once_in_order_and_a_quick_stop(n: usize, tls: bool) {
         .collect();
     std::fs::write(&tokens, text).unwrap();
 
-    let terminator = tls.then(|| TlsTerminator::start(synapse.port()));
+    let terminator = tls.then(|| TlsTerminator::start(homeserver.port()));
     let ca_file = dir.path().join("ca.pem");
     let (url, extra) = match &terminator {
         Some(terminator) => {

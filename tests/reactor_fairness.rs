@@ -1,9 +1,9 @@
 //! The reactor's head-of-line test: one slow or hostile account never delays another.
 //!
-//! Ten accounts on a real Synapse, in one room. A control run measures how long a message
-//! takes to reach all ten through a reactor following only them. Then a second reactor follows
-//! the same ten plus two hostile accounts whose "homeserver" is a loopback server of this
-//! test: one trickles its answer one byte a second, the other accepts and never answers. The
+//! Ten accounts on a real homeserver (Synapse and palpo), in one room. A control run measures
+//! how long a message takes to reach all ten through a reactor following only them. Then a
+//! second reactor follows the same ten plus two hostile accounts whose "homeserver" is a
+//! loopback server of this test: one trickles its answer one byte a second, the other accepts and never answers. The
 //! same measurement must stay within a generous multiple of the control (a loop blocked by
 //! the trickle would take tens of seconds: the trickled answer is long). Then the trickling
 //! account is removed: its `Stopped` state comes, its socket is closed (the trickler's
@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 
 use matrix_sync_service::reactor::{self, AccountCommandError, AddError, Reactor, ReactorConfig};
 use matrix_sync_service::{Config, EventKind, SyncState};
+use matrix_sync_testkit::homeserver::{Options, Server};
 use matrix_sync_testkit::parallel::parallel;
-use serde_json::json;
 use support::client::Account;
-use support::synapse::SynapseOptions;
 
 const ACCOUNTS: usize = 10;
 const MESSAGES: usize = 3;
@@ -115,7 +114,7 @@ fn until_synced(reactor: &Reactor<String>, keys: &HashSet<String>) {
             .unwrap_or_else(|e| panic!("{} of {} synced: {e}", synced.len(), keys.len()));
         assert!(
             keys.contains(&tagged.account),
-            "an event of {} (only the Synapse accounts have any): {:?}",
+            "an event of {} (only the homeserver's accounts have any): {:?}",
             tagged.account,
             tagged.event.kind
         );
@@ -161,12 +160,9 @@ fn slowest_delivery(
     slowest
 }
 
-#[test]
-fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed() {
-    let synapse = SynapseOptions::new()
-        .config("bcrypt_rounds", json!(4))
-        .start();
-    let base = synapse.base_url();
+fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed(server: Server) {
+    let homeserver = server.start_with(Options::new().quick_passwords());
+    let base = homeserver.base_url();
     let sender = Account::register(&base, "sender");
     let accounts = parallel(ACCOUNTS, 4, |_| Account::register(&base, "fair"));
     let ids: Vec<&str> = accounts.iter().map(|a| a.user_id.as_str()).collect();
@@ -273,4 +269,16 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     // At the stop every account left ended, each once.
     let ended: HashSet<String> = reactor.ended().try_iter().collect();
     assert_eq!(ended.len(), ACCOUNTS + 2, "{ended:?}");
+}
+
+#[test]
+fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed_on_synapse() {
+    a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed(
+        Server::Synapse,
+    );
+}
+
+#[test]
+fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed_on_palpo() {
+    a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_removed(Server::Palpo);
 }

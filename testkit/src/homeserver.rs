@@ -24,7 +24,7 @@
 use std::fmt;
 
 use crate::palpo::Palpo;
-use crate::synapse::Synapse;
+use crate::synapse::{Synapse, SynapseOptions};
 
 /// Which homeserver implementation a test runs against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -59,10 +59,53 @@ impl Server {
     /// A fresh server of this kind, stopped when dropped ([`Synapse::start`],
     /// [`Palpo::start`]).
     pub fn start(self) -> Box<dyn Homeserver> {
+        self.start_with(Options::new())
+    }
+
+    /// A fresh server of this kind started with `options`, stopped when dropped.
+    pub fn start_with(self, options: Options) -> Box<dyn Homeserver> {
         match self {
-            Server::Synapse => Box::new(Synapse::start()),
-            Server::Palpo => Box::new(Palpo::start()),
+            Server::Synapse => {
+                let mut synapse = SynapseOptions::new();
+                if options.discoverable {
+                    synapse = synapse.discoverable();
+                }
+                if options.quick_passwords {
+                    synapse = synapse.config("bcrypt_rounds", serde_json::json!(4));
+                }
+                Box::new(synapse.start())
+            }
+            Server::Palpo => Box::new(Palpo::start_with(options)),
         }
+    }
+}
+
+/// How to start a fresh server ([`Server::start_with`]), whichever it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub(crate) discoverable: bool,
+    quick_passwords: bool,
+}
+
+impl Options {
+    /// The test settings only.
+    pub fn new() -> Options {
+        Options::default()
+    }
+
+    /// Server name `127.0.0.1:PORT` (user ids `@name:127.0.0.1:PORT`), and
+    /// `/.well-known/matrix/client` naming `http://127.0.0.1:PORT`: the server can be
+    /// found from a user id or its name.
+    pub fn discoverable(mut self) -> Options {
+        self.discoverable = true;
+        self
+    }
+
+    /// Cheap password hashing, for tests that register many accounts: Synapse's
+    /// `bcrypt_rounds` 4. palpo has no such setting (its release build hashes quickly).
+    pub fn quick_passwords(mut self) -> Options {
+        self.quick_passwords = true;
+        self
     }
 }
 
@@ -84,6 +127,13 @@ pub trait Homeserver: Send + Sync {
     fn server_name(&self) -> &str;
     /// The last `lines` lines of the server's logs, for failure messages.
     fn log_tail(&self, lines: usize) -> String;
+    /// Stops the server hard (SIGKILL) and waits until it is gone. Idempotent.
+    fn kill(&mut self);
+    /// Starts the server again on the same port with its data (killing it first if it
+    /// still runs) and waits until it answers.
+    fn restart(&mut self);
+    /// Whether the server is (still) running.
+    fn is_running(&mut self) -> bool;
 }
 
 impl Homeserver for Synapse {
@@ -102,6 +152,15 @@ impl Homeserver for Synapse {
     fn log_tail(&self, lines: usize) -> String {
         Synapse::log_tail(self, lines)
     }
+    fn kill(&mut self) {
+        Synapse::kill(self)
+    }
+    fn restart(&mut self) {
+        Synapse::restart(self)
+    }
+    fn is_running(&mut self) -> bool {
+        Synapse::is_running(self)
+    }
 }
 
 impl Homeserver for Palpo {
@@ -119,6 +178,15 @@ impl Homeserver for Palpo {
     }
     fn log_tail(&self, lines: usize) -> String {
         Palpo::log_tail(self, lines)
+    }
+    fn kill(&mut self) {
+        Palpo::kill(self)
+    }
+    fn restart(&mut self) {
+        Palpo::restart(self)
+    }
+    fn is_running(&mut self) -> bool {
+        Palpo::is_running(self)
     }
 }
 

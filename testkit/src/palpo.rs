@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::homeserver::{self, wait_for_200, Install, NotReady};
+use crate::homeserver::{self, wait_for_200, Install, NotReady, Options};
 use crate::synapse::free_port;
 
 /// Its install script and data directories.
@@ -46,6 +46,7 @@ const START_ATTEMPTS: u32 = 3;
 
 /// A running (or stopped) throwaway palpo with its PostgreSQL.
 pub struct Palpo {
+    server_name: String,
     port: u16,
     pg_port: u16,
     dir: PathBuf,
@@ -64,14 +65,29 @@ impl Palpo {
     /// Panics with the reason (and the tails of the logs) if palpo or PostgreSQL cannot be
     /// installed or started.
     pub fn start() -> Palpo {
+        Palpo::start_with(Options::new())
+    }
+
+    /// Like [`Palpo::start`], with `options` ([`Options::discoverable`]: server name
+    /// `127.0.0.1:PORT`; palpo serves its well-known either way).
+    pub fn start_with(options: Options) -> Palpo {
         INSTALL.ensure(&INSTALLED);
         let mut failures = Vec::new();
         for attempt in 1..=START_ATTEMPTS {
             let port = free_port();
             let pg_port = free_port();
             let dir = INSTALL.fresh_dir();
-            write(&dir.join("palpo.toml"), &config(port, pg_port));
+            let server_name = if options.discoverable {
+                format!("127.0.0.1:{port}")
+            } else {
+                "localhost".to_owned()
+            };
+            write(
+                &dir.join("palpo.toml"),
+                &config(&server_name, port, pg_port),
+            );
             let mut palpo = Palpo {
+                server_name,
                 port,
                 pg_port,
                 dir,
@@ -110,9 +126,10 @@ impl Palpo {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// The server name: `localhost` (user ids are `@name:localhost`).
+    /// The server name: `localhost` (user ids are `@name:localhost`), or `127.0.0.1:PORT`
+    /// when [`discoverable`](Options::discoverable).
     pub fn server_name(&self) -> &str {
-        "localhost"
+        &self.server_name
     }
 
     /// The loopback port palpo listens on.
@@ -275,10 +292,10 @@ impl Drop for Palpo {
     }
 }
 
-/// `palpo.toml`: palpo on `port`, its database on `pg_port`.
-fn config(port: u16, pg_port: u16) -> String {
+/// `palpo.toml`: palpo named `server_name` on `port`, its database on `pg_port`.
+fn config(server_name: &str, port: u16, pg_port: u16) -> String {
     format!(
-        r#"server_name = "localhost"
+        r#"server_name = "{server_name}"
 listen_addr = "127.0.0.1:{port}"
 allow_registration = true
 allow_federation = false
@@ -292,7 +309,8 @@ rust_log = "warn"
 
 [db]
 url = "postgres://postgres@127.0.0.1:{pg_port}/palpo"
-pool_size = 10
+# Its default of 10 stalls 50 accounts long-polling at once (see the README's table).
+pool_size = 60
 
 [well_known]
 client = "http://127.0.0.1:{port}"

@@ -1,7 +1,7 @@
-//! Shared helpers for the integration tests that need the driver: a throwaway Synapse
-//! homeserver and a minimal blocking Matrix client (from the test kit), a fake server, a
-//! fault-injecting proxy, the service wrapper and, with the `e2ee` feature, an independent
-//! encrypting client.
+//! Shared helpers for the integration tests that need the driver: throwaway homeservers
+//! (Synapse, and palpo through `matrix_sync_testkit::homeserver`) and a minimal blocking
+//! Matrix client (from the test kit), a fake server, a fault-injecting proxy, the service
+//! wrapper and, with the `e2ee` feature, an independent encrypting client.
 #![allow(dead_code)]
 
 #[allow(unused_imports)]

@@ -1,5 +1,5 @@
-//! Where users run it, against a real Synapse: the proxy of the environment (and `NO_PROXY`),
-//! the application's own agent, and typed views of real events.
+//! Where users run it, against a real homeserver (Synapse and palpo): the proxy of the
+//! environment (and `NO_PROXY`), the application's own agent, and typed views of real events.
 
 mod support;
 
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use matrix_sync_service::ruma_events::reaction::ReactionEventContent;
 use matrix_sync_service::{start_with, DriverConfig, EventKind, Failure, ServiceError};
+use matrix_sync_testkit::homeserver::Server;
 use support::client::Account;
 use support::connect_proxy::ConnectProxy;
 use support::service::{collect_until, config_for, drain_until_live, tail_binary};
-use support::synapse::Synapse;
 
 /// Runs `tail` with `env` until it printed the event `event_id`; returns whether it did.
 fn tail_prints(account: &Account, env: &[(&str, &str)], send: impl FnOnce() -> String) -> bool {
@@ -46,14 +46,13 @@ fn tail_prints(account: &Account, env: &[(&str, &str)], send: impl FnOnce() -> S
     printed
 }
 
-#[test]
-fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
+fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "alice");
+    let bob = Account::register(&homeserver.base_url(), "bob");
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
-    let target = format!("127.0.0.1:{}", synapse.port());
+    let target = format!("127.0.0.1:{}", homeserver.port());
     for var in ["HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"] {
         let proxy = ConnectProxy::start();
         let url = proxy.url();
@@ -74,11 +73,10 @@ fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy() {
     assert_eq!(proxy.tunnels(), Default::default(), "NO_PROXY: no tunnel");
 }
 
-#[test]
-fn the_applications_own_agent_is_used_and_keeps_statuses_as_values() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
+fn the_applications_own_agent_is_used_and_keeps_statuses_as_values(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "alice");
+    let bob = Account::register(&homeserver.base_url(), "bob");
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
     let proxy = ConnectProxy::start();
@@ -99,7 +97,7 @@ fn the_applications_own_agent_is_used_and_keeps_statuses_as_values() {
             .iter()
             .any(|e| e.event_id.as_ref().is_some_and(|id| id.as_str() == sent))
     });
-    let target = format!("127.0.0.1:{}", synapse.port());
+    let target = format!("127.0.0.1:{}", homeserver.port());
     assert!(proxy.tunnels_to(&target) >= 1, "{:?}", proxy.tunnels());
     service.stop();
 
@@ -122,11 +120,12 @@ fn the_applications_own_agent_is_used_and_keeps_statuses_as_values() {
     );
 }
 
-#[test]
-fn real_reactions_typing_and_receipts_read_as_typed_values() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
+/// Bob's message, reaction, typing and read receipt as alice's typed values; returns the
+/// kinds of bob's receipts alice was sent.
+fn real_reactions_typing_and_receipts_read_as_typed_values(server: Server) -> Vec<String> {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "alice");
+    let bob = Account::register(&homeserver.base_url(), "bob");
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
     let service = start_with(config_for(&alice), DriverConfig::default()).expect("valid config");
@@ -152,7 +151,9 @@ fn real_reactions_typing_and_receipts_read_as_typed_values() {
         }
         !typing.is_empty()
             && reacted.is_some()
-            && receipts.iter().any(|(_, _, u)| u.as_str() == bob.user_id)
+            && receipts
+                .iter()
+                .any(|(_, kind, u)| u.as_str() == bob.user_id && kind.as_str() == "m.read")
     });
     assert_eq!(typing[0].as_str(), bob.user_id);
     let reacted = reacted.unwrap();
@@ -160,19 +161,25 @@ fn real_reactions_typing_and_receipts_read_as_typed_values() {
     assert_eq!(reacted.relates_to.event_id.as_str(), message);
     let (read, kind, _) = receipts
         .iter()
-        .find(|(_, _, u)| u.as_str() == bob.user_id)
+        .find(|(_, kind, u)| u.as_str() == bob.user_id && kind.as_str() == "m.read")
         .unwrap();
     assert_eq!((read.as_str(), kind.as_str()), (message.as_str(), "m.read"));
     service.stop();
+    let kinds: Vec<String> = receipts
+        .iter()
+        .filter(|(_, _, u)| u.as_str() == bob.user_id)
+        .map(|(_, kind, _)| kind.to_string())
+        .collect();
+    eprintln!("{server}: bob's receipts sent to alice: {kinds:?}");
+    kinds
 }
 
-#[test]
-fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
+fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "alice");
+    let bob = Account::register(&homeserver.base_url(), "bob");
     let silent: Vec<_> = (0..5)
-        .map(|_| Account::register(&synapse.base_url(), "silent"))
+        .map(|_| Account::register(&homeserver.base_url(), "silent"))
         .collect();
     let mut invited: Vec<&str> = vec![&alice.user_id];
     invited.extend(silent.iter().map(|a| a.user_id.as_str()));
@@ -228,4 +235,50 @@ fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer() {
     // Synapse leaves out members it judges the client does not need; how many it keeps
     // is its choice, that it keeps fewer is the filter's effect.
     assert!(lazy.len() < all.len(), "lazy {lazy:?} against all {all:?}");
+}
+
+#[test]
+fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy_on_synapse() {
+    tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy(Server::Synapse);
+}
+
+#[test]
+fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy_on_palpo() {
+    tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy(Server::Palpo);
+}
+
+#[test]
+fn the_applications_own_agent_is_used_and_keeps_statuses_as_values_on_synapse() {
+    the_applications_own_agent_is_used_and_keeps_statuses_as_values(Server::Synapse);
+}
+
+#[test]
+fn the_applications_own_agent_is_used_and_keeps_statuses_as_values_on_palpo() {
+    the_applications_own_agent_is_used_and_keeps_statuses_as_values(Server::Palpo);
+}
+
+#[test]
+fn real_reactions_typing_and_receipts_read_as_typed_values_on_synapse() {
+    let kinds = real_reactions_typing_and_receipts_read_as_typed_values(Server::Synapse);
+    assert!(
+        kinds.iter().all(|k| k != "m.read.private"),
+        "a private receipt is for its user alone: {kinds:?}"
+    );
+}
+
+/// palpo may also send alice bob's private read receipt of his own event (see the README's
+/// table); the typed values are the same.
+#[test]
+fn real_reactions_typing_and_receipts_read_as_typed_values_on_palpo() {
+    real_reactions_typing_and_receipts_read_as_typed_values(Server::Palpo);
+}
+
+#[test]
+fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer_on_synapse() {
+    the_default_filter_lazy_loads_members_and_the_server_sends_fewer(Server::Synapse);
+}
+
+#[test]
+fn the_default_filter_lazy_loads_members_and_the_server_sends_fewer_on_palpo() {
+    the_default_filter_lazy_loads_members_and_the_server_sends_fewer(Server::Palpo);
 }

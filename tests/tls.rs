@@ -1,7 +1,7 @@
-//! `https` against a real Synapse, through the test kit's loopback TLS terminator and its
-//! throwaway CA: trusted as an extra CA, the driver syncs; with the bundled roots alone, or
-//! the platform's store, the certificate is refused as a TLS failure, reported and backed
-//! off; a PEM without a certificate is a configuration error.
+//! `https` against a real homeserver (Synapse and palpo), through the test kit's loopback
+//! TLS terminator and its throwaway CA: trusted as an extra CA, the driver syncs; with the
+//! bundled roots alone, or the platform's store, the certificate is refused as a TLS failure,
+//! reported and backed off; a PEM without a certificate is a configuration error.
 
 mod support;
 
@@ -11,10 +11,10 @@ use matrix_sync_service::{
     start_with, CaPemError, ConfigError, DriverConfig, ErrorClass, Failure, ServiceError,
     StartError, SyncService, SyncState, TransportErrorKind, TrustRoots,
 };
+use matrix_sync_testkit::homeserver::Server;
 use matrix_sync_testkit::tls::TlsTerminator;
 use support::client::Account;
 use support::service::{collect_until, config_for, drain_until_live};
-use support::synapse::Synapse;
 
 /// The driver's own agent, direct (no proxy of the environment), with `roots`.
 fn driver(roots: TrustRoots) -> DriverConfig {
@@ -30,14 +30,14 @@ fn start_at(account: &Account, homeserver: &str, driver: DriverConfig) -> SyncSe
     start_with(config, driver).expect("valid config")
 }
 
-/// Two users in one room, and a terminator in front of the shared Synapse.
-fn setup() -> (Account, Account, String, TlsTerminator) {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "alice");
-    let bob = Account::register(&synapse.base_url(), "bob");
+/// Two users in one room, and a terminator in front of the shared `server`.
+fn setup(server: Server) -> (Account, Account, String, TlsTerminator) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "alice");
+    let bob = Account::register(&homeserver.base_url(), "bob");
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
-    (alice, bob, room, TlsTerminator::start(synapse.port()))
+    (alice, bob, room, TlsTerminator::start(homeserver.port()))
 }
 
 fn receives(service: &SyncService, bob: &Account, room: &str, text: &str) {
@@ -50,9 +50,8 @@ fn receives(service: &SyncService, bob: &Account, room: &str, text: &str) {
     });
 }
 
-#[test]
-fn with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages() {
-    let (alice, bob, room, tls) = setup();
+fn with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages(server: Server) {
+    let (alice, bob, room, tls) = setup(server);
     let trusting = || {
         driver(TrustRoots::Bundled)
             .add_ca_pem(tls.ca_pem().as_bytes())
@@ -118,16 +117,14 @@ fn refused_as_tls(service: &SyncService, tls: &TlsTerminator) {
     );
 }
 
-#[test]
-fn with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off() {
-    let (alice, _bob, _room, tls) = setup();
+fn with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off(server: Server) {
+    let (alice, _bob, _room, tls) = setup(server);
     let service = start_at(&alice, &tls.base_url(), driver(TrustRoots::Bundled));
     refused_as_tls(&service, &tls);
 }
 
-#[test]
-fn the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way() {
-    let (alice, _bob, _room, tls) = setup();
+fn the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way(server: Server) {
+    let (alice, _bob, _room, tls) = setup(server);
     let service = start_at(&alice, &tls.base_url(), driver(TrustRoots::Platform));
     refused_as_tls(&service, &tls);
 }
@@ -160,12 +157,13 @@ fn a_pem_without_a_certificate_and_platform_roots_with_extra_ca_are_config_error
     );
 }
 
-#[test]
-fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none() {
+fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none(
+    server: Server,
+) {
     use std::process::{Command, Stdio};
     use support::service::{json_lines, tail_binary, Tail};
 
-    let (alice, bob, room, tls) = setup();
+    let (alice, bob, room, tls) = setup(server);
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, tls.ca_pem()).unwrap();
@@ -213,5 +211,49 @@ fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints
     assert!(
         tls.refused() > refused_before,
         "its handshakes were refused"
+    );
+}
+
+#[test]
+fn with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages_on_synapse() {
+    with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages(Server::Synapse);
+}
+
+#[test]
+fn with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages_on_palpo() {
+    with_the_ca_as_extra_pem_the_driver_syncs_through_tls_and_receives_messages(Server::Palpo);
+}
+
+#[test]
+fn with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off_on_synapse() {
+    with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off(Server::Synapse);
+}
+
+#[test]
+fn with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off_on_palpo() {
+    with_the_bundled_roots_alone_the_throwaway_ca_is_refused_as_tls_and_backed_off(Server::Palpo);
+}
+
+#[test]
+fn the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way_on_synapse() {
+    the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way(Server::Synapse);
+}
+
+#[test]
+fn the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way_on_palpo() {
+    the_platform_store_does_not_hold_the_throwaway_ca_and_refuses_it_the_same_way(Server::Palpo);
+}
+
+#[test]
+fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none_on_synapse() {
+    tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none(
+        Server::Synapse,
+    );
+}
+
+#[test]
+fn tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none_on_palpo() {
+    tail_with_ca_file_prints_a_message_received_through_tls_and_without_it_prints_none(
+        Server::Palpo,
     );
 }

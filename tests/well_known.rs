@@ -1,5 +1,5 @@
-//! Server discovery through the driver: a real Synapse serving its own well-known, found
-//! from a user id and from its server name; and loopback fake servers whose well-known is
+//! Server discovery through the driver: a real homeserver (Synapse and palpo) serving its
+//! own well-known, found from a user id and from its server name; and loopback fake servers whose well-known is
 //! garbage (FAIL_PROMPT) or names something that is not a homeserver (FAIL_ERROR), reported
 //! as documented.
 
@@ -12,16 +12,22 @@ use matrix_sync_service::{
     start, Config, DiscoveryAction, DiscoveryError, ErrorClass, Event, EventKind, Failure,
     RequestKind, ServiceError, SyncError, SyncService, SyncState,
 };
+use matrix_sync_testkit::homeserver::{Homeserver, Options, Server};
 use support::client::room_of_two;
 use support::fake_server::{FakeServer, Response};
 use support::service::collect_until;
-use support::synapse::{Synapse, SynapseOptions};
 
-/// One discoverable Synapse for this binary: server name `127.0.0.1:PORT`, serving
-/// `/.well-known/matrix/client` with `public_baseurl` `http://127.0.0.1:PORT/`.
-fn synapse() -> &'static Synapse {
-    static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
-    SYNAPSE.get_or_init(|| SynapseOptions::new().discoverable().start())
+/// One discoverable server of each kind for this binary: server name `127.0.0.1:PORT`,
+/// serving `/.well-known/matrix/client` that names `http://127.0.0.1:PORT`.
+fn discoverable(server: Server) -> &'static dyn Homeserver {
+    static SYNAPSE: OnceLock<Box<dyn Homeserver>> = OnceLock::new();
+    static PALPO: OnceLock<Box<dyn Homeserver>> = OnceLock::new();
+    let cell = match server {
+        Server::Synapse => &SYNAPSE,
+        Server::Palpo => &PALPO,
+    };
+    cell.get_or_init(|| server.start_with(Options::new().discoverable()))
+        .as_ref()
 }
 
 fn discovered(events: &[Event]) -> Option<&str> {
@@ -33,18 +39,19 @@ fn discovered(events: &[Event]) -> Option<&str> {
 
 /// Runs the service from `server_name_or_user_id` until `bob`'s message reaches it.
 fn receives_a_message_after_discovery(
+    server: Server,
     server_name_or_user_id: impl Fn(&str) -> String,
     prefix: &str,
 ) {
-    let synapse = synapse();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), &format!("{prefix}a"), "bob");
+    let homeserver = discoverable(server);
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), &format!("{prefix}a"), "bob");
     assert!(
         alice
             .user_id
-            .ends_with(&format!(":{}", synapse.server_name())),
+            .ends_with(&format!(":{}", homeserver.server_name())),
         "{} is of server {}",
         alice.user_id,
-        synapse.server_name()
+        homeserver.server_name()
     );
     let mut config = Config::discover(
         &server_name_or_user_id(&alice.user_id),
@@ -52,7 +59,7 @@ fn receives_a_message_after_discovery(
     )
     .expect("a valid server name or user id");
     config.jitter_seed = 1;
-    assert_eq!(config.homeserver, synapse.base_url());
+    assert_eq!(config.homeserver, homeserver.base_url());
     let service = start(config).expect("valid config");
     let events = collect_until(&service, Duration::from_secs(30), |events| {
         events
@@ -64,8 +71,8 @@ fn receives_a_message_after_discovery(
         "announced first: {:?}",
         events[0].kind
     );
-    // public_baseurl, without its trailing slash.
-    assert_eq!(discovered(&events), Some(synapse.base_url().as_str()));
+    // The well-known's base URL, without a trailing slash.
+    assert_eq!(discovered(&events), Some(homeserver.base_url().as_str()));
     let sent = bob.send_text(&room, "found you");
     let events = collect_until(&service, Duration::from_secs(30), |events| {
         events
@@ -87,13 +94,25 @@ fn receives_a_message_after_discovery(
 }
 
 #[test]
-fn a_user_id_finds_synapse_through_its_well_known() {
-    receives_a_message_after_discovery(|user_id| user_id.to_owned(), "uid");
+fn a_user_id_finds_the_server_through_its_well_known_on_synapse() {
+    receives_a_message_after_discovery(Server::Synapse, |user_id| user_id.to_owned(), "uid");
 }
 
 #[test]
-fn a_server_name_finds_synapse_through_its_well_known() {
-    receives_a_message_after_discovery(|_| synapse().server_name().to_owned(), "sn");
+fn a_user_id_finds_the_server_through_its_well_known_on_palpo() {
+    receives_a_message_after_discovery(Server::Palpo, |user_id| user_id.to_owned(), "uid");
+}
+
+#[test]
+fn a_server_name_finds_the_server_through_its_well_known_on_synapse() {
+    let name = discoverable(Server::Synapse).server_name().to_owned();
+    receives_a_message_after_discovery(Server::Synapse, |_| name.clone(), "sn");
+}
+
+#[test]
+fn a_server_name_finds_the_server_through_its_well_known_on_palpo() {
+    let name = discoverable(Server::Palpo).server_name().to_owned();
+    receives_a_message_after_discovery(Server::Palpo, |_| name.clone(), "sn");
 }
 
 /// The first error the service reports, within `within`.

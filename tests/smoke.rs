@@ -1,15 +1,15 @@
-//! Smoke test of the Synapse test harness: a throwaway homeserver starts,
-//! accounts can be registered, and messages land in a room.
+//! Smoke test of the test kit's homeservers, Synapse and palpo: a throwaway server starts,
+//! accounts can be registered, messages land in a room, the client helpers work, and the
+//! data survives a hard kill and restart.
 
 mod support;
 
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::json;
 use support::client::Account;
-use support::synapse::Synapse;
 
-#[test]
-fn shared_synapse_stores_a_message() {
-    let server = Synapse::shared();
+fn a_shared_server_stores_a_message(server: Server) {
+    let server = server.shared();
     let base = server.base_url();
     assert_eq!(base, format!("http://127.0.0.1:{}", server.port()));
 
@@ -37,8 +37,19 @@ fn shared_synapse_stores_a_message() {
 }
 
 #[test]
-fn client_helpers_and_restart() {
-    let mut server = Synapse::start();
+fn a_shared_server_stores_a_message_on_synapse() {
+    a_shared_server_stores_a_message(Server::Synapse);
+}
+
+#[test]
+fn a_shared_server_stores_a_message_on_palpo() {
+    a_shared_server_stores_a_message(Server::Palpo);
+}
+
+/// Every client helper once, then a kill and restart. Returns the types of the room's
+/// newest events as `/messages?dir=b&limit=10` lists them.
+fn client_helpers_and_restart(kind: Server) -> Vec<String> {
+    let mut server = kind.start();
     let base = server.base_url();
     let alice = Account::register(&base, "Alice");
     let bob = Account::register(&base, "bob");
@@ -69,24 +80,12 @@ fn client_helpers_and_restart() {
     bob.leave(&room);
 
     let page = alice.messages(&room, 10);
-    let types: Vec<&str> = page["chunk"]
+    let types: Vec<String> = page["chunk"]
         .as_array()
         .expect("chunk")
         .iter()
-        .map(|e| e["type"].as_str().unwrap_or(""))
+        .map(|e| e["type"].as_str().unwrap_or("").to_owned())
         .collect();
-    assert_eq!(
-        &types[..6],
-        [
-            "m.room.member",
-            "m.room.member",
-            "m.room.redaction",
-            "m.reaction",
-            "m.room.message",
-            "m.room.message"
-        ],
-        "{page}"
-    );
     assert_ne!(redaction, reaction);
 
     let (status, sync) = alice.get_json("/_matrix/client/v3/sync?timeout=0");
@@ -119,4 +118,31 @@ fn client_helpers_and_restart() {
     let (status, body) = alice.get_json("/_matrix/client/v3/account/whoami");
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["errcode"], "M_UNKNOWN_TOKEN");
+    eprintln!("{kind}: {types:?}");
+    types
+}
+
+/// The newest six events, newest first: the leave, the kick, the redaction, the reaction,
+/// the edit and the message.
+const NEWEST_SIX: [&str; 6] = [
+    "m.room.member",
+    "m.room.member",
+    "m.room.redaction",
+    "m.reaction",
+    "m.room.message",
+    "m.room.message",
+];
+
+#[test]
+fn client_helpers_and_restart_on_synapse() {
+    let types = client_helpers_and_restart(Server::Synapse);
+    assert_eq!(types[..6], NEWEST_SIX, "{types:?}");
+}
+
+/// palpo lists a `/messages?dir=b` page oldest first: the newest six are the last six.
+#[test]
+fn client_helpers_and_restart_listing_messages_oldest_first_on_palpo() {
+    let mut types = client_helpers_and_restart(Server::Palpo);
+    types.reverse();
+    assert_eq!(types[..6], NEWEST_SIX, "{types:?}");
 }

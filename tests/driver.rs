@@ -1,4 +1,5 @@
-//! The blocking driver against a real Synapse: live events, stop, fatal errors, restarts.
+//! The blocking driver against a real homeserver, Synapse and palpo: live events, stop, fatal
+//! errors, restarts.
 
 mod support;
 
@@ -10,14 +11,13 @@ use matrix_sync_service::{
     start, start_with, BackoffPolicy, DriverConfig, ErrorClass, Event, EventKind, Failure,
     ServiceError, SyncState,
 };
+use matrix_sync_testkit::homeserver::Server;
 use support::client::{room_of_two, Account};
 use support::service::{collect_until, config_for, drain_until_live, tail_binary, time_to_close};
-use support::synapse::Synapse;
 
-#[test]
-fn live_events_arrive_in_order_with_their_fields() {
-    let synapse = Synapse::shared();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "alice", "bob");
+fn live_events_arrive_in_order_with_their_fields(server: Server) {
+    let homeserver = server.shared();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "alice", "bob");
     let doomed = bob.create_room(&[&alice.user_id]);
     alice.join(&doomed);
 
@@ -112,10 +112,9 @@ fn live_events_arrive_in_order_with_their_fields() {
     service.join().expect("clean end");
 }
 
-#[test]
-fn stop_mid_long_poll_closes_both_channels_promptly() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "stopper");
+fn stop_mid_long_poll_closes_both_channels_promptly(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "stopper");
     let mut latencies = Vec::new();
     for _ in 0..20 {
         let service = start(config_for(&alice)).expect("valid config");
@@ -139,10 +138,9 @@ fn stop_mid_long_poll_closes_both_channels_promptly() {
     );
 }
 
-#[test]
-fn stop_works_while_blocked_on_a_full_events_channel() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "slowreader");
+fn stop_works_while_blocked_on_a_full_events_channel(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "slowreader");
     let room = alice.create_room(&[]);
     for i in 0..10 {
         alice.send_text(&room, &format!("backlog {i}"));
@@ -163,10 +161,9 @@ fn stop_works_while_blocked_on_a_full_events_channel() {
     service.join().expect("clean end");
 }
 
-#[test]
-fn stop_is_idempotent_from_any_thread_and_dropping_stops() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "idem");
+fn stop_is_idempotent_from_any_thread_and_dropping_stops(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "idem");
     let service = Arc::new(start(config_for(&alice)).expect("valid config"));
     drain_until_live(&service);
     let other = service.clone();
@@ -194,10 +191,9 @@ fn stop_is_idempotent_from_any_thread_and_dropping_stops() {
     );
 }
 
-#[test]
-fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "loggedout");
+fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff(server: Server) {
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "loggedout");
     let device = alice.new_device();
     let mut config = config_for(&device);
     config.long_poll_timeout = Duration::from_millis(500);
@@ -238,16 +234,15 @@ fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff() {
     assert!(time_to_close(&service) < Duration::from_secs(1));
 }
 
-#[test]
-fn recovers_by_itself_after_synapse_restarts() {
-    let mut synapse = Synapse::start();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "survivor", "talker");
+fn recovers_by_itself_after_the_server_restarts(server: Server) {
+    let mut homeserver = server.start();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "survivor", "talker");
     let mut config = config_for(&alice);
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");
     drain_until_live(&service);
 
-    synapse.kill();
+    homeserver.kill();
     let error = service
         .errors()
         .recv_timeout(Duration::from_secs(40))
@@ -256,7 +251,7 @@ fn recovers_by_itself_after_synapse_restarts() {
         panic!("unexpected {error}")
     };
     assert_eq!(error.class, ErrorClass::Transient);
-    synapse.restart();
+    homeserver.restart();
     let sent = bob.send_text(&room, "after the restart");
     let events = collect_until(&service, Duration::from_secs(60), |events| {
         events
@@ -269,16 +264,15 @@ fn recovers_by_itself_after_synapse_restarts() {
     assert!(time_to_close(&service) < Duration::from_secs(1));
 }
 
-#[test]
-fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll() {
+fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll(server: Server) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 
-    let synapse = Synapse::shared();
-    let alice = Account::register(&synapse.base_url(), "signalled");
+    let homeserver = server.shared();
+    let alice = Account::register(&homeserver.base_url(), "signalled");
     for signal in ["-INT", "-TERM"] {
         let mut child = Command::new(tail_binary())
-            .args(["--homeserver", &synapse.base_url()])
+            .args(["--homeserver", &homeserver.base_url()])
             .env("MATRIX_ACCESS_TOKEN", &alice.access_token)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -304,4 +298,74 @@ fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll() {
             "{signal}: exited in {took:?}"
         );
     }
+}
+
+#[test]
+fn live_events_arrive_in_order_with_their_fields_on_synapse() {
+    live_events_arrive_in_order_with_their_fields(Server::Synapse);
+}
+
+#[test]
+fn live_events_arrive_in_order_with_their_fields_on_palpo() {
+    live_events_arrive_in_order_with_their_fields(Server::Palpo);
+}
+
+#[test]
+fn stop_mid_long_poll_closes_both_channels_promptly_on_synapse() {
+    stop_mid_long_poll_closes_both_channels_promptly(Server::Synapse);
+}
+
+#[test]
+fn stop_mid_long_poll_closes_both_channels_promptly_on_palpo() {
+    stop_mid_long_poll_closes_both_channels_promptly(Server::Palpo);
+}
+
+#[test]
+fn stop_works_while_blocked_on_a_full_events_channel_on_synapse() {
+    stop_works_while_blocked_on_a_full_events_channel(Server::Synapse);
+}
+
+#[test]
+fn stop_works_while_blocked_on_a_full_events_channel_on_palpo() {
+    stop_works_while_blocked_on_a_full_events_channel(Server::Palpo);
+}
+
+#[test]
+fn stop_is_idempotent_from_any_thread_and_dropping_stops_on_synapse() {
+    stop_is_idempotent_from_any_thread_and_dropping_stops(Server::Synapse);
+}
+
+#[test]
+fn stop_is_idempotent_from_any_thread_and_dropping_stops_on_palpo() {
+    stop_is_idempotent_from_any_thread_and_dropping_stops(Server::Palpo);
+}
+
+#[test]
+fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff_on_synapse() {
+    a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff(Server::Synapse);
+}
+
+#[test]
+fn a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff_on_palpo() {
+    a_logged_out_token_is_fatal_and_retried_at_the_maximum_backoff(Server::Palpo);
+}
+
+#[test]
+fn recovers_by_itself_after_the_server_restarts_on_synapse() {
+    recovers_by_itself_after_the_server_restarts(Server::Synapse);
+}
+
+#[test]
+fn recovers_by_itself_after_the_server_restarts_on_palpo() {
+    recovers_by_itself_after_the_server_restarts(Server::Palpo);
+}
+
+#[test]
+fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll_on_synapse() {
+    tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll(Server::Synapse);
+}
+
+#[test]
+fn tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll_on_palpo() {
+    tail_exits_cleanly_on_sigint_and_sigterm_in_the_middle_of_a_long_poll(Server::Palpo);
 }

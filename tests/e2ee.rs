@@ -1,10 +1,13 @@
-//! End-to-end encryption against a real Synapse, with an independent encrypting sender (a
-//! second matrix-sdk-crypto `OlmMachine` in the test support, see `support/e2ee_sender.rs`).
+//! End-to-end encryption against a real homeserver (Synapse and palpo), with an independent
+//! encrypting sender (a second matrix-sdk-crypto `OlmMachine` in the test support, see
+//! `support/e2ee_sender.rs`).
 //!
-//! Needs Synapse (`scripts/synapse.sh install`); without it every test fails loudly.
+//! Needs Synapse and palpo (`scripts/synapse.sh install`, `scripts/palpo.sh install`);
+//! without them every test fails loudly.
 
 mod support;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -13,11 +16,11 @@ use matrix_sync_service::{
     start_encrypted, CryptoStore, DriverConfig, E2eeConfig, Event, EventKind, ServiceError,
     SyncService,
 };
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::{json, Value};
 use support::client::Account;
 use support::e2ee_sender::Sender;
 use support::service::{collect_until, config_for, drain_until_live, last_checkpoint};
-use support::synapse::Synapse;
 
 const WITHIN: Duration = Duration::from_secs(180);
 
@@ -97,14 +100,29 @@ fn encrypted_room(sender: &Sender, ours: &Account) -> String {
 
 /// The service delivers `expected` in `room`, decrypted and in order, and nothing it could
 /// not decrypt, without errors; then it is stopped.
-fn assert_decrypts_then_stop(service: SyncService, room: &str, expected: &[String], what: &str) {
+fn assert_decrypts_then_stop(
+    kind: Server,
+    service: SyncService,
+    room: &str,
+    expected: &[String],
+    what: &str,
+) {
     let events = collect_until(&service, WITHIN, |events| {
-        decrypted_messages(events, room).len() >= expected.len()
+        let got: HashSet<String> = decrypted_messages(events, room)
+            .iter()
+            .map(|e| body(e))
+            .collect();
+        expected.iter().all(|b| got.contains(b))
     });
-    let bodies: Vec<String> = decrypted_messages(&events, room)
-        .iter()
-        .map(|e| body(e))
-        .collect();
+    let mut got = decrypted_messages(&events, room);
+    in_send_order(kind, &mut got);
+    if kind == Server::Palpo {
+        // After a restart from a checkpoint palpo may hand out again messages from before it
+        // (see the README's table): at least once, as promised; those are left out here.
+        let first = expected.first().map_or(0, |b| number_in(b));
+        got.retain(|e| number(e) >= first);
+    }
+    let bodies: Vec<String> = got.iter().map(|e| body(e)).collect();
     assert_eq!(bodies, expected, "{what}");
     assert!(undecryptable_in(&events, room).is_empty());
     assert_no_errors(&service, |_| false);
@@ -112,12 +130,33 @@ fn assert_decrypts_then_stop(service: SyncService, room: &str, expected: &[Strin
     service.join().unwrap();
 }
 
+/// The number of a message `message N`.
+fn number(event: &Event) -> usize {
+    number_in(&body(event))
+}
+
+fn number_in(body: &str) -> usize {
+    let n = body.strip_prefix("message ").and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("not a numbered message: {body}"))
+}
+
+/// Decrypted messages as the test compares them: in delivery order; on palpo, whose
+/// `/messages` pages come oldest first so that a gap fill arrives reversed (see the README's
+/// table), by message number, after checking that none came twice.
+fn in_send_order(kind: Server, messages: &mut [&Event]) {
+    if kind == Server::Palpo {
+        messages.sort_by_key(|e| number(e));
+        for pair in messages.windows(2) {
+            assert_ne!(number(pair[0]), number(pair[1]), "a message came twice");
+        }
+    }
+}
+
 /// Items 1 and 2: 100 messages decrypted in order with bodies, relations and the sender's
 /// verification state; a restart on the same store decrypts the next 50 with the same
 /// device; a catch-up from an older `since` decrypts the history again.
-#[test]
-fn hundred_messages_then_restart_then_history() {
-    let server = Synapse::shared();
+fn hundred_messages_then_restart_then_history(kind: Server) {
+    let server = kind.shared();
     let base = server.base_url();
     let ours = Account::register(&base, "bot");
     let alice = Account::register(&base, "alice");
@@ -143,7 +182,8 @@ fn hundred_messages_then_restart_then_history() {
     let events = collect_until(&service, WITHIN, |events| {
         decrypted_messages(events, &room).len() >= 100
     });
-    let got = decrypted_messages(&events, &room);
+    let mut got = decrypted_messages(&events, &room);
+    in_send_order(kind, &mut got);
     let bodies: Vec<String> = got.iter().map(|e| body(e)).collect();
     let expected: Vec<String> = (0..100).map(|i| format!("message {i}")).collect();
     assert_eq!(bodies, expected, "all 100 decrypted, in order");
@@ -192,24 +232,62 @@ fn hundred_messages_then_restart_then_history() {
         ids.push(sender.send_text(&room, &to, &text, None));
     }
     let expected: Vec<String> = (100..150).map(|i| format!("message {i}")).collect();
-    assert_decrypts_then_stop(service, &room, &expected, "after the restart");
+    assert_decrypts_then_stop(kind, service, &room, &expected, "after the restart");
 
     // A catch-up from before the room: the whole history decrypts again (gap-filled).
     let service = start_ours(&ours, sqlite(store_dir.path()), Some(before_room));
     let expected: Vec<String> = (0..150).map(|i| format!("message {i}")).collect();
-    assert_decrypts_then_stop(
-        service,
-        &room,
-        &expected,
-        "the history decrypts again, in order",
+    match kind {
+        Server::Synapse => assert_decrypts_then_stop(
+            kind,
+            service,
+            &room,
+            &expected,
+            "the history decrypts again, in order",
+        ),
+        Server::Palpo => history_decrypts_or_is_a_gap(service, &room, &expected),
+    }
+}
+
+/// palpo pages `/messages` no further than one page (see the README's table): of a history
+/// longer than that, what arrives decrypts, each once, and the rest is reported as a gap.
+fn history_decrypts_or_is_a_gap(service: SyncService, room: &str, expected: &[String]) {
+    let last = expected.last().expect("a history");
+    let events = collect_until(&service, WITHIN, |events| {
+        decrypted_messages(events, room)
+            .iter()
+            .any(|e| body(e) == *last)
+            && matches!(
+                events.last().map(|e| &e.kind),
+                Some(EventKind::Checkpoint(_))
+            )
+    });
+    let mut got = decrypted_messages(&events, room);
+    in_send_order(Server::Palpo, &mut got);
+    let gaps = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Gap(_)))
+        .count();
+    eprintln!(
+        "palpo: {} of {} decrypted, {gaps} gaps",
+        got.len(),
+        expected.len()
     );
+    assert!(got.iter().all(|e| expected.contains(&body(e))));
+    assert!(
+        got.len() == expected.len() || gaps > 0,
+        "lost without a gap"
+    );
+    assert!(undecryptable_in(&events, room).is_empty());
+    assert_no_errors(&service, |_| false);
+    service.stop();
+    service.join().unwrap();
 }
 
 /// Item 4: the room key reaches us one batch after the message: the message is delivered
 /// undecryptable (missing room key), then again, decrypted and marked late.
-#[test]
-fn a_late_room_key_delivers_the_message_again() {
-    let server = Synapse::shared();
+fn a_late_room_key_delivers_the_message_again(kind: Server) {
+    let server = kind.shared();
     let base = server.base_url();
     let ours = Account::register(&base, "bot");
     let alice = Account::register(&base, "alice");
@@ -295,9 +373,8 @@ fn encode_filter(filter: &Value) -> String {
 /// Item 5: more new sender devices than one-time keys on the server each open an Olm session
 /// with us (the last ones on the fallback key) and send a message: we decrypt every one, and
 /// the one-time keys are replenished.
-#[test]
-fn more_sender_devices_than_one_time_keys() {
-    let server = Synapse::shared();
+fn more_sender_devices_than_one_time_keys(kind: Server) {
+    let server = kind.shared();
     let base = server.base_url();
     let ours = Account::register(&base, "bot");
     let alice = Account::register(&base, "alice");
@@ -380,4 +457,60 @@ fn more_sender_devices_than_one_time_keys() {
     assert_no_errors(&service, |_| false);
     service.stop();
     eprintln!("{devices} sender devices, {uploaded} one-time keys, {fallbacks} fallback claims");
+}
+
+#[test]
+fn hundred_messages_then_restart_then_history_on_synapse() {
+    hundred_messages_then_restart_then_history(Server::Synapse);
+}
+
+/// On palpo the parts of a batch filled from `/messages` come reversed, a restart may hand
+/// out again messages from before its checkpoint, and a history longer than a page ends in a
+/// gap (see the README's table).
+#[test]
+fn hundred_messages_then_restart_then_history_in_palpo_s_order_at_least_once_up_to_a_gap_on_palpo()
+{
+    hundred_messages_then_restart_then_history(Server::Palpo);
+}
+
+#[test]
+fn a_late_room_key_delivers_the_message_again_on_synapse() {
+    a_late_room_key_delivers_the_message_again(Server::Synapse);
+}
+
+#[test]
+fn a_late_room_key_delivers_the_message_again_on_palpo() {
+    a_late_room_key_delivers_the_message_again(Server::Palpo);
+}
+
+#[test]
+fn more_sender_devices_than_one_time_keys_on_synapse() {
+    more_sender_devices_than_one_time_keys(Server::Synapse);
+}
+
+/// palpo 0.0.2 reports one-time key counts but never `device_unused_fallback_key_types`
+/// (see the README's table), so the crypto machine uploads no fallback key: a sender device
+/// past our one-time keys finds none to claim until the next sync replenishes them.
+#[test]
+fn one_time_keys_are_counted_but_no_fallback_key_is_reported_on_palpo() {
+    let base = Server::Palpo.shared().base_url();
+    let ours = Account::register(&base, "bot");
+    let service = start_ours(&ours, CryptoStore::Memory, None);
+    drain_until_live(&service);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let uploaded = loop {
+        let (count, _) = our_key_counts(&ours);
+        if count > 0 {
+            break count;
+        }
+        assert!(Instant::now() < deadline, "no one-time key uploaded");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Long enough for the fallback key, which follows the one-time keys at once on Synapse.
+    std::thread::sleep(Duration::from_secs(5));
+    let (count, fallback) = our_key_counts(&ours);
+    assert_eq!(count, uploaded, "the count stays");
+    assert!(fallback.is_empty(), "{fallback:?}");
+    assert_no_errors(&service, |_| false);
+    service.stop();
 }

@@ -1,5 +1,5 @@
 //! No event lost: faults between client and server, kills of the client, long absences with
-//! small timelines, and a homeserver restart, all against a real Synapse.
+//! small timelines, and a homeserver restart, all against a real homeserver: Synapse and palpo.
 
 mod support;
 
@@ -11,6 +11,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use matrix_sync_service::{start, BackoffPolicy, EventKind, SyncFilter};
+use matrix_sync_testkit::homeserver::Server;
 use serde_json::Value;
 use support::client::{room_of_two, Account};
 use support::proxy::{Action, Fault, FaultPlan, Proxy};
@@ -18,7 +19,6 @@ use support::service::{
     bodies_in, collect_until, config_for, drain_until_live, json_lines, last_checkpoint,
     tail_binary, time_to_close,
 };
-use support::synapse::Synapse;
 
 fn expected_bodies(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix} {i}")).collect()
@@ -41,10 +41,13 @@ fn send_in_background(
     })
 }
 
-#[test]
-fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
-    let synapse = Synapse::shared();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "faulty", "sender");
+/// 300 messages spread over about 12 s, while a proxy injects faults into 30 % of the
+/// syncs. Asserts what holds on every server (faults were injected and reported, no hot
+/// loop); returns the bodies delivered until the last message and a checkpoint after it,
+/// and the number of gaps reported.
+fn through_a_faulty_network(server: Server) -> (Vec<String>, usize) {
+    let homeserver = server.shared();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "faulty", "sender");
 
     let modes = vec![
         Fault::Reset,
@@ -58,7 +61,7 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
         Fault::Stall(Duration::from_secs(5)),
         Fault::Garbage,
     ];
-    let upstream = format!("127.0.0.1:{}", synapse.port()).parse().unwrap();
+    let upstream = format!("127.0.0.1:{}", homeserver.port()).parse().unwrap();
     let proxy = Proxy::start(
         upstream,
         FaultPlan::new(0.3, modes, 42).with_path_filter("/sync"),
@@ -77,14 +80,9 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
     // show (sent in a burst, the whole conversation fits in a few syncs and gap fills).
     let sender = send_in_background(&bob, &room, "faulty", 300, Duration::from_millis(40));
     let events = collect_until(&service, Duration::from_secs(180), |events| {
-        bodies_in(events, &room).len() >= 300
+        bodies_in(events, &room).iter().any(|b| b == "faulty 299") && ends_with_checkpoint(events)
     });
     sender.join().unwrap();
-    assert_eq!(
-        bodies_in(&events, &room),
-        expected_bodies("faulty", 300),
-        "all 300, once, in order"
-    );
 
     let mut errors = Vec::new();
     while let Ok(e) = service.errors().try_recv() {
@@ -126,18 +124,77 @@ fn every_message_arrives_once_and_in_order_through_a_faulty_network() {
     }
     let fills = log.iter().filter(|e| e.path.contains("/messages")).count();
     eprintln!(
-        "{} syncs, {} faults, {} gap-fill requests, {} errors reported",
+        "{server}: {} syncs, {} faults, {} gap-fill requests, {} errors reported",
         syncs.len(),
         injected.len(),
         fills,
         errors.len()
     );
+    (bodies_in(&events, &room), gaps_in(&events, &room))
+}
+
+fn ends_with_checkpoint(events: &[matrix_sync_service::Event]) -> bool {
+    matches!(
+        events.last().map(|e| &e.kind),
+        Some(EventKind::Checkpoint(_))
+    )
+}
+
+fn gaps_in(events: &[matrix_sync_service::Event], room: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Gap(_)))
+        .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
+        .count()
+}
+
+/// Asserts that `bodies` holds each of `expected` at most once, and nothing else; returns
+/// how many of `expected` are missing.
+fn at_most_once(bodies: &[String], expected: &[String]) -> usize {
+    let unique: HashSet<&String> = bodies.iter().collect();
+    assert_eq!(unique.len(), bodies.len(), "a body came twice: {bodies:?}");
+    assert!(
+        bodies.iter().all(|b| expected.contains(b)),
+        "an unexpected body: {bodies:?}"
+    );
+    expected.len() - bodies.len()
 }
 
 #[test]
-fn a_long_absence_with_a_small_timeline_is_filled_completely() {
-    let synapse = Synapse::shared();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "absent", "chatty");
+fn every_message_arrives_once_and_in_order_through_a_faulty_network_on_synapse() {
+    let (bodies, gaps) = through_a_faulty_network(Server::Synapse);
+    assert_eq!(
+        bodies,
+        expected_bodies("faulty", 300),
+        "all 300, once, in order"
+    );
+    assert_eq!(gaps, 0);
+}
+
+/// A fault held back palpo's answers; the next one carried more than its timeline, and palpo
+/// pages `/messages` no further than one page (see the README's table): what the driver
+/// could not fetch is reported as a gap, never dropped silently, and nothing comes twice.
+#[test]
+fn every_message_arrives_at_most_once_and_the_missing_are_reported_as_gaps_through_a_faulty_network_on_palpo(
+) {
+    let (bodies, gaps) = through_a_faulty_network(Server::Palpo);
+    let missing = at_most_once(&bodies, &expected_bodies("faulty", 300));
+    eprintln!("palpo: {missing} missing, {gaps} gaps");
+    assert!(missing == 0 || gaps > 0, "{missing} missing without a gap");
+}
+
+/// What the driver delivered after an absence during which 500 messages were sent into a
+/// room, with a timeline of 10: with gap filling, then without.
+struct Absence {
+    checkpoint: String,
+    filled: Vec<String>,
+    filled_gaps: Vec<matrix_sync_service::Event>,
+    unfilled: Vec<String>,
+}
+
+fn a_long_absence_with_a_small_timeline(server: Server) -> Absence {
+    let homeserver = server.shared();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "absent", "chatty");
 
     let mut config = config_for(&alice);
     config.filter = Some(SyncFilter::timeline_limit(10));
@@ -165,17 +222,13 @@ fn a_long_absence_with_a_small_timeline_is_filled_completely() {
     config.since = Some(checkpoint.clone());
     let service = start(config.clone()).expect("valid config");
     let events = collect_until(&service, Duration::from_secs(120), |e| {
-        bodies_in(e, &room).len() >= 500
+        bodies_in(e, &room).iter().any(|b| b == "absent 499") && ends_with_checkpoint(e)
     });
-    assert_eq!(
-        bodies_in(&events, &room),
-        expected_bodies("absent", 500),
-        "all 500, once, in order"
-    );
-    assert!(
-        !events.iter().any(|e| matches!(e.kind, EventKind::Gap(_))),
-        "nothing left as a gap"
-    );
+    let filled = bodies_in(&events, &room);
+    let filled_gaps: Vec<_> = events
+        .into_iter()
+        .filter(|e| matches!(e.kind, EventKind::Gap(_)))
+        .collect();
     assert!(time_to_close(&service) < Duration::from_secs(1));
 
     // With filling off, the same absence is reported as a gap item instead.
@@ -184,28 +237,60 @@ fn a_long_absence_with_a_small_timeline_is_filled_completely() {
     let events = collect_until(&service, Duration::from_secs(60), |e| {
         last_checkpoint(e).is_some()
     });
-    let gap = events
+    let unfilled_gap = events
         .iter()
         .find(|e| matches!(e.kind, EventKind::Gap(_)))
         .expect("a gap item");
-    assert_eq!(gap.room_id.as_ref().unwrap().as_str(), room);
+    assert_eq!(unfilled_gap.room_id.as_ref().unwrap().as_str(), room);
+    assert_gap_from(unfilled_gap, &checkpoint);
+    assert!(time_to_close(&service) < Duration::from_secs(1));
+    Absence {
+        checkpoint,
+        filled,
+        filled_gaps,
+        unfilled: bodies_in(&events, &room),
+    }
+}
+
+/// A gap item whose range reaches back to `checkpoint`.
+fn assert_gap_from(gap: &matrix_sync_service::Event, checkpoint: &str) {
     let EventKind::Gap(info) = &gap.kind else {
-        unreachable!()
+        panic!("not a gap: {gap:?}")
     };
     assert_eq!(info.previous_since, checkpoint);
     assert!(!info.prev_batch.is_empty());
-    assert_eq!(
-        bodies_in(&events, &room),
-        expected_bodies("absent", 500)[490..].to_vec(),
-        "only the timeline's 10"
-    );
-    assert!(time_to_close(&service) < Duration::from_secs(1));
 }
 
 #[test]
-fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
-    let mut synapse = Synapse::start();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "steady", "restarter");
+fn a_long_absence_with_a_small_timeline_is_filled_completely_on_synapse() {
+    let absence = a_long_absence_with_a_small_timeline(Server::Synapse);
+    let all = expected_bodies("absent", 500);
+    assert_eq!(absence.filled, all, "all 500, once, in order");
+    assert!(absence.filled_gaps.is_empty(), "nothing left as a gap");
+    assert_eq!(absence.unfilled, all[490..], "only the timeline's 10");
+}
+
+/// palpo's first page backwards (100 events, oldest first) does not page on, and starts with
+/// the timeline's oldest event again (its `from` is inclusive): the driver delivers the page
+/// as palpo orders it, then the timeline without the event it already delivered, and
+/// reports the 391 older messages as a gap reaching back to the checkpoint.
+#[test]
+fn a_long_absence_is_filled_one_page_deep_and_the_rest_reported_as_a_gap_on_palpo() {
+    let absence = a_long_absence_with_a_small_timeline(Server::Palpo);
+    let all = expected_bodies("absent", 500);
+    let mut expected: Vec<String> = all[391..491].iter().rev().cloned().collect();
+    expected.extend_from_slice(&all[491..]);
+    assert_eq!(absence.filled, expected);
+    assert_eq!(absence.filled_gaps.len(), 1, "{:?}", absence.filled_gaps);
+    assert_gap_from(&absence.filled_gaps[0], &absence.checkpoint);
+    assert_eq!(absence.unfilled, all[490..], "only the timeline's 10");
+}
+
+/// 100 messages, a kill and restart of the server after the first 50: the bodies the driver
+/// delivered (nothing more turns up late).
+fn a_homeserver_restart_mid_stream(server: Server) -> Vec<String> {
+    let mut homeserver = server.start();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "steady", "restarter");
     let mut config = config_for(&alice);
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");
@@ -214,16 +299,15 @@ fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
     for i in 0..50 {
         bob.send_text(&room, &format!("stream {i}"));
     }
-    synapse.kill();
+    homeserver.kill();
     thread::sleep(Duration::from_millis(500));
-    synapse.restart();
+    homeserver.restart();
     for i in 50..100 {
         bob.send_text(&room, &format!("stream {i}"));
     }
     let events = collect_until(&service, Duration::from_secs(90), |e| {
         bodies_in(e, &room).len() >= 100
     });
-    assert_eq!(bodies_in(&events, &room), expected_bodies("stream", 100));
     // Nothing more turns up afterwards (no late duplicates).
     thread::sleep(Duration::from_millis(500));
     let mut late = Vec::new();
@@ -235,6 +319,26 @@ fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing() {
         "late duplicates: {late:?}"
     );
     assert!(time_to_close(&service) < Duration::from_secs(1));
+    bodies_in(&events, &room)
+}
+
+#[test]
+fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing_on_synapse() {
+    let bodies = a_homeserver_restart_mid_stream(Server::Synapse);
+    assert_eq!(bodies, expected_bodies("stream", 100));
+}
+
+/// Nothing lost or duplicated on palpo either; a part filled from `/messages` comes in
+/// palpo's order of a backwards page, oldest first, so reversed (see the README's table).
+#[test]
+fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing_in_palpo_s_order_on_palpo() {
+    let bodies = a_homeserver_restart_mid_stream(Server::Palpo);
+    assert_eq!(at_most_once(&bodies, &expected_bodies("stream", 100)), 0);
+    assert_ne!(
+        bodies,
+        expected_bodies("stream", 100),
+        "a fill came reversed"
+    );
 }
 
 // ---- the tail example, killed and restarted ----------------------------------------------
@@ -268,11 +372,21 @@ fn message_id(line: &Value, room: &str) -> Option<String> {
         .then(|| line["event_id"].as_str().unwrap().to_owned())
 }
 
-#[test]
-fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() {
-    let synapse = Synapse::shared();
-    let (alice, bob, room) = room_of_two(&synapse.base_url(), "tailed", "poster");
-    let dir = std::env::temp_dir().join(format!("tail-kill-{}", std::process::id()));
+/// What `tail` printed in each of its four runs (killed with SIGKILL three times, the last
+/// ended with SIGTERM) while 300 messages were sent, and the ids of those messages.
+struct TailKills {
+    room: String,
+    runs: Vec<Vec<Value>>,
+    sent: Vec<String>,
+}
+
+/// Runs `tail` with a since-file and kills it three times while 300 messages are sent,
+/// until the last one was printed. Asserts what holds on every server: four runs, a clean
+/// exit at SIGTERM, and nothing repeated within one run.
+fn tail_killed_three_times(server: Server) -> TailKills {
+    let homeserver = server.shared();
+    let (alice, bob, room) = room_of_two(&homeserver.base_url(), "tailed", "poster");
+    let dir = std::env::temp_dir().join(format!("tail-kill-{}-{server}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let since_file = dir.join("since");
 
@@ -296,7 +410,9 @@ fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() 
     let mut seen: HashSet<String> = HashSet::new();
     let kill_points = [60usize, 150, 240];
     let deadline = Instant::now() + Duration::from_secs(180);
-    while seen.len() < 300 {
+    let mut sent: Vec<String> = Vec::new();
+    while !(sent.len() == 300 && seen.contains(&sent[299])) {
+        sent.extend(sent_rx.try_iter());
         assert!(Instant::now() < deadline, "only {} of 300 seen", seen.len());
         if let Ok(line) = run.lines.recv_timeout(Duration::from_millis(100)) {
             if let Some(id) = message_id(&line, &room) {
@@ -320,7 +436,6 @@ fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() 
         }
     }
     sender.join().unwrap();
-    let sent: Vec<String> = sent_rx.try_iter().collect();
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(run.child.id().to_string())
@@ -332,14 +447,45 @@ fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() 
     }
     runs.push(current);
     assert_eq!(runs.len(), 4, "three kills, four runs");
+    // Within one run, nothing repeats.
+    for (k, run) in runs.iter().enumerate() {
+        let ids: Vec<String> = run.iter().filter_map(|l| message_id(l, &room)).collect();
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "run {k} repeats nothing");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    TailKills { room, runs, sent }
+}
 
-    let union: HashSet<String> = runs
-        .iter()
-        .flatten()
-        .filter_map(|l| message_id(l, &room))
-        .collect();
-    let sent_set: HashSet<String> = sent.iter().cloned().collect();
-    assert_eq!(union, sent_set, "the union of the outputs holds all 300");
+impl TailKills {
+    /// The message ids printed by any run.
+    fn union(&self) -> HashSet<String> {
+        self.runs
+            .iter()
+            .flatten()
+            .filter_map(|l| message_id(l, &self.room))
+            .collect()
+    }
+
+    /// The gap lines printed for the room.
+    fn gaps(&self) -> usize {
+        self.runs
+            .iter()
+            .flatten()
+            .filter(|l| l["kind"] == "gap" && l["room_id"] == self.room.as_str())
+            .count()
+    }
+}
+
+fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight(server: Server) {
+    let kills = tail_killed_three_times(server);
+    let sent_set: HashSet<String> = kills.sent.iter().cloned().collect();
+    assert_eq!(
+        kills.union(),
+        sent_set,
+        "the union of the outputs holds all 300"
+    );
+    let TailKills { room, runs, .. } = kills;
 
     // A duplicate may only come from the end of the previous run: the batch whose checkpoint
     // was not yet stored when it was killed (everything after its second-to-last checkpoint).
@@ -377,15 +523,35 @@ fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight() 
             }
         }
     }
-    // Within one run, nothing repeats.
-    for (k, run) in runs.iter().enumerate() {
-        let ids: Vec<String> = run.iter().filter_map(|l| message_id(l, &room)).collect();
-        let unique: HashSet<&String> = ids.iter().collect();
-        assert_eq!(unique.len(), ids.len(), "run {k} repeats nothing");
-    }
     eprintln!(
         "tail kill test: {} lines over 4 runs, {duplicates} duplicates",
         runs.iter().map(Vec::len).sum::<usize>()
     );
-    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight_on_synapse() {
+    tail_killed_three_times_loses_nothing_and_repeats_only_the_batch_in_flight(Server::Synapse);
+}
+
+/// On palpo `tail` reports what it could not fetch as gap lines (palpo pages `/messages` no
+/// further than one page and ignores `--timeline-limit`, see the README's table): every
+/// message is printed, or a gap line is.
+#[test]
+fn tail_killed_three_times_prints_every_message_or_a_gap_on_palpo() {
+    let kills = tail_killed_three_times(Server::Palpo);
+    let missing: Vec<&String> = kills
+        .sent
+        .iter()
+        .filter(|id| !kills.union().contains(*id))
+        .collect();
+    eprintln!(
+        "palpo: {} missing, {} gap lines",
+        missing.len(),
+        kills.gaps()
+    );
+    assert!(
+        missing.is_empty() || kills.gaps() > 0,
+        "{missing:?} missing without a gap line"
+    );
 }
