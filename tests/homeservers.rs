@@ -7,7 +7,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use matrix_sync_service::{start, Config, Event, EventKind, GapFill, SyncFilter, SyncService};
+use matrix_sync_service::{
+    start, Config, Event, EventKind, GapFill, Protocol, SlidingPosition, SyncFilter, SyncService,
+};
 use matrix_sync_testkit::homeserver::Server;
 use serde_json::{json, Value};
 use support::client::{self, encode, room_of_two, Account};
@@ -515,6 +517,44 @@ fn sliding_sync_errors_on_palpo() {
     let (status, body) = sliding_sync_answer(Server::Palpo);
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["errcode"], "M_UNKNOWN", "{body}");
+}
+
+/// With [`Protocol::Auto`] the driver asks `/versions` which protocol the server offers, then
+/// receives a second user's messages through it, in order and once. Returns whether the
+/// checkpoints were sliding sync positions.
+fn auto_protocol(server: Server) -> bool {
+    let url = server.shared().base_url();
+    let (alice, bob, room) = room_of_two(&url, "auto", "writer");
+    let mut config = config(&alice, None);
+    config.protocol = Protocol::Auto;
+    let service = start(config).expect("valid config");
+    drain_until_live(&service);
+    let sent = numbered("auto", 4);
+    send_all(&bob, &room, &sent, Duration::from_millis(100));
+    let events = collect_messages(&service, &room, sent.len());
+    service.stop();
+    let checkpoint = last_checkpoint(&events).expect("a checkpoint after the messages");
+    assert_eq!(bodies_in(&events, &room), sent, "on {server}");
+    SlidingPosition::from_token(&checkpoint).is_some()
+}
+
+/// Synapse lists `org.matrix.simplified_msc3575` in `/versions`: `Auto` syncs by sliding sync.
+#[test]
+fn auto_protocol_picks_sliding_sync_on_synapse() {
+    assert!(
+        auto_protocol(Server::Synapse),
+        "the checkpoints are sliding sync positions"
+    );
+}
+
+/// palpo 0.0.2 does not offer sliding sync in `/versions` (its endpoint answers 400, above):
+/// `Auto` stays on `/v3/sync`.
+#[test]
+fn auto_protocol_stays_on_v3_sync_on_palpo() {
+    assert!(
+        !auto_protocol(Server::Palpo),
+        "the checkpoints are /v3/sync tokens"
+    );
 }
 
 // ---- resuming from a token the server never issued -------------------------------------------
