@@ -1,15 +1,20 @@
 //! Simplified sliding sync (MSC4186) against a real Synapse, through the driver: messages,
 //! edits, reactions, typing and receipts arrive once and in order; a restart from the stored
 //! checkpoint (the pair of `pos` and to-device cursor) loses and duplicates nothing; a
-//! connection deleted in Synapse's database (`M_UNKNOWN_POS`) and a malformed `pos`
-//! (`M_UNKNOWN` "Invalid stream token") each reset once, and the sync goes on.
+//! connection deleted in Synapse's database (`M_UNKNOWN_POS`), one expired by Synapse's two
+//! expiry rules (unused for 7 days; idle over an hour with more than 100 rooms updated) and a
+//! malformed `pos` (`M_UNKNOWN` "Invalid stream token") each reset once, and the sync goes on.
 
 mod support;
 
 use std::time::Duration;
 
 use matrix_sync_service::sliding::{ResetReason, SlidingPosition};
-use matrix_sync_service::{start, Config, Event, EventKind, Protocol, SyncService};
+use matrix_sync_service::{
+    start, start_with, Config, DriverConfig, Event, EventKind, Protocol, SyncService, SyncState,
+};
+use matrix_sync_testkit::parallel::parallel;
+use matrix_sync_testkit::synapse_db;
 use serde_json::json;
 use support::client::{room_of_two, Account};
 use support::service::{bodies_in, collect_until, config_for, drain_until_live, time_to_close};
@@ -214,6 +219,232 @@ fn a_connection_deleted_in_synapse_resets_once_and_the_sync_goes_on() {
     // And it goes on: a new message arrives on the new connection, with no other reset.
     bob.send_text(&room, "on the new connection");
     let later = collect_to_checkpoint(&service, |events| !bodies_in(events, &room).is_empty());
+    assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
+    assert!(resets(&later).is_empty());
+    assert!(time_to_close(&service) < Duration::from_secs(2));
+}
+
+/// How many of `user_id`'s sliding sync connections Synapse's database holds.
+fn connections_of(synapse: &Synapse, user_id: &str) -> u64 {
+    let (rows, _) = synapse_db::execute(
+        synapse,
+        "SELECT count(*) FROM sliding_sync_connections WHERE user_id = ?",
+        &[json!(user_id)],
+    );
+    rows[0][0].as_u64().expect("a count")
+}
+
+/// Synapse expires a connection unused for 7 days (`CONNECTION_EXPIRY`): a background sweep,
+/// `delete_old_sliding_sync_connections` (`storage/databases/main/sliding_sync.py`), deletes
+/// every `sliding_sync_connections` row whose `last_used_ts` is older than now minus 7 days.
+/// No request checks the 7 days: a request only refreshes `last_used_ts` (on the first read of
+/// a position, if over 5 minutes old). The sweep runs every hour, first an hour after Synapse started
+/// (`clock.looping_call`, which waits before its first call), and no API starts it, so the test
+/// runs Synapse's own statement with Synapse's own constant at once
+/// ([`synapse_db::sweep_expired_sliding_sync_connections`]) instead of waiting up to an hour.
+/// The connection's age is set in the column the sweep compares: 7 days less an hour keeps it,
+/// 7 days and an hour expires it.
+#[test]
+fn a_connection_unused_for_seven_days_is_expired_by_synapse_and_resets_once() {
+    let synapse = Synapse::shared();
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "weekold", "sender");
+    let service = start(sliding_config(&alice)).expect("valid config");
+    drain_until_live(&service);
+    for i in 0..5 {
+        bob.send_text(&room, &format!("kept {i}"));
+    }
+    let first = collect_to_checkpoint(&service, |events| bodies_in(events, &room).len() >= 5);
+    assert_eq!(bodies_in(&first, &room), numbered("kept", 0..5));
+    assert_eq!(connections_of(synapse, &alice.user_id), 1);
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+    let changed = synapse_db::set_sliding_sync_last_used(synapse, &alice.user_id, WEEK - HOUR);
+    assert_eq!(changed, 1);
+    let sweep = synapse_db::sweep_expired_sliding_sync_connections(synapse);
+    assert_eq!(
+        sweep.expiry_ms,
+        WEEK.as_millis() as u64,
+        "Synapse's CONNECTION_EXPIRY"
+    );
+    assert_eq!(
+        connections_of(synapse, &alice.user_id),
+        1,
+        "unused for less than 7 days: kept"
+    );
+    let changed = synapse_db::set_sliding_sync_last_used(synapse, &alice.user_id, WEEK + HOUR);
+    assert_eq!(changed, 1);
+    let sweep = synapse_db::sweep_expired_sliding_sync_connections(synapse);
+    assert!(sweep.deleted >= 1, "{sweep:?}");
+    assert_eq!(
+        connections_of(synapse, &alice.user_id),
+        0,
+        "unused for more than 7 days: expired"
+    );
+
+    // The expiry shows when the connection next records new state (Synapse answers a
+    // position it read already from its cache): a room entering the list.
+    bob.create_room(&[&alice.user_id]);
+    for i in 0..5 {
+        bob.send_text(&room, &format!("missed {i}"));
+    }
+    let after = collect_to_checkpoint(&service, |events| {
+        !resets(events).is_empty() && bodies_in(events, &room).len() >= 5
+    });
+    assert_eq!(resets(&after), [ResetReason::UnknownPos], "once");
+    assert_eq!(
+        bodies_in(&after, &room),
+        numbered("missed", 0..5),
+        "the fresh connection delivers what was missed, once, in order, and nothing before it"
+    );
+    assert_eq!(
+        connections_of(synapse, &alice.user_id),
+        1,
+        "a new connection"
+    );
+    bob.send_text(&room, "on the new connection");
+    let later = collect_to_checkpoint(&service, |events| !bodies_in(events, &room).is_empty());
+    assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
+    assert!(resets(&later).is_empty());
+    assert!(time_to_close(&service) < Duration::from_secs(2));
+}
+
+/// Synapse 1.163's `NUM_ROOMS_THRESHOLD` (`handlers/sliding_sync/room_lists.py`).
+const NUM_ROOMS_THRESHOLD: usize = 100;
+
+/// Receives events, acknowledging each checkpoint (the driver runs with
+/// `acknowledge_checkpoints`), until `done` holds at a checkpoint. With `hold`, that last
+/// checkpoint is left unacknowledged: the driver then sends nothing until
+/// `checkpoint_stored`.
+fn collect_acking(
+    service: &SyncService,
+    hold: bool,
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let mut seen = false;
+    let mut finished = false;
+    let events = collect_until(service, Duration::from_secs(120), |events| {
+        if let Some(EventKind::Checkpoint(_)) = events.last().map(|e| &e.kind) {
+            seen = seen || done(events);
+            finished = seen;
+            if !(finished && hold) {
+                service.checkpoint_stored().expect("the service runs");
+            }
+        }
+        finished
+    });
+    events
+}
+
+/// [`drain_until_live`], acknowledging checkpoints.
+fn drain_acking_until_live(service: &SyncService) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut checkpoint = false;
+    while !(checkpoint && service.state() == SyncState::Live) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not live within 120 s (checkpoint seen: {checkpoint}, state {:?})",
+            service.state()
+        );
+        match service.events().recv_timeout(Duration::from_millis(20)) {
+            Ok(event) if matches!(&event.kind, EventKind::Checkpoint(_)) => {
+                checkpoint = true;
+                service.checkpoint_stored().expect("the service runs");
+            }
+            Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("events ended before the service was live: {e}"),
+        }
+    }
+}
+
+/// The connection position (the part of `pos` before the `/`) of the last checkpoint.
+fn connection_position(events: &[Event]) -> String {
+    let pos = last_position(events).pos.expect("a pos");
+    pos.split('/').next().unwrap().to_owned()
+}
+
+/// Synapse's other expiry (`_filter_relevant_rooms_to_send` in
+/// `handlers/sliding_sync/room_lists.py`): on a request with a `pos`, if more than
+/// `NUM_ROOMS_THRESHOLD` (100) rooms of the request's windows and subscriptions had events
+/// since that position and the connection's `last_used_ts` (as read with the position) is over
+/// `MINIMUM_NOT_USED_AGE_EXPIRY` (1 hour) old, it answers `M_UNKNOWN_POS` rather than sending
+/// them all. Both inputs are set: the user's window covers 101 rooms with a message each since
+/// the position, and `last_used_ts` is set two hours back while the driver holds a position
+/// Synapse has not read yet (Synapse caches a position it read, `last_used_ts` included, and
+/// the first read of a position refreshes the column), so that the held request is the first
+/// to read it.
+#[test]
+fn a_connection_idle_over_an_hour_with_over_a_hundred_rooms_updated_resets_once() {
+    let synapse = Synapse::shared();
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "busy", "sender");
+    let busy: Vec<String> = parallel(NUM_ROOMS_THRESHOLD + 1, 4, |_| alice.create_room(&[]));
+    let mut driver = DriverConfig::default();
+    driver.acknowledge_checkpoints = true;
+    let service = start_with(sliding_config(&alice), driver).expect("valid config");
+    drain_acking_until_live(&service);
+    for i in 0..5 {
+        bob.send_text(&room, &format!("kept {i}"));
+    }
+    let first = collect_acking(&service, false, |events| {
+        bodies_in(events, &room).len() >= 5
+    });
+    assert_eq!(bodies_in(&first, &room), numbered("kept", 0..5));
+    let before = connection_position(&first);
+
+    // A room entering the list makes a new connection position; the driver holds it.
+    let invited = bob.create_room(&[&alice.user_id]);
+    let held = collect_acking(&service, true, |events| {
+        events.iter().any(|e| {
+            e.kind == EventKind::Invite && e.room_id.as_ref().is_some_and(|r| r.as_str() == invited)
+        })
+    });
+    assert!(resets(&held).is_empty());
+    assert_ne!(
+        connection_position(&held),
+        before,
+        "the invitation made a new position, which Synapse has not read yet"
+    );
+
+    // While the driver holds: unused for two hours, and an update in more than 100 rooms of
+    // its window (the range grew to cover all 103 rooms while catching up).
+    let changed =
+        synapse_db::set_sliding_sync_last_used(synapse, &alice.user_id, Duration::from_secs(7200));
+    assert_eq!(changed, 1);
+    parallel(busy.len(), 4, |i| alice.send_text(&busy[i], "busy"));
+    for i in 0..5 {
+        bob.send_text(&room, &format!("missed {i}"));
+    }
+    service.checkpoint_stored().expect("the service runs");
+
+    let busy_bodies = |events: &[Event]| {
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Message && e.body.as_deref() == Some("busy"))
+            .count()
+    };
+    let after = collect_acking(&service, false, |events| {
+        !resets(events).is_empty()
+            && bodies_in(events, &room).len() >= 5
+            && busy_bodies(events) >= busy.len()
+    });
+    assert_eq!(resets(&after), [ResetReason::UnknownPos], "once");
+    assert!(
+        matches!(after[0].kind, EventKind::ConnectionReset(_)),
+        "the held request was the one refused: {:?}",
+        after[0].kind
+    );
+    assert_eq!(
+        bodies_in(&after, &room),
+        numbered("missed", 0..5),
+        "the fresh connection delivers what was missed, once, in order, and nothing before it"
+    );
+    for id in &busy {
+        assert_eq!(bodies_in(&after, id), ["busy"], "{id}: once");
+    }
+    bob.send_text(&room, "on the new connection");
+    let later = collect_acking(&service, false, |events| {
+        !bodies_in(events, &room).is_empty()
+    });
     assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
     assert!(resets(&later).is_empty());
     assert!(time_to_close(&service) < Duration::from_secs(2));
