@@ -24,14 +24,16 @@ const MACHINE_MODULES: &[&str] = &[
 ];
 
 /// The modules allowed to do I/O: the driver (its loop, stages, transport and resolver) and
-/// its agent's TLS roots, the reactor (many accounts on one thread), their lossy channels, the file checkpoint store, the E2EE stage (its crypto store and
-/// runtime; a stage of its own beside the machine), and the crate root with the docs section
-/// it includes (their documentation examples).
+/// its agent's TLS roots, the reactor (many accounts on one thread), their lossy channels, the
+/// file checkpoint store, the E2EE stage (its crypto store and runtime; a stage of its own
+/// beside the machine), the fleet (NATS JetStream and the worker's threads), and the crate root
+/// with the docs section it includes (their documentation examples).
 const IO_MODULES: &[&str] = &[
     "checkpoint.rs",
     "docs_many_machines.md",
     "driver",
     "e2ee",
+    "fleet",
     "lib.rs",
     "lossy.rs",
     "reactor",
