@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use matrix_sync_service::ruma_events::reaction::ReactionEventContent;
 use matrix_sync_service::{start_with, DriverConfig, EventKind, Failure, ServiceError};
@@ -14,8 +14,20 @@ use support::client::Account;
 use support::connect_proxy::ConnectProxy;
 use support::service::{collect_until, config_for, drain_until_live, tail_binary};
 
-/// Runs `tail` with `env` until it printed the event `event_id`; returns whether it did.
-fn tail_prints(account: &Account, env: &[(&str, &str)], send: impl FnOnce() -> String) -> bool {
+/// Runs `tail` with `env`, sends a message with `send` and returns whether `tail` printed it.
+///
+/// On palpo, up to three messages, each once the previous one has not come within 10 s: what
+/// this checks is the way `tail` goes, and palpo 0.0.2 can skip a message for a client whose
+/// `/sync` runs while the message is being written (it hands out a `next_batch` past it; see
+/// `support::palpo_stream`), which `tail`'s one-second long-polls make likely. Whether the
+/// library hands on every message palpo's stream has is checked on the wire by the palpo
+/// variants of `many_accounts` and `reactor_fairness`.
+fn tail_prints(
+    server: Server,
+    account: &Account,
+    env: &[(&str, &str)],
+    mut send: impl FnMut() -> String,
+) -> bool {
     let mut child = Command::new(tail_binary())
         .args(["--homeserver", account.base_url(), "--timeout-ms", "1000"])
         .env("MATRIX_ACCESS_TOKEN", &account.access_token)
@@ -31,16 +43,26 @@ fn tail_prints(account: &Account, env: &[(&str, &str)], send: impl FnOnce() -> S
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let live = lines.find(|l| l.as_ref().is_ok_and(|l| l.contains("\"checkpoint\"")));
     assert!(live.is_some(), "tail printed its first batch");
-    let event_id = send();
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    let needle = format!("\"{event_id}\"");
-    let printed = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
-        .any(|line| line.contains(&needle));
+    let attempts = match server {
+        Server::Palpo => 3,
+        _ => 1,
+    };
+    let printed = (0..attempts).any(|attempt| {
+        let needle = format!("\"{}\"", send());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let printed = std::iter::from_fn(|| rx.recv_deadline(deadline).ok())
+            .any(|line| line.contains(&needle));
+        if !printed && attempt + 1 < attempts {
+            eprintln!("palpo: message {attempt} not printed within 10 s; another");
+        }
+        printed
+    });
     let _ = child.kill();
     let _ = child.wait();
     printed
@@ -57,7 +79,7 @@ fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy(ser
         let proxy = ConnectProxy::start();
         let url = proxy.url();
         assert!(
-            tail_prints(&alice, &[(var, &url)], || bob.send_text(&room, var)),
+            tail_prints(server, &alice, &[(var, &url)], || bob.send_text(&room, var)),
             "{var}: the message came through"
         );
         assert!(
@@ -69,7 +91,7 @@ fn tail_goes_through_the_proxy_of_its_environment_and_around_it_for_no_proxy(ser
     let proxy = ConnectProxy::start();
     let url = proxy.url();
     let env = [("HTTPS_PROXY", url.as_str()), ("NO_PROXY", "127.0.0.1")];
-    assert!(tail_prints(&alice, &env, || bob.send_text(&room, "direct")));
+    assert!(tail_prints(server, &alice, &env, || bob.send_text(&room, "direct")));
     assert_eq!(proxy.tunnels(), Default::default(), "NO_PROXY: no tunnel");
 }
 
