@@ -7,9 +7,12 @@
 //! `events` row (and stream number) exists but whose JSON (`event_datas`) is not written
 //! yet. `room::timeline::build_and_append_pdu` writes the `events` row first
 //! (`create_hash_and_sign_event`), then in `append_pdu` a private read receipt with a later
-//! stream number (a receipt every member's sync returns, so such a sync is not empty and
-//! answers at once), then the JSON. A sync computed in between answers with the receipt
-//! and a `next_batch` past the message; from there on palpo never sends it to that account.
+//! stream number (one every member's sync returns), then the JSON. A sync computed in
+//! between (the second pass of a long-poll, which `routing::client::sync_v3` answers
+//! whatever it finds, or a first pass with something else to return, such as that receipt)
+//! answers with a `next_batch` past the message and without it; from there on palpo never
+//! sends it to that account. Seen: answers from `since=316` to `next_batch=317` without the
+//! message numbered 316.
 //!
 //! So on palpo a test asserts what the library can be held to: every message palpo's stream
 //! gave an account is handed on, once and in order, and nothing else; every `since` the
