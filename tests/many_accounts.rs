@@ -3,6 +3,12 @@
 //! reaches every account once and in order, and SIGTERM ends the process within 200 ms. The same with 10 accounts
 //! over `https`, through the test kit's TLS terminator, its CA given with `--ca-file`; and
 //! without the CA every account is refused as a TLS failure.
+//!
+//! On palpo the example talks to palpo through a recording proxy, and each account must get
+//! exactly the messages palpo's own `/sync` stream gave it (palpo can skip a message for an
+//! account whose sync ran while the message was being written: see
+//! `support::palpo_stream`); every message it lacks must be one palpo skipped, shown by
+//! replaying palpo's `/sync` from the same `since`.
 
 mod support;
 
@@ -20,6 +26,7 @@ use matrix_sync_testkit::parallel::parallel;
 use matrix_sync_testkit::tls::TlsTerminator;
 use serde_json::Value;
 use support::client::Account;
+use support::palpo_stream::Stream;
 
 const ACCOUNTS: usize = 50;
 const TLS_ACCOUNTS: usize = 10;
@@ -104,7 +111,8 @@ fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_
 }
 
 #[test]
-fn fifty_accounts_on_one_thread_get_every_message_once_in_order_and_stop_within_200_ms_on_palpo() {
+fn fifty_accounts_on_one_thread_get_every_message_palpos_sync_stream_has_once_in_order_and_stop_within_200_ms_on_palpo(
+) {
     every_message_once_in_order_and_a_quick_stop(Server::Palpo, ACCOUNTS, false);
 }
 
@@ -115,13 +123,14 @@ fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_no
 }
 
 #[test]
-fn over_https_ten_accounts_get_every_message_once_in_order_and_without_the_ca_none_starts_on_palpo()
-{
+fn over_https_ten_accounts_get_every_message_palpos_sync_stream_has_once_in_order_and_without_the_ca_none_starts_on_palpo(
+) {
     every_message_once_in_order_and_a_quick_stop(Server::Palpo, TLS_ACCOUNTS, true);
 }
 
 /// `n` accounts in one room, the example following them all (over `https` through a TLS
-/// terminator if `tls`), messages sent, then SIGTERM.
+/// terminator if `tls`), messages sent, then SIGTERM. On palpo through a recording proxy,
+/// each account's messages checked against palpo's own `/sync` stream to it.
 fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: bool) {
     let homeserver = server.start_with(Options::new().quick_passwords());
     let base = homeserver.base_url();
@@ -144,7 +153,12 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
         .collect();
     std::fs::write(&tokens, text).unwrap();
 
-    let terminator = tls.then(|| TlsTerminator::start(homeserver.port()));
+    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
+    let (plain_url, upstream_port) = match &stream {
+        Some(stream) => (stream.url(), stream.port()),
+        None => (base.clone(), homeserver.port()),
+    };
+    let terminator = tls.then(|| TlsTerminator::start(upstream_port));
     let ca_file = dir.path().join("ca.pem");
     let (url, extra) = match &terminator {
         Some(terminator) => {
@@ -152,7 +166,7 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
             let extra = vec!["--ca-file", ca_file.to_str().unwrap()];
             (terminator.base_url(), extra)
         }
-        None => (base.clone(), Vec::new()),
+        None => (plain_url, Vec::new()),
     };
     let mut running = spawn(&url, &tokens, &extra);
     let expected: HashSet<String> = accounts.iter().map(|a| a.user_id.clone()).collect();
@@ -188,16 +202,42 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
             .map(|l| l["event_id"].as_str().unwrap_or_default().to_owned())
             .collect()
     };
-    let complete = |per_account: &HashMap<String, Vec<Value>>| {
+    let by_id: HashMap<&str, &Account> = accounts.iter().map(|a| (a.user_id.as_str(), a)).collect();
+    // On palpo, the (account, message) pairs palpo's own stream skipped.
+    // With the answer (`since`, `next_batch`) that went past the message without it.
+    let mut skipped: HashMap<(String, String), (Option<u64>, u64)> = HashMap::new();
+    let mut complete = |per_account: &HashMap<String, Vec<Value>>| {
         expected.iter().all(|a| {
-            per_account
+            let got = per_account
                 .get(a)
-                .is_some_and(|lines| messages_of(lines).len() >= MESSAGES)
+                .map(|lines| messages_of(lines))
+                .unwrap_or_default();
+            sent.iter().all(|m| {
+                got.contains(m)
+                    || skipped.contains_key(&(a.clone(), m.clone()))
+                    || stream.as_ref().is_some_and(|stream| {
+                        match stream.skipped(by_id[a.as_str()], &room, m) {
+                            Some(batch) => {
+                                skipped.insert(
+                                    (a.clone(), m.clone()),
+                                    (batch.since, batch.next_batch),
+                                );
+                                true
+                            }
+                            None => false,
+                        }
+                    })
+            })
         })
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while !complete(&per_account) {
-        let line = running.next(deadline, "every message at every account");
+        // Lines as they come; between them (on palpo) another look at palpo's stream.
+        let line = match running.lines.recv_timeout(Duration::from_millis(250)) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+            Err(_) => running.next(deadline, "every message at every account"),
+        };
         let account = line["account"].as_str().unwrap().to_owned();
         per_account.entry(account).or_default().push(line);
     }
@@ -242,10 +282,22 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
 
     assert_eq!(per_account.len(), n, "accounts seen; stderr:\n{stderr}");
     for (account, lines) in &per_account {
+        let expected_messages: Vec<String> = match &stream {
+            None => sent.clone(),
+            Some(stream) => {
+                let token = &by_id[account.as_str()].access_token;
+                stream.assert_since_chain(token, account, &room);
+                sent.iter()
+                    .filter(|m| stream.delivered(token, &room, m))
+                    .cloned()
+                    .collect()
+            }
+        };
         assert_eq!(
             messages_of(lines),
-            sent,
-            "{account}: the messages, once each, in the order sent"
+            expected_messages,
+            "{account}: the messages (on palpo: those palpo's stream gave it), once each, in \
+             the order sent"
         );
         let mut seen = HashSet::new();
         for line in lines {
@@ -261,6 +313,33 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
                 }
             }
         }
+    }
+    if stream.is_some() {
+        // Every message an account lacks is one palpo's stream skipped (proved by replay),
+        // and every message reached some account.
+        for (account, lines) in &per_account {
+            let got = messages_of(lines);
+            for m in sent.iter().filter(|m| !got.contains(m)) {
+                assert!(
+                    skipped.contains_key(&(account.clone(), m.clone())),
+                    "{account}: {m} missing, yet palpo's stream did not skip it"
+                );
+            }
+        }
+        for m in &sent {
+            assert!(
+                per_account
+                    .values()
+                    .any(|lines| messages_of(lines).contains(m)),
+                "{m} reached no account"
+            );
+        }
+        eprintln!(
+            "palpo's stream skipped {} of {} (account, message) pairs (with the answer's \
+             since and next_batch): {skipped:?}",
+            skipped.len(),
+            n * MESSAGES
+        );
     }
     assert!(
         !stderr.contains(" error: "),

@@ -8,10 +8,16 @@
 //! the trickle would take tens of seconds: the trickled answer is long). Then the trickling
 //! account is removed: its `Stopped` state comes, its socket is closed (the trickler's
 //! writes fail), it is reported ended, and the key can be added again.
+//!
+//! On palpo the reactors talk to palpo through a recording proxy, and a message counts as
+//! delivered to an account when the account has it or palpo's own `/sync` stream skipped it
+//! for that account (palpo can: see `support::palpo_stream`), shown by replaying palpo's
+//! `/sync` from the same `since`; every message must still reach some account, and every
+//! message palpo's stream gave an account must reach it.
 
 mod support;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,6 +30,7 @@ use matrix_sync_service::{Config, EventKind, SyncState};
 use matrix_sync_testkit::homeserver::{Options, Server};
 use matrix_sync_testkit::parallel::parallel;
 use support::client::Account;
+use support::palpo_stream::Stream;
 
 const ACCOUNTS: usize = 10;
 const MESSAGES: usize = 3;
@@ -125,24 +132,57 @@ fn until_synced(reactor: &Reactor<String>, keys: &HashSet<String>) {
 }
 
 /// Sends `MESSAGES` messages one after the other, each once every account has the previous
-/// one; returns the slowest send-to-all-delivered time.
+/// one; returns the slowest send-to-all-delivered time. On palpo (`stream`), an account
+/// whose `/sync` stream palpo made skip the message counts as done (see the module docs).
 fn slowest_delivery(
     reactor: &Reactor<String>,
-    keys: &HashSet<String>,
+    accounts: &HashMap<String, &Account>,
     sender: &Account,
     room: &str,
+    stream: Option<&Stream>,
 ) -> Duration {
+    let keys: HashSet<&String> = accounts.keys().collect();
     let mut slowest = Duration::ZERO;
     for i in 0..MESSAGES {
         let sent_at = Instant::now();
         let event_id = sender.send_text(room, &format!("fairness {i}"));
         let mut got = HashSet::new();
+        let mut skipped = HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while got.len() < keys.len() {
+        while got.len() + skipped.len() < keys.len() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let tagged = reactor.events().recv_timeout(left).unwrap_or_else(|e| {
-                panic!("message {i}: {} of {} accounts: {e}", got.len(), keys.len())
-            });
+            let wait = match stream {
+                Some(_) => left.min(Duration::from_millis(250)),
+                None => left,
+            };
+            let tagged = match reactor.events().recv_timeout(wait) {
+                Ok(tagged) => tagged,
+                Err(_) if Instant::now() < deadline => {
+                    // On palpo: which of the others did palpo's stream skip it for?
+                    if let Some(stream) = stream {
+                        for (key, account) in accounts {
+                            if got.contains(key) || skipped.contains(key) {
+                                continue;
+                            }
+                            if let Some(batch) = stream.skipped(account, room, &event_id) {
+                                eprintln!(
+                                    "message {i}: palpo's stream skipped it for {key}: \
+                                     since {:?}, next_batch {}",
+                                    batch.since, batch.next_batch
+                                );
+                                skipped.insert(key.clone());
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => panic!(
+                    "message {i}: {} of {} accounts ({} skipped by palpo's stream): {e}",
+                    got.len(),
+                    keys.len(),
+                    skipped.len()
+                ),
+            };
             assert!(
                 keys.contains(&tagged.account),
                 "an event of {}",
@@ -152,7 +192,18 @@ fn slowest_delivery(
             if event.kind == EventKind::Message
                 && event.event_id.as_ref().map(|e| e.as_str()) == Some(event_id.as_str())
             {
+                assert!(
+                    !skipped.contains(&tagged.account),
+                    "{}: palpo's stream skipped it, yet it came",
+                    tagged.account
+                );
                 assert!(got.insert(tagged.account), "delivered twice");
+            }
+        }
+        assert!(!got.is_empty(), "message {i} reached no account");
+        if let Some(stream) = stream {
+            for key in &skipped {
+                assert!(!stream.delivered(&accounts[key].access_token, room, &event_id));
             }
         }
         slowest = slowest.max(sent_at.elapsed());
@@ -169,9 +220,13 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     let room = sender.create_room(&ids);
     parallel(ACCOUNTS, 4, |i| accounts[i].join(&room));
     let keys: HashSet<String> = accounts.iter().map(|a| a.user_id.clone()).collect();
+    let by_key: HashMap<String, &Account> =
+        accounts.iter().map(|a| (a.user_id.clone(), a)).collect();
+    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
+    let url = stream.as_ref().map_or(base.clone(), Stream::url);
     let add_all = |reactor: &Reactor<String>| {
         for (i, account) in accounts.iter().enumerate() {
-            let config = config(&base, &account.access_token, i as u64 + 1);
+            let config = config(&url, &account.access_token, i as u64 + 1);
             reactor.add(account.user_id.clone(), config).unwrap();
         }
     };
@@ -180,7 +235,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     let control = reactor::start(ReactorConfig::new().proxy_from_env(false)).unwrap();
     add_all(&control);
     until_synced(&control, &keys);
-    let control_time = slowest_delivery(&control, &keys, &sender, &room);
+    let control_time = slowest_delivery(&control, &by_key, &sender, &room, stream.as_ref());
     control.stop();
     control.join().unwrap();
 
@@ -204,7 +259,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     }
     add_all(&reactor);
     until_synced(&reactor, &keys);
-    let with_hostile = slowest_delivery(&reactor, &keys, &sender, &room);
+    let with_hostile = slowest_delivery(&reactor, &by_key, &sender, &room, stream.as_ref());
     let trickled = trickler.sent.load(Ordering::SeqCst);
     // Still trickling (its answer is minutes long): the measurement ran beside it.
     assert!(
@@ -258,7 +313,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
         thread::sleep(Duration::from_millis(50));
     }
     // The others go on: one more message reaches all ten, and the key can be used again.
-    let after = slowest_delivery(&reactor, &keys, &sender, &room);
+    let after = slowest_delivery(&reactor, &by_key, &sender, &room, stream.as_ref());
     assert!(after <= bound, "after the removal: {after:?}");
     assert!(reactor.accounts().len() == ACCOUNTS + 1);
     reactor
@@ -266,6 +321,11 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
         .unwrap();
     reactor.stop();
     reactor.join().unwrap();
+    if let Some(stream) = &stream {
+        for account in &accounts {
+            stream.assert_since_chain(&account.access_token, &account.user_id, &room);
+        }
+    }
     // At the stop every account left ended, each once.
     let ended: HashSet<String> = reactor.ended().try_iter().collect();
     assert_eq!(ended.len(), ACCOUNTS + 2, "{ended:?}");

@@ -155,6 +155,21 @@ pub struct ProxyEvent {
     pub action: Action,
 }
 
+/// One forwarded answer, kept once [`Proxy::keep_answers`] asked for its path.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    /// When the request (head and body) had been read from the client.
+    pub at: Instant,
+    /// Path and query, redacted as in [`ProxyEvent::path`].
+    pub path: String,
+    /// The request's `Authorization: Bearer` token, to tell accounts apart.
+    pub bearer: Option<String>,
+    /// The upstream's status.
+    pub status: u16,
+    /// The upstream's body, de-chunked, as the client got it.
+    pub body: Vec<u8>,
+}
+
 /// What the proxy did with a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -187,6 +202,8 @@ impl Proxy {
             upstream: Mutex::new(upstream),
             decider: Mutex::new(Decider::new(plan)),
             log: Mutex::new(Vec::new()),
+            keep: Mutex::new(None),
+            answers: Mutex::new(Vec::new()),
             active: AtomicUsize::new(0),
         });
         let accept = {
@@ -240,6 +257,17 @@ impl Proxy {
         *lock(&self.shared.upstream) = addr;
     }
 
+    /// From now on, keep every forwarded answer (body included) to a request whose path
+    /// contains `needle`, e.g. `/sync`.
+    pub fn keep_answers(&self, needle: impl Into<String>) {
+        *lock(&self.shared.keep) = Some(needle.into());
+    }
+
+    /// A snapshot of the answers kept so far, in the order they were sent to the client.
+    pub fn answers(&self) -> Vec<Answer> {
+        lock(&self.shared.answers).clone()
+    }
+
     /// Number of client connections currently being served.
     pub fn active_connections(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
@@ -265,6 +293,9 @@ struct Shared {
     upstream: Mutex<SocketAddr>,
     decider: Mutex<Decider>,
     log: Mutex<Vec<ProxyEvent>>,
+    /// The path needle of the answers to keep, if any.
+    keep: Mutex<Option<String>>,
+    answers: Mutex<Vec<Answer>>,
     active: AtomicUsize,
 }
 
@@ -461,6 +492,21 @@ fn handle_request(shared: &Shared, client: &TcpStream, request: &Request) -> Aft
                 record(Action::Forwarded {
                     status: response.status,
                 });
+                let kept = lock(&shared.keep)
+                    .as_deref()
+                    .is_some_and(|needle| path_only.contains(needle));
+                if kept {
+                    let bearer = header(&request.headers, "authorization")
+                        .and_then(|v| v.strip_prefix("Bearer "))
+                        .map(str::to_owned);
+                    lock(&shared.answers).push(Answer {
+                        at,
+                        path: logged_path.clone(),
+                        bearer,
+                        status: response.status,
+                        body: response.body.clone(),
+                    });
+                }
                 let bytes = response.to_client_bytes(&request.method, request.close, false);
                 send(client, &bytes, keep)
             }

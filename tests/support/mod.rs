@@ -10,4 +10,5 @@ pub use matrix_sync_testkit::{client, fake_server, proxy, synapse};
 pub mod connect_proxy;
 #[cfg(feature = "e2ee")]
 pub mod e2ee_sender;
+pub mod palpo_stream;
 pub mod service;
