@@ -203,25 +203,56 @@ fn a_connection_deleted_in_synapse_resets_once_and_the_sync_goes_on() {
     // `@cached`), and echoes it while the connection's state does not change: the deletion
     // shows when the connection next records new state, such as a room entering the list
     // (an invitation), where it looks the connection up again and finds it gone.
+    reset_once_behind_an_invitation(&service, &bob, &alice, &room, "lost?");
+    the_sync_goes_on(&service, &bob, &room, Acks::None);
+}
+
+/// Invites `alice` to a new room (so that her connection records new state, where Synapse
+/// looks it up again) and sends five messages `"{prefix} {i}"` to `room`; asserts that the
+/// driver reports exactly one `M_UNKNOWN_POS` reset and the fresh connection delivers the
+/// five once, in order, and nothing delivered before.
+fn reset_once_behind_an_invitation(
+    service: &SyncService,
+    bob: &Account,
+    alice: &Account,
+    room: &str,
+    prefix: &str,
+) {
     bob.create_room(&[&alice.user_id]);
     for i in 0..5 {
-        bob.send_text(&room, &format!("lost? {i}"));
+        bob.send_text(room, &format!("{prefix} {i}"));
     }
-    let after = collect_to_checkpoint(&service, |events| {
-        !resets(events).is_empty() && bodies_in(events, &room).len() >= 5
+    let after = collect_to_checkpoint(service, |events| {
+        !resets(events).is_empty() && bodies_in(events, room).len() >= 5
     });
     assert_eq!(resets(&after), [ResetReason::UnknownPos], "once");
     assert_eq!(
-        bodies_in(&after, &room),
-        numbered("lost?", 0..5),
-        "the fresh connection delivers what was missed, and not what was delivered before"
+        bodies_in(&after, room),
+        numbered(prefix, 0..5),
+        "the fresh connection delivers what was missed, once, in order, and nothing before it"
     );
-    // And it goes on: a new message arrives on the new connection, with no other reset.
-    bob.send_text(&room, "on the new connection");
-    let later = collect_to_checkpoint(&service, |events| !bodies_in(events, &room).is_empty());
-    assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
+}
+
+/// How the test's driver wants its checkpoints acknowledged.
+enum Acks {
+    /// Not at all (`acknowledge_checkpoints` off).
+    None,
+    /// Each, as it arrives.
+    Each,
+}
+
+/// After a reset the sync goes on: a new message arrives on the new connection, with no other
+/// reset, and the service stops at once.
+fn the_sync_goes_on(service: &SyncService, bob: &Account, room: &str, acks: Acks) {
+    bob.send_text(room, "on the new connection");
+    let arrived = |events: &[Event]| !bodies_in(events, room).is_empty();
+    let later = match acks {
+        Acks::None => collect_to_checkpoint(service, arrived),
+        Acks::Each => collect_acking(service, false, arrived),
+    };
+    assert_eq!(bodies_in(&later, room), ["on the new connection"]);
     assert!(resets(&later).is_empty());
-    assert!(time_to_close(&service) < Duration::from_secs(2));
+    assert!(time_to_close(service) < Duration::from_secs(2));
 }
 
 /// How many of `user_id`'s sliding sync connections Synapse's database holds.
@@ -284,29 +315,13 @@ fn a_connection_unused_for_seven_days_is_expired_by_synapse_and_resets_once() {
 
     // The expiry shows when the connection next records new state (Synapse answers a
     // position it read already from its cache): a room entering the list.
-    bob.create_room(&[&alice.user_id]);
-    for i in 0..5 {
-        bob.send_text(&room, &format!("missed {i}"));
-    }
-    let after = collect_to_checkpoint(&service, |events| {
-        !resets(events).is_empty() && bodies_in(events, &room).len() >= 5
-    });
-    assert_eq!(resets(&after), [ResetReason::UnknownPos], "once");
-    assert_eq!(
-        bodies_in(&after, &room),
-        numbered("missed", 0..5),
-        "the fresh connection delivers what was missed, once, in order, and nothing before it"
-    );
+    reset_once_behind_an_invitation(&service, &bob, &alice, &room, "missed");
     assert_eq!(
         connections_of(synapse, &alice.user_id),
         1,
         "a new connection"
     );
-    bob.send_text(&room, "on the new connection");
-    let later = collect_to_checkpoint(&service, |events| !bodies_in(events, &room).is_empty());
-    assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
-    assert!(resets(&later).is_empty());
-    assert!(time_to_close(&service) < Duration::from_secs(2));
+    the_sync_goes_on(&service, &bob, &room, Acks::None);
 }
 
 /// Synapse 1.163's `NUM_ROOMS_THRESHOLD` (`handlers/sliding_sync/room_lists.py`).
@@ -441,13 +456,7 @@ fn a_connection_idle_over_an_hour_with_over_a_hundred_rooms_updated_resets_once(
     for id in &busy {
         assert_eq!(bodies_in(&after, id), ["busy"], "{id}: once");
     }
-    bob.send_text(&room, "on the new connection");
-    let later = collect_acking(&service, false, |events| {
-        !bodies_in(events, &room).is_empty()
-    });
-    assert_eq!(bodies_in(&later, &room), ["on the new connection"]);
-    assert!(resets(&later).is_empty());
-    assert!(time_to_close(&service) < Duration::from_secs(2));
+    the_sync_goes_on(&service, &bob, &room, Acks::Each);
 }
 
 #[test]
