@@ -96,6 +96,7 @@ enum Batch {
 }
 
 impl Batch {
+    #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         match self {
             Batch::V3(delivery) => delivery.next_event(dedup),
@@ -675,34 +676,57 @@ impl SyncMachine {
     ///
     /// Handing on a [`Checkpoint`](EventKind::Checkpoint) is what advances `since`.
     #[must_use]
+    #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {
-        if let Phase::Discovering {
+        let Phase::Delivering { delivery, .. } = &mut self.phase else {
+            return self.poll_notice();
+        };
+        // Returned as it came, so that the event is built where the caller takes it.
+        let event = delivery.next_event(&mut self.dedup);
+        if let Some(Event {
+            kind: kind @ (EventKind::Checkpoint(_) | EventKind::ConnectionReset(_)),
+            ..
+        }) = &event
+        {
+            self.batch_ended(kind);
+        }
+        event
+    }
+
+    /// [`poll_event`](Self::poll_event) outside a batch: the homeserver discovery found.
+    fn poll_notice(&mut self) -> Option<Event> {
+        let Phase::Discovering {
             step: Step::Found { base_url },
             ..
         } = &mut self.phase
-        {
-            let homeserver = std::mem::take(base_url);
-            log::info!("server discovery: the homeserver is {homeserver}");
-            self.config.homeserver.clone_from(&homeserver);
-            // From here `homeserver` is the base URL itself: a copy of this configuration
-            // starts syncing there at once.
-            self.config.discover = false;
-            self.phase = Phase::Syncing { in_flight: None };
-            if self.state == SyncState::Refused {
-                // The verdict that needed the user is over: the server answered well.
-                self.set_state(self.catch_up_state());
-            }
-            return Some(Event::discovered(homeserver));
-        }
-        let Phase::Delivering { delivery, answer } = &mut self.phase else {
+        else {
             return None;
         };
-        let event = delivery.next_event(&mut self.dedup)?;
-        match &event.kind {
+        let homeserver = std::mem::take(base_url);
+        log::info!("server discovery: the homeserver is {homeserver}");
+        self.config.homeserver.clone_from(&homeserver);
+        // From here `homeserver` is the base URL itself: a copy of this configuration
+        // starts syncing there at once.
+        self.config.discover = false;
+        self.phase = Phase::Syncing { in_flight: None };
+        if self.state == SyncState::Refused {
+            // The verdict that needed the user is over: the server answered well.
+            self.set_state(self.catch_up_state());
+        }
+        Some(Event::discovered(homeserver))
+    }
+
+    /// The batch being delivered handed on its last item, `kind`.
+    #[cold]
+    fn batch_ended(&mut self, kind: &EventKind) {
+        let Phase::Delivering { delivery, answer } = &self.phase else {
+            return;
+        };
+        let channel = answer.channel;
+        match kind {
             EventKind::Checkpoint(checkpoint) => {
                 // The batch is over: its body is freed now, not at the next batch.
                 let productive = delivery.delivered() > 0 || answer.held;
-                let channel = answer.channel;
                 self.phase = Phase::Syncing { in_flight: None };
                 self.since = Some(checkpoint.next_batch.clone());
                 if let Wire::Sliding(sliding) = &mut self.wire {
@@ -713,7 +737,6 @@ impl SyncMachine {
             EventKind::ConnectionReset(_) => {
                 // Announced: the fresh connection is paced like an answer that delivered
                 // nothing, so a server that keeps dropping connections cannot make it spin.
-                let channel = answer.channel;
                 self.phase = Phase::Syncing { in_flight: None };
                 if let Some(delay) = self.schedule.sync_answered(channel, false, self.now) {
                     log::debug!("connection reset: next sync in {} ms", delay.as_millis());
@@ -721,7 +744,6 @@ impl SyncMachine {
             }
             _ => {}
         }
-        Some(event)
     }
 
     /// The next failure report. Drain after every input; the machine already acted on it.

@@ -633,6 +633,10 @@ impl Senders {
 /// fields may borrow from `$raw` itself, which moves into the event last.
 macro_rules! normalized {
     ($raw:expr, $fields:ident, $section:expr, $room_id:expr, $senders:expr) => {{
+        let event_id = $fields.event_id.as_deref().and_then(parse_event_id);
+        normalized!($raw, $fields, event_id, $section, $room_id, $senders)
+    }};
+    ($raw:expr, $fields:ident, $event_id:expr, $section:expr, $room_id:expr, $senders:expr) => {{
         let event_type = $fields.event_type.as_deref().unwrap_or_default();
         let kind = kind_of($section, event_type, $fields.state_key.is_some());
         let body = match kind {
@@ -664,7 +668,7 @@ macro_rules! normalized {
                 known_type(event_type)
                     .map_or_else(|| Cow::Owned(event_type.to_owned()), Cow::Borrowed),
             ),
-            event_id: $fields.event_id.and_then(|id| parse_event_id(&id)),
+            event_id: $event_id,
             sender: $fields.sender.and_then(|s| $senders.parse(&s)),
             origin_server_ts: $fields
                 .origin_server_ts
@@ -697,23 +701,25 @@ pub(crate) fn normalize_with(
 }
 
 /// [`normalize_with`] with the fields read already (by the strict pass over the body, or by
-/// [`event_fields`]), borrowing from the body `raw` was copied from.
+/// [`event_fields`]), borrowing from the body `raw` was copied from, and the event id parsed
+/// (by [`parse_event_id`]): the delivery loop decides on duplicates before it builds anything.
 #[inline]
-pub(crate) fn normalize_fields(
+pub(crate) fn normalize_identified(
     raw: Box<RawValue>,
     fields: EventFields<'_>,
+    event_id: Option<OwnedEventId>,
     section: Section,
     room_id: Option<&OwnedRoomId>,
     senders: &mut Senders,
 ) -> Event {
-    normalized!(raw, fields, section, room_id, senders)
+    normalized!(raw, fields, event_id, section, room_id, senders)
 }
 
 fn js_int_uint(v: u64) -> Option<js_int::UInt> {
     js_int::UInt::new(v)
 }
 
-fn parse_event_id(s: &str) -> Option<OwnedEventId> {
+pub(crate) fn parse_event_id(s: &str) -> Option<OwnedEventId> {
     EventId::parse(s).ok()
 }
 
