@@ -6,6 +6,7 @@
 //! fingerprint with probability about n²/2⁶⁵ for a window of n ids (under 10⁻⁹ for the default
 //! window), and a collision would skip one event as already delivered. The key is the only
 //! thing in the machine not given by its inputs; it changes nothing else that comes out.
+//! Being a keyed hash already, a fingerprint is its own hash in the set (`nohash-hasher`).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::BuildHasher;
@@ -15,7 +16,7 @@ use ruma_common::EventId;
 /// Remembers the last `capacity` event ids delivered, oldest forgotten first.
 #[derive(Debug)]
 pub(crate) struct Dedup {
-    seen: HashSet<u64, foldhash::fast::RandomState>,
+    seen: HashSet<u64, nohash_hasher::BuildNoHashHasher<u64>>,
     order: VecDeque<u64>,
     capacity: usize,
     key: foldhash::quality::RandomState,

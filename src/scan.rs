@@ -175,6 +175,67 @@ fn clear(f: &mut EventFields<'_>, level: Level) {
     f.in_reply_to = None;
 }
 
+/// The text of a JSON string whose contents (between the quotes) are `inner`, its escapes
+/// resolved; `None` for contents `serde_json` refuses (an unknown or cut escape, a lone
+/// surrogate, a control character, a bare quote). Message bodies with a line break or a quote
+/// take this path, so it is not left to serde_json's general one (a test holds the two equal).
+fn unescape(inner: &str) -> Option<String> {
+    let b = inner.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let run_end = memchr::memchr(b'\\', b.get(i..)?).map_or(b.len(), |at| i + at);
+        let run = inner.get(i..run_end)?;
+        if run.bytes().any(|c| c < 0x20 || c == b'"') {
+            return None;
+        }
+        out.push_str(run);
+        i = run_end;
+        if i == b.len() {
+            break;
+        }
+        let escape = *b.get(i + 1)?;
+        i += 2;
+        out.push(match escape {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let unit = hex4(b.get(i..i + 4)?)?;
+                i += 4;
+                match unit {
+                    0xd800..=0xdbff => {
+                        if b.get(i..i + 2)? != b"\\u" {
+                            return None;
+                        }
+                        let low = hex4(b.get(i + 2..i + 6)?)?;
+                        if !(0xdc00..=0xdfff).contains(&low) {
+                            return None;
+                        }
+                        i += 6;
+                        char::from_u32(0x10000 + ((unit - 0xd800) << 10) + (low - 0xdc00))?
+                    }
+                    unit => char::from_u32(unit)?,
+                }
+            }
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+/// Four hex digits as a number.
+fn hex4(digits: &[u8]) -> Option<u32> {
+    digits
+        .iter()
+        .try_fold(0, |n, &d| Some(n << 4 | char::from(d).to_digit(16)?))
+}
+
 /// The first `"` or `\` in `h`.
 fn quote_or_backslash(h: &[u8]) -> Option<usize> {
     // Most strings (keys, ids) are short, where memchr's per-call dispatch costs more than the
@@ -268,11 +329,9 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    // Rare enough that serde_json's own unescaping (with the quotes) is the right trade.
     #[cold]
     fn unescape(&self, span: Span) -> Option<Cow<'a, str>> {
-        let quoted = self.src.get(span.start.checked_sub(1)?..span.end + 1)?;
-        serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+        unescape(self.src.get(span.start..span.end)?).map(Cow::Owned)
     }
 
     /// The value at `i` if it is a string, after skipping it whatever it is.
@@ -474,8 +533,7 @@ impl Scanned {
             }
             let (start, end) = (off as usize, off as usize + len);
             if escaped {
-                let quoted = json.get(start - 1..end + 1)?;
-                serde_json::from_str::<String>(quoted).ok().map(Cow::Owned)
+                unescape(json.get(start..end)?).map(Cow::Owned)
             } else {
                 json.get(start..end).map(Cow::Borrowed)
             }
@@ -1327,8 +1385,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn unescapes_as_serde_json_does() {
+        for inner in [
+            r"a\nb",
+            r"\ud83d\ude00",
+            r"\ud83d",
+            r"\ude00",
+            r"\ud83dx",
+            r"\ud83d\u0041",
+            r"\u00e9\/",
+            r"\x",
+            r"\",
+            r"\u12",
+            r"\u12g4",
+            "tab\there",
+            r#"q\"q"#,
+            r"\b\f\r\t\\",
+            r"\u0000",
+        ] {
+            let quoted = format!("\"{inner}\"");
+            assert_eq!(
+                unescape(inner),
+                serde_json::from_str::<String>(&quoted).ok(),
+                "{inner}"
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn unescape_matches_serde_json(s in any::<String>(), mask in any::<u32>(),
+                                       junk in "(\\\\(u[0-9a-fA-F]{0,4}|[a-z\"/\\\\])|\"|[\x00-\x1f]){0,3}",
+                                       at in any::<prop::sample::Index>()) {
+            let quoted = quote(&s, mask);
+            let mut inner = quoted[1..quoted.len() - 1].to_owned();
+            let cut = (0..=inner.len()).filter(|&k| inner.is_char_boundary(k)).collect::<Vec<_>>();
+            inner.insert_str(*at.get(&cut), &junk);
+            let expected = serde_json::from_str::<String>(&format!("\"{inner}\"")).ok();
+            prop_assert_eq!(unescape(&inner), expected);
+        }
 
         #[test]
         fn matches_reference(json in prop_oneof![1 => value(), 6 => event(0)]) {
