@@ -10,6 +10,7 @@ use ruma_client_api::message::get_message_events::v3 as messages;
 use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::path_builder::VersionHistory;
 use ruma_common::api::{MatrixVersion, OutgoingRequest as RumaRequest, SupportedVersions};
+use ruma_common::presence::PresenceState;
 use ruma_common::OwnedRoomId;
 
 use crate::config::{Config, SyncFilter};
@@ -194,36 +195,71 @@ fn finish<R: RumaRequest<PathBuilder = VersionHistory>>(
         detail: e.to_string(),
     };
     let versions = versions();
-    let token = config.access_token.expose();
     let input = Cow::Borrowed(&versions);
     // The token is added below, not by ruma, so that the header is marked sensitive.
     let mut http = request
         .try_into_http_request_inner(&config.homeserver, input)
         .map_err(|e| err(&e))?
         .map(|_| Vec::new());
-    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| err(&e))?;
-    value.set_sensitive(true);
-    http.headers_mut().insert(AUTHORIZATION, value);
+    http.headers_mut()
+        .insert(AUTHORIZATION, bearer(config).map_err(|e| err(&e))?);
     Ok(http)
 }
 
 /// `GET /sync` with the given `since` and server-side `timeout`.
+///
+/// Written out here rather than built by ruma, which costs more than a small sync's whole
+/// parse (the request type, a clone of the filter, a serializer per field); a test holds the
+/// two equal, method, URL and headers, over every setting that reaches the request.
 pub(crate) fn sync_request(
     config: &Config,
     since: Option<&str>,
     timeout: Duration,
     full_state: bool,
 ) -> Result<http::Request<Vec<u8>>, BuildError> {
-    let mut request = sync::Request::new();
-    request.since = since.map(str::to_owned);
-    request.timeout = Some(timeout);
-    request.full_state = full_state;
-    request.set_presence = config.set_presence.clone();
-    request.filter = config.filter.as_ref().map(|f| match f {
-        SyncFilter::Definition(def) => sync::Filter::FilterDefinition((**def).clone()),
-        SyncFilter::Uploaded { id, .. } => sync::Filter::FilterId(id.clone()),
-    });
-    finish("sync", request, config)
+    let err = |e: &dyn fmt::Display| BuildError {
+        what: "sync",
+        detail: e.to_string(),
+    };
+    let base = &config.homeserver;
+    let mut url = String::with_capacity(base.len() + 256);
+    url.push_str(base.strip_suffix('/').unwrap_or(base));
+    url.push_str("/_matrix/client/v3/sync?");
+    let start = url.len();
+    let mut query = form_urlencoded::Serializer::for_suffix(url, start);
+    match &config.filter {
+        Some(SyncFilter::Definition(def)) => {
+            query.append_pair("filter", &serde_json::to_string(def).map_err(|e| err(&e))?);
+        }
+        Some(SyncFilter::Uploaded { id, .. }) => {
+            query.append_pair("filter", id);
+        }
+        None => {}
+    }
+    if let Some(since) = since {
+        query.append_pair("since", since);
+    }
+    if full_state {
+        query.append_pair("full_state", "true");
+    }
+    if config.set_presence != PresenceState::Online {
+        query.append_pair("set_presence", config.set_presence.as_str());
+    }
+    query.append_pair("timeout", itoa::Buffer::new().format(timeout.as_millis()));
+    http::Request::builder()
+        .method(http::Method::GET)
+        .uri(query.finish())
+        .header(AUTHORIZATION, bearer(config).map_err(|e| err(&e))?)
+        .body(Vec::new())
+        .map_err(|e| err(&e))
+}
+
+/// The `Authorization` header of `config`'s access token, marked sensitive (so that no
+/// `Debug` output shows it).
+pub(crate) fn bearer(config: &Config) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", config.access_token.expose()))?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// `GET /rooms/{roomId}/messages?dir=b&from=..&to=..&limit=..`.
@@ -255,5 +291,81 @@ fn timeline_filter(config: &Config) -> RoomEventFilter {
             filter
         }
         None => RoomEventFilter::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request as ruma builds it.
+    fn by_ruma(
+        config: &Config,
+        since: Option<&str>,
+        timeout: Duration,
+        full_state: bool,
+    ) -> http::Request<Vec<u8>> {
+        let mut request = sync::Request::new();
+        request.since = since.map(str::to_owned);
+        request.timeout = Some(timeout);
+        request.full_state = full_state;
+        request.set_presence = config.set_presence.clone();
+        request.filter = config.filter.as_ref().map(|f| match f {
+            SyncFilter::Definition(def) => sync::Filter::FilterDefinition((**def).clone()),
+            SyncFilter::Uploaded { id, .. } => sync::Filter::FilterId(id.clone()),
+        });
+        finish("sync", request, config).expect("ruma builds it")
+    }
+
+    #[test]
+    fn sync_request_is_the_one_ruma_builds() {
+        let filters = [
+            None,
+            Some(SyncFilter::lazy_loading()),
+            Some(SyncFilter::timeline_limit(5)),
+            Some(
+                SyncFilter::from_json(r#"{"room":{"rooms":["!a b:x"],"timeline":{"types":["m.room.message"]}},"presence":{"not_types":["*"]}}"#)
+                    .unwrap(),
+            ),
+            Some(SyncFilter::Uploaded {
+                id: "f 1&=/é".to_owned(),
+                definition: Box::default(),
+            }),
+        ];
+        let mut checked = 0;
+        for homeserver in [
+            "https://example.org",
+            "https://example.org/",
+            "http://127.0.0.1:8008/prefix",
+        ] {
+            for filter in &filters {
+                for presence in [
+                    PresenceState::Online,
+                    PresenceState::Offline,
+                    PresenceState::Unavailable,
+                ] {
+                    let mut config = Config::new(homeserver, "secret token");
+                    config.filter = filter.clone();
+                    config.set_presence = presence;
+                    for since in [None, Some("s72594_4483_1934"), Some("a b&c=d/é+%#?")] {
+                        for timeout in [0, 30_000, 1_234_567] {
+                            for full_state in [false, true] {
+                                let timeout = Duration::from_millis(timeout);
+                                let ours = sync_request(&config, since, timeout, full_state)
+                                    .expect("builds");
+                                let theirs = by_ruma(&config, since, timeout, full_state);
+                                assert_eq!(ours.method(), theirs.method());
+                                assert_eq!(ours.uri(), theirs.uri());
+                                assert_eq!(ours.headers(), theirs.headers());
+                                assert!(ours.headers()[AUTHORIZATION].is_sensitive());
+                                assert_eq!(ours.body(), theirs.body());
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 3 * 5 * 3 * 3 * 3 * 2);
     }
 }
