@@ -1,7 +1,8 @@
 //! The reactor against loopback servers of the test's own: the body cap enforced while
-//! reading, a request's deadline enforced on a server that never answers, and the proxy of
+//! reading, a request's deadline enforced on a server that never answers, the proxy of
 //! the environment (`https` through a `CONNECT` tunnel, plain `http` in absolute form, with
-//! the proxy's credentials).
+//! the proxy's credentials), and acknowledged checkpoints (an account holding its next sync
+//! until its checkpoint is stored, the others going on).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -502,6 +503,201 @@ fn server_discovery_moves_the_account_to_the_homeserver_it_names() {
     assert!(paths[1].ends_with("/v3/sync"), "{paths:?}");
     // Two origins, two connections.
     assert_eq!(reactor.connections_opened(), 2);
+    reactor.stop();
+    reactor.join().unwrap();
+}
+
+/// A homeserver whose every `/sync` answer holds one message and a new `next_batch`:
+/// `<prefix>1` for the first sync, `<prefix>N+1` for `since=<prefix>N`, after `delay` (a
+/// long-poll's pace, so that a busy account does not flood the events channel).
+fn counting_server(prefix: &'static str, delay: Duration) -> FakeServer {
+    FakeServer::start(move |request| {
+        assert!(request.path().ends_with("/v3/sync"), "{}", request.target);
+        thread::sleep(delay);
+        let n: u64 = request
+            .query("since")
+            .map(|since| {
+                since
+                    .strip_prefix(prefix)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("a since of another server: {since}"))
+            })
+            .unwrap_or(0);
+        let body = format!(
+            r#"{{"next_batch":"{prefix}{next}","rooms":{{"join":{{"!r:example.org":{{"timeline":{{"events":[
+                {{"type":"m.room.message","event_id":"$e{next}","sender":"@a:example.org",
+                 "origin_server_ts":1,"content":{{"msgtype":"m.text","body":"batch {next}"}}}}]}}}}}}}}}}"#,
+            next = n + 1
+        );
+        Response::json(200, body)
+    })
+}
+
+/// The `since` of each sync request `server` received, in order (`None` for the first).
+fn sinces(server: &FakeServer) -> Vec<Option<String>> {
+    server.log().iter().map(|r| r.query("since")).collect()
+}
+
+/// The `next_batch` of each checkpoint received, per account.
+type Checkpoints = std::collections::HashMap<String, Vec<String>>;
+
+/// Receives events for `span`, acknowledging at once the checkpoints of the accounts in
+/// `acking`, and returns every account's checkpoints.
+fn receive_for(reactor: &Reactor<String>, span: Duration, acking: &[&str]) -> Checkpoints {
+    receive(reactor, span, acking, |_| false)
+}
+
+/// Receives events as [`receive_for`] does until `done` holds, within ten seconds.
+fn receive_until(
+    reactor: &Reactor<String>,
+    acking: &[&str],
+    done: impl Fn(&Checkpoints) -> bool,
+) -> Checkpoints {
+    let checkpoints = receive(reactor, Duration::from_secs(10), acking, &done);
+    assert!(done(&checkpoints), "not within 10 s: {checkpoints:?}");
+    checkpoints
+}
+
+fn receive(
+    reactor: &Reactor<String>,
+    span: Duration,
+    acking: &[&str],
+    done: impl Fn(&Checkpoints) -> bool,
+) -> Checkpoints {
+    let mut checkpoints = Checkpoints::default();
+    let until = Instant::now() + span;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || done(&checkpoints) {
+            return checkpoints;
+        }
+        let Ok(tagged) = reactor.events().recv_timeout(left) else {
+            continue;
+        };
+        if let EventKind::Checkpoint(checkpoint) = &tagged.event.kind {
+            checkpoints
+                .entry(tagged.account.clone())
+                .or_default()
+                .push(checkpoint.next_batch.clone());
+            if acking.contains(&tagged.account.as_str()) {
+                reactor
+                    .checkpoint_stored(&tagged.account)
+                    .expect("the account is followed");
+            }
+        }
+    }
+}
+
+/// Waits until `server` has received `n` requests, within ten seconds.
+fn until_requests(server: &FakeServer, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.requests() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} requests of {n}; since values {:?}",
+            server.requests(),
+            sinces(server)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn an_unacknowledged_checkpoint_holds_its_account_s_next_sync_and_no_other_account() {
+    let held = counting_server("a", Duration::ZERO);
+    let busy = counting_server("b", Duration::from_millis(20));
+    let reactor = reactor::start(
+        ReactorConfig::new()
+            .proxy_from_env(false)
+            .acknowledge_checkpoints(true),
+    )
+    .unwrap();
+    reactor
+        .add("held".to_owned(), Config::new(held.url(), "token"))
+        .unwrap();
+    reactor
+        .add("busy".to_owned(), Config::new(busy.url(), "token"))
+        .unwrap();
+
+    // "held" is not acknowledged, "busy" at each checkpoint: until the first checkpoint of
+    // "held", then 1.5 s more.
+    let first = receive_until(&reactor, &["busy"], |seen| seen.contains_key("held"));
+    assert_eq!(first["held"], ["a1"]);
+    let seen = receive_for(&reactor, Duration::from_millis(1500), &["busy"]);
+    assert_eq!(
+        seen.get("held"),
+        None,
+        "another checkpoint of the held account"
+    );
+    assert_eq!(
+        sinces(&held),
+        [None],
+        "no request after the unacknowledged checkpoint"
+    );
+    let busy_batches = seen.get("busy").map_or(0, Vec::len);
+    assert!(
+        busy_batches >= 5,
+        "the other account went on syncing: {busy_batches} checkpoints in 1.5 s"
+    );
+    let acknowledged = first.get("busy").map_or(0, Vec::len) + busy_batches;
+    assert!(
+        busy.requests() <= acknowledged + 1,
+        "one request per acknowledged checkpoint: {} requests, {acknowledged} checkpoints",
+        busy.requests()
+    );
+
+    // Acknowledged: the next sync starts from that checkpoint, then waits again.
+    reactor.checkpoint_stored(&"held".to_owned()).unwrap();
+    until_requests(&held, 2, "after the acknowledgement");
+    let seen = receive_for(&reactor, Duration::from_millis(700), &["busy"]);
+    assert_eq!(
+        seen.get("held").map(Vec::as_slice),
+        Some(&["a2".to_owned()][..]),
+        "{seen:?}"
+    );
+    assert_eq!(sinces(&held), [None, Some("a1".to_owned())]);
+
+    // Removing an account that waits ends it as any other; an acknowledgement for it is
+    // refused from then on.
+    reactor.remove(&"held".to_owned()).unwrap();
+    loop {
+        let ended = reactor
+            .ended()
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the waiting account ended");
+        if ended == "held" {
+            break;
+        }
+    }
+    assert!(matches!(
+        reactor.checkpoint_stored(&"held".to_owned()),
+        Err(reactor::AccountCommandError::Unknown)
+    ));
+    assert_eq!(
+        held.requests(),
+        2,
+        "nothing sent after the second checkpoint"
+    );
+    reactor.stop();
+    reactor.join().unwrap();
+}
+
+#[test]
+fn without_acknowledge_checkpoints_the_next_sync_goes_out_at_once() {
+    let server = counting_server("s", Duration::ZERO);
+    let reactor = reactor::start(ReactorConfig::new().proxy_from_env(false)).unwrap();
+    reactor
+        .add("plain".to_owned(), Config::new(server.url(), "token"))
+        .unwrap();
+    let seen = receive_for(&reactor, Duration::from_millis(300), &[]);
+    assert!(
+        seen.get("plain").is_some_and(|c| c.len() >= 2),
+        "checkpoints without acknowledgements: {seen:?}"
+    );
+    let sinces = sinces(&server);
+    assert_eq!(sinces[..2], [None, Some("s1".to_owned())]);
+    // An acknowledgement changes nothing then, and is not refused.
+    reactor.checkpoint_stored(&"plain".to_owned()).unwrap();
     reactor.stop();
     reactor.join().unwrap();
 }

@@ -37,6 +37,10 @@ pub(crate) enum Report {
     Failed { name: String, why: String },
     /// After a reload: the stored checkpoint to restart from.
     Resumed { name: String, since: Option<String> },
+    /// The oldest checkpoint of the account not yet reported stored is in the checkpoints
+    /// bucket (every event of its batch acknowledged before it): the reactor may send the
+    /// account's next sync. `epoch`: the lease it was stored under.
+    CheckpointStored { name: String, epoch: u64 },
     /// The lease was given back. The actor has ended.
     Released { name: String },
 }
@@ -259,6 +263,10 @@ pub(crate) async fn run(
                 next_renew = Instant::now() + ctx.config.renew_every;
                 batch_from.clone_from(token);
                 position = 0;
+                ctx.report(Report::CheckpointStored {
+                    name: name.clone(),
+                    epoch: lease.epoch,
+                });
             }
             committed
         } else {

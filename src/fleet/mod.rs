@@ -59,6 +59,11 @@
 //!   be longer than a takeover (lease TTL plus a sync round trip); the default is two
 //!   minutes. A message republished after the window has passed is stored again: that is
 //!   the "at least once".
+//! * **To-device messages survive a crash too.** The homeserver deletes a batch's to-device
+//!   messages (the room keys of encrypted rooms among them) once a sync carries the position
+//!   after them, so an account's next sync goes out only once its checkpoint is stored (the
+//!   reactor runs with [`acknowledge_checkpoints`](crate::reactor::ReactorConfig::acknowledge_checkpoints)):
+//!   a worker that dies in between leaves the server holding them for the next one.
 //! * **Credentials** come from the accounts bucket and are never logged (they are not in any
 //!   `Debug` output either). Tokens refreshed by the homeserver are written back to the
 //!   account's entry, with the entry's revision, before the machine uses them (the reactor's
@@ -281,7 +286,9 @@ pub struct FleetConfig {
     /// Settings of every account's [`Config`] besides the homeserver, the credentials and
     /// `since`, which come from the buckets.
     pub template: Config,
-    /// The reactor's settings (its `on_credentials` is the worker's own).
+    /// The reactor's settings (its `on_credentials` is the worker's own, and
+    /// [`acknowledge_checkpoints`](ReactorConfig::acknowledge_checkpoints) is always on: an
+    /// account's next sync waits until its checkpoint is in the checkpoints bucket).
     pub reactor: ReactorConfig<String>,
     /// Called with each lease change of this worker.
     pub on_lease: Option<Arc<OnLease>>,

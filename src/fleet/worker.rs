@@ -93,8 +93,14 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
             Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
         }
     };
-    let reactor = reactor::start(config.reactor.clone().on_credentials(store))
-        .map_err(|e| FleetError::Reactor(e.to_string()))?;
+    // Each account's next sync waits until its checkpoint is in the bucket: the sync after a
+    // checkpoint lets the homeserver delete that batch's to-device messages.
+    let reactor_config = config
+        .reactor
+        .clone()
+        .on_credentials(store)
+        .acknowledge_checkpoints(true);
+    let reactor = reactor::start(reactor_config).map_err(|e| FleetError::Reactor(e.to_string()))?;
 
     let watcher = nats
         .rt
@@ -403,6 +409,7 @@ impl Worker {
                     }
                 }
             }
+            Report::CheckpointStored { name, epoch } => self.checkpoint_stored(&name, epoch),
             Report::Released { name } => {
                 if let Some(held) = self.held.remove(&name) {
                     let at = held.stopped.unwrap_or_else(SystemTime::now);
@@ -411,6 +418,23 @@ impl Worker {
                 self.cooldown
                     .insert(name, Instant::now() + self.config.lease_ttl);
             }
+        }
+    }
+
+    /// The actor stored the account's oldest checkpoint not yet acknowledged: the reactor may
+    /// send its next sync. Only while it syncs under the same lease: an account stopped since
+    /// (restarting, given back, lost) was removed from the reactor, waiting or not, and comes
+    /// back (if it does) as a new account owing nothing. Its actor's reports come in order, so
+    /// one of a stopped run always arrives before the account is added again.
+    fn checkpoint_stored(&mut self, name: &str, epoch: u64) {
+        let Some(held) = self.held.get(name) else {
+            return;
+        };
+        if held.phase != Phase::Syncing || held.epoch != epoch {
+            return;
+        }
+        if let Err(e) = self.reactor.checkpoint_stored(&name.to_owned()) {
+            log::debug!("account {name}: checkpoint acknowledgement not delivered: {e}");
         }
     }
 

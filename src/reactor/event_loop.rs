@@ -36,6 +36,8 @@ pub(super) enum Command<K> {
     Add(K, Box<SyncMachine>),
     Remove(K),
     SetCredentials(K, Credentials, bool),
+    /// The application stored the oldest checkpoint of the account it had not acknowledged.
+    CheckpointStored(K),
 }
 
 /// A slot and the generation of the account in it (a slot is reused after a removal).
@@ -56,6 +58,9 @@ struct Account<K> {
     resolving: bool,
     /// The instant of this account's live entry in the timer heap (older entries are stale).
     scheduled: Option<Instant>,
+    /// Checkpoints handed to the application and not acknowledged yet (counted only with
+    /// `acknowledge_checkpoints`): no request goes out while there is one.
+    unacknowledged: usize,
 }
 
 #[derive(Clone)]
@@ -84,6 +89,8 @@ pub(super) struct Loop<K> {
     pub(super) proxy: Option<HttpProxy>,
     pub(super) resolver: Resolver<Slot>,
     pub(super) max_connecting: usize,
+    /// Hold each account after its checkpoint until the application acknowledges it.
+    acknowledge_checkpoints: bool,
     slots: Vec<Option<Account<K>>>,
     free: Vec<usize>,
     by_key: HashMap<K, usize>,
@@ -122,6 +129,7 @@ impl<K: AccountKey> Loop<K> {
         proxy: Option<HttpProxy>,
         resolver: Resolver<Slot>,
         max_connecting: usize,
+        acknowledge_checkpoints: bool,
     ) -> Self {
         Self {
             poll,
@@ -132,6 +140,7 @@ impl<K: AccountKey> Loop<K> {
             proxy,
             resolver,
             max_connecting,
+            acknowledge_checkpoints,
             slots: Vec::new(),
             free: Vec::new(),
             by_key: HashMap::new(),
@@ -246,9 +255,48 @@ impl<K: AccountKey> Loop<K> {
                     }
                     self.pump(slot, now)?;
                 }
+                Command::CheckpointStored(key) => self.checkpoint_stored(&key, now)?,
             }
         }
         Ok(())
+    }
+
+    /// The application stored the account's oldest unacknowledged checkpoint: once none is
+    /// left, the account goes on (its machine told the time, since it waited).
+    fn checkpoint_stored(&mut self, key: &K, now: Instant) -> Result<(), Stopped> {
+        let Some(&index) = self.by_key.get(key) else {
+            return Ok(());
+        };
+        let Some(generation) = self.generation(index) else {
+            return Ok(());
+        };
+        let slot = (index, generation);
+        let acknowledging = self.acknowledge_checkpoints;
+        let Some(account) = self.account(slot) else {
+            return Ok(());
+        };
+        if !acknowledging {
+            log::debug!(
+                "{:?}: checkpoint acknowledged, but acknowledge_checkpoints is off; ignored",
+                account.key
+            );
+            return Ok(());
+        }
+        if account.unacknowledged == 0 {
+            log::warn!(
+                "{:?}: checkpoint acknowledged with none waiting for it; ignored",
+                account.key
+            );
+            return Ok(());
+        }
+        account.unacknowledged -= 1;
+        if account.unacknowledged > 0 {
+            return Ok(());
+        }
+        if let Err(e) = account.machine.handle_timeout(now) {
+            log::warn!("{:?}: timeout refused by the machine: {e}", account.key);
+        }
+        self.pump(slot, now)
     }
 
     fn add(&mut self, key: K, machine: SyncMachine, now: Instant) -> Result<(), Stopped> {
@@ -268,6 +316,7 @@ impl<K: AccountKey> Loop<K> {
             route: None,
             resolving: false,
             scheduled: None,
+            unacknowledged: 0,
         };
         let index = match self.free.pop() {
             Some(index) => {
@@ -342,6 +391,12 @@ impl<K: AccountKey> Loop<K> {
             }
             self.out.publish(account);
             while let Some(event) = account.machine.poll_event() {
+                if self.acknowledge_checkpoints
+                    && matches!(event.kind, crate::EventKind::Checkpoint(_))
+                {
+                    // Counted before it is sent: its acknowledgement can only come after.
+                    account.unacknowledged += 1;
+                }
                 let event = AccountEvent {
                     account: account.key.clone(),
                     event,
@@ -369,7 +424,9 @@ impl<K: AccountKey> Loop<K> {
             if answered {
                 continue;
             }
-            if account.transfer.is_none() {
+            // Held while a checkpoint it handed out is not stored: the next request would let
+            // the server delete that batch's to-device messages.
+            if account.transfer.is_none() && account.unacknowledged == 0 {
                 if let Some(request) = account.machine.poll_request() {
                     let id = request.id;
                     if let Err(failure) = self.start(slot, request) {
@@ -413,7 +470,13 @@ impl<K: AccountKey> Loop<K> {
         let Some(account) = self.account(slot) else {
             return;
         };
-        let machine = account.machine.poll_timeout();
+        // A held account has nothing to do before its acknowledgement (its machine's instant
+        // is when its next request may go out), which comes as a command.
+        let machine = if account.unacknowledged > 0 {
+            None
+        } else {
+            account.machine.poll_timeout()
+        };
         let transfer = account.transfer.as_ref().map(|t| t.deadline);
         let next = match (machine, transfer) {
             (Some(a), Some(b)) => Some(a.min(b)),

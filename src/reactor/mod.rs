@@ -51,11 +51,18 @@
 //!   batch ending with its [`Checkpoint`](crate::Checkpoint): persist the checkpoint of a key
 //!   only after handling the events of that key before it. Events of different accounts
 //!   interleave in no promised order. Commands ([`add`](Reactor::add),
-//!   [`remove`](Reactor::remove), [`set_credentials`](Reactor::set_credentials)) take effect
-//!   in the order they were called, so a remove followed by an add of the same key starts
-//!   a fresh machine after the old one ended. Events of a removed account that were already
-//!   in the channel stay there; none is added after its key came on
-//!   [`ended`](Reactor::ended).
+//!   [`remove`](Reactor::remove), [`set_credentials`](Reactor::set_credentials),
+//!   [`checkpoint_stored`](Reactor::checkpoint_stored)) take effect in the order they were
+//!   called, so a remove followed by an add of the same key starts a fresh machine after the
+//!   old one ended. Events of a removed account that were already in the channel stay there;
+//!   none is added after its key came on [`ended`](Reactor::ended).
+//! * **Acknowledged checkpoints** (opt-in: [`ReactorConfig::acknowledge_checkpoints`], the
+//!   driver's [`acknowledge_checkpoints`](crate::DriverConfig::acknowledge_checkpoints) per
+//!   account): after handing out a checkpoint, an account sends nothing until the application
+//!   says it stored it ([`checkpoint_stored`](Reactor::checkpoint_stored) with its key), so
+//!   that a crash between reading a batch and storing its checkpoint loses none of the
+//!   batch's to-device messages. Only that account waits; the others go on. One never
+//!   acknowledged waits for good, until it is removed.
 //! * **Removing an account** aborts its request in flight, closes its socket and stops its
 //!   machine: its key then comes on [`ended`](Reactor::ended) (never dropped), when every
 //!   event of it is already in [`events`](Reactor::events); its last state,
@@ -181,6 +188,26 @@ pub struct ReactorConfig<K = String> {
     /// A listener's accept queue is short (Synapse's is 50): a thousand SYNs at once overflow
     /// it, and each one dropped costs a retransmission a second or more later.
     pub max_connecting: usize,
+    /// After handing an account's checkpoint to [`Reactor::events`], send nothing more for
+    /// that account until the application says it stored it ([`Reactor::checkpoint_stored`]
+    /// with its key). Off by default: then the account's next sync goes out as soon as the
+    /// checkpoint is in the channel. The same setting as the driver's
+    /// [`DriverConfig::acknowledge_checkpoints`](crate::DriverConfig::acknowledge_checkpoints),
+    /// for every account of the reactor.
+    ///
+    /// Why it exists: the server deletes to-device messages (among them the room keys of
+    /// end-to-end encryption) once a later sync carries the position after them (`/v3/sync`'s
+    /// `since`, sliding sync's to-device cursor). Without acknowledgements, an application
+    /// that crashes with a batch read but its checkpoint not yet stored restarts that account
+    /// from an older checkpoint and gets the room events again, but not the batch's to-device
+    /// messages: the server deleted them when the account's next sync went out. With them on,
+    /// to-device messages are delivered at least once across crashes too.
+    ///
+    /// Only the account that waits is held: the others go on syncing. An application that
+    /// never acknowledges stalls that account for good (no request, no error: it waits in
+    /// whatever state it reached); [`Reactor::remove`] and [`Reactor::stop`] end a waiting
+    /// account as any other.
+    pub acknowledge_checkpoints: bool,
 }
 
 impl<K> Default for ReactorConfig<K> {
@@ -194,6 +221,7 @@ impl<K> Default for ReactorConfig<K> {
             trust_roots: TrustRoots::default(),
             extra_ca: Vec::new(),
             max_connecting: 32,
+            acknowledge_checkpoints: false,
         }
     }
 }
@@ -209,6 +237,7 @@ impl<K> Clone for ReactorConfig<K> {
             trust_roots: self.trust_roots,
             extra_ca: self.extra_ca.clone(),
             max_connecting: self.max_connecting,
+            acknowledge_checkpoints: self.acknowledge_checkpoints,
         }
     }
 }
@@ -224,6 +253,7 @@ impl<K> Debug for ReactorConfig<K> {
             .field("trust_roots", &self.trust_roots)
             .field("extra_ca", &self.extra_ca.len())
             .field("max_connecting", &self.max_connecting)
+            .field("acknowledge_checkpoints", &self.acknowledge_checkpoints)
             .finish()
     }
 }
@@ -259,6 +289,13 @@ impl<K> ReactorConfig<K> {
     #[must_use]
     pub fn proxy_from_env(mut self, on: bool) -> Self {
         self.proxy_from_env = on;
+        self
+    }
+
+    /// Sets [`acknowledge_checkpoints`](Self::acknowledge_checkpoints).
+    #[must_use]
+    pub fn acknowledge_checkpoints(mut self, on: bool) -> Self {
+        self.acknowledge_checkpoints = on;
         self
     }
 
@@ -323,8 +360,8 @@ pub enum AddError {
     Stopped,
 }
 
-/// Why a command for one account ([`Reactor::remove`], [`Reactor::set_credentials`]) was
-/// refused. Nothing changed.
+/// Why a command for one account ([`Reactor::remove`], [`Reactor::set_credentials`],
+/// [`Reactor::checkpoint_stored`]) was refused. Nothing changed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AccountCommandError {
@@ -413,6 +450,7 @@ pub fn start<K: AccountKey>(config: ReactorConfig<K>) -> Result<Reactor<K>, Star
         proxy,
         Resolver::new(waker.clone()),
         config.max_connecting,
+        config.acknowledge_checkpoints,
     );
     let thread = thread::Builder::new()
         .name("matrix-sync-reactor".to_owned())
@@ -519,6 +557,25 @@ impl<K: AccountKey> Reactor<K> {
                 credentials,
                 keep_refresh_token,
             ))
+            .map_err(|()| AccountCommandError::Stopped)
+    }
+
+    /// With [`ReactorConfig::acknowledge_checkpoints`]: the application stored the oldest
+    /// checkpoint of the account of `key` that it received and did not acknowledge yet (call
+    /// it once per checkpoint, in order, after storing it); the account's next request may go
+    /// out. Callable from any thread; returns once asked (the loop does it next). Without the
+    /// setting, or with no checkpoint of the account waiting, it changes nothing (the loop
+    /// logs it).
+    ///
+    /// Acknowledgements count per account as added: a [`remove`](Self::remove) forgets those
+    /// still owed, and one sent after the key was added again counts for the new account.
+    pub fn checkpoint_stored(&self, key: &K) -> Result<(), AccountCommandError> {
+        let keys = lock(&self.shared.keys);
+        if !keys.contains(key) {
+            return Err(AccountCommandError::Unknown);
+        }
+        self.shared
+            .send(Command::CheckpointStored(key.clone()))
             .map_err(|()| AccountCommandError::Stopped)
     }
 
