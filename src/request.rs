@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use http::header::{HeaderValue, AUTHORIZATION};
 use ruma_client_api::filter::RoomEventFilter;
 use ruma_client_api::message::get_message_events::v3 as messages;
-use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::path_builder::VersionHistory;
 use ruma_common::api::{MatrixVersion, OutgoingRequest as RumaRequest, SupportedVersions};
 use ruma_common::presence::PresenceState;
@@ -297,6 +296,7 @@ fn timeline_filter(config: &Config) -> RoomEventFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ruma_client_api::sync::sync_events::v3 as sync;
 
     /// The request as ruma builds it.
     fn by_ruma(
