@@ -22,8 +22,10 @@ pub(crate) struct Dedup {
     key: foldhash::quality::RandomState,
 }
 
-/// Memory reserved up front; larger capacities grow on demand.
-const PREALLOCATED: usize = 1 << 10;
+/// Memory reserved up front; larger capacities grow on demand. Small, because a machine is
+/// often made for a short sync (a one-shot check, a test) where clearing a larger table would
+/// cost more than the sync's parse; growing later costs a few rehashes of a large batch.
+const PREALLOCATED: usize = 1 << 7;
 
 impl Dedup {
     pub(crate) fn new(capacity: usize) -> Self {
@@ -71,7 +73,7 @@ mod tests {
     }
 
     #[test]
-    fn reserves_up_to_a_thousand_ids_up_front() {
+    fn reserves_up_to_a_hundred_ids_up_front() {
         let small = Dedup::new(10);
         assert!(small.order.capacity() >= 10 && small.seen.capacity() >= 10);
         let large = Dedup::new(16_384);

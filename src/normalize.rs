@@ -368,7 +368,15 @@ impl Event {
     }
 
     pub(crate) fn checkpoint(next_batch: String, live: bool) -> Self {
-        let raw = to_raw(&serde_json::json!({ "next_batch": next_batch, "live": live }));
+        // Written out: `serde_json::json!` builds a map first, a cost every batch would pay.
+        let raw = serde_json::to_string(&next_batch)
+            .ok()
+            .and_then(|token| {
+                RawValue::from_string(format!(r#"{{"live":{live},"next_batch":{token}}}"#)).ok()
+            })
+            .unwrap_or_else(|| {
+                to_raw(&serde_json::json!({ "next_batch": next_batch, "live": live }))
+            });
         Self::synthetic(
             EventKind::Checkpoint(Checkpoint { next_batch, live }),
             "checkpoint",
@@ -816,6 +824,17 @@ fn kind_of(section: Section, event_type: &str, has_state_key: bool) -> EventKind
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoint_json_is_serde_json_s() {
+        for token in ["s1", "a\"b\\c\u{1}é/", ""] {
+            for live in [false, true] {
+                let event = Event::checkpoint(token.to_owned(), live);
+                let expected = to_raw(&serde_json::json!({ "next_batch": token, "live": live }));
+                assert_eq!(event.raw.get(), expected.get());
+            }
+        }
+    }
 
     #[test]
     fn kept_senders_read_as_parsing_would() {

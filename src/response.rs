@@ -321,7 +321,7 @@ mod strict {
             (None, None, None, None, None);
         let (mut device_lists, mut counts, mut fallback) = (None, None, None);
         w.members(|w, key| match key {
-            b"next_batch" => once(&mut next_batch, w.typed()?),
+            b"next_batch" => once(&mut next_batch, w.string()?),
             b"rooms" => once(&mut rooms, w.rooms()?),
             b"presence" => once(&mut presence, w.events()?),
             b"account_data" => once(&mut account_data, w.events()?),
@@ -390,6 +390,32 @@ mod strict {
                     _ => return None,
                 }
             }
+        }
+
+        /// A string (the batch tokens), read without serde_json's machinery.
+        fn string(&mut self) -> Option<String> {
+            let (text, escaped) = self.s.string()?;
+            let text = std::str::from_utf8(text).ok()?;
+            if escaped {
+                crate::scan::unescape(text)
+            } else {
+                Some(text.to_owned())
+            }
+        }
+
+        /// A string or `null`.
+        fn optional_string(&mut self) -> Option<Option<String>> {
+            if self.s.peek() == Some(b'n') {
+                return self.typed::<()>().map(|()| None);
+            }
+            self.string().map(Some)
+        }
+
+        /// `true` or `false`.
+        fn boolean(&mut self) -> Option<bool> {
+            let value = self.s.peek()? == b't';
+            self.s.literal(if value { b"true" } else { b"false" })?;
+            Some(value)
         }
 
         /// A small value read by serde_json from its text (after the strict pass over it).
@@ -483,8 +509,8 @@ mod strict {
         fn timeline(&mut self) -> Option<Timeline<'a>> {
             let (mut limited, mut prev_batch, mut events) = (None, None, None);
             self.members(|w, key| match key {
-                b"limited" => once(&mut limited, w.typed()?),
-                b"prev_batch" => once(&mut prev_batch, w.typed()?),
+                b"limited" => once(&mut limited, w.boolean()?),
+                b"prev_batch" => once(&mut prev_batch, w.optional_string()?),
                 b"events" => once(&mut events, w.list()?),
                 _ => w.s.skip_value(),
             })?;

@@ -179,7 +179,7 @@ fn clear(f: &mut EventFields<'_>, level: Level) {
 /// resolved; `None` for contents `serde_json` refuses (an unknown or cut escape, a lone
 /// surrogate, a control character, a bare quote). Message bodies with a line break or a quote
 /// take this path, so it is not left to serde_json's general one (a test holds the two equal).
-fn unescape(inner: &str) -> Option<String> {
+pub(crate) fn unescape(inner: &str) -> Option<String> {
     let b = inner.as_bytes();
     let mut out = String::with_capacity(b.len());
     let mut i = 0;
@@ -714,7 +714,7 @@ impl<'a> Strict<'a> {
         Some(plain)
     }
 
-    fn literal(&mut self, word: &[u8]) -> Option<()> {
+    pub(crate) fn literal(&mut self, word: &[u8]) -> Option<()> {
         if self.src.as_bytes().get(self.i..self.i + word.len())? != word {
             return None;
         }
