@@ -39,6 +39,14 @@ impl Dedup {
         }
     }
 
+    /// Makes room for `events` more ids (as many as the window keeps), so that a large batch
+    /// does not grow the table step by step.
+    pub(crate) fn reserve(&mut self, events: usize) {
+        let more = events.min(self.capacity.saturating_sub(self.order.len()));
+        self.seen.reserve(more);
+        self.order.reserve(more);
+    }
+
     /// True the first time `id` is offered (within the memory window), false after.
     pub(crate) fn first_time(&mut self, id: &EventId) -> bool {
         let fingerprint = self.key.hash_one(id.as_str());
@@ -70,6 +78,16 @@ mod tests {
         assert!(d.first_time(&id("$a:x")), "a was forgotten");
         assert!(!d.first_time(&id("$c:x")));
         assert_eq!((d.seen.len(), d.order.len()), (2, 2));
+    }
+
+    #[test]
+    fn reserves_for_a_batch_no_more_than_the_window() {
+        let mut d = Dedup::new(1000);
+        d.reserve(600);
+        assert!(d.seen.capacity() >= 600 && d.order.capacity() >= 600);
+        d.reserve(1_000_000);
+        assert!(d.seen.capacity() >= 1000 && d.order.capacity() >= 1000);
+        assert!(d.order.capacity() < 4096, "not past the window");
     }
 
     #[test]

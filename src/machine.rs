@@ -1342,6 +1342,7 @@ impl SyncMachine {
 
     fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, answer: Answer) {
         let live = answer.channel == Channel::LongPoll;
+        self.dedup.reserve(parsed.response().events_found);
         let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
         self.phase = Phase::Delivering {
             delivery: Batch::V3(delivery),

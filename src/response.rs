@@ -36,6 +36,10 @@ pub(crate) struct SyncResponse<'a> {
     pub(crate) device_one_time_keys_count: BTreeMap<OneTimeKeyAlgorithm, UInt>,
     #[serde(default)]
     pub(crate) device_unused_fallback_key_types: Option<Vec<OneTimeKeyAlgorithm>>,
+    /// How many events the strict pass found in the body's lists (0 when serde_json read it):
+    /// room for them is made in dedup's table at once rather than by growing it.
+    #[serde(skip)]
+    pub(crate) events_found: usize,
 }
 
 impl SyncResponse<'_> {
@@ -316,6 +320,7 @@ mod strict {
             s: Strict { src: text, i: 0 },
             events: Vec::new(),
             rare: Vec::new(),
+            events_found: 0,
         };
         let (mut next_batch, mut rooms, mut presence, mut account_data, mut to_device) =
             (None, None, None, None, None);
@@ -344,6 +349,7 @@ mod strict {
             device_lists: device_lists.unwrap_or_default(),
             device_one_time_keys_count: counts.unwrap_or_default(),
             device_unused_fallback_key_types: fallback.unwrap_or_default(),
+            events_found: w.events_found,
         })
     }
 
@@ -360,6 +366,7 @@ mod strict {
         /// Reused for each list, copied out at its exact length.
         events: Vec<Scanned>,
         rare: Vec<Rare>,
+        events_found: usize,
     }
 
     impl<'a> Walker<'a> {
@@ -558,6 +565,7 @@ mod strict {
                     _ => return None,
                 }
             }
+            self.events_found += self.events.len();
             Some(EventList::Scanned {
                 body: self.s.src,
                 events: self.events.as_slice().into(),
