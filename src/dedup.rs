@@ -22,19 +22,15 @@ pub(crate) struct Dedup {
     key: foldhash::quality::RandomState,
 }
 
-/// Memory reserved up front; larger capacities grow on demand. Small, because a machine is
-/// often made for a short sync (a one-shot check, a test) where clearing a larger table would
-/// cost more than the sync's parse; growing later costs a few rehashes of a large batch.
-const PREALLOCATED: usize = 1 << 7;
-
 impl Dedup {
+    /// Reserves nothing: each batch reserves what it brings ([`reserve`](Self::reserve)), and
+    /// a machine made for a short sync (a one-shot check, a test) would pay more to set up a
+    /// table than to parse its sync.
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
-        let reserve = capacity.min(PREALLOCATED);
         Self {
-            seen: HashSet::with_capacity_and_hasher(reserve, Default::default()),
-            order: VecDeque::with_capacity(reserve),
-            capacity,
+            seen: HashSet::default(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
             key: Default::default(),
         }
     }
@@ -91,13 +87,9 @@ mod tests {
     }
 
     #[test]
-    fn reserves_up_to_a_hundred_ids_up_front() {
-        let small = Dedup::new(10);
-        assert!(small.order.capacity() >= 10 && small.seen.capacity() >= 10);
-        let large = Dedup::new(16_384);
-        assert!(large.order.capacity() >= PREALLOCATED);
-        assert!(large.seen.capacity() >= PREALLOCATED);
-        assert!(large.order.capacity() < 16_384, "the rest grows on demand");
+    fn reserves_nothing_up_front() {
+        let d = Dedup::new(16_384);
+        assert_eq!((d.order.capacity(), d.seen.capacity()), (0, 0));
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub struct SyncMachine {
     wire: Wire,
     /// Sliding sync room subscriptions, sent with every sliding sync request.
     subscriptions: BTreeMap<OwnedRoomId, RoomSubscription>,
+    /// The `filter` parameter of every `/sync` request, encoded once (the filter is fixed).
+    sync_filter: Option<String>,
 }
 
 impl SyncMachine {
@@ -271,9 +273,15 @@ impl SyncMachine {
             }
             (Protocol::Auto, None) => Wire::Deciding,
         };
+        let sync_filter =
+            request::sync_filter_param(&config).map_err(|_| ConfigError::Invalid {
+                field: "filter",
+                reason: "could not be written as JSON",
+            })?;
         Ok(Self {
             wire,
             subscriptions: BTreeMap::new(),
+            sync_filter,
             auth,
             credentials: 0,
             since: config.since.clone(),
@@ -962,7 +970,8 @@ impl SyncMachine {
                 (Some(_), Mode::LongPoll) => timeout + self.config.deadline_margin,
             };
         let full_state = self.mode == Mode::First && self.config.full_state;
-        let http = request::sync_request(&self.config, since, timeout, full_state)
+        let filter = self.sync_filter.as_deref();
+        let http = request::sync_request(&self.config, filter, since, timeout, full_state)
             .map_err(|e| e.to_string());
         let waiting_on_user = matches!(self.state, SyncState::Refused | SyncState::SessionEnded);
         if !waiting_on_user && self.mode != Mode::LongPoll {

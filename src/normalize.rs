@@ -368,15 +368,17 @@ impl Event {
     }
 
     pub(crate) fn checkpoint(next_batch: String, live: bool) -> Self {
-        // Written out: `serde_json::json!` builds a map first, a cost every batch would pay.
-        let raw = serde_json::to_string(&next_batch)
-            .ok()
-            .and_then(|token| {
-                RawValue::from_string(format!(r#"{{"live":{live},"next_batch":{token}}}"#)).ok()
-            })
-            .unwrap_or_else(|| {
-                to_raw(&serde_json::json!({ "next_batch": next_batch, "live": live }))
-            });
+        // Serialized from a struct: `json!` builds a map first, and text written out would be
+        // parsed once more by `RawValue::from_string`; costs every batch would pay.
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            live: bool,
+            next_batch: &'a str,
+        }
+        let raw = to_raw(&Json {
+            live,
+            next_batch: &next_batch,
+        });
         Self::synthetic(
             EventKind::Checkpoint(Checkpoint { next_batch, live }),
             "checkpoint",
