@@ -200,8 +200,10 @@ fn finish<R: RumaRequest<PathBuilder = VersionHistory>>(
         .try_into_http_request_inner(&config.homeserver, input)
         .map_err(|e| err(&e))?
         .map(|_| Vec::new());
-    http.headers_mut()
-        .insert(AUTHORIZATION, bearer(config).map_err(|e| err(&e))?);
+    http.headers_mut().insert(
+        AUTHORIZATION,
+        bearer(&config.access_token).map_err(|e| err(&e))?,
+    );
     Ok(http)
 }
 
@@ -250,7 +252,10 @@ pub(crate) fn sync_request(
     http::Request::builder()
         .method(http::Method::GET)
         .uri(url)
-        .header(AUTHORIZATION, bearer(config).map_err(|e| err(&e))?)
+        .header(
+            AUTHORIZATION,
+            bearer(&config.access_token).map_err(|e| err(&e))?,
+        )
         .body(Vec::new())
         .map_err(|e| err(&e))
 }
@@ -294,10 +299,12 @@ fn form_encode(out: &mut String, text: &str) {
     }
 }
 
-/// The `Authorization` header of `config`'s access token, marked sensitive (so that no
-/// `Debug` output shows it).
-pub(crate) fn bearer(config: &Config) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
-    let mut value = HeaderValue::try_from(format!("Bearer {}", config.access_token.expose()))?;
+/// The `Authorization` header of an access token, marked sensitive (so that no `Debug` output
+/// shows it).
+pub(crate) fn bearer(
+    token: &crate::AccessToken,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose()))?;
     value.set_sensitive(true);
     Ok(value)
 }

@@ -115,11 +115,8 @@ fn the_applications_own_agent_is_used_and_keeps_statuses_as_values(server: Serve
     driver.agent = Some(agent_for());
     // On palpo through a recording proxy: a message palpo's own `/sync` stream skipped for
     // alice (see `support::palpo_stream`), shown by replay, is followed by another, up to three.
-    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
     let mut config = config_for(&alice);
-    if let Some(stream) = &stream {
-        config.homeserver = stream.url();
-    }
+    let stream = Stream::route(server, homeserver.port(), &mut config);
     let service = start_with(config, driver).expect("valid config");
     drain_until_live(&service);
     let mut attempt = 0;
@@ -188,11 +185,8 @@ fn real_reactions_typing_and_receipts_read_as_typed_values(server: Server) -> Ve
     let bob = Account::register(&homeserver.base_url(), "bob");
     let room = bob.create_room(&[&alice.user_id]);
     alice.join(&room);
-    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
     let mut config = config_for(&alice);
-    if let Some(stream) = &stream {
-        config.homeserver = stream.url();
-    }
+    let stream = Stream::route(server, homeserver.port(), &mut config);
     let service = start_with(config, DriverConfig::default()).expect("valid config");
     drain_until_live(&service);
     let message = bob.send_text(&room, "typed");

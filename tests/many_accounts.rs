@@ -153,7 +153,7 @@ fn every_message_once_in_order_and_a_quick_stop(server: Server, n: usize, tls: b
         .collect();
     std::fs::write(&tokens, text).unwrap();
 
-    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
+    let stream = Stream::on(server, homeserver.port());
     let (plain_url, upstream_port) = match &stream {
         Some(stream) => (stream.url(), stream.port()),
         None => (base.clone(), homeserver.port()),

@@ -320,11 +320,8 @@ fn a_long_absence_is_filled_one_page_deep_and_the_rest_reported_as_a_gap_on_palp
 fn a_homeserver_restart_mid_stream(server: Server) -> (Vec<String>, Vec<String>) {
     let mut homeserver = server.start();
     let (alice, bob, room) = room_of_two(&homeserver.base_url(), "steady", "restarter");
-    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
     let mut config = config_for(&alice);
-    if let Some(stream) = &stream {
-        config.homeserver = stream.url();
-    }
+    let stream = Stream::route(server, homeserver.port(), &mut config);
     config.backoff = BackoffPolicy::default().with_max(Duration::from_secs(1));
     let service = start(config).expect("valid config");
     drain_until_live(&service);

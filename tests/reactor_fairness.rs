@@ -222,7 +222,7 @@ fn a_trickling_and_a_silent_account_delay_no_other_and_the_trickler_can_be_remov
     let keys: HashSet<String> = accounts.iter().map(|a| a.user_id.clone()).collect();
     let by_key: HashMap<String, &Account> =
         accounts.iter().map(|a| (a.user_id.clone(), a)).collect();
-    let stream = (server == Server::Palpo).then(|| Stream::start(homeserver.port()));
+    let stream = Stream::on(server, homeserver.port());
     let url = stream.as_ref().map_or(base.clone(), Stream::url);
     let add_all = |reactor: &Reactor<String>| {
         for (i, account) in accounts.iter().enumerate() {

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use matrix_sdk_crypto::types::events::room::encrypted::EncryptedEvent;
 use matrix_sdk_crypto::types::requests::{AnyOutgoingRequest, OutgoingRequest as CryptoRequest};
 use matrix_sdk_crypto::{
@@ -440,8 +440,7 @@ impl E2ee {
         };
         log::debug!("e2ee request {id}: {}", kind.name());
         let mut http = clone_request(&pending.http);
-        if let Ok(mut value) = HeaderValue::try_from(format!("Bearer {}", self.token.expose())) {
-            value.set_sensitive(true);
+        if let Ok(value) = crate::request::bearer(&self.token) {
             http.headers_mut().insert(AUTHORIZATION, value);
         }
         self.in_flight = Some(InFlight {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use ruma_common::OwnedRoomId;
 use serde_json::{json, Map, Value};
 
@@ -40,9 +40,8 @@ pub(crate) fn sync_request(
     query.append_pair("timeout", &ask.timeout.as_millis().to_string());
     let uri = format!("{}{PATH}?{}", config.homeserver, query.finish());
     let body = serde_json::to_vec(&body(&config.sliding_sync, ask)).map_err(|e| e.to_string())?;
-    let mut value = HeaderValue::try_from(format!("Bearer {}", config.access_token.expose()))
+    let value = crate::request::bearer(&config.access_token)
         .map_err(|e| format!("could not build the sliding sync request: {e}"))?;
-    value.set_sensitive(true);
     http::Request::builder()
         .method(http::Method::POST)
         .uri(uri)
@@ -107,9 +106,8 @@ pub(crate) fn body(sliding: &SlidingSyncConfig, ask: &Ask<'_>) -> Value {
 /// `GET /_matrix/client/versions`, with the access token: Synapse answers per user whether
 /// sliding sync is on.
 pub(crate) fn versions_request(config: &Config) -> Result<http::Request<Vec<u8>>, String> {
-    let mut value = HeaderValue::try_from(format!("Bearer {}", config.access_token.expose()))
+    let value = crate::request::bearer(&config.access_token)
         .map_err(|e| format!("could not build the versions request: {e}"))?;
-    value.set_sensitive(true);
     http::Request::builder()
         .method(http::Method::GET)
         .uri(format!("{}/_matrix/client/versions", config.homeserver))

@@ -25,7 +25,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use matrix_sync_service::Config;
 use matrix_sync_testkit::client::Account;
+use matrix_sync_testkit::homeserver::Server;
 use matrix_sync_testkit::proxy::{Answer, FaultPlan, Proxy};
 use serde_json::Value;
 
@@ -58,6 +60,19 @@ impl Stream {
             proxy,
             replays: Default::default(),
         }
+    }
+
+    /// On palpo, the proxy in front of it at `port`; `None` on a server whose stream needs
+    /// no recording.
+    pub fn on(server: Server, port: u16) -> Option<Stream> {
+        (server == Server::Palpo).then(|| Stream::start(port))
+    }
+
+    /// As [`on`](Self::on), with `config` syncing through the proxy.
+    pub fn route(server: Server, port: u16, config: &mut Config) -> Option<Stream> {
+        let stream = Stream::on(server, port)?;
+        config.homeserver = stream.url();
+        Some(stream)
     }
 
     /// The proxy's base URL, for the library under test.
