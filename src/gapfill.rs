@@ -1,4 +1,6 @@
 //! Filling the limited timelines of one batch from `/rooms/{roomId}/messages`, within bounds.
+//! The batch is either protocol's (`/v3/sync` or sliding sync): the filler holds it, whatever
+//! it is, and fetches the gaps it was given.
 //!
 //! One room at a time, newest page first, until the range is exhausted, the room reaches
 //! [`GapFill::max_events_per_room`](crate::GapFill::max_events_per_room), or the batch's
@@ -26,10 +28,10 @@ pub const MAX_ROOM_ATTEMPTS: u32 = 3;
 /// Failed requests in one batch before every room left is reported as a gap.
 pub const MAX_BATCH_FAILURES: u32 = 8;
 
-/// A sync answer waiting for its limited rooms to be filled.
+/// A sync answer (`P`) waiting for its limited rooms to be filled.
 #[derive(Debug)]
-pub(crate) struct GapFiller {
-    parsed: ParsedBody,
+pub(crate) struct GapFiller<P> {
+    parsed: P,
     jobs: VecDeque<Job>,
     fills: RoomFills,
     /// Bytes of fetched events held for this batch, and the most it may hold.
@@ -87,33 +89,50 @@ impl FillFailure {
 }
 
 /// Either a batch ready to deliver at once, or one that needs filling first.
-pub(crate) enum Plan {
-    Deliver(ParsedBody, RoomFills),
-    Fill(GapFiller),
+pub(crate) enum Plan<P> {
+    Deliver(P, RoomFills),
+    Fill(GapFiller<P>),
 }
 
-impl GapFiller {
-    /// Plans the filling of `parsed`, an answer to a sync from `since`. Only an incremental
-    /// sync has gaps: an initial sync's limited timelines are simply where history starts.
-    pub(crate) fn plan(parsed: ParsedBody, since: Option<&str>, config: &Config) -> Plan {
+/// The gaps of a `/v3/sync` answer to a sync from `since`. Only an incremental sync has gaps:
+/// an initial sync's limited timelines are simply where history starts.
+pub(crate) fn v3_gaps(parsed: &ParsedBody, since: Option<&str>) -> Vec<(OwnedRoomId, Gap)> {
+    let Some(since) = since else {
+        return Vec::new();
+    };
+    parsed
+        .response()
+        .limited_timelines()
+        .map(|(room_id, prev_batch)| {
+            let gap = Gap {
+                prev_batch: prev_batch.to_owned(),
+                previous_since: since.to_owned(),
+            };
+            (room_id.clone(), gap)
+        })
+        .collect()
+}
+
+impl<P> GapFiller<P> {
+    /// Plans the filling of `gaps` in `parsed`: each from its `prev_batch` back to its
+    /// `previous_since`.
+    pub(crate) fn plan(parsed: P, gaps: Vec<(OwnedRoomId, Gap)>, config: &Config) -> Plan<P> {
         let mut jobs = VecDeque::new();
         let mut fills = RoomFills::new();
         let fill = config.gap_fill.enabled && config.gap_fill.max_events_per_room > 0;
-        if let Some(since) = since {
-            for (room_id, prev_batch) in parsed.response().limited_timelines() {
-                let (from, to) = (prev_batch.to_owned(), since.to_owned());
-                if fill {
-                    jobs.push_back(Job {
-                        room_id: room_id.clone(),
-                        from,
-                        to,
-                        newest_first: Vec::new(),
-                        empty_pages: 0,
-                        attempts: 0,
-                    });
-                } else {
-                    fills.insert(room_id.clone(), unfilled(from, to, Vec::new()));
-                }
+        for (room_id, gap) in gaps {
+            let (from, to) = (gap.prev_batch, gap.previous_since);
+            if fill {
+                jobs.push_back(Job {
+                    room_id,
+                    from,
+                    to,
+                    newest_first: Vec::new(),
+                    empty_pages: 0,
+                    attempts: 0,
+                });
+            } else {
+                fills.insert(room_id, unfilled(from, to, Vec::new()));
             }
         }
         if jobs.is_empty() {
@@ -249,7 +268,7 @@ impl GapFiller {
         self.held_bytes
     }
 
-    pub(crate) fn into_parts(self) -> (ParsedBody, RoomFills) {
+    pub(crate) fn into_parts(self) -> (P, RoomFills) {
         (self.parsed, self.fills)
     }
 }
@@ -294,7 +313,7 @@ mod tests {
     }
 
     /// An incremental sync answer in which `rooms` rooms have a limited timeline.
-    fn filler(rooms: u32, config: &Config) -> GapFiller {
+    fn filler(rooms: u32, config: &Config) -> GapFiller<ParsedBody> {
         let join: serde_json::Map<String, serde_json::Value> = (0..rooms)
             .map(|n| {
                 let timeline =
@@ -304,7 +323,8 @@ mod tests {
             .collect();
         let body = json!({ "next_batch": "n1", "rooms": { "join": join } });
         let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
-        match GapFiller::plan(parsed, Some("s0"), config) {
+        let gaps = v3_gaps(&parsed, Some("s0"));
+        match GapFiller::plan(parsed, gaps, config) {
             Plan::Fill(filler) => filler,
             Plan::Deliver(..) => panic!("limited timelines of an incremental sync are filled"),
         }
@@ -349,7 +369,8 @@ mod tests {
             let body = json!({ "next_batch": "n1", "rooms": { "join": {
                 "!r0:example.org": { "timeline": { "limited": true, "prev_batch": "p0" } } } } });
             let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
-            let Plan::Deliver(_, fills) = GapFiller::plan(parsed, Some("s0"), &config) else {
+            let gaps = v3_gaps(&parsed, Some("s0"));
+            let Plan::Deliver(_, fills) = GapFiller::plan(parsed, gaps, &config) else {
                 panic!("nothing to fill");
             };
             let gap = fills[&room(0)].unfilled.as_ref().unwrap();

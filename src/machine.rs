@@ -13,8 +13,8 @@ use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
 use crate::discovery::{self, Step, WellKnown};
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
-use crate::gapfill::{FillFailure, GapFiller, Plan};
-use crate::normalize::{Event, EventKind};
+use crate::gapfill::{self, FillFailure, GapFiller, Plan};
+use crate::normalize::{Event, EventKind, Gap};
 use crate::request::{self, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 use crate::schedule::{self, Channel, Retry, Schedule};
 use crate::sliding::request::{self as sliding_request, Ask, LIST};
@@ -73,7 +73,7 @@ enum Phase {
     Syncing { in_flight: Option<InFlight> },
     /// A sync answer is parsed; its limited rooms are filled before it is delivered.
     FillingGaps {
-        filler: GapFiller,
+        filler: GapFiller<Answered>,
         answer: Answer,
         in_flight: Option<InFlight>,
     },
@@ -82,6 +82,17 @@ enum Phase {
     Delivering { delivery: Batch, answer: Answer },
     /// Stopped: no request, event, error or state comes out any more.
     Stopped,
+}
+
+/// A sync answer of either protocol, held while its gaps are filled.
+#[derive(Debug)]
+enum Answered {
+    V3(ParsedBody),
+    Sliding {
+        body: SlidingBody,
+        /// The position the request was sent from.
+        sent: SlidingPosition,
+    },
 }
 
 /// What is being handed on.
@@ -1284,8 +1295,19 @@ impl SyncMachine {
             // Nothing to hand on, not even a checkpoint: the position is unchanged.
             return self.answered(answer.channel, answer.held);
         }
-        match GapFiller::plan(parsed, self.since.as_deref(), &self.config) {
-            Plan::Deliver(parsed, fills) => self.deliver(parsed, fills, answer),
+        let gaps = gapfill::v3_gaps(&parsed, self.since.as_deref());
+        self.fill_then_deliver(Answered::V3(parsed), gaps, answer);
+    }
+
+    /// Delivers an answer at once, or first fills its `gaps`.
+    fn fill_then_deliver(
+        &mut self,
+        answered: Answered,
+        gaps: Vec<(OwnedRoomId, Gap)>,
+        answer: Answer,
+    ) {
+        match GapFiller::plan(answered, gaps, &self.config) {
+            Plan::Deliver(answered, fills) => self.deliver(answered, fills, answer),
             Plan::Fill(filler) => {
                 self.phase = Phase::FillingGaps {
                     filler,
@@ -1344,19 +1366,34 @@ impl SyncMachine {
         }
         let phase = std::mem::replace(&mut self.phase, Phase::Syncing { in_flight: None });
         if let Phase::FillingGaps { filler, answer, .. } = phase {
-            let (parsed, fills) = filler.into_parts();
-            self.deliver(parsed, fills, answer);
+            let (answered, fills) = filler.into_parts();
+            self.deliver(answered, fills, answer);
         }
     }
 
-    fn deliver(&mut self, parsed: ParsedBody, fills: RoomFills, answer: Answer) {
+    fn deliver(&mut self, answered: Answered, fills: RoomFills, answer: Answer) {
         let live = answer.channel == Channel::LongPoll;
-        self.dedup.reserve(parsed.response().events_found);
-        let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
-        self.phase = Phase::Delivering {
-            delivery: Batch::V3(delivery),
-            answer,
+        let delivery = match answered {
+            Answered::V3(parsed) => {
+                self.dedup.reserve(parsed.response().events_found);
+                let delivery = Delivery::plan(parsed, fills, &mut self.last_key_counts, live);
+                Batch::V3(delivery)
+            }
+            Answered::Sliding { body, sent } => {
+                let Wire::Sliding(sliding) = &mut self.wire else {
+                    return;
+                };
+                let context = Context {
+                    sent: &sent,
+                    fills,
+                    live,
+                    last_key_counts: &mut self.last_key_counts,
+                    lists: &mut sliding.lists,
+                };
+                Batch::Sliding(SlidingDelivery::plan(body, context))
+            }
         };
+        self.phase = Phase::Delivering { delivery, answer };
     }
 
     // ---- sliding sync ---------------------------------------------------------------------
@@ -1480,24 +1517,18 @@ impl SyncMachine {
             // Nothing to hand on, not even a checkpoint: the position is unchanged.
             return self.answered(answer.channel, answer.held);
         }
+        // After a connection reset, the last checkpoint's stream part: rooms come back
+        // `initial`, and a `limited` one has a real gap back to it.
         let dropped = self
             .since
             .as_deref()
             .and_then(SlidingPosition::from_token)
             .and_then(|p| p.pos)
             .filter(|_| sliding.pos == Pos::Dropped);
-        let context = Context {
-            sent: &sent,
-            reset_floor: dropped.as_deref().map(SlidingPosition::stream_part),
-            live: answer.channel == Channel::LongPoll,
-            last_key_counts: &mut self.last_key_counts,
-            lists: &mut sliding.lists,
-        };
-        let delivery = SlidingDelivery::plan(parsed, context);
-        self.phase = Phase::Delivering {
-            delivery: Batch::Sliding(delivery),
-            answer,
-        };
+        let reset_floor = dropped.as_deref().map(SlidingPosition::stream_part);
+        let gaps = response.gaps(&sent, reset_floor);
+        let answered = Answered::Sliding { body: parsed, sent };
+        self.fill_then_deliver(answered, gaps, answer);
     }
 
     /// The next sliding sync request.

@@ -1,6 +1,7 @@
 //! Simplified sliding sync (MSC4186) against a real Synapse, through the driver: messages,
 //! edits, reactions, typing and receipts arrive once and in order; a restart from the stored
-//! checkpoint (the pair of `pos` and to-device cursor) loses and duplicates nothing; a
+//! checkpoint (the pair of `pos` and to-device cursor) loses and duplicates nothing, a room
+//! whose timeline comes back `limited` after it is filled from `/messages`; a
 //! connection deleted in Synapse's database (`M_UNKNOWN_POS`), one expired by Synapse's two
 //! expiry rules (unused for 7 days; idle over an hour with more than 100 rooms updated) and a
 //! malformed `pos` (`M_UNKNOWN` "Invalid stream token") each reset once, and the sync goes on.
@@ -177,6 +178,42 @@ fn a_restart_from_the_stored_pair_loses_and_duplicates_nothing_to_device_include
         .collect();
     assert_eq!(to_device.len(), 1, "{to_device:?}");
     assert!(to_device[0].contains(r#""n":2"#), "{to_device:?}");
+    assert!(resets(&second).is_empty());
+    assert!(time_to_close(&service) < Duration::from_secs(2));
+}
+
+#[test]
+fn a_limited_timeline_after_a_restart_is_filled_from_messages_in_order() {
+    let synapse = Synapse::shared();
+    let (alice, bob, room) = room_of_two(&synapse.base_url(), "filled", "chatty");
+    let mut config = sliding_config(&alice);
+    config.sliding_sync.timeline_limit = 3;
+    config.gap_fill = config.gap_fill.with_page_size(4);
+    let service = start(config.clone()).expect("valid config");
+    drain_until_live(&service);
+    bob.send_text(&room, "before");
+    let first = collect_to_checkpoint(&service, |events| {
+        bodies_in(events, &room).contains(&"before".to_owned())
+    });
+    let stored = last_position(&first);
+    assert!(time_to_close(&service) < Duration::from_secs(2));
+
+    // Offline: four timelines' worth.
+    for i in 0..12 {
+        bob.send_text(&room, &format!("offline {i}"));
+    }
+    config.since = Some(stored.to_token());
+    let service = start(config).expect("valid config");
+    let second = collect_to_checkpoint(&service, |events| bodies_in(events, &room).len() >= 12);
+    assert_eq!(
+        bodies_in(&second, &room),
+        numbered("offline", 0..12),
+        "the nine before the timeline fetched, in order, before it"
+    );
+    assert!(
+        second.iter().all(|e| !matches!(e.kind, EventKind::Gap(_))),
+        "no gap left"
+    );
     assert!(resets(&second).is_empty());
     assert!(time_to_close(&service) < Duration::from_secs(2));
 }

@@ -71,8 +71,10 @@ pub struct SlidingSyncConfig {
     /// `conn_id`, and a request without `pos` replaces any connection with the same key: two
     /// programs on one device must not share it. At most 64 bytes.
     pub conn_id: String,
-    /// Events per room in a timeline, 1 to 1000. A limited timeline (more happened) is
-    /// reported as an [`EventKind::Gap`](crate::EventKind::Gap) item; 50 keeps them rare.
+    /// Events per room in a timeline, 1 to 1000. A limited timeline (more happened) of a room
+    /// sent before is filled from `/messages` as [`Config::gap_fill`](crate::Config::gap_fill)
+    /// says, what is not fetched reported as an [`EventKind::Gap`](crate::EventKind::Gap)
+    /// item; 50 keeps fills rare.
     pub timeline_limit: u32,
     /// The state asked for, as `[event type, state key]` pairs (`"*"`, `"$LAZY"` and `"$ME"`
     /// are special). The default, `[["*", "*"]]`, is all state on a room's first appearance

@@ -3,10 +3,10 @@
 //!
 //! Order within a batch, as for `/v3/sync`: to-device, device lists and key counts, global
 //! account data, then the list update (when the list changed), then rooms in room-id order.
-//! Within a room: gap item (a `limited` timeline of a room the connection had sent before, or
-//! of any room after a connection reset),
-//! `required_state`, timeline, receipts and typing, room account data; an invited or knocked
-//! room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
+//! Within a room: its gap (a `limited` timeline of a room the connection had sent before, or
+//! of any room after a connection reset) filled from `/messages` as a `/v3/sync` gap is (the
+//! fetched events, and a gap item for what was not fetched), `required_state`, timeline,
+//! receipts and typing, room account data; an invited or knocked room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ListOp, ListUpdate, SlidingPosition};
-use crate::batch::{first_delivery, KeyCounts};
+use crate::batch::{first_delivery, KeyCounts, RoomFill, RoomFills};
 use crate::dedup::Dedup;
 use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
 
@@ -153,6 +153,30 @@ impl<'a> SlidingResponse<'a> {
         self.lists.get(name).map(|l| l.count.into())
     }
 
+    /// The rooms with missed events, each with its gap: a `limited` timeline of a room the
+    /// connection had sent before misses events back to the position sent, and after a
+    /// connection reset (`reset_floor`, the last checkpoint's stream part) every `limited`
+    /// room misses events back to that; a room's first appearance is where its history starts.
+    pub(crate) fn gaps(
+        &self,
+        sent: &SlidingPosition,
+        reset_floor: Option<&str>,
+    ) -> Vec<(OwnedRoomId, Gap)> {
+        let previous = sent.pos.as_deref().map(SlidingPosition::stream_part);
+        self.rooms
+            .iter()
+            .filter(|(_, room)| room.limited && room.invite_state.is_none())
+            .filter_map(|(room_id, room)| {
+                let floor = if room.initial { reset_floor } else { previous };
+                let gap = Gap {
+                    prev_batch: room.prev_batch.clone()?,
+                    previous_since: floor?.to_owned(),
+                };
+                Some((room_id.clone(), gap))
+            })
+            .collect()
+    }
+
     /// Every token the machine would store or send back must survive the trip.
     pub(crate) fn check_tokens(&self, sent: &SlidingPosition) -> Result<(), String> {
         let next = self.next_position(sent);
@@ -203,9 +227,8 @@ pub(crate) type ListMemory = BTreeMap<String, ListUpdate>;
 pub(crate) struct Context<'m> {
     /// The position the request was sent from.
     pub(crate) sent: &'m SlidingPosition,
-    /// After a connection reset, the stream part of the last checkpoint's `pos`: rooms come
-    /// back `initial`, and a `limited` one has a real gap back to it.
-    pub(crate) reset_floor: Option<&'m str>,
+    /// What was fetched for the gaps of [`SlidingResponse::gaps`], and what was not.
+    pub(crate) fills: RoomFills,
     pub(crate) live: bool,
     pub(crate) last_key_counts: &'m mut Option<KeyCounts>,
     pub(crate) lists: &'m mut ListMemory,
@@ -268,6 +291,11 @@ enum Step<'a> {
         section: Section,
         room: Option<OwnedRoomId>,
     },
+    /// Events fetched for a gap, oldest first.
+    Fetched {
+        events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
+        room: OwnedRoomId,
+    },
     Ready(Option<Box<Event>>),
 }
 
@@ -286,7 +314,21 @@ impl<'a> Steps<'a> {
         }
     }
 
-    fn batch(&mut self, response: &'a SlidingResponse<'a>, context: Context<'_>) {
+    /// A room's gap: the events fetched, after the gap item for what was not.
+    fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
+        let Some(fill) = fill else { return };
+        if let Some(gap) = fill.unfilled {
+            self.ready(Event::gap(room_id.clone(), gap));
+        }
+        if !fill.newest_first.is_empty() {
+            self.queue.push_back(Step::Fetched {
+                events: fill.newest_first.into_iter().rev(),
+                room: room_id.clone(),
+            });
+        }
+    }
+
+    fn batch(&mut self, response: &'a SlidingResponse<'a>, mut context: Context<'_>) {
         let ext = &response.extensions;
         if let Some(to_device) = &ext.to_device {
             self.list(&to_device.events, Section::ToDevice, None);
@@ -307,31 +349,13 @@ impl<'a> Steps<'a> {
         for (name, list) in &response.lists {
             self.list_update(name, list, context.lists);
         }
-        let previous = context
-            .sent
-            .pos
-            .as_deref()
-            .map(SlidingPosition::stream_part);
         for (room_id, room) in &response.rooms {
             let id = Some(room_id);
             if let Some(stripped) = &room.invite_state {
                 self.list(stripped, stripped_section(stripped), id);
                 continue;
             }
-            // A room the connection sent before, or any room after a reset, that is limited
-            // has missed events back to the previous position.
-            let floor = if room.initial {
-                context.reset_floor
-            } else {
-                previous
-            };
-            if let (true, Some(prev_batch), Some(floor)) = (room.limited, &room.prev_batch, floor) {
-                let gap = Gap {
-                    prev_batch: prev_batch.clone(),
-                    previous_since: floor.to_owned(),
-                };
-                self.ready(Event::gap(room_id.clone(), gap));
-            }
+            self.fill(room_id, context.fills.remove(room_id));
             self.list(&room.required_state, Section::State, id);
             self.list(&room.timeline, Section::Timeline, id);
             self.ephemeral(response, room_id);
@@ -444,6 +468,9 @@ impl<'a> Steps<'a> {
                         &mut self.senders,
                     )
                 }),
+                Step::Fetched { events, room } => events.next().map(|raw| {
+                    normalize_with(raw, Section::Timeline, Some(room), &mut self.senders)
+                }),
                 Step::Ready(event) => event.take().map(|event| *event),
             };
             match event {
@@ -497,6 +524,7 @@ fn stripped_section(events: &[&RawValue]) -> Section {
 mod tests {
     use super::*;
 
+    /// The events of `body`, answered to `sent`, with its gaps unfilled.
     fn emit(
         body: &str,
         sent: &SlidingPosition,
@@ -504,10 +532,32 @@ mod tests {
         lists: &mut ListMemory,
     ) -> Vec<Event> {
         let parsed = SlidingBody::parse(body.as_bytes().to_vec()).unwrap();
+        let fills = parsed
+            .response()
+            .gaps(sent, None)
+            .into_iter()
+            .map(|(room_id, gap)| {
+                let fill = RoomFill {
+                    unfilled: Some(gap),
+                    newest_first: Vec::new(),
+                };
+                (room_id, fill)
+            })
+            .collect();
+        emit_with(parsed, sent, fills, dedup, lists)
+    }
+
+    fn emit_with(
+        parsed: SlidingBody,
+        sent: &SlidingPosition,
+        fills: RoomFills,
+        dedup: &mut Dedup,
+        lists: &mut ListMemory,
+    ) -> Vec<Event> {
         let mut counts = None;
         let context = Context {
             sent,
-            reset_floor: None,
+            fills,
             live: false,
             last_key_counts: &mut counts,
             lists,
@@ -588,6 +638,78 @@ mod tests {
         assert!(
             !kinds.contains(&"list_update") && !kinds.contains(&"message"),
             "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn gaps_are_of_limited_rooms_sent_before_or_of_every_limited_room_after_a_reset() {
+        let sent = SlidingPosition {
+            pos: Some("6/s8_1".to_owned()),
+            to_device_since: None,
+        };
+        let parsed = SlidingBody::parse(BODY.as_bytes().to_vec()).unwrap();
+        let gaps = |floor| {
+            let gaps = parsed.response().gaps(&sent, floor);
+            gaps.into_iter()
+                .map(|(room, gap)| (room.to_string(), gap.prev_batch, gap.previous_since))
+                .collect::<Vec<_>>()
+        };
+        let b = ("!b:x".to_owned(), "t1".to_owned(), "s8_1".to_owned());
+        assert_eq!(gaps(None), std::slice::from_ref(&b));
+        let a = ("!a:x".to_owned(), "t0".to_owned(), "s5".to_owned());
+        assert_eq!(gaps(Some("s5")), [a, b]);
+        let first = SlidingPosition::default();
+        assert!(
+            parsed.response().gaps(&first, None).is_empty(),
+            "a first answer has none"
+        );
+    }
+
+    #[test]
+    fn fetched_events_come_oldest_first_after_the_gap_item_and_before_the_room_s_own() {
+        let sent = SlidingPosition {
+            pos: Some("6/s8_1".to_owned()),
+            to_device_since: Some("10".to_owned()),
+        };
+        let parsed = SlidingBody::parse(BODY.as_bytes().to_vec()).unwrap();
+        let fetched = |id: &str| {
+            let event = serde_json::json!({"type":"m.room.message","event_id":id,"sender":"@u:x",
+                "origin_server_ts":0,"content":{"body":id}});
+            serde_json::value::to_raw_value(&event).unwrap()
+        };
+        let fill = RoomFill {
+            unfilled: Some(Gap {
+                prev_batch: "t-1".to_owned(),
+                previous_since: "s8_1".to_owned(),
+            }),
+            newest_first: vec![fetched("$m:x"), fetched("$f2:x"), fetched("$f1:x")],
+        };
+        let fills = RoomFills::from([("!b:x".try_into().unwrap(), fill)]);
+        let (mut dedup, mut lists) = (Dedup::new(64), ListMemory::new());
+        let events = emit_with(parsed, &sent, fills, &mut dedup, &mut lists);
+        let in_b: Vec<String> = events
+            .iter()
+            .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == "!b:x"))
+            .map(|e| match &e.kind {
+                EventKind::Gap(gap) => format!("gap {}", gap.prev_batch),
+                _ => e
+                    .event_id
+                    .as_ref()
+                    .map_or(e.kind.name().to_owned(), |id| id.to_string()),
+            })
+            .collect();
+        // `$m:x` fetched and in the timeline too: handed on once.
+        assert_eq!(
+            in_b,
+            [
+                "gap t-1",
+                "$f1:x",
+                "$f2:x",
+                "$m:x",
+                "$n:x",
+                "receipt",
+                "room_account_data"
+            ]
         );
     }
 
