@@ -35,6 +35,38 @@ pub(crate) struct RoomFill {
 
 pub(crate) type RoomFills = BTreeMap<OwnedRoomId, RoomFill>;
 
+impl RoomFill {
+    /// What a room's delivery starts with: the gap item of what was not fetched, then the
+    /// fetched events.
+    pub(crate) fn into_steps(self, room: &OwnedRoomId) -> (Option<Event>, Option<Fetched>) {
+        let gap = self.unfilled.map(|gap| Event::gap(room.clone(), gap));
+        let fetched = (!self.newest_first.is_empty()).then(|| Fetched {
+            events: self.newest_first.into_iter().rev(),
+            room: room.clone(),
+        });
+        (gap, fetched)
+    }
+}
+
+/// Events fetched to fill a room's gap, handed on oldest first.
+pub(crate) struct Fetched {
+    events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
+    room: OwnedRoomId,
+}
+
+impl Fetched {
+    /// The next of them as a timeline event; `None` once all were taken.
+    pub(crate) fn next_event(&mut self, senders: &mut Senders) -> Option<Event> {
+        let raw = self.events.next()?;
+        Some(normalize_with(
+            raw,
+            Section::Timeline,
+            Some(&self.room),
+            senders,
+        ))
+    }
+}
+
 /// The one-time-key counts and fallback key types last reported: every response repeats them,
 /// and they are handed on only when they change.
 pub(crate) type KeyCounts = (
@@ -152,11 +184,8 @@ enum Step<'a> {
         /// A left room's timeline: its last membership event is kept for the leave marker.
         keep_membership: bool,
     },
-    /// Events fetched to fill a gap, oldest first.
-    Fetched {
-        events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
-        room: OwnedRoomId,
-    },
+    /// Events fetched to fill a gap.
+    Fetched(Fetched),
     /// An item built in advance (gap, device lists, key counts, checkpoint); `None` once
     /// taken.
     Ready(Option<Box<Event>>),
@@ -250,9 +279,7 @@ impl Steps<'_> {
     fn next_item(&mut self) -> Option<Event> {
         match self.queue.front_mut()? {
             Step::Listed { .. } => None,
-            Step::Fetched { events, room } => events
-                .next()
-                .map(|raw| normalize_with(raw, Section::Timeline, Some(room), &mut self.senders)),
+            Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
             Step::Ready(event) => event.take().map(|event| *event),
             Step::Leave(room) => room
                 .take()
@@ -384,16 +411,11 @@ impl<'a> Planner<'a, '_> {
     }
 
     fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
-        let Some(fill) = fill else { return };
-        if let Some(gap) = fill.unfilled {
-            self.ready(Event::gap(room_id.clone(), gap));
+        let (gap, fetched) = fill.map_or((None, None), |fill| fill.into_steps(room_id));
+        if let Some(gap) = gap {
+            self.ready(gap);
         }
-        if !fill.newest_first.is_empty() {
-            self.steps.push_back(Step::Fetched {
-                events: fill.newest_first.into_iter().rev(),
-                room: room_id.clone(),
-            });
-        }
+        self.steps.extend(fetched.map(Step::Fetched));
     }
 
     fn key_counts(&mut self, response: &SyncResponse<'_>) {

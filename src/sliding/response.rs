@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ListOp, ListUpdate, SlidingPosition};
-use crate::batch::{first_delivery, KeyCounts, RoomFill, RoomFills};
+use crate::batch::{first_delivery, Fetched, KeyCounts, RoomFill, RoomFills};
 use crate::dedup::Dedup;
 use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
 
@@ -291,11 +291,8 @@ enum Step<'a> {
         section: Section,
         room: Option<OwnedRoomId>,
     },
-    /// Events fetched for a gap, oldest first.
-    Fetched {
-        events: std::iter::Rev<std::vec::IntoIter<Box<RawValue>>>,
-        room: OwnedRoomId,
-    },
+    /// Events fetched for a gap.
+    Fetched(Fetched),
     Ready(Option<Box<Event>>),
 }
 
@@ -316,16 +313,11 @@ impl<'a> Steps<'a> {
 
     /// A room's gap: the events fetched, after the gap item for what was not.
     fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
-        let Some(fill) = fill else { return };
-        if let Some(gap) = fill.unfilled {
-            self.ready(Event::gap(room_id.clone(), gap));
+        let (gap, fetched) = fill.map_or((None, None), |fill| fill.into_steps(room_id));
+        if let Some(gap) = gap {
+            self.ready(gap);
         }
-        if !fill.newest_first.is_empty() {
-            self.queue.push_back(Step::Fetched {
-                events: fill.newest_first.into_iter().rev(),
-                room: room_id.clone(),
-            });
-        }
+        self.queue.extend(fetched.map(Step::Fetched));
     }
 
     fn batch(&mut self, response: &'a SlidingResponse<'a>, mut context: Context<'_>) {
@@ -468,9 +460,7 @@ impl<'a> Steps<'a> {
                         &mut self.senders,
                     )
                 }),
-                Step::Fetched { events, room } => events.next().map(|raw| {
-                    normalize_with(raw, Section::Timeline, Some(room), &mut self.senders)
-                }),
+                Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
                 Step::Ready(event) => event.take().map(|event| *event),
             };
             match event {
