@@ -4,6 +4,10 @@
 //! answering the request in flight (or any id) with a status from a small set and a body from
 //! a few templates, a fixture or raw bytes; a transport failure; time advancing; time going
 //! backwards; a stop. After every step the outputs are drained the way the crate docs say.
+//! The configuration speaks `/v3/sync` or simplified sliding sync (knob `sliding`); a sync
+//! template is written in the protocol spoken (for sliding sync: `pos`, rooms with `initial`,
+//! `limited` and `prev_batch`, the to-device extension), and the error codes include
+//! `M_UNKNOWN_POS`, which resets a sliding sync connection.
 //!
 //! Invariants checked: those of the test kit's `Checked` wrapper, which every harness of the
 //! crate shares (nothing after a stop, pacing within the backoff schedule, no delivery of a
@@ -26,8 +30,8 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use matrix_sync_service::{
-    BackoffPolicy, Config, Failure, GapFill, InputError, OutgoingRequest, RequestId, RequestKind,
-    SyncMachine, SyncState, TransportErrorKind, TransportFailure,
+    BackoffPolicy, Config, Failure, GapFill, InputError, OutgoingRequest, Protocol, RequestId,
+    RequestKind, SlidingPosition, SyncMachine, SyncState, TransportErrorKind, TransportFailure,
 };
 use matrix_sync_testkit::{foreign_request_id, Checked};
 use serde_json::{json, Value};
@@ -85,6 +89,8 @@ struct Knobs {
     long_poll_s: u8,
     margin_ms: u16,
     initial_deadline_s: u16,
+    /// Simplified sliding sync instead of `/v3/sync`.
+    sliding: bool,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -93,6 +99,20 @@ struct Tok(u8);
 impl Tok {
     fn text(self) -> String {
         format!("t{}", self.0 % 6)
+    }
+
+    /// A sliding sync `pos` in Synapse's form (`<connection>/<stream token>`).
+    fn pos(self) -> String {
+        format!("{}/s{}", self.0 % 3, self.0 % 6)
+    }
+
+    /// A sliding sync checkpoint: the `pos` and a to-device cursor.
+    fn position(self) -> String {
+        let position = SlidingPosition {
+            pos: Some(self.pos()),
+            to_device_since: Some(format!("{}", self.0 % 4)),
+        };
+        position.to_token()
     }
 }
 
@@ -302,10 +322,45 @@ fn fixture(f: &Fixture) -> Vec<u8> {
     bodies[i].clone()
 }
 
-fn body(b: &Body, since: Option<&str>) -> Vec<u8> {
+/// A sliding sync answer: `s.next` gives the `pos` (`None`: the current one) and the to-device
+/// cursor; a room's `leave` flag is sent as `initial`.
+fn sliding_body(s: &SyncBody, since: Option<&str>) -> Value {
+    let current = since.and_then(SlidingPosition::from_token).unwrap_or_default();
+    let (pos, cursor) = match s.next {
+        Some(t) => (t.pos(), format!("{}", t.0 % 4)),
+        None => (
+            current.pos.unwrap_or_else(|| "0/s0".to_owned()),
+            current.to_device_since.unwrap_or_else(|| "0".to_owned()),
+        ),
+    };
+    let mut rooms = serde_json::Map::new();
+    for r in &s.rooms {
+        let mut room = json!({
+            "timeline": r.events.iter().map(event).collect::<Vec<_>>(),
+            "limited": r.limited,
+            "initial": r.leave,
+        });
+        if let Some(p) = r.prev_batch {
+            room["prev_batch"] = json!(format!("p{}", p.text()));
+        }
+        rooms.insert(format!("!r{}:example.org", r.room % 3), room);
+    }
+    json!({
+        "pos": pos,
+        "lists": {"all": {"count": 3, "ops": []}},
+        "rooms": rooms,
+        "extensions": {"to_device": {
+            "next_batch": cursor,
+            "events": s.to_device.iter().map(event).collect::<Vec<_>>(),
+        }},
+    })
+}
+
+fn body(b: &Body, since: Option<&str>, sliding: bool) -> Vec<u8> {
     let value = match b {
         Body::Raw(bytes) => return bytes.clone(),
         Body::Fixture(f) => return fixture(f),
+        Body::Sync(s) if sliding => sliding_body(s, since),
         Body::Sync(s) => {
             let next = match s.next {
                 Some(t) => t.text(),
@@ -348,6 +403,7 @@ fn body(b: &Body, since: Option<&str>) -> Vec<u8> {
                 "M_FORBIDDEN",
                 "M_UNKNOWN",
                 "M_INVALID_PARAM",
+                "M_UNKNOWN_POS",
             ];
             let mut v = json!({
                 "errcode": codes[e.errcode as usize % codes.len()],
@@ -365,7 +421,12 @@ fn body(b: &Body, since: Option<&str>) -> Vec<u8> {
 
 fn config(k: &Knobs) -> Config {
     let mut c = Config::new("https://example.org", "fuzz_secret_token");
-    c.since = k.resume.map(Tok::text);
+    if k.sliding {
+        c.protocol = Protocol::SlidingSync;
+        c.since = k.resume.map(Tok::position);
+    } else {
+        c.since = k.resume.map(Tok::text);
+    }
     let initial = Duration::from_millis(u64::from(k.backoff_initial_ms.max(1)));
     let span = Duration::from_millis(u64::from(k.backoff_span_ms) % 3_600_000);
     c.backoff = BackoffPolicy::default()
@@ -418,6 +479,8 @@ struct Harness {
     /// Every id handed out, in order (ids are opaque: only recorded).
     issued: Vec<RequestId>,
     stopped: bool,
+    /// The protocol spoken is sliding sync.
+    sliding: bool,
     invalid_requests: bool,
     trace: String,
 }
@@ -559,7 +622,7 @@ impl Harness {
                     response = response.header(http::header::RETRY_AFTER, secs.to_string());
                 }
                 let response = response
-                    .body(body(b, self.m.since()))
+                    .body(body(b, self.m.since(), self.sliding))
                     .expect("valid response");
                 let before = snapshot(&self.m);
                 let result = self.m.handle_response(id, response, at);
@@ -660,6 +723,7 @@ fn run(s: &Scenario) -> String {
         outstanding: None,
         issued: Vec::new(),
         stopped: false,
+        sliding: s.knobs.sliding,
         invalid_requests: false,
         trace: String::new(),
     };
