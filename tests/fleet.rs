@@ -17,7 +17,9 @@
 //!   cleanly too, giving back every lease.
 //!
 //! A second test breaks a worker's lease (no homeserver needed): the worker stops the account
-//! at its next renewal, then takes a new lease.
+//! at its next renewal, then takes a new lease. A third adds accounts to two workers holding
+//! 150 each: each new one, the only free lease among hundreds held, is taken within a few
+//! renewals.
 //!
 //! nats-server comes from `NATS_SERVER_BIN` or `PATH` (`scripts/nats.sh install`): without
 //! it the test fails, it never skips.
@@ -642,4 +644,100 @@ fn a_worker_stops_an_account_whose_lease_it_lost_and_takes_a_new_one() {
         (LeaseChangeKind::Released, again.lease)
     );
     assert_eq!(admin.lease("solo").unwrap(), None);
+}
+
+/// Two workers share 300 accounts, 150 each; then five more are added one at a time, each the
+/// only free one among hundreds held, with one worker or both one under their share. Each is
+/// taken within a few renewals: a
+/// worker under its share tries only the accounts the leases bucket shows free. (Before, each
+/// balancing round tried the next account in turn, held elsewhere or not, one round every half
+/// renewal: up to a minute and more to reach the free one among hundreds, and the first test
+/// above once waited 90 s in vain for its last account.) No homeserver needed: the accounts'
+/// server refuses connections.
+#[test]
+fn the_one_free_lease_among_hundreds_held_is_found_within_a_few_renewals() {
+    use matrix_sync_service::fleet::{LeaseChange, LeaseChangeKind};
+    use std::sync::mpsc;
+
+    const ACCOUNTS: usize = 300;
+    let nats = NatsServer::start();
+    let config = FleetConfig::new(nats.url(), "w").lease_ttl(LEASE_TTL);
+    let admin = FleetClient::connect(&config).unwrap();
+    let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("acct-{i:03}")).collect();
+    for name in &names {
+        admin
+            .put_account(name, &AccountEntry::new("http://127.0.0.1:9", "token"))
+            .unwrap();
+    }
+    let (tx, changes) = mpsc::channel::<(usize, LeaseChange)>();
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let tx = Mutex::new(tx.clone());
+            let mut worker_config = config.clone().on_lease(move |c| {
+                let _ = tx.lock().unwrap().send((i, c.clone()));
+            });
+            worker_config.worker_id = format!("w{i}");
+            let stop = stop.clone();
+            thread::spawn(move || fleet::run(worker_config, &stop))
+        })
+        .collect();
+    let mut held: [HashSet<String>; 2] = Default::default();
+    let apply = |held: &mut [HashSet<String>; 2], (i, c): (usize, LeaseChange)| {
+        if c.kind == LeaseChangeKind::Acquired {
+            held[i].insert(c.account.clone());
+        } else {
+            held[i].remove(&c.account);
+        }
+        c
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held.iter().any(|h| h.len() != ACCOUNTS / 2) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let change = changes.recv_timeout(left).unwrap_or_else(|e| {
+            panic!(
+                "no even share ({e}): {} and {}",
+                held[0].len(),
+                held[1].len()
+            )
+        });
+        apply(&mut held, change);
+    }
+    // One at a time, at places spread over the sorted names.
+    let added = [
+        "acct-050a",
+        "acct-300",
+        "acct-125a",
+        "acct-000a",
+        "acct-225a",
+    ];
+    for (n, added) in added.iter().enumerate() {
+        let put = Instant::now();
+        admin
+            .put_account(added, &AccountEntry::new("http://127.0.0.1:9", "token"))
+            .unwrap();
+        let deadline = put + LEASE_TTL * 2;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (a, b) = (held[0].len(), held[1].len());
+            let change = changes.recv_timeout(left).unwrap_or_else(|e| {
+                panic!(
+                    "{added}: not taken {:?} after it was added ({e}; held {a} and {b})",
+                    put.elapsed(),
+                )
+            });
+            let change = apply(&mut held, change);
+            if change.account == *added && change.kind == LeaseChangeKind::Acquired {
+                break;
+            }
+        }
+        eprintln!("{added}: taken {:?} after it was added", put.elapsed());
+        assert_eq!(held[0].len() + held[1].len(), ACCOUNTS + n + 1);
+    }
+
+    drop(stop_tx);
+    for worker in workers {
+        worker.join().unwrap().unwrap();
+    }
 }

@@ -1,6 +1,7 @@
 //! One held account on the runtime: its lease (renewed, fenced), its publishes (one at a time,
 //! each acknowledged before the next) and its checkpoint writes.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKin
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::Context;
 use crossbeam_channel::Sender;
+use futures_util::TryStreamExt;
 use tokio::sync::mpsc;
 
 use super::{headers, FleetConfig};
@@ -43,6 +45,12 @@ pub(crate) enum Report {
     CheckpointStored { name: String, epoch: u64 },
     /// The lease was given back. The actor has ended.
     Released { name: String },
+    /// The accounts whose lease someone holds (the leases bucket's keys), as listed from
+    /// `asked` on.
+    Leased {
+        asked: Instant,
+        names: HashSet<String>,
+    },
 }
 
 /// Commands of the worker's thread to an account's actor.
@@ -167,6 +175,23 @@ pub(crate) async fn acquire(ctx: Arc<Ctx>, name: String, nonce: String) {
                 held_elsewhere: false,
             });
         }
+    }
+}
+
+/// Lists the leases bucket's keys (the accounts whose lease someone holds) and reports them
+/// as [`Report::Leased`]; on failure, logs and reports nothing (the worker asks again later).
+pub(crate) async fn list_leases(ctx: Arc<Ctx>, asked: Instant) {
+    let listed = tokio::time::timeout(ctx.config.nats_timeout, async {
+        let keys = ctx.leases.keys().await.map_err(|e| e.to_string())?;
+        keys.try_collect::<HashSet<String>>()
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match listed {
+        Ok(Ok(names)) => ctx.report(Report::Leased { asked, names }),
+        Ok(Err(e)) => log::warn!("listing the leases: {e}"),
+        Err(_) => log::warn!("listing the leases timed out"),
     }
 }
 

@@ -73,8 +73,10 @@
 //!   checkpoint stays, so adding it again resumes); a changed one gets its new credentials.
 //! * **Sharing.** Each worker takes free leases up to its fair share,
 //!   ⌈accounts ÷ live workers⌉, and gives back leases above it (a worker joining a running
-//!   fleet gets its share as the others shed). Workers wait [`FleetConfig::settle`] after
-//!   they start before taking any, so that workers started together see each other.
+//!   fleet gets its share as the others shed). A worker under its share tries only the
+//!   accounts whose lease no one holds, as it last listed the leases bucket (at most once
+//!   every [`renew_every`](FleetConfig::renew_every)). Workers wait [`FleetConfig::settle`]
+//!   after they start before taking any, so that workers started together see each other.
 //!
 //! Each message carries the headers `Fleet-Worker` (the worker's id) and `Fleet-Lease` (the
 //! revision at which it took the lease): per account, consecutive leases have increasing

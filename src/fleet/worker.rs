@@ -40,6 +40,42 @@ enum Phase {
     Losing,
 }
 
+/// The leases bucket's keys as last listed. A worker under its fair share tries only accounts
+/// whose lease no one holds: trying every account in turn, one or two at a time, took minutes
+/// to come upon the last free one among hundreds held elsewhere.
+#[derive(Default)]
+struct LeaseListing {
+    /// The last listing's accounts (`None` until one arrived).
+    names: Option<HashSet<String>>,
+    /// When that listing was asked for.
+    listed: Option<Instant>,
+    /// When the latest listing was asked for (perhaps still under way).
+    asked: Option<Instant>,
+}
+
+impl LeaseListing {
+    /// Whether a listing is due: none was asked for within `every`.
+    fn due(&self, now: Instant, every: Duration) -> bool {
+        self.asked
+            .is_none_or(|asked| now.duration_since(asked) >= every)
+    }
+
+    /// Whether the last listing showed `name`'s lease free (`false` before any listing).
+    fn free(&self, name: &str) -> bool {
+        self.names
+            .as_ref()
+            .is_some_and(|names| !names.contains(name))
+    }
+
+    /// Keeps a listing unless a later-asked one arrived first.
+    fn listed(&mut self, asked: Instant, names: HashSet<String>) {
+        if self.listed.is_none_or(|listed| listed < asked) {
+            self.names = Some(names);
+            self.listed = Some(asked);
+        }
+    }
+}
+
 struct Held {
     actor: mpsc::Sender<Command>,
     epoch: u64,
@@ -133,6 +169,7 @@ pub fn run(config: FleetConfig, stop: &Receiver<()>) -> Result<(), FleetError> {
         acquiring: HashSet::new(),
         cooldown: HashMap::new(),
         bad: HashSet::new(),
+        leased: LeaseListing::default(),
         live_workers: 1,
         workers_changed: Instant::now(),
         last_status: Instant::now(),
@@ -195,6 +232,8 @@ struct Worker {
     cooldown: HashMap<String, Instant>,
     /// Accounts whose configuration the reactor refused, until their entry changes.
     bad: HashSet<String>,
+    /// What this worker knows of the leases held anywhere: only accounts outside it are tried.
+    leased: LeaseListing,
     live_workers: usize,
     /// When `live_workers` last changed: leases are shed only once it is stable.
     workers_changed: Instant,
@@ -410,6 +449,10 @@ impl Worker {
                 }
             }
             Report::CheckpointStored { name, epoch } => self.checkpoint_stored(&name, epoch),
+            Report::Leased { asked, names } => {
+                self.leased.listed(asked, names);
+                self.balance();
+            }
             Report::Released { name } => {
                 if let Some(held) = self.held.remove(&name) {
                     let at = held.stopped.unwrap_or_else(SystemTime::now);
@@ -506,6 +549,12 @@ impl Worker {
             );
         }
         if count < fair {
+            if self.leased.due(now, self.config.renew_every) {
+                self.leased.asked = Some(now);
+                self.nats
+                    .rt
+                    .spawn(actor::list_leases(self.ctx.clone(), now));
+            }
             let want = fair - count;
             // Round the accounts from where the last round stopped, so that every free
             // lease is tried in turn.
@@ -516,7 +565,8 @@ impl Worker {
             let mut examined = 0;
             for a in accounts.iter().cycle().skip(start).take(accounts.len()) {
                 examined += 1;
-                if !self.held.contains_key(a)
+                if self.leased.free(a)
+                    && !self.held.contains_key(a)
                     && !self.acquiring.contains(a)
                     && !self.cooldown.contains_key(a)
                     && !self.bad.contains(a)
