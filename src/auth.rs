@@ -193,12 +193,12 @@ pub(crate) fn refresh_request(
         } => (
             token_endpoint.clone(),
             "application/x-www-form-urlencoded",
-            form_urlencoded::Serializer::new(String::new())
-                .append_pair("grant_type", "refresh_token")
-                .append_pair("refresh_token", refresh_token.expose())
-                .append_pair("client_id", client_id)
-                .finish()
-                .into_bytes(),
+            crate::request::form_pairs(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token.expose()),
+                ("client_id", client_id),
+            ])
+            .into_bytes(),
         ),
     };
     http::Request::post(uri)

@@ -89,6 +89,25 @@ impl ParsedBody {
         Self::try_new_or_recover(body, |body| SyncResponse::parse(body))
     }
 
+    /// The gaps of this answer to a sync from `since` (the twin of the sliding answer's
+    /// `gaps`). Only an incremental sync has gaps: an initial sync's limited timelines are
+    /// simply where history starts.
+    pub(crate) fn gaps(&self, since: Option<&str>) -> Vec<(OwnedRoomId, Gap)> {
+        let Some(since) = since else {
+            return Vec::new();
+        };
+        self.response()
+            .limited_timelines()
+            .map(|(room_id, prev_batch)| {
+                let gap = Gap {
+                    prev_batch: prev_batch.to_owned(),
+                    previous_since: since.to_owned(),
+                };
+                (room_id.clone(), gap)
+            })
+            .collect()
+    }
+
     pub(crate) fn response(&self) -> &SyncResponse<'_> {
         self.borrow_dependent()
     }

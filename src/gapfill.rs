@@ -15,7 +15,7 @@ use ruma_client_api::message::get_message_events::v3 as messages;
 use ruma_common::OwnedRoomId;
 use serde_json::value::RawValue;
 
-use crate::batch::{ParsedBody, RoomFill, RoomFills};
+use crate::batch::{RoomFill, RoomFills};
 use crate::config::{Config, GapFill};
 use crate::error::Failure;
 use crate::normalize::Gap;
@@ -92,25 +92,6 @@ impl FillFailure {
 pub(crate) enum Plan<P> {
     Deliver(P, RoomFills),
     Fill(GapFiller<P>),
-}
-
-/// The gaps of a `/v3/sync` answer to a sync from `since`. Only an incremental sync has gaps:
-/// an initial sync's limited timelines are simply where history starts.
-pub(crate) fn v3_gaps(parsed: &ParsedBody, since: Option<&str>) -> Vec<(OwnedRoomId, Gap)> {
-    let Some(since) = since else {
-        return Vec::new();
-    };
-    parsed
-        .response()
-        .limited_timelines()
-        .map(|(room_id, prev_batch)| {
-            let gap = Gap {
-                prev_batch: prev_batch.to_owned(),
-                previous_since: since.to_owned(),
-            };
-            (room_id.clone(), gap)
-        })
-        .collect()
 }
 
 impl<P> GapFiller<P> {
@@ -300,6 +281,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::batch::ParsedBody;
 
     fn config(max_events_per_room: usize, page_size: u32) -> Config {
         let mut config = Config::new("https://example.org", "token");
@@ -323,7 +305,7 @@ mod tests {
             .collect();
         let body = json!({ "next_batch": "n1", "rooms": { "join": join } });
         let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
-        let gaps = v3_gaps(&parsed, Some("s0"));
+        let gaps = parsed.gaps(Some("s0"));
         match GapFiller::plan(parsed, gaps, config) {
             Plan::Fill(filler) => filler,
             Plan::Deliver(..) => panic!("limited timelines of an incremental sync are filled"),
@@ -369,7 +351,7 @@ mod tests {
             let body = json!({ "next_batch": "n1", "rooms": { "join": {
                 "!r0:example.org": { "timeline": { "limited": true, "prev_batch": "p0" } } } } });
             let parsed = ParsedBody::parse(serde_json::to_vec(&body).unwrap()).unwrap();
-            let gaps = v3_gaps(&parsed, Some("s0"));
+            let gaps = parsed.gaps(Some("s0"));
             let Plan::Deliver(_, fills) = GapFiller::plan(parsed, gaps, &config) else {
                 panic!("nothing to fill");
             };

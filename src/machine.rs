@@ -13,7 +13,7 @@ use crate::config::{Config, ConfigError};
 use crate::dedup::Dedup;
 use crate::discovery::{self, Step, WellKnown};
 use crate::error::{ErrorClass, Failure, InputError, SyncError};
-use crate::gapfill::{self, FillFailure, GapFiller, Plan};
+use crate::gapfill::{FillFailure, GapFiller, Plan};
 use crate::normalize::{Event, EventKind, Gap};
 use crate::request::{self, InFlightRequest, OutgoingRequest, RequestId, RequestKind};
 use crate::schedule::{self, Channel, Retry, Schedule};
@@ -1295,7 +1295,7 @@ impl SyncMachine {
             // Nothing to hand on, not even a checkpoint: the position is unchanged.
             return self.answered(answer.channel, answer.held);
         }
-        let gaps = gapfill::v3_gaps(&parsed, self.since.as_deref());
+        let gaps = parsed.gaps(self.since.as_deref());
         self.fill_then_deliver(Answered::V3(parsed), gaps, answer);
     }
 

@@ -278,6 +278,21 @@ pub(crate) fn sync_filter_param(config: &Config) -> Result<Option<String>, Build
     Ok(Some(encoded))
 }
 
+/// `pairs` as an `application/x-www-form-urlencoded` string (`k=v&k=v`, each side encoded by
+/// [`form_encode`]): a query string or a form body.
+pub(crate) fn form_pairs(pairs: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        form_encode(&mut out, key);
+        out.push('=');
+        form_encode(&mut out, value);
+    }
+    out
+}
+
 /// Appends `text` encoded as `application/x-www-form-urlencoded` does (what
 /// `form_urlencoded::byte_serialize` writes: `*-._` and ASCII alphanumerics as they are, space
 /// as `+`, every other byte as `%XX`), a byte at a time into one buffer: the crate yields a
@@ -436,6 +451,18 @@ mod tests {
                 let theirs: String = form_urlencoded::byte_serialize(text.as_bytes()).collect();
                 proptest::prop_assert_eq!(ours, theirs);
             }
+        }
+
+        #[test]
+        fn form_pairs_are_the_crate_s(pairs in proptest::collection::vec(
+            (proptest::prelude::any::<String>(), "[ -~]{0,20}"), 0..4)) {
+            let borrowed: Vec<(&str, &str)> =
+                pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut theirs = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &borrowed {
+                theirs.append_pair(k, v);
+            }
+            proptest::prop_assert_eq!(form_pairs(&borrowed), theirs.finish());
         }
     }
 }

@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::{RoomSubscription, SlidingPosition, SlidingSyncConfig};
 use crate::config::Config;
+use crate::request::{bearer, form_pairs};
 
 /// The path Synapse serves simplified sliding sync at (no stable path yet).
 pub(crate) const PATH: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
@@ -33,14 +34,14 @@ pub(crate) fn sync_request(
     config: &Config,
     ask: &Ask<'_>,
 ) -> Result<http::Request<Vec<u8>>, String> {
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    if let Some(pos) = &ask.position.pos {
-        query.append_pair("pos", pos);
-    }
-    query.append_pair("timeout", &ask.timeout.as_millis().to_string());
-    let uri = format!("{}{PATH}?{}", config.homeserver, query.finish());
+    let timeout = ask.timeout.as_millis().to_string();
+    let query = match &ask.position.pos {
+        Some(pos) => form_pairs(&[("pos", pos), ("timeout", &timeout)]),
+        None => form_pairs(&[("timeout", &timeout)]),
+    };
+    let uri = format!("{}{PATH}?{query}", config.homeserver);
     let body = serde_json::to_vec(&body(&config.sliding_sync, ask)).map_err(|e| e.to_string())?;
-    let value = crate::request::bearer(&config.access_token)
+    let value = bearer(&config.access_token)
         .map_err(|e| format!("could not build the sliding sync request: {e}"))?;
     http::Request::builder()
         .method(http::Method::POST)
@@ -106,7 +107,7 @@ pub(crate) fn body(sliding: &SlidingSyncConfig, ask: &Ask<'_>) -> Value {
 /// `GET /_matrix/client/versions`, with the access token: Synapse answers per user whether
 /// sliding sync is on.
 pub(crate) fn versions_request(config: &Config) -> Result<http::Request<Vec<u8>>, String> {
-    let value = crate::request::bearer(&config.access_token)
+    let value = bearer(&config.access_token)
         .map_err(|e| format!("could not build the versions request: {e}"))?;
     http::Request::builder()
         .method(http::Method::GET)
