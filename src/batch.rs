@@ -462,9 +462,10 @@ impl<'a> Planner<'a, '_> {
     }
 }
 
-/// The leave marker of `room`: its last membership event in the timeline (normally the user's
-/// own leave or kick) when there was one.
-fn leave_marker(membership: Option<Event>, room: OwnedRoomId) -> Event {
+/// The leave marker of `room`, from the membership event that took the user out when there
+/// was one: for `/v3/sync`, the last membership event of its timeline (normally the user's own
+/// leave or kick); for sliding sync, the user's own last.
+pub(crate) fn leave_marker(membership: Option<Event>, room: OwnedRoomId) -> Event {
     match membership {
         Some(mut event) => {
             event.kind = EventKind::Leave;

@@ -1389,6 +1389,7 @@ impl SyncMachine {
                     live,
                     last_key_counts: &mut self.last_key_counts,
                     lists: &mut sliding.lists,
+                    user_id: self.config.sliding_sync.user_id.as_deref(),
                 };
                 Batch::Sliding(SlidingDelivery::plan(body, context))
             }

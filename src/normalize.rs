@@ -54,7 +54,9 @@ pub enum EventKind {
     /// The user left (or was removed from) the room. The room's events precede this marker;
     /// `raw`, `sender` and `state_key` are those of the last membership event when the
     /// response carried one (that event was delivered before as [`Member`](Self::Member), so
-    /// the marker has no `event_id` of its own).
+    /// the marker has no `event_id` of its own). With sliding sync, only when
+    /// [`SlidingSyncConfig::user_id`](crate::sliding::SlidingSyncConfig::user_id) names the
+    /// user.
     Leave,
     /// A stripped state event of a room the user knocked on.
     Knock,

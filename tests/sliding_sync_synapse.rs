@@ -610,3 +610,67 @@ fn the_reactor_syncs_two_accounts_with_sliding_sync() {
     reactor.stop();
     reactor.join().unwrap();
 }
+
+/// With the user's id configured, a room the user left and one the user was removed from each
+/// end with a `Leave` marker right after the membership event that took the user out, as in
+/// `/v3/sync`; the room the user is still in has none.
+#[test]
+fn a_room_left_and_a_room_kicked_from_each_end_with_a_leave_marker() {
+    let synapse = Synapse::shared();
+    let base = synapse.base_url();
+    let (alice, bob, left) = room_of_two(&base, "leaver", "host");
+    let kicked = bob.create_room(&[alice.user_id.as_str()]);
+    alice.join(&kicked);
+    let stays = bob.create_room(&[alice.user_id.as_str()]);
+    alice.join(&stays);
+    let mut config = sliding_config(&alice);
+    config.sliding_sync.user_id = Some(alice.user_id.as_str().try_into().unwrap());
+    let service = start(config).expect("valid config");
+    drain_until_live(&service);
+
+    bob.send_text(&left, "before alice leaves");
+    alice.leave(&left);
+    bob.kick(&kicked, alice.user_id.as_str());
+    let marker = bob.send_text(&stays, "after both");
+    let events = collect_to_checkpoint(&service, |events| count_id(events, &marker) > 0);
+    let in_room = |room: &str| -> Vec<&Event> {
+        events
+            .iter()
+            .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == room))
+            .collect()
+    };
+    for (room, by) in [(&left, &alice), (&kicked, &bob)] {
+        let events = in_room(room);
+        let leave = events
+            .iter()
+            .position(|e| e.kind == EventKind::Leave)
+            .unwrap_or_else(|| panic!("{room}: no leave marker in {events:?}"));
+        let before = events[leave - 1];
+        assert_eq!(
+            before.kind,
+            EventKind::Member,
+            "{room}: the membership event first"
+        );
+        assert_eq!(
+            before.state_key.as_deref(),
+            Some(alice.user_id.as_str()),
+            "{room}"
+        );
+        let marker = events[leave];
+        assert_eq!(
+            marker.sender.as_ref().map(|s| s.as_str()),
+            Some(by.user_id.as_str())
+        );
+        assert_eq!(marker.event_id, None, "the marker has no id of its own");
+        assert_eq!(
+            events.iter().filter(|e| e.kind == EventKind::Leave).count(),
+            1,
+            "{room}: one marker"
+        );
+    }
+    assert!(
+        in_room(&stays).iter().all(|e| e.kind != EventKind::Leave),
+        "no marker where alice stays"
+    );
+    assert!(time_to_close(&service) < Duration::from_secs(2));
+}

@@ -7,7 +7,8 @@
 //! * bytes 1-2, status selector (little endian): even = 200; odd = `100 + (v >> 1) % 900`;
 //! * the rest: the body.
 //!
-//! Checks: no panic; `since` moves only at a checkpoint, whose token is a sliding sync
+//! Checks: no panic; a leave marker (the configured user is `@a:example.org`) names its room
+//! and has no event id; `since` moves only at a checkpoint, whose token is a sliding sync
 //! position with the body's `pos`; a non-2xx answer either resets the connection (400
 //! `M_UNKNOWN_POS`, or `M_UNKNOWN` "Invalid stream token…", to a request that carried a `pos`:
 //! one `ConnectionReset` event, no error, `since` unchanged, the next request without `pos`
@@ -39,6 +40,8 @@ const FIRST: &str = r#"{"pos":"1/s1","lists":{"all":{"count":1,"ops":[{"op":"SYN
 fn config() -> Config {
     let mut config = Config::new("https://example.org", TOKEN);
     config.protocol = Protocol::SlidingSync;
+    // The user's own membership events decide the leave markers.
+    config.sliding_sync.user_id = Some("@a:example.org".try_into().expect("a user id"));
     config
 }
 
@@ -58,6 +61,11 @@ fn drain(m: &mut SyncMachine) -> Drained {
                 assert_eq!(m.since(), Some(c.next_batch.as_str()));
                 let position = c.sliding_position().expect("a sliding sync checkpoint");
                 assert!(position.pos.is_some());
+            }
+            EventKind::Leave => {
+                assert!(event.room_id.is_some(), "a leave marker names its room");
+                assert!(event.event_id.is_none(), "a leave marker has no id of its own");
+                assert_eq!(m.since(), before.as_deref(), "since moved without a checkpoint");
             }
             _ => assert_eq!(m.since(), before.as_deref(), "since moved without a checkpoint"),
         }

@@ -18,7 +18,7 @@
 pub(crate) mod request;
 pub(crate) mod response;
 
-use ruma_common::OwnedRoomId;
+use ruma_common::{OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
 use crate::token::{self, TokenProblem};
@@ -84,6 +84,12 @@ pub struct SlidingSyncConfig {
     pub window: u32,
     /// The extensions asked for.
     pub extensions: Extensions,
+    /// The account's user. With it, a room the user left or was removed from (its own last
+    /// membership `leave` or `ban`, in the room's `required_state` or timeline) ends with an
+    /// [`EventKind::Leave`](crate::EventKind::Leave) marker after its events, as `/v3/sync`'s
+    /// `leave` section gives one. Without it there is no marker: a sliding sync answer does not
+    /// say whose membership events are the user's own.
+    pub user_id: Option<OwnedUserId>,
 }
 
 impl Default for SlidingSyncConfig {
@@ -94,6 +100,7 @@ impl Default for SlidingSyncConfig {
             required_state: vec![("*".to_owned(), "*".to_owned())],
             window: 100,
             extensions: Extensions::default(),
+            user_id: None,
         }
     }
 }

@@ -6,20 +6,23 @@
 //! Within a room: its gap (a `limited` timeline of a room the connection had sent before, or
 //! of any room after a connection reset) filled from `/messages` as a `/v3/sync` gap is (the
 //! fetched events, and a gap item for what was not fetched), `required_state`, timeline,
-//! receipts and typing, room account data; an invited or knocked room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
+//! receipts and typing, room account data, and the leave marker of a room the user left (with
+//! [`SlidingSyncConfig::user_id`](super::SlidingSyncConfig::user_id)); an invited or knocked
+//! room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 
 use js_int::UInt;
 use ruma_client_api::sync::sync_events::DeviceLists;
-use ruma_common::{OneTimeKeyAlgorithm, OwnedRoomId};
+use ruma_common::{OneTimeKeyAlgorithm, OwnedRoomId, UserId};
 use self_cell::self_cell;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ListOp, ListUpdate, SlidingPosition};
-use crate::batch::{first_delivery, Fetched, KeyCounts, RoomFill, RoomFills};
+use crate::batch::{first_delivery, leave_marker, Fetched, KeyCounts, RoomFill, RoomFills};
 use crate::dedup::Dedup;
 use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
 
@@ -116,6 +119,44 @@ pub(crate) struct AccountData<'a> {
 pub(crate) struct PerRoom<'a> {
     #[serde(default, borrow)]
     pub(crate) rooms: BTreeMap<OwnedRoomId, &'a RawValue>,
+}
+
+impl<'a> Room<'a> {
+    /// The user's own last membership event when it says the user is out of the room (`leave`,
+    /// or `ban`): the room's `required_state` (its state after the timeline) first, else the
+    /// timeline's last. `None` when the user is in the room, or neither says.
+    fn left_by(&self, user: &UserId) -> Option<&'a RawValue> {
+        #[derive(Deserialize)]
+        struct Member<'b> {
+            #[serde(rename = "type", borrow)]
+            event_type: Cow<'b, str>,
+            #[serde(borrow)]
+            state_key: Option<Cow<'b, str>>,
+            #[serde(borrow)]
+            content: Content<'b>,
+        }
+        #[derive(Deserialize)]
+        struct Content<'b> {
+            #[serde(borrow)]
+            membership: Option<Cow<'b, str>>,
+        }
+        let own = |raw: &&'a RawValue| -> Option<(&'a RawValue, bool)> {
+            // Most events are not membership events: a byte search before any parse.
+            memchr::memmem::find(raw.get().as_bytes(), b"m.room.member")?;
+            let member: Member<'_> = serde_json::from_str(raw.get()).ok()?;
+            let mine = member.event_type == "m.room.member"
+                && member.state_key.as_deref() == Some(user.as_str());
+            let out = matches!(member.content.membership.as_deref(), Some("leave" | "ban"));
+            mine.then_some((*raw, out))
+        };
+        let last = self
+            .required_state
+            .iter()
+            .rev()
+            .find_map(own)
+            .or_else(|| self.timeline.iter().rev().find_map(own))?;
+        last.1.then_some(last.0)
+    }
 }
 
 impl<'a> SlidingResponse<'a> {
@@ -232,6 +273,8 @@ pub(crate) struct Context<'m> {
     pub(crate) live: bool,
     pub(crate) last_key_counts: &'m mut Option<KeyCounts>,
     pub(crate) lists: &'m mut ListMemory,
+    /// The account's user, for the leave markers (none without it).
+    pub(crate) user_id: Option<&'m UserId>,
 }
 
 self_cell!(
@@ -352,6 +395,11 @@ impl<'a> Steps<'a> {
             self.list(&room.timeline, Section::Timeline, id);
             self.ephemeral(response, room_id);
             self.room_account_data(response, room_id);
+            if let Some(left) = context.user_id.and_then(|user| room.left_by(user)) {
+                let membership =
+                    normalize_with(left.to_owned(), Section::Timeline, id, &mut self.senders);
+                self.ready(leave_marker(Some(membership), room_id.clone()));
+            }
         }
         // Extension data of rooms that did not come in `rooms` themselves.
         let ephemeral_only = ext
@@ -534,7 +582,7 @@ mod tests {
                 (room_id, fill)
             })
             .collect();
-        emit_with(parsed, sent, fills, dedup, lists)
+        emit_with(parsed, sent, fills, dedup, lists, None)
     }
 
     fn emit_with(
@@ -543,6 +591,7 @@ mod tests {
         fills: RoomFills,
         dedup: &mut Dedup,
         lists: &mut ListMemory,
+        user_id: Option<&UserId>,
     ) -> Vec<Event> {
         let mut counts = None;
         let context = Context {
@@ -551,6 +600,7 @@ mod tests {
             live: false,
             last_key_counts: &mut counts,
             lists,
+            user_id,
         };
         let mut delivery = SlidingDelivery::plan(parsed, context);
         std::iter::from_fn(|| delivery.next_event(dedup)).collect()
@@ -676,7 +726,7 @@ mod tests {
         };
         let fills = RoomFills::from([("!b:x".try_into().unwrap(), fill)]);
         let (mut dedup, mut lists) = (Dedup::new(64), ListMemory::new());
-        let events = emit_with(parsed, &sent, fills, &mut dedup, &mut lists);
+        let events = emit_with(parsed, &sent, fills, &mut dedup, &mut lists, None);
         let in_b: Vec<String> = events
             .iter()
             .filter(|e| e.room_id.as_ref().is_some_and(|r| r.as_str() == "!b:x"))
@@ -741,6 +791,85 @@ mod tests {
         assert!(
             parsed.check_tokens(&sent).is_err(),
             "the pair must fit one token"
+        );
+    }
+    /// A room whose own last membership of the user is `leave` or `ban` (in `required_state`,
+    /// else the timeline) ends with a leave marker after its events; one the user is still in
+    /// (or came back to) has none, nor any room without the user's id in the configuration.
+    #[test]
+    fn a_room_the_user_left_or_was_removed_from_ends_with_a_leave_marker() {
+        const LEFT: &str = r#"{"pos":"8/s10_1","rooms":{
+          "!left:x":{"timeline":[
+            {"type":"m.room.message","event_id":"$1:x","sender":"@me:x","origin_server_ts":1,"content":{"body":"bye"}},
+            {"type":"m.room.member","event_id":"$2:x","sender":"@me:x","state_key":"@me:x","origin_server_ts":2,"content":{"membership":"leave"}}]},
+          "!kicked:x":{"required_state":[
+            {"type":"m.room.member","event_id":"$3:x","sender":"@mod:x","state_key":"@me:x","origin_server_ts":3,"content":{"membership":"ban","reason":"spam"}}],
+            "timeline":[{"type":"m.room.member","event_id":"$4:x","sender":"@me:x","state_key":"@me:x","origin_server_ts":1,"content":{"membership":"join"}}]},
+          "!other:x":{"timeline":[
+            {"type":"m.room.member","event_id":"$5:x","sender":"@them:x","state_key":"@them:x","origin_server_ts":4,"content":{"membership":"leave"}}]},
+          "!back:x":{"timeline":[
+            {"type":"m.room.member","event_id":"$6:x","sender":"@me:x","state_key":"@me:x","origin_server_ts":5,"content":{"membership":"leave"}},
+            {"type":"m.room.member","event_id":"$7:x","sender":"@me:x","state_key":"@me:x","origin_server_ts":6,"content":{"membership":"join"}}]},
+          "!text:x":{"timeline":[
+            {"type":"m.room.message","event_id":"$8:x","sender":"@me:x","origin_server_ts":7,"content":{"body":"m.room.member"}}]}}}"#;
+        let sent = SlidingPosition {
+            pos: Some("7/s9_1".to_owned()),
+            to_device_since: None,
+        };
+        let me = UserId::parse("@me:x").unwrap();
+        let run = |user: Option<&UserId>| {
+            let parsed = SlidingBody::parse(LEFT.as_bytes().to_vec()).unwrap();
+            let (mut dedup, mut lists) = (Dedup::new(64), ListMemory::new());
+            emit_with(
+                parsed,
+                &sent,
+                RoomFills::new(),
+                &mut dedup,
+                &mut lists,
+                user,
+            )
+            .into_iter()
+            .map(|e| {
+                let room = e
+                    .room_id
+                    .as_ref()
+                    .map(|r| r.to_string())
+                    .unwrap_or_default();
+                let id = e
+                    .event_id
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                (e.kind.name(), room, id, e.sender.map(|s| s.to_string()))
+            })
+            .collect::<Vec<_>>()
+        };
+        let with = run(Some(&me));
+        let leaves: Vec<_> = with.iter().filter(|e| e.0 == "leave").collect();
+        assert_eq!(
+            leaves,
+            [
+                &(
+                    "leave",
+                    "!kicked:x".to_owned(),
+                    String::new(),
+                    Some("@mod:x".to_owned())
+                ),
+                &(
+                    "leave",
+                    "!left:x".to_owned(),
+                    String::new(),
+                    Some("@me:x".to_owned())
+                ),
+            ]
+        );
+        // Each marker right after its room's events.
+        let at = |id: &str| with.iter().position(|e| e.2 == id).unwrap();
+        assert_eq!(with[at("$4:x") + 1].0, "leave");
+        assert_eq!(with[at("$2:x") + 1].0, "leave");
+        assert!(
+            run(None).iter().all(|e| e.0 != "leave"),
+            "no marker without the user's id"
         );
     }
 }
