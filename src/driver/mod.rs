@@ -259,7 +259,9 @@ pub fn start_with(config: Config, driver: DriverConfig) -> Result<SyncService, S
 /// [`ServiceError::E2ee`]. The same loop as [`start_with`], with one more stage.
 ///
 /// The crypto store is opened here when both ids are configured (an unusable store is a
-/// [`StartError::E2ee`]); otherwise after `GET /account/whoami`.
+/// [`StartError::E2ee`]); otherwise after `GET /account/whoami`. A user id configured for the
+/// stage serves as [`SlidingSyncConfig::user_id`](crate::sliding::SlidingSyncConfig::user_id)
+/// too when that is unset.
 ///
 /// Server discovery ([`Config::discover`](crate::Config::discover())) is refused with
 /// [`StartError::Config`]: the stage's requests (whoami, the first keys upload) go out before
@@ -278,10 +280,21 @@ pub fn start_encrypted(
                      start with the homeserver URL (Config::new)",
         }));
     }
+    let config = with_stage_user(config, &e2ee);
     let now = Instant::now();
     let machine = SyncMachine::new(config, now)?;
     let stage = crate::E2ee::new(machine.config(), e2ee, now).map_err(StartError::E2ee)?;
     launch(machine, vec![Box::new(stage)], &driver)
+}
+
+/// `config`, with the user the E2EE stage was given as its sliding sync user when it names
+/// none (for the leave markers).
+#[cfg(feature = "e2ee")]
+fn with_stage_user(mut config: Config, e2ee: &crate::E2eeConfig) -> Config {
+    if config.sliding_sync.user_id.is_none() {
+        config.sliding_sync.user_id.clone_from(&e2ee.user_id);
+    }
+    config
 }
 
 /// Wires the machine and its stages to a new handle and starts the driver thread.
@@ -500,6 +513,25 @@ mod tests {
 
     use super::*;
     use crate::{EventKind, OutgoingRequest, RequestId, RequestKind, TransportFailure};
+
+    #[cfg(feature = "e2ee")]
+    #[test]
+    fn the_stage_s_user_is_the_sliding_sync_user_unless_one_is_set() {
+        let stage_user: ruma_common::OwnedUserId = "@stage:x".try_into().unwrap();
+        let e2ee = crate::E2eeConfig::new(crate::CryptoStore::Memory)
+            .with_ids(stage_user.clone(), "DEVICE".into());
+        let config = Config::new("https://example.org", "t");
+        assert_eq!(
+            with_stage_user(config.clone(), &e2ee).sliding_sync.user_id,
+            Some(stage_user)
+        );
+        let mut own = config.clone();
+        own.sliding_sync.user_id = Some("@own:x".try_into().unwrap());
+        let kept = with_stage_user(own, &e2ee).sliding_sync.user_id;
+        assert_eq!(kept.unwrap().as_str(), "@own:x");
+        let unnamed = crate::E2eeConfig::new(crate::CryptoStore::Memory);
+        assert_eq!(with_stage_user(config, &unnamed).sliding_sync.user_id, None);
+    }
 
     /// A stage that sends one request of its own first and holds the sync until 200 ms after
     /// its answer (a timer of its own), counting the events that pass through it.
