@@ -27,7 +27,8 @@
 //! device id from `MATRIX_DEVICE_ID` (or `whoami`): a decrypted message prints like a
 //! plaintext one plus `"encrypted": true`, an undecryptable one says why.
 //!
-//! `--sliding-sync` syncs with simplified sliding sync (MSC4186) instead of `/v3/sync`;
+//! `--sliding-sync` syncs with simplified sliding sync (MSC4186) instead of `/v3/sync` (a
+//! room left prints a `leave` line only when `--homeserver` is the user id);
 //! `--sliding-sync auto` uses it when the server offers it (and, with `--since-file`, goes on
 //! with the protocol of the stored checkpoint). The since file then holds the sliding sync
 //! position (`pos` and the to-device cursor, one small JSON object), `--timeline-limit` sets
@@ -243,11 +244,15 @@ fn parse_args() -> Result<Option<Args>, String> {
 
 /// The configuration for `--homeserver`: a URL (it has a scheme) is used as given; a server
 /// name or user id starts with server discovery.
+/// A user id names the user for sliding sync's leave markers too.
 fn homeserver_config(homeserver: String, token: impl Into<String>) -> Result<Config, Fatal> {
     if homeserver.contains("://") {
         return Ok(Config::new(homeserver, token));
     }
-    Config::discover(&homeserver, token).map_err(|e| Fatal::usage(format!("--homeserver: {e}")))
+    let mut config = Config::discover(&homeserver, token)
+        .map_err(|e| Fatal::usage(format!("--homeserver: {e}")))?;
+    config.sliding_sync.user_id = homeserver.as_str().try_into().ok();
+    Ok(config)
 }
 
 fn main() -> ExitCode {
@@ -761,6 +766,21 @@ mod closed_stdout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_user_id_as_homeserver_names_the_sliding_sync_user() {
+        let user = |homeserver: &str| {
+            homeserver_config(homeserver.to_owned(), "t")
+                .map(|c| c.sliding_sync.user_id.map(|u| u.to_string()))
+                .ok()
+        };
+        assert_eq!(
+            user("@me:example.org"),
+            Some(Some("@me:example.org".to_owned()))
+        );
+        assert_eq!(user("example.org"), Some(None));
+        assert_eq!(user("https://example.org"), Some(None));
+    }
 
     /// The events of one sync answer with `body`.
     fn events_of(body: &str) -> Vec<Event> {
