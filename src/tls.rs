@@ -104,6 +104,23 @@ fn pem_reason(error: &rustls_pki_types::pem::Error) -> &'static str {
     }
 }
 
+/// Extra CA certificates need the bundled roots: the platform's verifier takes none. Both
+/// the driver's and the reactor's configuration are checked by this.
+pub(crate) fn check_extra_ca(
+    roots: TrustRoots,
+    extra: &[CaCertificate],
+) -> Result<(), crate::ConfigError> {
+    if roots == TrustRoots::Platform && !extra.is_empty() {
+        return Err(crate::ConfigError::Invalid {
+            field: "extra_ca",
+            reason: "extra CA certificates cannot be added to the platform's trust store \
+                     (TrustRoots::Platform): install the CA in that store, or use \
+                     TrustRoots::Bundled with the extra CA",
+        });
+    }
+    Ok(())
+}
+
 /// The `RootCerts` of ureq for these roots and extra CAs; `None` for a combination ureq cannot
 /// build (the platform verifier with extra CAs, refused at validation).
 pub(crate) fn root_certs(

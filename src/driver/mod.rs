@@ -211,15 +211,11 @@ impl DriverConfig {
             ("event_channel_capacity", self.event_channel_capacity),
             ("error_channel_capacity", self.error_channel_capacity),
         ])?;
-        if self.agent.is_none() && tls::root_certs(self.trust_roots, &self.extra_ca).is_none() {
-            return Err(ConfigError::Invalid {
-                field: "extra_ca",
-                reason: "extra CA certificates cannot be added to the platform's trust store \
-                         (TrustRoots::Platform): install the CA in that store, or use \
-                         TrustRoots::Bundled with the extra CA",
-            });
+        if self.agent.is_some() {
+            // The agent's own TLS settings apply.
+            return Ok(());
         }
-        Ok(())
+        tls::check_extra_ca(self.trust_roots, &self.extra_ca)
     }
 }
 

@@ -314,15 +314,7 @@ impl<K> ReactorConfig<K> {
             ("state_channel_capacity", self.state_channel_capacity),
             ("max_connecting", self.max_connecting),
         ])?;
-        if self.trust_roots == TrustRoots::Platform && !self.extra_ca.is_empty() {
-            return Err(ConfigError::Invalid {
-                field: "extra_ca",
-                reason: "extra CA certificates cannot be added to the platform's trust store \
-                         (TrustRoots::Platform): install the CA in that store, or use \
-                         TrustRoots::Bundled with the extra CA",
-            });
-        }
-        Ok(())
+        crate::tls::check_extra_ca(self.trust_roots, &self.extra_ca)
     }
 }
 
