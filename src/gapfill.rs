@@ -94,6 +94,25 @@ pub(crate) enum Plan<P> {
     Fill(GapFiller<P>),
 }
 
+/// Whether a backwards page that made no progress came oldest first (palpo 0.0.2 answers
+/// every backwards page so, and with `end` = `from`): at least three events, their
+/// `origin_server_ts` never going down and the last later than the first. Timestamps cannot
+/// order a room (other servers' clocks, bridges importing history), so a page of a server
+/// that pages as specified is never judged by them; a page of two is taken as it comes.
+fn oldest_first(chunk: &[Box<RawValue>]) -> bool {
+    if chunk.len() < 3 {
+        return false;
+    }
+    let stamps: Option<Vec<u64>> = chunk
+        .iter()
+        .map(|raw| crate::scan::event_fields(raw.get()).origin_server_ts)
+        .collect();
+    let Some(stamps) = stamps else {
+        return false;
+    };
+    stamps.windows(2).all(|w| w[0] <= w[1]) && stamps.first() < stamps.last()
+}
+
 impl<P> GapFiller<P> {
     /// Plans the filling of `gaps` in `parsed`: each from its `prev_batch` back to its
     /// `previous_since`.
@@ -173,8 +192,19 @@ impl<P> GapFiller<P> {
         self.held_bytes += page_bytes;
         let got = page.chunk.len();
         let full = got >= page_limit(gap_fill, job.newest_first.len()) as usize;
-        job.newest_first
-            .extend(page.chunk.into_iter().map(|raw| raw.into_json()));
+        let mut chunk: Vec<Box<RawValue>> =
+            page.chunk.into_iter().map(|raw| raw.into_json()).collect();
+        // Only a page that made no progress (`end` = `from`) is looked at: a server that pages
+        // as specified keeps its order, which is the room's, whatever the timestamps say.
+        let stuck = page.end.as_deref() == Some(job.from.as_str());
+        if stuck && oldest_first(&chunk) {
+            log::warn!(
+                "gap fill of {}: the server answered /messages oldest first; taken newest first",
+                job.room_id
+            );
+            chunk.reverse();
+        }
+        job.newest_first.extend(chunk);
         let rest = match page.end {
             // No `end`: the range is exhausted.
             None => None,
@@ -382,6 +412,60 @@ mod tests {
         let fill = &fills[&room(0)];
         assert_eq!(fill.newest_first.len(), 7);
         assert_eq!(fill.unfilled.as_ref().unwrap().prev_batch, "e2");
+    }
+
+    /// A page of events stamped `stamps` (in the order given), ids `$t<stamp>`.
+    fn stamped(stamps: &[Option<u64>]) -> messages::Response {
+        let mut page = messages::Response::new();
+        page.chunk = stamps
+            .iter()
+            .enumerate()
+            .map(|(i, ts)| {
+                let mut event = json!({ "type": "m.room.message", "event_id": format!("$t{i}") });
+                if let Some(ts) = ts {
+                    event["origin_server_ts"] = json!(ts);
+                }
+                Raw::from_json(serde_json::value::to_raw_value(&event).unwrap())
+            })
+            .collect();
+        page
+    }
+
+    #[test]
+    fn a_stuck_page_that_came_oldest_first_is_taken_newest_first() {
+        let config = config(100, 10);
+        let order_of = |stamps: &[Option<u64>], end: &str| {
+            let mut f = filler(1, &config);
+            let mut page = stamped(stamps);
+            page.end = Some(end.to_owned());
+            f.on_page(page, &config.gap_fill).unwrap();
+            if !f.is_done() {
+                f.on_page(stamped(&[]), &config.gap_fill).unwrap();
+            }
+            let (_, fills) = f.into_parts();
+            fills[&room(0)]
+                .newest_first
+                .iter()
+                .map(|raw| {
+                    let fields = crate::scan::event_fields(raw.get());
+                    fields.event_id.unwrap().into_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        // A page that made no progress, as palpo's (`end` = `from`, "p0" here).
+        let order = |stamps: &[Option<u64>]| order_of(stamps, "p0");
+        let s = |v: &[u64]| v.iter().map(|&t| Some(t)).collect::<Vec<_>>();
+        // A page that moved on is the server's order, whatever the timestamps.
+        assert_eq!(order_of(&s(&[1, 2, 3]), "e1"), ["$t0", "$t1", "$t2"]);
+        // Oldest first (palpo): reversed.
+        assert_eq!(order(&s(&[1, 2, 2, 3])), ["$t3", "$t2", "$t1", "$t0"]);
+        // Newest first, as specified, even with one clock ahead: as it came.
+        assert_eq!(order(&s(&[5, 4, 3])), ["$t0", "$t1", "$t2"]);
+        assert_eq!(order(&s(&[5, 9, 3])), ["$t0", "$t1", "$t2"]);
+        // Too little to tell: two events, all stamps equal, a stamp missing.
+        assert_eq!(order(&s(&[1, 2])), ["$t0", "$t1"]);
+        assert_eq!(order(&s(&[7, 7, 7])), ["$t0", "$t1", "$t2"]);
+        assert_eq!(order(&[Some(1), None, Some(3)]), ["$t0", "$t1", "$t2"]);
     }
 
     #[test]

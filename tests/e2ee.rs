@@ -140,9 +140,9 @@ fn number_in(body: &str) -> usize {
     n.unwrap_or_else(|| panic!("not a numbered message: {body}"))
 }
 
-/// Decrypted messages as the test compares them: in delivery order; on palpo, whose
-/// `/messages` pages come oldest first so that a gap fill arrives reversed (see the README's
-/// table), by message number, after checking that none came twice.
+/// Decrypted messages as the test compares them: in delivery order; on palpo, whose stream
+/// can hand a message on after later ones (seen in `no_loss`'s restart test), by message
+/// number, after checking that none came twice.
 fn in_send_order(kind: Server, messages: &mut [&Event]) {
     if kind == Server::Palpo {
         messages.sort_by_key(|e| number(e));
@@ -464,9 +464,9 @@ fn hundred_messages_then_restart_then_history_on_synapse() {
     hundred_messages_then_restart_then_history(Server::Synapse);
 }
 
-/// On palpo the parts of a batch filled from `/messages` come reversed, a restart may hand
-/// out again messages from before its checkpoint, and a history longer than a page ends in a
-/// gap (see the README's table).
+/// On palpo a message can come after later ones, a restart
+/// may hand out again messages from before its checkpoint, and a history longer than a page
+/// ends in a gap (see the README's table).
 #[test]
 fn hundred_messages_then_restart_then_history_in_palpo_s_order_at_least_once_up_to_a_gap_on_palpo()
 {

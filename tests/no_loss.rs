@@ -299,15 +299,14 @@ fn a_long_absence_with_a_small_timeline_is_filled_completely_on_synapse() {
 
 /// palpo's first page backwards (100 events, oldest first) does not page on, and starts with
 /// the timeline's oldest event again (its `from` is inclusive): the driver delivers the page
-/// as palpo orders it, then the timeline without the event it already delivered, and
-/// reports the 391 older messages as a gap reaching back to the checkpoint.
+/// in order (a page that made no progress with its timestamps going up is taken as oldest
+/// first), then the timeline without the event it already delivered, and reports the 391
+/// older messages as a gap reaching back to the checkpoint.
 #[test]
 fn a_long_absence_is_filled_one_page_deep_and_the_rest_reported_as_a_gap_on_palpo() {
     let absence = a_long_absence_with_a_small_timeline(Server::Palpo);
     let all = expected_bodies("absent", 500);
-    let mut expected: Vec<String> = all[391..491].iter().rev().cloned().collect();
-    expected.extend_from_slice(&all[491..]);
-    assert_eq!(absence.filled, expected);
+    assert_eq!(absence.filled, all[391..], "the last 109, once, in order");
     assert_eq!(absence.filled_gaps.len(), 1, "{:?}", absence.filled_gaps);
     assert_gap_from(&absence.filled_gaps[0], &absence.checkpoint);
     assert_eq!(absence.unfilled, all[490..], "only the timeline's 10");
@@ -342,13 +341,47 @@ fn a_homeserver_restart_mid_stream(server: Server) -> (Vec<String>, Vec<String>)
             .as_ref()
             .is_some_and(|s| s.skipped(&alice, &room, &ids[body]).is_some())
     };
-    let events = collect_until(&service, Duration::from_secs(90), |e| {
-        let bodies = bodies_in(e, &room);
-        bodies.len() >= 100
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut events = Vec::new();
+    loop {
+        let bodies = bodies_in(&events, &room);
+        let done = bodies.len() >= 100
             || (stream.is_some()
-                && ends_with_checkpoint(e)
-                && expected.iter().all(|b| bodies.contains(b) || skipped(b)))
-    });
+                && ends_with_checkpoint(&events)
+                && expected.iter().all(|b| bodies.contains(b) || skipped(b)));
+        if done {
+            break;
+        }
+        match service.events().recv_deadline(deadline) {
+            Ok(event) => events.push(event),
+            Err(e) => {
+                let missing: Vec<&String> = expected
+                    .iter()
+                    .filter(|b| !bodies.contains(b) && !skipped(b))
+                    .collect();
+                let gaps: Vec<_> = events
+                    .iter()
+                    .filter_map(|e| match &e.kind {
+                        EventKind::Gap(gap) => Some(gap),
+                        _ => None,
+                    })
+                    .collect();
+                let batches = stream.as_ref().map(|s| {
+                    s.batches(&alice.access_token, &room)
+                        .iter()
+                        .map(|b| (b.since, b.next_batch, b.timeline.len()))
+                        .collect::<Vec<_>>()
+                });
+                let missing_ids: Vec<&String> = missing.iter().map(|b| &ids[*b]).collect();
+                panic!(
+                    "{server}: events ended ({e}) with {missing:?} neither delivered nor shown \
+                     skipped by palpo's stream (ids {missing_ids:?}); gaps reported: \
+                     {gaps:?}; palpo's answers (since, next_batch, timeline events): \
+                     {batches:?}; bodies in order: {bodies:?}"
+                );
+            }
+        }
+    }
     // Nothing more turns up afterwards (no late duplicates).
     thread::sleep(Duration::from_millis(500));
     let mut late = Vec::new();
@@ -377,21 +410,18 @@ fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing_on_synapse() {
 }
 
 /// Nothing lost or duplicated on palpo either, but for what palpo's own stream skipped (shown
-/// by replay); a part filled from `/messages` comes in palpo's order of a backwards page,
-/// oldest first, so reversed (see the README's table).
+/// by replay); in palpo's order, which is not always the order sent (seen: one message
+/// handed on after fifteen later ones).
 #[test]
 fn a_homeserver_restart_mid_stream_loses_and_duplicates_nothing_in_palpo_s_order_on_palpo() {
     let (bodies, skipped) = a_homeserver_restart_mid_stream(Server::Palpo);
-    let missing = at_most_once(&bodies, &expected_bodies("stream", 100));
+    let expected = expected_bodies("stream", 100);
+    let missing = at_most_once(&bodies, &expected);
     assert_eq!(missing, skipped.len(), "missing and not skipped by palpo");
     if !skipped.is_empty() {
         eprintln!("palpo's stream skipped {skipped:?}");
     }
-    assert_ne!(
-        bodies,
-        expected_bodies("stream", 100),
-        "a fill came reversed"
-    );
+    eprintln!("palpo: bodies in the order handed on: {bodies:?}");
 }
 
 // ---- the tail example, killed and restarted ----------------------------------------------
