@@ -18,15 +18,16 @@
 //! gave an account is handed on, once and in order, and nothing else; every `since` the
 //! library sent is the `next_batch` of palpo's previous answer to it; and every message an
 //! account lacks is one palpo itself skipped: an answer to that account from `since=a` to
-//! `next_batch=b` lacks it, while the same `/sync?since=a`, replayed now with the
-//! account's token straight to palpo, has it and `/sync?since=b` has not (palpo's stream
-//! from there on never carries it).
+//! `next_batch=b`, not `limited`, lacks it although the message's stream number (its
+//! `/context` starts and ends there) lies between `a` and `b`; or the same `/sync?since=a`,
+//! replayed now with the account's token straight to palpo, has it and `/sync?since=b` has
+//! not (palpo's stream from there on never carries it).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use matrix_sync_service::Config;
-use matrix_sync_testkit::client::Account;
+use matrix_sync_testkit::client::{encode, Account};
 use matrix_sync_testkit::homeserver::Server;
 use matrix_sync_testkit::proxy::{Answer, FaultPlan, Proxy};
 use serde_json::Value;
@@ -49,6 +50,8 @@ pub struct Batch {
     pub next_batch: u64,
     /// The event ids of the room's timeline in the answer, in order.
     pub timeline: Vec<String>,
+    /// Whether the room's timeline was `limited`.
+    pub limited: bool,
 }
 
 impl Stream {
@@ -120,9 +123,12 @@ impl Stream {
 
     /// The answer in which palpo's stream skipped `event_id` for `account` (the account's
     /// stream never had it), if there is one yet: an answer from `since=a` to
-    /// `next_batch=b` without the event, where `/sync?since=a` replayed now with the
-    /// account's token has it and `/sync?since=b` has not. Call it once the event's send
-    /// has returned (the event is then fully written).
+    /// `next_batch=b` without the event, where either the event's own stream number lies
+    /// strictly between `a` and `b` and the answer's timeline was not `limited` (so the
+    /// answer should have carried it), or `/sync?since=a` replayed now with the account's
+    /// token has it and `/sync?since=b` has not. (The replay alone misses a skip that a
+    /// later burst pushed out of the replay's ten timeline events.) Call it once the event's
+    /// send has returned (the event is then fully written).
     pub fn skipped(&self, account: &Account, room: &str, event_id: &str) -> Option<Batch> {
         let token = &account.access_token;
         let batches = self.batches(token, room);
@@ -132,11 +138,29 @@ impl Stream {
         {
             return None;
         }
+        let position = self.position(account, room, event_id);
         batches.into_iter().find(|b| {
-            b.since.is_some_and(|a| a < b.next_batch)
-                && self.replay_has(account, room, b.since.unwrap(), event_id)
-                && !self.replay_has(account, room, b.next_batch, event_id)
+            let Some(a) = b.since.filter(|&a| a < b.next_batch) else {
+                return false;
+            };
+            let passed_over = position.is_some_and(|s| a < s && s < b.next_batch);
+            (passed_over && !b.limited)
+                || (self.replay_has(account, room, a, event_id)
+                    && !self.replay_has(account, room, b.next_batch, event_id))
         })
+    }
+
+    /// The stream number palpo gave `event_id`: its `/context` with `limit=0` starts and
+    /// ends at it.
+    fn position(&self, account: &Account, room: &str, event_id: &str) -> Option<u64> {
+        let (status, body) = account.get_json(&format!(
+            "/_matrix/client/v3/rooms/{}/context/{}?limit=0",
+            encode(room),
+            encode(event_id)
+        ));
+        assert_eq!(status, 200, "/context of {event_id}: {body}");
+        let (start, end) = (body["start"].as_str()?, body["end"].as_str()?);
+        (start == end).then(|| start.parse().ok()).flatten()
     }
 
     /// Whether palpo's `/sync?since=since&timeout=0` for `account`, straight to palpo, has
@@ -173,6 +197,7 @@ fn batch(answer: &Answer, room: &str) -> Batch {
         since,
         next_batch,
         timeline: timeline(&body, room),
+        limited: body["rooms"]["join"][room]["timeline"]["limited"] == true,
     }
 }
 
