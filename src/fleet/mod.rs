@@ -117,6 +117,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::reactor::ReactorConfig;
+use ruma_common::OwnedUserId;
+
 use crate::{AccessToken, Config, RefreshToken};
 
 pub use admin::{DurableConsumer, FleetClient, LeaseInfo, StreamMessage};
@@ -144,8 +146,9 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// One account as stored in the accounts bucket: where it syncs and its credentials (JSON:
-/// `{"homeserver": URL, "access_token": ..., "refresh_token": ...}`). `Debug` hides the tokens.
+/// One account as stored in the accounts bucket: where it syncs, its credentials and its user
+/// (JSON: `{"homeserver": URL, "access_token": ..., "refresh_token": ..., "user_id": ...}`, the
+/// last two optional). `Debug` hides the tokens.
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AccountEntry {
@@ -155,6 +158,10 @@ pub struct AccountEntry {
     pub access_token: AccessToken,
     /// The refresh token, if the account has one.
     pub refresh_token: Option<RefreshToken>,
+    /// The account's user, if known: with sliding sync it names whose leave ends a room
+    /// ([`SlidingSyncConfig::user_id`](crate::SlidingSyncConfig::user_id); without it a left
+    /// room has no [`Leave`](crate::EventKind::Leave) marker). `/v3/sync` does not need it.
+    pub user_id: Option<OwnedUserId>,
 }
 
 impl AccountEntry {
@@ -164,6 +171,7 @@ impl AccountEntry {
             homeserver: homeserver.into(),
             access_token: AccessToken::new(access_token),
             refresh_token: None,
+            user_id: None,
         }
     }
 
@@ -174,11 +182,19 @@ impl AccountEntry {
         self
     }
 
+    /// Sets the account's user.
+    #[must_use]
+    pub fn with_user_id(mut self, user_id: OwnedUserId) -> Self {
+        self.user_id = Some(user_id);
+        self
+    }
+
     pub(crate) fn to_json(&self) -> Vec<u8> {
         let json = EntryJson {
             homeserver: self.homeserver.clone(),
             access_token: self.access_token.expose().to_owned(),
             refresh_token: self.refresh_token.as_ref().map(|t| t.expose().to_owned()),
+            user_id: self.user_id.clone(),
         };
         serde_json::to_vec(&json).unwrap_or_default()
     }
@@ -189,6 +205,7 @@ impl AccountEntry {
             homeserver: json.homeserver,
             access_token: AccessToken::new(json.access_token),
             refresh_token: json.refresh_token.map(RefreshToken::new),
+            user_id: json.user_id,
         })
     }
 }
@@ -202,6 +219,7 @@ impl fmt::Debug for AccountEntry {
                 "refresh_token",
                 &self.refresh_token.as_ref().map(|_| "<redacted>"),
             )
+            .field("user_id", &self.user_id)
             .finish()
     }
 }
@@ -212,6 +230,8 @@ struct EntryJson {
     access_token: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user_id: Option<OwnedUserId>,
 }
 
 /// What happened to a lease of this worker, as reported to [`FleetConfig::on_lease`].
@@ -285,8 +305,9 @@ pub struct FleetConfig {
     pub nats_timeout: Duration,
     /// How long a new worker waits before taking leases (default 2 × `renew_every`).
     pub settle: Duration,
-    /// Settings of every account's [`Config`] besides the homeserver, the credentials and
-    /// `since`, which come from the buckets.
+    /// Settings of every account's [`Config`] besides the homeserver, the credentials,
+    /// `since` and the sliding sync user ([`AccountEntry::user_id`]), which come from the
+    /// buckets.
     pub template: Config,
     /// The reactor's settings (its `on_credentials` is the worker's own, and
     /// [`acknowledge_checkpoints`](ReactorConfig::acknowledge_checkpoints) is always on: an
@@ -476,16 +497,23 @@ mod tests {
 
     #[test]
     fn entries_round_trip_as_json_and_hide_their_tokens() {
-        let entry =
-            AccountEntry::new("http://127.0.0.1:8008", "secret-a").with_refresh_token("secret-r");
+        let entry = AccountEntry::new("http://127.0.0.1:8008", "secret-a")
+            .with_refresh_token("secret-r")
+            .with_user_id("@alice:example.org".try_into().unwrap());
         let back = AccountEntry::from_json(&entry.to_json()).unwrap();
         assert_eq!(back, entry);
+        assert!(
+            AccountEntry::from_json(br#"{"homeserver":"h","access_token":"t","user_id":"alice"}"#)
+                .is_err(),
+            "a user id that is not one is refused"
+        );
         let debug = format!("{entry:?}");
         assert!(!debug.contains("secret"), "{debug}");
         let bare = AccountEntry::new("http://h", "t");
-        assert!(!String::from_utf8(bare.to_json())
-            .unwrap()
-            .contains("refresh_token"));
+        let bare_json = String::from_utf8(bare.to_json()).unwrap();
+        assert!(!bare_json.contains("refresh_token"), "{bare_json}");
+        assert!(!bare_json.contains("user_id"), "{bare_json}");
+        assert_eq!(AccountEntry::from_json(bare_json.as_bytes()).unwrap(), bare);
     }
 
     #[test]

@@ -45,10 +45,8 @@ enum Phase {
 /// to come upon the last free one among hundreds held elsewhere.
 #[derive(Default)]
 struct LeaseListing {
-    /// The last listing's accounts (`None` until one arrived).
-    names: Option<HashSet<String>>,
-    /// When that listing was asked for.
-    listed: Option<Instant>,
+    /// The last listing that arrived: when it was asked for, and the accounts it named.
+    last: Option<(Instant, HashSet<String>)>,
     /// When the latest listing was asked for (perhaps still under way).
     asked: Option<Instant>,
 }
@@ -62,16 +60,15 @@ impl LeaseListing {
 
     /// Whether the last listing showed `name`'s lease free (`false` before any listing).
     fn free(&self, name: &str) -> bool {
-        self.names
+        self.last
             .as_ref()
-            .is_some_and(|names| !names.contains(name))
+            .is_some_and(|(_, names)| !names.contains(name))
     }
 
     /// Keeps a listing unless a later-asked one arrived first.
     fn listed(&mut self, asked: Instant, names: HashSet<String>) {
-        if self.listed.is_none_or(|listed| listed < asked) {
-            self.names = Some(names);
-            self.listed = Some(asked);
+        if self.last.as_ref().is_none_or(|(listed, _)| *listed < asked) {
+            self.last = Some((asked, names));
         }
     }
 }
@@ -376,8 +373,10 @@ impl Worker {
                 };
                 let at = SystemTime::now();
                 let added = entry.map(|entry| {
-                    self.reactor
-                        .add(name.clone(), self.account_config(&name, &entry, since))
+                    self.reactor.add(
+                        name.clone(),
+                        account_config(&self.config.template, &name, &entry, since),
+                    )
                 });
                 match added {
                     Some(Ok(())) => {
@@ -429,7 +428,8 @@ impl Worker {
                     return;
                 }
                 let entry = lock(&self.accounts).get(&name).map(|(e, _)| e.clone());
-                let config = entry.map(|entry| self.account_config(&name, &entry, since));
+                let config =
+                    entry.map(|entry| account_config(&self.config.template, &name, &entry, since));
                 let Some(held) = self.held.get_mut(&name) else {
                     return;
                 };
@@ -604,18 +604,6 @@ impl Worker {
         }
     }
 
-    fn account_config(&self, name: &str, entry: &AccountEntry, since: Option<String>) -> Config {
-        let mut config = self.config.template.clone();
-        config.homeserver.clone_from(&entry.homeserver);
-        config.access_token = entry.access_token.clone();
-        config.refresh_token = entry.refresh_token.clone();
-        config.since = since;
-        let mut hasher = DefaultHasher::new();
-        name.hash(&mut hasher);
-        config.jitter_seed = hasher.finish() | 1;
-        config
-    }
-
     /// Stops every account, publishes what was received, stores the checkpoints and gives
     /// the leases back.
     fn shut_down(&mut self, reports: &Receiver<Report>) {
@@ -771,4 +759,55 @@ async fn presence(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The configuration of account `name`: the template with the account's homeserver,
+/// credentials, user and checkpoint, and a jitter seed of its own.
+fn account_config(
+    template: &Config,
+    name: &str,
+    entry: &AccountEntry,
+    since: Option<String>,
+) -> Config {
+    let mut config = template.clone();
+    config.homeserver.clone_from(&entry.homeserver);
+    config.access_token = entry.access_token.clone();
+    config.refresh_token = entry.refresh_token.clone();
+    // The template's user, if any, is not this account's.
+    config.sliding_sync.user_id.clone_from(&entry.user_id);
+    config.since = since;
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    config.jitter_seed = hasher.finish() | 1;
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Protocol;
+
+    #[test]
+    fn each_account_syncs_as_its_own_user_whatever_the_template_names() {
+        let mut template = Config::new("https://template.invalid", "template");
+        template.protocol = Protocol::SlidingSync;
+        template.sliding_sync.user_id = Some("@template:example.org".try_into().unwrap());
+        let alice = AccountEntry::new("https://a.example.org", "token-a")
+            .with_user_id("@alice:example.org".try_into().unwrap());
+        let config = account_config(&template, "alice", &alice, Some("s1".into()));
+        assert_eq!(config.homeserver, "https://a.example.org");
+        assert_eq!(config.protocol, Protocol::SlidingSync);
+        assert_eq!(
+            config.sliding_sync.user_id.as_deref().map(|u| u.as_str()),
+            Some("@alice:example.org")
+        );
+        assert_eq!(config.since.as_deref(), Some("s1"));
+        let anonymous = AccountEntry::new("https://b.example.org", "token-b");
+        let config = account_config(&template, "bob", &anonymous, None);
+        assert_eq!(config.sliding_sync.user_id, None, "not the template's user");
+        assert_ne!(
+            config.jitter_seed,
+            account_config(&template, "alice", &alice, None).jitter_seed
+        );
+    }
 }
