@@ -37,6 +37,8 @@ pub struct Stream {
     proxy: Proxy,
     /// Replays already made: (token, since, event id) -> whether the answer had the event.
     replays: std::sync::Mutex<HashMap<(String, u64, String), bool>>,
+    /// Stream numbers already asked for: event id -> its number (it never changes).
+    positions: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 /// One `/sync` answer palpo gave an account.
@@ -62,6 +64,7 @@ impl Stream {
         Stream {
             proxy,
             replays: Default::default(),
+            positions: Default::default(),
         }
     }
 
@@ -153,6 +156,9 @@ impl Stream {
     /// The stream number palpo gave `event_id`: its `/context` with `limit=0` starts and
     /// ends at it.
     fn position(&self, account: &Account, room: &str, event_id: &str) -> Option<u64> {
+        if let Some(&known) = self.positions.lock().unwrap().get(event_id) {
+            return Some(known);
+        }
         let (status, body) = account.get_json(&format!(
             "/_matrix/client/v3/rooms/{}/context/{}?limit=0",
             encode(room),
@@ -160,7 +166,12 @@ impl Stream {
         ));
         assert_eq!(status, 200, "/context of {event_id}: {body}");
         let (start, end) = (body["start"].as_str()?, body["end"].as_str()?);
-        (start == end).then(|| start.parse().ok()).flatten()
+        let position = (start == end).then(|| start.parse().ok()).flatten()?;
+        self.positions
+            .lock()
+            .unwrap()
+            .insert(event_id.to_owned(), position);
+        Some(position)
     }
 
     /// Whether palpo's `/sync?since=since&timeout=0` for `account`, straight to palpo, has
