@@ -295,6 +295,7 @@ impl SlidingDelivery {
                 queue: VecDeque::new(),
                 delivered: 0,
                 senders: Senders::default(),
+                membership: None,
             };
             steps.batch(response, context);
             steps
@@ -306,7 +307,8 @@ impl SlidingDelivery {
         self.with_dependent_mut(|_, steps| steps.next_event(dedup))
     }
 
-    /// Server events handed on so far (list updates, gaps and the checkpoint do not count).
+    /// Server events handed on so far (list updates, gaps, leave markers and the checkpoint do
+    /// not count).
     pub(crate) fn delivered(&self) -> usize {
         self.borrow_dependent().delivered
     }
@@ -326,6 +328,9 @@ pub(crate) struct Steps<'a> {
     queue: VecDeque<Step<'a>>,
     delivered: usize,
     senders: Senders,
+    /// The user's membership event that ends the left room being delivered, as normalized
+    /// for its list: the leave marker is a copy of it, not a second reading of the same JSON.
+    membership: Option<Event>,
 }
 
 enum Step<'a> {
@@ -333,10 +338,14 @@ enum Step<'a> {
         events: std::slice::Iter<'a, &'a RawValue>,
         section: Section,
         room: Option<OwnedRoomId>,
+        /// The event of this list to keep for the room's leave marker.
+        keep: Option<&'a RawValue>,
     },
     /// Events fetched for a gap.
     Fetched(Fetched),
     Ready(Option<Box<Event>>),
+    /// The leave marker of a room, from the membership event kept; `None` once taken.
+    Leave(Option<OwnedRoomId>),
 }
 
 impl<'a> Steps<'a> {
@@ -345,11 +354,24 @@ impl<'a> Steps<'a> {
     }
 
     fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
+        self.list_keeping(events, section, room, None);
+    }
+
+    /// [`list`](Self::list), keeping the event `keep` (if it is one of `events`) for the
+    /// room's leave marker.
+    fn list_keeping(
+        &mut self,
+        events: &'a [&'a RawValue],
+        section: Section,
+        room: Option<&OwnedRoomId>,
+        keep: Option<&'a RawValue>,
+    ) {
         if !events.is_empty() {
             self.queue.push_back(Step::Listed {
                 events: events.iter(),
                 section,
                 room: room.cloned(),
+                keep,
             });
         }
     }
@@ -391,14 +413,13 @@ impl<'a> Steps<'a> {
                 continue;
             }
             self.fill(room_id, context.fills.remove(room_id));
-            self.list(&room.required_state, Section::State, id);
-            self.list(&room.timeline, Section::Timeline, id);
+            let left = context.user_id.and_then(|user| room.left_by(user));
+            self.list_keeping(&room.required_state, Section::State, id, left);
+            self.list_keeping(&room.timeline, Section::Timeline, id, left);
             self.ephemeral(response, room_id);
             self.room_account_data(response, room_id);
-            if let Some(left) = context.user_id.and_then(|user| room.left_by(user)) {
-                let membership =
-                    normalize_with(left.to_owned(), Section::Timeline, id, &mut self.senders);
-                self.ready(leave_marker(Some(membership), room_id.clone()));
+            if left.is_some() {
+                self.queue.push_back(Step::Leave(Some(room_id.clone())));
             }
         }
         // Extension data of rooms that did not come in `rooms` themselves.
@@ -500,22 +521,35 @@ impl<'a> Steps<'a> {
                     events,
                     section,
                     room,
+                    keep,
                 } => events.next().map(|raw| {
-                    normalize_with(
+                    let event = normalize_with(
                         (*raw).to_owned(),
                         *section,
                         room.as_ref(),
                         &mut self.senders,
-                    )
+                    );
+                    if keep.is_some_and(|keep| std::ptr::eq(keep, *raw)) {
+                        // Kept whether or not dedup lets it through: the marker does not
+                        // depend on it.
+                        self.membership = Some(event.clone());
+                    }
+                    event
                 }),
                 Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
                 Step::Ready(event) => event.take().map(|event| *event),
+                Step::Leave(room) => room
+                    .take()
+                    .map(|room| leave_marker(self.membership.take(), room)),
             };
             match event {
                 Some(event) if first_delivery(dedup, &event) => {
                     if !matches!(
                         event.kind,
-                        EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::ListUpdate(_)
+                        EventKind::Gap(_)
+                            | EventKind::Checkpoint(_)
+                            | EventKind::ListUpdate(_)
+                            | EventKind::Leave
                     ) {
                         self.delivered += 1;
                     }
