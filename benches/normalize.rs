@@ -8,7 +8,10 @@
 //!   is handed over as the driver hands it, an owned `Vec<u8>` moved in (made before the clock
 //!   starts, as the driver's comes from the socket; freeing it is timed);
 //! * (c') the same with the body borrowed (`&[u8]`), which the machine copies, since it keeps
-//!   the body while its events are polled: (c) plus one copy of the body.
+//!   the body while its events are polled: (c) plus one copy of the body;
+//! * (d) no parse at all: a clone of each item (c) hands out, then its drop. What the owned
+//!   [`Event`] of the public API costs (its allocations and copies) before any byte is read, a
+//!   part of (c) no parser can take away.
 //!
 //! ```text
 //! cargo bench --bench normalize [-- FILTER]
@@ -26,7 +29,7 @@
 //!
 //! Without `--bench` (as under `cargo test --benches`) each measurement runs once, as a check.
 //!
-//! For profilers, `BENCH_PROFILE=a|b|c|c'` (with `BENCH_RUNS`, default 20) runs only that
+//! For profilers, `BENCH_PROFILE=a|b|c|c'|d` (with `BENCH_RUNS`, default 20) runs only that
 //! parser, untimed, over the selected inputs (for (c), the copy of the body it is handed is made
 //! in the loop, so a profile of (c) includes one `memcpy` of the body per run):
 //!
@@ -37,7 +40,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use matrix_sync_service::{Config, SyncMachine};
+use matrix_sync_service::{Config, Event, SyncMachine};
 use matrix_sync_testkit::{cpu_clock, gen as generator};
 use ruma_client_api::sync::sync_events::v3 as sync;
 use ruma_common::api::IncomingResponseExt;
@@ -50,13 +53,18 @@ enum Parser {
     Borrowed(fn(&[u8]) -> usize),
     /// Given its own copy of the body, made before the clock starts.
     Owned(fn(Vec<u8>) -> usize),
+    /// Given the items (c) handed out for the body, made before the clock starts.
+    Events(fn(&[Event]) -> usize),
 }
 
 impl Parser {
-    fn run(self, body: &[u8]) -> usize {
+    /// Runs over `body`, or over `events` (what (c) handed out for it; empty when no parser of
+    /// this run needs them, so that they do not sit in the heap while the others run).
+    fn run(self, body: &[u8], events: &[Event]) -> usize {
         match self {
             Parser::Borrowed(f) => f(body),
             Parser::Owned(f) => f(body.to_vec()),
+            Parser::Events(f) => f(events),
         }
     }
 }
@@ -64,6 +72,12 @@ impl Parser {
 struct Input {
     name: String,
     body: Vec<u8>,
+}
+
+impl Input {
+    fn new(name: String, body: Vec<u8>) -> Self {
+        Self { name, body }
+    }
 }
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -96,15 +110,12 @@ fn inputs() -> Vec<Input> {
         "synapse-gap-sync.json",
     ]
     .iter()
-    .map(|name| Input {
-        name: (*name).to_owned(),
-        body: sync_body(fixture(name)),
-    })
+    .map(|name| Input::new((*name).to_owned(), sync_body(fixture(name))))
     .collect();
-    inputs.push(Input {
-        name: "generated-large".to_owned(),
-        body: generator::generate(&generator::Spec::large()),
-    });
+    inputs.push(Input::new(
+        "generated-large".to_owned(),
+        generator::generate(&generator::Spec::large()),
+    ));
     if let Some(path) = std::env::var_os("SYNC_FIXTURE") {
         let body = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("reading SYNC_FIXTURE {}: {e}", path.to_string_lossy()));
@@ -112,10 +123,7 @@ fn inputs() -> Vec<Input> {
             .file_name()
             .map(|n| format!("SYNC_FIXTURE={}", n.to_string_lossy()))
             .unwrap_or_else(|| "SYNC_FIXTURE".to_owned());
-        inputs.push(Input {
-            name,
-            body: sync_body(body),
-        });
+        inputs.push(Input::new(name, sync_body(body)));
     }
     inputs
 }
@@ -154,6 +162,28 @@ fn machine_borrowed(body: &[u8]) -> usize {
 
 /// The machine's whole path; returns the number of items drained.
 fn machine_path<B: AsRef<[u8]> + Into<Vec<u8>>>(body: B) -> usize {
+    let mut machine = answered(body);
+    let mut events = 0;
+    while let Some(event) = machine.poll_event() {
+        black_box(&event);
+        drop(event);
+        events += 1;
+    }
+    refused(&mut machine);
+    events
+}
+
+/// The items the machine hands out for `body`, kept.
+fn machine_events(body: Vec<u8>) -> Vec<Event> {
+    let mut machine = answered(body);
+    let events = std::iter::from_fn(|| machine.poll_event()).collect();
+    refused(&mut machine);
+    events
+}
+
+/// A fresh machine, its first request answered with `body`.
+#[inline(always)]
+fn answered<B: AsRef<[u8]> + Into<Vec<u8>>>(body: B) -> SyncMachine {
     let now = Instant::now();
     let mut machine =
         SyncMachine::new(Config::new("https://example.org", "t"), now).expect("valid config");
@@ -161,16 +191,23 @@ fn machine_path<B: AsRef<[u8]> + Into<Vec<u8>>>(body: B) -> usize {
     machine
         .handle_response(request.id, ok_response(body), now)
         .expect("the machine awaits this response");
-    let mut events = 0;
-    while let Some(event) = machine.poll_event() {
-        black_box(&event);
-        drop(event);
-        events += 1;
-    }
+    machine
+}
+
+/// Panics if the machine refused the body it was given.
+#[inline(always)]
+fn refused(machine: &mut SyncMachine) {
     if let Some(error) = machine.poll_error() {
         panic!("the machine refused the body: {error}");
     }
-    events
+}
+
+/// (d): each item cloned and the clone dropped.
+fn owned_events(events: &[Event]) -> usize {
+    for event in events {
+        drop(black_box(event.clone()));
+    }
+    events.len()
 }
 
 // ---- timing --------------------------------------------------------------------------------------
@@ -215,13 +252,19 @@ impl Clock {
 /// Times every parser over `body`, interleaved (one sample of each per round, so that they all
 /// see the same machine load), for about `budget` each. Each sample runs a parser enough times
 /// in a row to last at least 2 ms; the figure is the median over the samples.
-fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> Vec<Stats> {
+fn measure(
+    parsers: &[Parser],
+    body: &[u8],
+    events: &[Event],
+    budget: Duration,
+    clock: Clock,
+) -> Vec<Stats> {
     let batches: Vec<u32> = parsers
         .iter()
         .map(|f| {
-            f.run(body);
+            f.run(body, events);
             let start = clock.now();
-            f.run(body);
+            f.run(body, events);
             let once = (clock.now() - start).max(Duration::from_nanos(50));
             (Duration::from_millis(2).as_nanos() / once.as_nanos()).clamp(1, 100_000) as u32
         })
@@ -229,7 +272,7 @@ fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> V
     let warmup_until = Instant::now() + budget / 10;
     while Instant::now() < warmup_until {
         for f in parsers {
-            f.run(body);
+            f.run(body, events);
         }
     }
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); parsers.len()];
@@ -249,6 +292,13 @@ fn measure(parsers: &[Parser], body: &[u8], budget: Duration, clock: Clock) -> V
                     let start = clock.now();
                     for copy in copies {
                         black_box(f(black_box(copy)));
+                    }
+                    clock.now() - start
+                }
+                Parser::Events(f) => {
+                    let start = clock.now();
+                    for _ in 0..batches[i] {
+                        black_box(f(black_box(events)));
                     }
                     clock.now() - start
                 }
@@ -318,15 +368,20 @@ fn main() {
             "b" => Parser::Borrowed(ruma),
             "c" => Parser::Owned(machine),
             "c'" => Parser::Borrowed(machine_borrowed),
-            other => panic!("BENCH_PROFILE must be a, b, c or c', not {other:?}"),
+            "d" => Parser::Events(owned_events),
+            other => panic!("BENCH_PROFILE must be a, b, c, c' or d, not {other:?}"),
         };
         let runs: usize = std::env::var("BENCH_RUNS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(20);
         for input in &inputs {
+            let events = match f {
+                Parser::Events(_) => machine_events(input.body.clone()),
+                _ => Vec::new(),
+            };
             for _ in 0..runs {
-                black_box(f.run(black_box(&input.body)));
+                black_box(f.run(black_box(&input.body), &events));
             }
         }
         return;
@@ -336,6 +391,7 @@ fn main() {
             floor(&input.body);
             ruma(&input.body);
             machine_borrowed(&input.body);
+            owned_events(&machine_events(input.body.clone()));
             let events = machine(input.body.clone());
             println!(
                 "{}: {} bytes, {events} events: ok",
@@ -365,9 +421,9 @@ fn main() {
         let size = input.body.len();
         println!("{}: {}, {events} events", input.name, human_size(size));
         let fns: Vec<Parser> = parsers.iter().map(|(_, f)| *f).collect();
-        let stats = measure(&fns, &input.body, budget, clock);
+        let stats = measure(&fns, &input.body, &[], budget, clock);
         let medians: Vec<Duration> = stats.iter().map(|s| s.median).collect();
-        for ((label, _), s) in parsers.iter().zip(&stats) {
+        let line = |label: &str, s: &Stats| {
             let secs = s.median.as_secs_f64();
             println!(
                 "  {label:<10} {:>10.1} us  {:>8.1} MB/s  {:>8}events/s   [{:.1}..{:.1} us, {} samples x {}]",
@@ -379,6 +435,9 @@ fn main() {
                 s.samples,
                 s.batch,
             );
+        };
+        for ((label, _), s) in parsers.iter().zip(&stats) {
+            line(label, s);
         }
         let ratio = |t: Duration| t.as_secs_f64() / medians[0].as_secs_f64();
         println!(
@@ -387,6 +446,18 @@ fn main() {
             ratio(medians[2]),
             ratio(medians[3]),
             medians[2].as_secs_f64() / medians[1].as_secs_f64()
+        );
+        // (d) after the others, with the floor again: its events are kept only meanwhile.
+        let kept = machine_events(input.body.clone());
+        let pair = [Parser::Borrowed(floor), Parser::Events(owned_events)];
+        let [again, owned] = &measure(&pair, &input.body, &kept, budget, clock)[..] else {
+            unreachable!("two parsers, two figures")
+        };
+        line("(d) events", owned);
+        println!(
+            "  ratio      (d)/(a) = {:.2}   (the floor measured with it: {:.1} us)",
+            owned.median.as_secs_f64() / again.median.as_secs_f64(),
+            again.median.as_secs_f64() * 1e6
         );
         println!();
     }
