@@ -74,12 +74,6 @@ struct Input {
     body: Vec<u8>,
 }
 
-impl Input {
-    fn new(name: String, body: Vec<u8>) -> Self {
-        Self { name, body }
-    }
-}
-
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
@@ -110,12 +104,15 @@ fn inputs() -> Vec<Input> {
         "synapse-gap-sync.json",
     ]
     .iter()
-    .map(|name| Input::new((*name).to_owned(), sync_body(fixture(name))))
+    .map(|name| Input {
+        name: (*name).to_owned(),
+        body: sync_body(fixture(name)),
+    })
     .collect();
-    inputs.push(Input::new(
-        "generated-large".to_owned(),
-        generator::generate(&generator::Spec::large()),
-    ));
+    inputs.push(Input {
+        name: "generated-large".to_owned(),
+        body: generator::generate(&generator::Spec::large()),
+    });
     if let Some(path) = std::env::var_os("SYNC_FIXTURE") {
         let body = std::fs::read(&path)
             .unwrap_or_else(|e| panic!("reading SYNC_FIXTURE {}: {e}", path.to_string_lossy()));
@@ -123,7 +120,10 @@ fn inputs() -> Vec<Input> {
             .file_name()
             .map(|n| format!("SYNC_FIXTURE={}", n.to_string_lossy()))
             .unwrap_or_else(|| "SYNC_FIXTURE".to_owned());
-        inputs.push(Input::new(name, sync_body(body)));
+        inputs.push(Input {
+            name,
+            body: sync_body(body),
+        });
     }
     inputs
 }
