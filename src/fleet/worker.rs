@@ -530,8 +530,8 @@ impl Worker {
         }
         let now = Instant::now();
         self.cooldown.retain(|_, until| *until > now);
-        let accounts: Vec<String> = lock(&self.accounts).keys().cloned().collect();
-        let fair = accounts.len().div_ceil(self.live_workers);
+        let total = lock(&self.accounts).len();
+        let fair = total.div_ceil(self.live_workers);
         let holding = self
             .held
             .values()
@@ -544,7 +544,7 @@ impl Worker {
                 "worker {}: holding {holding} leases, taking {}, {} accounts, {} live workers",
                 self.config.worker_id,
                 self.acquiring.len(),
-                accounts.len(),
+                total,
                 self.live_workers
             );
         }
@@ -557,8 +557,9 @@ impl Worker {
             }
             let want = fair - count;
             // Round the accounts from where the last round stopped, so that every free
-            // lease is tried in turn.
-            let mut accounts = accounts;
+            // lease is tried in turn. (Named only here: most ticks of a worker at its share
+            // need the count alone.)
+            let mut accounts: Vec<String> = lock(&self.accounts).keys().cloned().collect();
             accounts.sort_unstable();
             let start = self.cursor % accounts.len().max(1);
             let mut candidates = Vec::new();
