@@ -114,11 +114,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ruma_common::OwnedUserId;
 use serde::{Deserialize, Serialize};
 
 use crate::reactor::ReactorConfig;
-use ruma_common::OwnedUserId;
-
 use crate::{AccessToken, Config, RefreshToken};
 
 pub use admin::{DurableConsumer, FleetClient, LeaseInfo, StreamMessage};
