@@ -127,9 +127,12 @@ self_cell!(
     pub(crate) struct Delivery {
         owner: ParsedBody,
         #[covariant]
-        dependent: Steps,
+        dependent: V3Steps,
     }
 );
+
+/// What is left of a `/v3/sync` batch.
+type V3Steps<'a> = Steps<Listed<'a>>;
 
 impl Delivery {
     /// Plans the delivery of `parsed` with its gap `fills`, ending with a checkpoint.
@@ -141,19 +144,14 @@ impl Delivery {
     ) -> Self {
         Self::new(parsed, |parsed| {
             let mut planner = Planner {
-                steps: VecDeque::new(),
+                steps: Steps::new(),
                 last_key_counts,
             };
             let response = parsed.response();
             planner.batch(response, fills);
             let checkpoint = Event::checkpoint(response.next_batch.clone(), live);
-            planner.ready(checkpoint);
-            Steps {
-                queue: planner.steps,
-                delivered: 0,
-                senders: Senders::default(),
-                membership: None,
-            }
+            planner.steps.ready(checkpoint);
+            planner.steps
         })
     }
 
@@ -169,7 +167,7 @@ impl Delivery {
     /// How many of the server's events reached the consumer so far: gap items, leave markers
     /// and the checkpoint are the machine's own and do not count.
     pub(crate) fn delivered(&self) -> usize {
-        self.borrow_dependent().delivered
+        self.borrow_dependent().delivered()
     }
 }
 
@@ -177,101 +175,237 @@ impl fmt::Debug for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Delivery")
             .field("body", self.borrow_owner())
-            .field("steps_left", &self.borrow_dependent().queue.len())
+            .field("steps_left", &self.borrow_dependent().steps_left())
             .finish()
     }
 }
 
-/// What is left of a batch, in delivery order.
-pub(crate) struct Steps<'a> {
-    queue: VecDeque<Step<'a>>,
+/// What is left of a batch, in delivery order, for either protocol: its lists of the body's
+/// events (`L`, each protocol's own), and the items both build the same way.
+pub(crate) struct Steps<L> {
+    queue: VecDeque<Step<L>>,
     delivered: usize,
     senders: Senders,
-    /// The last membership event of the left room being delivered, as normalized for its
-    /// timeline: the leave marker is a copy of it, not a second reading of the same JSON.
+    /// The membership event that ends the left room being delivered, as normalized for its
+    /// list: the leave marker is a copy of it, not a second reading of the same JSON.
     membership: Option<Event>,
 }
 
-enum Step<'a> {
+enum Step<L> {
     /// A list of events in the body, for one section of one room (or of the account).
-    Listed {
-        events: &'a EventList<'a>,
-        /// The next one to deliver.
-        next: usize,
-        section: Section,
-        room: Option<OwnedRoomId>,
-        /// A left room's timeline: its last membership event is kept for the leave marker.
-        keep_membership: bool,
-    },
+    Listed(L),
     /// Events fetched to fill a gap.
     Fetched(Fetched),
-    /// An item built in advance (gap, device lists, key counts, checkpoint); `None` once
-    /// taken.
+    /// An item built in advance (gap, device lists, key counts, list update, checkpoint);
+    /// `None` once taken.
     Ready(Option<Box<Event>>),
-    /// The leave marker of a room, from the membership event kept from its timeline; `None`
+    /// The leave marker of a room, from the membership event kept from its lists; `None`
     /// once taken.
     Leave(Option<OwnedRoomId>),
 }
 
-impl Steps<'_> {
-    // The events of the body's lists (all but a few items of a batch) are checked against
-    // dedup from their fields and then built straight into the value returned: building first
-    // and deciding after moved each 280-byte event through three more places.
+/// The first step of a batch, as [`Steps::front`] finds it.
+// Not boxed: it lives between `front` and the loop that returns its item, and a box would be
+// one more allocation per item.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Front<'s, L> {
+    /// Nothing left.
+    Done,
+    /// An item new to dedup (gap, fetched event, leave marker, checkpoint, ...), counted.
+    Item(Event),
+    /// A list of the body's events, which its protocol's loop hands on.
+    List(ListTurn<'s, L>),
+}
+
+/// A list's turn, with what handing on its events changes.
+pub(crate) struct ListTurn<'s, L> {
+    pub(crate) list: &'s mut L,
+    pub(crate) senders: &'s mut Senders,
+    /// Where to keep the event a leave marker is to copy.
+    pub(crate) membership: &'s mut Option<Event>,
+    /// To count each event handed on.
+    pub(crate) delivered: &'s mut usize,
+}
+
+impl<L> Steps<L> {
+    pub(crate) fn new() -> Self {
+        Self {
+            queue: VecDeque::new(),
+            delivered: 0,
+            senders: Senders::default(),
+            membership: None,
+        }
+    }
+
+    /// Server events handed on so far: gap items, list updates, leave markers and the
+    /// checkpoint are the machine's own and do not count.
+    pub(crate) fn delivered(&self) -> usize {
+        self.delivered
+    }
+
+    pub(crate) fn steps_left(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Hands on `event` when its turn comes.
+    pub(crate) fn ready(&mut self, event: Event) {
+        self.queue.push_back(Step::Ready(Some(Box::new(event))));
+    }
+
+    pub(crate) fn list(&mut self, list: L) {
+        self.queue.push_back(Step::Listed(list));
+    }
+
+    /// A room's gap: the events fetched, after the gap item for what was not.
+    pub(crate) fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
+        let (gap, fetched) = fill.map_or((None, None), |fill| fill.into_steps(room_id));
+        if let Some(gap) = gap {
+            self.ready(gap);
+        }
+        self.queue.extend(fetched.map(Step::Fetched));
+    }
+
+    /// The leave marker of `room`, after everything queued before it.
+    pub(crate) fn leave(&mut self, room: OwnedRoomId) {
+        self.queue.push_back(Step::Leave(Some(room)));
+    }
+
+    /// The one-time-key counts and fallback key types, when they changed since `last`.
+    pub(crate) fn key_counts(
+        &mut self,
+        counts: &BTreeMap<OneTimeKeyAlgorithm, UInt>,
+        fallback: &Option<Vec<OneTimeKeyAlgorithm>>,
+        last: &mut Option<KeyCounts>,
+    ) {
+        if counts.is_empty() && fallback.is_none() {
+            return;
+        }
+        if let Some((last_counts, last_fallback)) = &*last {
+            if last_counts == counts && last_fallback == fallback {
+                return;
+            }
+        }
+        let raw = to_raw(&serde_json::json!({
+            "device_one_time_keys_count": counts,
+            "device_unused_fallback_key_types": fallback,
+        }));
+        *last = Some((counts.clone(), fallback.clone()));
+        self.ready(Event::section(
+            EventKind::OneTimeKeyCounts,
+            "device_one_time_keys_count",
+            None,
+            raw,
+        ));
+    }
+
+    /// Hands on the items queued before the next list: the first new one, the list when
+    /// one comes first, or `Done`. Each protocol's `next_event` loops over this, handing on
+    /// its lists' events itself (a list's events are most of a batch: each is built straight
+    /// into the value its loop returns).
+    #[inline]
+    pub(crate) fn front(&mut self, dedup: &mut Dedup) -> Front<'_, L> {
+        loop {
+            let Some(step) = self.queue.front_mut() else {
+                return Front::Done;
+            };
+            let item = match step {
+                // Returned below: a borrow returned from inside the loop would hold the queue
+                // for all of it.
+                Step::Listed(_) => break,
+                Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
+                Step::Ready(event) => event.take().map(|event| *event),
+                Step::Leave(room) => room
+                    .take()
+                    .map(|room| leave_marker(self.membership.take(), room)),
+            };
+            match item {
+                Some(event) if first_delivery(dedup, &event) => {
+                    if !matches!(
+                        event.kind,
+                        EventKind::Gap(_)
+                            | EventKind::Checkpoint(_)
+                            | EventKind::ListUpdate(_)
+                            | EventKind::Leave
+                    ) {
+                        self.delivered += 1;
+                    }
+                    return Front::Item(event);
+                }
+                Some(event) => log::debug!("skipping already delivered event {:?}", event.event_id),
+                None => {
+                    self.queue.pop_front();
+                }
+            }
+        }
+        match self.queue.front_mut() {
+            Some(Step::Listed(list)) => Front::List(ListTurn {
+                list,
+                senders: &mut self.senders,
+                membership: &mut self.membership,
+                delivered: &mut self.delivered,
+            }),
+            _ => unreachable!("the loop stops only at a list"),
+        }
+    }
+
+    /// Ends the list that [`front`](Self::front) returned: it has no event left.
+    pub(crate) fn end_list(&mut self) {
+        self.queue.pop_front();
+    }
+}
+
+/// A list of the events of a `/v3/sync` body, for one section of one room (or of the account):
+/// each event's fields were read by the pass over the body, so dedup decides before the event
+/// is built.
+pub(crate) struct Listed<'a> {
+    events: &'a EventList<'a>,
+    /// The next one to deliver.
+    next: usize,
+    section: Section,
+    room: Option<OwnedRoomId>,
+    /// A left room's timeline: its last membership event is kept for the leave marker.
+    keep_membership: bool,
+}
+
+impl V3Steps<'_> {
+    /// The next event not delivered before (within the memory of `dedup`), normalized now;
+    /// `None` once the checkpoint was handed on.
+    // The events of the body's lists are checked against dedup from their fields and then
+    // built straight into the value returned: building first and deciding after moved each
+    // 280-byte event through three more places.
     #[inline]
     fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
         loop {
-            let step = self.queue.front_mut()?;
-            let Step::Listed {
-                events,
-                next,
-                section,
-                room,
-                keep_membership,
-            } = step
-            else {
-                match self.next_item() {
-                    Some(event) if first_delivery(dedup, &event) => {
-                        if !matches!(
-                            event.kind,
-                            EventKind::Gap(_) | EventKind::Checkpoint(_) | EventKind::Leave
-                        ) {
-                            self.delivered += 1;
-                        }
-                        return Some(event);
-                    }
-                    Some(event) => {
-                        log::debug!("skipping already delivered event {:?}", event.event_id);
-                    }
-                    None => {
-                        self.queue.pop_front();
-                    }
-                }
+            let turn = match self.front(dedup) {
+                Front::Done => return None,
+                Front::Item(event) => return Some(event),
+                Front::List(turn) => turn,
+            };
+            let list = turn.list;
+            let Some(entry) = list.events.entry(list.next) else {
+                self.end_list();
                 continue;
             };
-            let Some(entry) = events.entry(*next) else {
-                self.queue.pop_front();
-                continue;
-            };
-            *next += 1;
+            list.next += 1;
             let fields = entry.fields();
             let event_id = fields.event_id.as_deref().and_then(parse_event_id);
             let fresh = match &event_id {
-                Some(id) if deduplicated(*section) => dedup.first_time(id),
+                Some(id) if deduplicated(list.section) => dedup.first_time(id),
                 _ => true,
             };
-            if *keep_membership && fields.event_type.as_deref() == Some("m.room.member") {
+            if list.keep_membership && fields.event_type.as_deref() == Some("m.room.member") {
                 // Kept whether or not dedup lets it through: the marker does not depend on it.
                 let event = normalize_identified(
                     entry.raw.to_owned(),
                     fields,
                     event_id,
-                    *section,
-                    room.as_ref(),
-                    &mut self.senders,
+                    list.section,
+                    list.room.as_ref(),
+                    turn.senders,
                 );
-                self.membership = Some(event.clone());
+                *turn.membership = Some(event.clone());
                 if fresh {
-                    self.delivered += 1;
+                    *turn.delivered += 1;
                     return Some(event);
                 }
                 log::debug!("skipping already delivered event {:?}", event.event_id);
@@ -281,28 +415,15 @@ impl Steps<'_> {
                 log::debug!("skipping already delivered event {event_id:?}");
                 continue;
             }
-            self.delivered += 1;
+            *turn.delivered += 1;
             return Some(normalize_identified(
                 entry.raw.to_owned(),
                 fields,
                 event_id,
-                *section,
-                room.as_ref(),
-                &mut self.senders,
+                list.section,
+                list.room.as_ref(),
+                turn.senders,
             ));
-        }
-    }
-
-    /// The item of the first step when it is not a list of the body's events; `None` once the
-    /// step has none left.
-    fn next_item(&mut self) -> Option<Event> {
-        match self.queue.front_mut()? {
-            Step::Listed { .. } => None,
-            Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
-            Step::Ready(event) => event.take().map(|event| *event),
-            Step::Leave(room) => room
-                .take()
-                .map(|room| leave_marker(self.membership.take(), room)),
         }
     }
 }
@@ -342,15 +463,11 @@ enum Membership {
 
 /// Lays out the steps of one batch.
 struct Planner<'a, 'k> {
-    steps: VecDeque<Step<'a>>,
+    steps: V3Steps<'a>,
     last_key_counts: &'k mut Option<KeyCounts>,
 }
 
 impl<'a> Planner<'a, '_> {
-    fn ready(&mut self, event: Event) {
-        self.steps.push_back(Step::Ready(Some(Box::new(event))));
-    }
-
     fn list(&mut self, events: &'a EventList<'a>, section: Section, room: Option<&OwnedRoomId>) {
         self.list_keeping(events, section, room, false);
     }
@@ -363,7 +480,7 @@ impl<'a> Planner<'a, '_> {
         keep_membership: bool,
     ) {
         if !events.is_empty() {
-            self.steps.push_back(Step::Listed {
+            self.steps.list(Listed {
                 events,
                 next: 0,
                 section,
@@ -378,14 +495,18 @@ impl<'a> Planner<'a, '_> {
         self.list(&response.to_device.events, Section::ToDevice, None);
         if !response.device_lists.is_empty() {
             let raw = to_raw(&response.device_lists);
-            self.ready(Event::section(
+            self.steps.ready(Event::section(
                 EventKind::DeviceLists,
                 "device_lists",
                 None,
                 raw,
             ));
         }
-        self.key_counts(response);
+        self.steps.key_counts(
+            &response.device_one_time_keys_count,
+            &response.device_unused_fallback_key_types,
+            self.last_key_counts,
+        );
         self.list(
             &response.account_data.events,
             Section::GlobalAccountData,
@@ -404,7 +525,7 @@ impl<'a> Planner<'a, '_> {
         }
         for (room_id, room) in &rooms.leave {
             self.room(room_id, room, fills.remove(room_id), Membership::Left);
-            self.steps.push_back(Step::Leave(Some(room_id.clone())));
+            self.steps.leave(room_id.clone());
         }
     }
 
@@ -417,7 +538,7 @@ impl<'a> Planner<'a, '_> {
         fill: Option<RoomFill>,
         membership: Membership,
     ) {
-        self.fill(room_id, fill);
+        self.steps.fill(room_id, fill);
         let id = Some(room_id);
         self.list(&room.state.events, Section::State, id);
         self.list(&room.state_after.events, Section::State, id);
@@ -427,38 +548,6 @@ impl<'a> Planner<'a, '_> {
             self.list(&room.ephemeral.events, Section::Ephemeral, id);
         }
         self.list(&room.account_data.events, Section::RoomAccountData, id);
-    }
-
-    fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
-        let (gap, fetched) = fill.map_or((None, None), |fill| fill.into_steps(room_id));
-        if let Some(gap) = gap {
-            self.ready(gap);
-        }
-        self.steps.extend(fetched.map(Step::Fetched));
-    }
-
-    fn key_counts(&mut self, response: &SyncResponse<'_>) {
-        let counts = &response.device_one_time_keys_count;
-        let fallback = &response.device_unused_fallback_key_types;
-        if counts.is_empty() && fallback.is_none() {
-            return;
-        }
-        if let Some((last_counts, last_fallback)) = &*self.last_key_counts {
-            if last_counts == counts && last_fallback == fallback {
-                return;
-            }
-        }
-        let raw = to_raw(&serde_json::json!({
-            "device_one_time_keys_count": counts,
-            "device_unused_fallback_key_types": fallback,
-        }));
-        *self.last_key_counts = Some((counts.clone(), fallback.clone()));
-        self.ready(Event::section(
-            EventKind::OneTimeKeyCounts,
-            "device_one_time_keys_count",
-            None,
-            raw,
-        ));
     }
 }
 

@@ -11,7 +11,7 @@
 //! room's stripped state. The checkpoint (the new [`SlidingPosition`] as a token) comes last.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use js_int::UInt;
@@ -22,9 +22,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{ListOp, ListUpdate, SlidingPosition};
-use crate::batch::{first_delivery, leave_marker, Fetched, KeyCounts, RoomFill, RoomFills};
+use crate::batch::{first_delivery, Front, KeyCounts, RoomFills, Steps};
 use crate::dedup::Dedup;
-use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section, Senders};
+use crate::normalize::{normalize_with, to_raw, Event, EventKind, Gap, Section};
 
 /// The body of a sliding sync answer (Synapse's shape; unknown members are ignored).
 #[derive(Debug, Deserialize)]
@@ -282,23 +282,22 @@ self_cell!(
     pub(crate) struct SlidingDelivery {
         owner: SlidingBody,
         #[covariant]
-        dependent: Steps,
+        dependent: SlidingSteps,
     }
 );
+
+/// What is left of a sliding sync batch.
+type SlidingSteps<'a> = Steps<Listed<'a>>;
 
 impl SlidingDelivery {
     /// Plans the delivery of `body`, ending with its checkpoint.
     pub(crate) fn plan(body: SlidingBody, context: Context<'_>) -> Self {
         Self::new(body, |body| {
-            let response = body.response();
-            let mut steps = Steps {
-                queue: VecDeque::new(),
-                delivered: 0,
-                senders: Senders::default(),
-                membership: None,
+            let mut planner = Planner {
+                steps: Steps::new(),
             };
-            steps.batch(response, context);
-            steps
+            planner.batch(body.response(), context);
+            planner.steps
         })
     }
 
@@ -310,7 +309,7 @@ impl SlidingDelivery {
     /// Server events handed on so far (list updates, gaps, leave markers and the checkpoint do
     /// not count).
     pub(crate) fn delivered(&self) -> usize {
-        self.borrow_dependent().delivered
+        self.borrow_dependent().delivered()
     }
 }
 
@@ -318,41 +317,60 @@ impl fmt::Debug for SlidingDelivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SlidingDelivery")
             .field("body", self.borrow_owner())
-            .field("steps_left", &self.borrow_dependent().queue.len())
+            .field("steps_left", &self.borrow_dependent().steps_left())
             .finish()
     }
 }
 
-/// What is left of a batch, in delivery order.
-pub(crate) struct Steps<'a> {
-    queue: VecDeque<Step<'a>>,
-    delivered: usize,
-    senders: Senders,
-    /// The user's membership event that ends the left room being delivered, as normalized
-    /// for its list: the leave marker is a copy of it, not a second reading of the same JSON.
-    membership: Option<Event>,
+/// A list of the events of a sliding sync body, for one section of one room (or of the
+/// account): each event is normalized, then checked against dedup.
+pub(crate) struct Listed<'a> {
+    events: std::slice::Iter<'a, &'a RawValue>,
+    section: Section,
+    room: Option<OwnedRoomId>,
+    /// The event of this list to keep for the room's leave marker.
+    keep: Option<&'a RawValue>,
 }
 
-enum Step<'a> {
-    Listed {
-        events: std::slice::Iter<'a, &'a RawValue>,
-        section: Section,
-        room: Option<OwnedRoomId>,
-        /// The event of this list to keep for the room's leave marker.
-        keep: Option<&'a RawValue>,
-    },
-    /// Events fetched for a gap.
-    Fetched(Fetched),
-    Ready(Option<Box<Event>>),
-    /// The leave marker of a room, from the membership event kept; `None` once taken.
-    Leave(Option<OwnedRoomId>),
-}
-
-impl<'a> Steps<'a> {
-    fn ready(&mut self, event: Event) {
-        self.queue.push_back(Step::Ready(Some(Box::new(event))));
+impl SlidingSteps<'_> {
+    /// The next event not delivered before; `None` once the checkpoint was handed on.
+    fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
+        loop {
+            let turn = match self.front(dedup) {
+                Front::Done => return None,
+                Front::Item(event) => return Some(event),
+                Front::List(turn) => turn,
+            };
+            let list = turn.list;
+            let Some(raw) = list.events.next() else {
+                self.end_list();
+                continue;
+            };
+            let event = normalize_with(
+                (*raw).to_owned(),
+                list.section,
+                list.room.as_ref(),
+                turn.senders,
+            );
+            if list.keep.is_some_and(|keep| std::ptr::eq(keep, *raw)) {
+                // Kept whether or not dedup lets it through: the marker does not depend on it.
+                *turn.membership = Some(event.clone());
+            }
+            if first_delivery(dedup, &event) {
+                *turn.delivered += 1;
+                return Some(event);
+            }
+            log::debug!("skipping already delivered event {:?}", event.event_id);
+        }
     }
+}
 
+/// Lays out the steps of one batch.
+struct Planner<'a> {
+    steps: SlidingSteps<'a>,
+}
+
+impl<'a> Planner<'a> {
     fn list(&mut self, events: &'a [&'a RawValue], section: Section, room: Option<&OwnedRoomId>) {
         self.list_keeping(events, section, room, None);
     }
@@ -367,22 +385,13 @@ impl<'a> Steps<'a> {
         keep: Option<&'a RawValue>,
     ) {
         if !events.is_empty() {
-            self.queue.push_back(Step::Listed {
+            self.steps.list(Listed {
                 events: events.iter(),
                 section,
                 room: room.cloned(),
                 keep,
             });
         }
-    }
-
-    /// A room's gap: the events fetched, after the gap item for what was not.
-    fn fill(&mut self, room_id: &OwnedRoomId, fill: Option<RoomFill>) {
-        let (gap, fetched) = fill.map_or((None, None), |fill| fill.into_steps(room_id));
-        if let Some(gap) = gap {
-            self.ready(gap);
-        }
-        self.queue.extend(fetched.map(Step::Fetched));
     }
 
     fn batch(&mut self, response: &'a SlidingResponse<'a>, mut context: Context<'_>) {
@@ -393,14 +402,18 @@ impl<'a> Steps<'a> {
         if let Some(e2ee) = &ext.e2ee {
             if !e2ee.device_lists.is_empty() {
                 let raw = to_raw(&e2ee.device_lists);
-                self.ready(Event::section(
+                self.steps.ready(Event::section(
                     EventKind::DeviceLists,
                     "device_lists",
                     None,
                     raw,
                 ));
             }
-            self.key_counts(e2ee, context.last_key_counts);
+            self.steps.key_counts(
+                &e2ee.device_one_time_keys_count,
+                &e2ee.device_unused_fallback_key_types,
+                context.last_key_counts,
+            );
         }
         self.list(&ext.account_data.global, Section::GlobalAccountData, None);
         for (name, list) in &response.lists {
@@ -412,14 +425,14 @@ impl<'a> Steps<'a> {
                 self.list(stripped, stripped_section(stripped), id);
                 continue;
             }
-            self.fill(room_id, context.fills.remove(room_id));
+            self.steps.fill(room_id, context.fills.remove(room_id));
             let left = context.user_id.and_then(|user| room.left_by(user));
             self.list_keeping(&room.required_state, Section::State, id, left);
             self.list_keeping(&room.timeline, Section::Timeline, id, left);
             self.ephemeral(response, room_id);
             self.room_account_data(response, room_id);
             if left.is_some() {
-                self.queue.push_back(Step::Leave(Some(room_id.clone())));
+                self.steps.leave(room_id.clone());
             }
         }
         // Extension data of rooms that did not come in `rooms` themselves.
@@ -436,7 +449,8 @@ impl<'a> Steps<'a> {
             self.room_account_data(response, room_id);
         }
         let next = response.next_position(context.sent);
-        self.ready(Event::checkpoint(next.to_token(), context.live));
+        self.steps
+            .ready(Event::checkpoint(next.to_token(), context.live));
     }
 
     fn ephemeral(&mut self, response: &'a SlidingResponse<'a>, room_id: &OwnedRoomId) {
@@ -481,86 +495,12 @@ impl<'a> Steps<'a> {
             })).collect::<Vec<_>>(),
         }));
         memory.insert(name.to_owned(), update.clone());
-        self.ready(Event::section(
+        self.steps.ready(Event::section(
             EventKind::ListUpdate(update),
             "list_update",
             None,
             raw,
         ));
-    }
-
-    fn key_counts(&mut self, e2ee: &E2ee, last: &mut Option<KeyCounts>) {
-        let counts = &e2ee.device_one_time_keys_count;
-        let fallback = &e2ee.device_unused_fallback_key_types;
-        if counts.is_empty() && fallback.is_none() {
-            return;
-        }
-        if let Some((last_counts, last_fallback)) = &*last {
-            if last_counts == counts && last_fallback == fallback {
-                return;
-            }
-        }
-        let raw = to_raw(&serde_json::json!({
-            "device_one_time_keys_count": counts,
-            "device_unused_fallback_key_types": fallback,
-        }));
-        *last = Some((counts.clone(), fallback.clone()));
-        self.ready(Event::section(
-            EventKind::OneTimeKeyCounts,
-            "device_one_time_keys_count",
-            None,
-            raw,
-        ));
-    }
-
-    fn next_event(&mut self, dedup: &mut Dedup) -> Option<Event> {
-        loop {
-            let step = self.queue.front_mut()?;
-            let event = match step {
-                Step::Listed {
-                    events,
-                    section,
-                    room,
-                    keep,
-                } => events.next().map(|raw| {
-                    let event = normalize_with(
-                        (*raw).to_owned(),
-                        *section,
-                        room.as_ref(),
-                        &mut self.senders,
-                    );
-                    if keep.is_some_and(|keep| std::ptr::eq(keep, *raw)) {
-                        // Kept whether or not dedup lets it through: the marker does not
-                        // depend on it.
-                        self.membership = Some(event.clone());
-                    }
-                    event
-                }),
-                Step::Fetched(fetched) => fetched.next_event(&mut self.senders),
-                Step::Ready(event) => event.take().map(|event| *event),
-                Step::Leave(room) => room
-                    .take()
-                    .map(|room| leave_marker(self.membership.take(), room)),
-            };
-            match event {
-                Some(event) if first_delivery(dedup, &event) => {
-                    if !matches!(
-                        event.kind,
-                        EventKind::Gap(_)
-                            | EventKind::Checkpoint(_)
-                            | EventKind::ListUpdate(_)
-                            | EventKind::Leave
-                    ) {
-                        self.delivered += 1;
-                    }
-                    return Some(event);
-                }
-                Some(event) => log::debug!("skipping already delivered event {:?}", event.event_id),
-                None => {
-                    self.queue.pop_front();
-                }
-            }
-        }
     }
 }
 
@@ -595,6 +535,7 @@ fn stripped_section(events: &[&RawValue]) -> Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::RoomFill;
 
     /// The events of `body`, answered to `sent`, with its gaps unfilled.
     fn emit(
