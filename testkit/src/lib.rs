@@ -73,6 +73,8 @@ pub mod query;
 pub mod rng;
 pub mod sim;
 #[cfg(feature = "net")]
+mod supervisor;
+#[cfg(feature = "net")]
 pub mod synapse;
 #[cfg(feature = "net")]
 pub mod synapse_db;

@@ -17,14 +17,13 @@
 //! [`Synapse`]: crate::synapse::Synapse
 
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::Path;
 use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::homeserver::{self, wait_for_200, Install, NotReady, Options};
+use crate::homeserver::{Install, Options};
+use crate::supervisor::{Kind, Supervisor};
 use crate::synapse::free_port;
 
 /// Its install script and data directories.
@@ -32,6 +31,18 @@ const INSTALL: Install = Install {
     name: "palpo",
     script: "palpo.sh",
     data: "palpo-test",
+};
+/// Its supervisor: palpo and PostgreSQL.
+static KIND: Kind = Kind {
+    install: INSTALL,
+    pid_files: &["palpo.pid", "postgres.pid"],
+    logs: &[
+        "palpo.stdout",
+        "postgres.log",
+        "initdb.log",
+        "supervise.log",
+    ],
+    stop_timeout: STOP_TIMEOUT,
 };
 /// Whether `scripts/palpo.sh install` ran in this process, and how it went.
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
@@ -49,13 +60,10 @@ pub struct Palpo {
     server_name: String,
     port: u16,
     pg_port: u16,
-    dir: PathBuf,
     /// How long the last start took, from spawning the supervisor to the first 200.
     startup: Duration,
-    /// The `supervise` process; `None` once stopped.
-    child: Option<Child>,
-    /// Write end of the supervisor's stdin: dropping it stops palpo and PostgreSQL.
-    stdin: Option<ChildStdin>,
+    /// `scripts/palpo.sh supervise`, which runs palpo and PostgreSQL.
+    supervisor: Supervisor,
 }
 
 impl Palpo {
@@ -90,10 +98,8 @@ impl Palpo {
                 server_name,
                 port,
                 pg_port,
-                dir,
                 startup: Duration::ZERO,
-                child: None,
-                stdin: None,
+                supervisor: Supervisor::new(&KIND, dir),
             };
             match palpo.spawn_and_wait() {
                 Ok(()) => return palpo,
@@ -101,7 +107,7 @@ impl Palpo {
                     failures.push(format!(
                         "attempt {attempt} (port {port}, PostgreSQL {pg_port}): {e}"
                     ));
-                    palpo.kill();
+                    palpo.supervisor.kill();
                 }
             }
         }
@@ -144,7 +150,7 @@ impl Palpo {
 
     /// The data directory (`palpo.toml`, the PostgreSQL cluster, logs).
     pub fn data_dir(&self) -> &Path {
-        &self.dir
+        self.supervisor.dir()
     }
 
     /// How long the last start took: from spawning PostgreSQL and palpo (a fresh cluster,
@@ -155,139 +161,50 @@ impl Palpo {
 
     /// Whether the supervised palpo and PostgreSQL are (still) running.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.supervisor.is_running()
     }
 
     /// The last `lines` lines of palpo's output, PostgreSQL's log and the supervisor's.
     pub fn log_tail(&self, lines: usize) -> String {
-        homeserver::log_tail(
-            &self.dir,
-            &[
-                "palpo.stdout",
-                "postgres.log",
-                "initdb.log",
-                "supervise.log",
-            ],
-            lines,
-        )
+        self.supervisor.log_tail(lines)
     }
 
     /// Stops palpo hard (SIGKILL) and PostgreSQL (fast shutdown) and waits until both are
     /// gone. Idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            // If the supervisor is already gone the write fails, which is fine: dropping
-            // the pipe stops everything too.
-            let _ = stdin.write_all(b"kill\n");
-            let _ = stdin.flush();
-        }
-        self.reap();
+        self.supervisor.kill();
     }
 
     /// Starts palpo again on the same ports, data directory and database (it survives),
     /// and waits until it answers. Kills it first if it is still running.
     pub fn restart(&mut self) {
-        self.kill();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.spawn_and_wait() {
-                Ok(()) => return,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("palpo: restart on port {} failed, retrying: {e}", self.port);
-                    self.kill();
-                    thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => panic!("could not restart palpo on port {}: {e}", self.port),
-            }
-        }
-    }
-
-    /// Stops palpo (SIGTERM) and PostgreSQL gracefully. Idempotent.
-    fn stop(&mut self) {
-        drop(self.stdin.take());
-        self.reap();
-    }
-
-    /// Waits for the supervisor to exit, killing everything if it takes too long.
-    fn reap(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                _ => {
-                    for name in ["palpo.pid", "postgres.pid"] {
-                        if let Some(pid) = read_pid(&self.dir.join(name)) {
-                            let _ = Command::new("kill")
-                                .args(["-KILL", &pid.to_string()])
-                                .status();
-                        }
-                    }
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        let _ = fs::remove_file(self.dir.join("palpo.pid"));
-        let _ = fs::remove_file(self.dir.join("postgres.pid"));
+        let (args, url) = (self.supervise_args(), self.versions_url());
+        self.startup = self.supervisor.restart(self.port, |supervisor| {
+            supervisor.spawn_and_wait(&args, &url, READY_TIMEOUT)
+        });
     }
 
     /// Spawns `palpo.sh supervise DIR PG_PORT` and waits for palpo's first answer.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        assert!(self.child.is_none(), "palpo is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("supervise.log"))
-            .map_err(|e| format!("cannot open supervise.log: {e}"))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("cannot clone log handle: {e}"))?;
-        let started = Instant::now();
-        let mut child = Command::new("bash")
-            .arg(INSTALL.script())
-            .arg("supervise")
-            .arg(&self.dir)
-            .arg(self.pg_port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", INSTALL.script().display()))?;
-        self.stdin = child.stdin.take();
-        self.child = Some(child);
-        self.wait_ready()?;
-        self.startup = started.elapsed();
+        let (args, url) = (self.supervise_args(), self.versions_url());
+        self.startup = self.supervisor.spawn_and_wait(&args, &url, READY_TIMEOUT)?;
         Ok(())
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
-        let url = format!("{}/_matrix/client/versions", self.base_url());
-        wait_for_200(&url, &mut self.child, READY_TIMEOUT).map_err(|why| match why {
-            NotReady::Exited(status) => format!(
-                "palpo or PostgreSQL exited during startup ({status})\n{}",
-                self.log_tail(40)
-            ),
-            NotReady::TimedOut => format!(
-                "palpo did not answer 200 on {url} within {READY_TIMEOUT:?}\n{}",
-                self.log_tail(40)
-            ),
-        })
+    fn supervise_args(&self) -> Vec<String> {
+        vec![self.pg_port.to_string()]
+    }
+
+    fn versions_url(&self) -> String {
+        format!("{}/_matrix/client/versions", self.base_url())
     }
 }
 
 impl Drop for Palpo {
     fn drop(&mut self) {
-        self.stop();
+        self.supervisor.stop();
         if std::env::var_os("PALPO_KEEP_DATA").is_none() && !thread::panicking() {
-            remove_dir(&self.dir);
+            remove_dir(self.supervisor.dir());
         }
     }
 }
@@ -316,10 +233,6 @@ pool_size = 60
 client = "http://127.0.0.1:{port}"
 "#
     )
-}
-
-fn read_pid(path: &Path) -> Option<u32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn write(path: &Path, text: &str) {

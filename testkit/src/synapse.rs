@@ -14,23 +14,31 @@
 //! `scripts/synapse.sh install`. If it cannot be installed or started the tests panic: they
 //! never skip.
 
-use crate::homeserver::{self, wait_for_200, Install, NotReady};
 use std::fs;
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
+
+use crate::homeserver::Install;
+use crate::supervisor::{Kind, Supervisor};
 
 /// Its install script and data directories.
 const INSTALL: Install = Install {
     name: "Synapse",
     script: "synapse.sh",
     data: "synapse-test",
+};
+/// Its supervisor: Synapse alone.
+static KIND: Kind = Kind {
+    install: INSTALL,
+    pid_files: &["synapse.pid"],
+    logs: &["homeserver.log", "synapse.stdout", "supervise.log"],
+    stop_timeout: STOP_TIMEOUT,
 };
 /// Whether `scripts/synapse.sh install` ran in this process, and how it went.
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
@@ -99,11 +107,8 @@ impl SynapseOptions {
 pub struct Synapse {
     port: u16,
     server_name: String,
-    dir: PathBuf,
-    /// The `supervise` process; `None` once killed.
-    child: Option<Child>,
-    /// Write end of the supervisor's stdin: dropping it stops Synapse.
-    stdin: Option<ChildStdin>,
+    /// `scripts/synapse.sh supervise`, which runs Synapse.
+    supervisor: Supervisor,
 }
 
 impl Synapse {
@@ -127,9 +132,7 @@ impl Synapse {
             let mut synapse = Synapse {
                 port,
                 server_name,
-                dir,
-                child: None,
-                stdin: None,
+                supervisor: Supervisor::new(&KIND, dir),
             };
             match synapse.spawn_and_wait() {
                 Ok(()) => return synapse,
@@ -137,7 +140,7 @@ impl Synapse {
                     // The port may have been taken between choosing and
                     // binding it; try again with another one.
                     failures.push(format!("attempt {attempt} (port {port}): {e}"));
-                    synapse.kill();
+                    synapse.supervisor.kill();
                 }
             }
         }
@@ -175,148 +178,52 @@ impl Synapse {
 
     /// The data directory (config, SQLite database, logs).
     pub fn data_dir(&self) -> &Path {
-        &self.dir
+        self.supervisor.dir()
     }
 
     /// Whether the supervised Synapse is (still) running.
     pub fn is_running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => false,
-        }
+        self.supervisor.is_running()
     }
 
     /// The last `lines` lines of the Synapse log and of its stdout/stderr.
     pub fn log_tail(&self, lines: usize) -> String {
-        homeserver::log_tail(
-            &self.dir,
-            &["homeserver.log", "synapse.stdout", "supervise.log"],
-            lines,
-        )
+        self.supervisor.log_tail(lines)
     }
 
     /// Stops Synapse hard (SIGKILL, no graceful shutdown) and waits until the
     /// process is gone and the port is closed.  Idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut stdin) = self.stdin.take() {
-            // Ask for an immediate SIGKILL; if the supervisor is already
-            // gone the write fails, which is fine.
-            let _ = stdin.write_all(b"kill\n");
-            let _ = stdin.flush();
-            // Dropping the pipe is the fallback: EOF stops Synapse too.
-        }
-        self.reap();
+        self.supervisor.kill();
     }
 
     /// Starts Synapse again on the same port and data directory (the
     /// database survives) and waits until it is healthy.  Kills it first if
     /// it is still running.
     pub fn restart(&mut self) {
-        self.kill();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.spawn_and_wait() {
-                Ok(()) => return,
-                Err(e) if Instant::now() < deadline => {
-                    // E.g. the port is briefly still in use; retry.
-                    eprintln!(
-                        "synapse: restart on port {} failed, retrying: {e}",
-                        self.port
-                    );
-                    self.kill();
-                    thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => panic!("could not restart Synapse on port {}: {e}", self.port),
-            }
-        }
-    }
-
-    /// Stops Synapse gracefully (SIGTERM, SIGKILL after 5 s).  Idempotent.
-    fn stop(&mut self) {
-        // EOF on the supervisor's stdin.
-        drop(self.stdin.take());
-        self.reap();
-    }
-
-    /// Waits for the supervisor to exit (killing it if it takes too long).
-    fn reap(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
-                _ => {
-                    // The supervisor is stuck: kill it and Synapse directly.
-                    if let Some(pid) = self.synapse_pid() {
-                        let _ = Command::new("kill")
-                            .args(["-KILL", &pid.to_string()])
-                            .status();
-                    }
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
-        let _ = fs::remove_file(self.dir.join("synapse.pid"));
-    }
-
-    fn synapse_pid(&self) -> Option<u32> {
-        fs::read_to_string(self.dir.join("synapse.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        let url = self.health_url();
+        self.supervisor.restart(self.port, |supervisor| {
+            supervisor.spawn_and_wait(&[], &url, HEALTH_TIMEOUT)
+        });
     }
 
     /// Spawns `synapse.sh supervise DIR` and waits for `/health`.
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        assert!(self.child.is_none(), "Synapse is already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("supervise.log"))
-            .map_err(|e| format!("cannot open supervise.log: {e}"))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("cannot clone log handle: {e}"))?;
-        let mut child = Command::new("bash")
-            .arg(INSTALL.script())
-            .arg("supervise")
-            .arg(&self.dir)
-            .stdin(Stdio::piped())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", INSTALL.script().display()))?;
-        self.stdin = child.stdin.take();
-        self.child = Some(child);
-        self.wait_healthy()
+        let url = self.health_url();
+        self.supervisor.spawn_and_wait(&[], &url, HEALTH_TIMEOUT)?;
+        Ok(())
     }
 
-    fn wait_healthy(&mut self) -> Result<(), String> {
-        let url = format!("{}/health", self.base_url());
-        wait_for_200(&url, &mut self.child, HEALTH_TIMEOUT).map_err(|why| match why {
-            NotReady::Exited(status) => format!(
-                "Synapse exited during startup ({status})\n{}",
-                self.log_tail(40)
-            ),
-            NotReady::TimedOut => format!(
-                "Synapse did not answer 200 on {url} within {HEALTH_TIMEOUT:?}\n{}",
-                self.log_tail(40)
-            ),
-        })
+    fn health_url(&self) -> String {
+        format!("{}/health", self.base_url())
     }
 }
 
 impl Drop for Synapse {
     fn drop(&mut self) {
-        self.stop();
+        self.supervisor.stop();
         if std::env::var_os("SYNAPSE_KEEP_DATA").is_none() && !thread::panicking() {
-            let _ = fs::remove_dir_all(&self.dir);
+            let _ = fs::remove_dir_all(self.supervisor.dir());
         }
     }
 }
