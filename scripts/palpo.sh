@@ -91,16 +91,8 @@ if [ "$(id -u)" -eq 0 ]; then
     AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups --)
 fi
 
-# Send TERM (or $2) to a pid, wait up to 5 s, then KILL.
-terminate() {
-    local pid="$1" sig="${2:-TERM}"
-    kill -"${sig}" "${pid}" 2>/dev/null || return 0
-    for _ in $(seq 1 50); do
-        kill -0 "${pid}" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
-}
+# shellcheck source=scripts/supervise.sh
+. "${SCRIPT_DIR}/supervise.sh"
 
 PG_PID=""
 PALPO_PID=""
@@ -162,13 +154,9 @@ start_postgres() {
     fi
 }
 
-# Runs PostgreSQL and palpo in the background and stays in the foreground as their
-# supervisor, so that a parent process can tie their lifetime to a pipe:
-#   - EOF on stdin (the parent closed the pipe, or died): TERM palpo, stop PostgreSQL, exit 0;
-#   - a line "kill" on stdin: KILL palpo at once, stop PostgreSQL, exit 0;
-#   - TERM/INT/HUP: as for EOF;
-#   - palpo or PostgreSQL exits on its own: stop the other, exit 1.
-# palpo's output goes to DIR/palpo.stdout, PostgreSQL's to DIR/postgres.log.
+# Supervises PostgreSQL and palpo as scripts/supervise.sh says (palpo is the server a
+# "kill" line kills; PostgreSQL always stops with its fast shutdown). palpo's output goes to
+# DIR/palpo.stdout, PostgreSQL's to DIR/postgres.log.
 cmd_supervise() {
     [ $# -eq 2 ] || usage
     SUPERVISED_DIR="$(cd "$1" && pwd)"
@@ -185,28 +173,7 @@ cmd_supervise() {
     PALPO_PID=$!
     echo "${PALPO_PID}" >"${SUPERVISED_DIR}/palpo.pid"
 
-    local line rc
-    while true; do
-        rc=0
-        IFS= read -r -t 1 line || rc=$?
-        if [ "${rc}" -eq 0 ]; then
-            if [ "${line}" = "kill" ]; then
-                kill -KILL "${PALPO_PID}" 2>/dev/null || true
-                break
-            fi
-        elif [ "${rc}" -gt 128 ]; then
-            if ! kill -0 "${PALPO_PID}" 2>/dev/null; then
-                echo "palpo.sh: palpo exited on its own" >&2
-                exit 1
-            fi
-            if ! kill -0 "${PG_PID}" 2>/dev/null; then
-                echo "palpo.sh: PostgreSQL exited on its own" >&2
-                exit 1
-            fi
-        else
-            break
-        fi
-    done
+    watch_stdin palpo.sh palpo "${PALPO_PID}" PostgreSQL "${PG_PID}"
     stop_supervised
 }
 

@@ -91,26 +91,11 @@ cmd_run() {
     exec "${VENV_PY}" -m synapse.app.homeserver "${CONFIG_ARGS[@]}"
 }
 
-# Send TERM to a pid, wait up to 5 s, then KILL.
-terminate() {
-    local pid="$1"
-    kill -TERM "${pid}" 2>/dev/null || return 0
-    for _ in $(seq 1 50); do
-        kill -0 "${pid}" 2>/dev/null || return 0
-        sleep 0.1
-    done
-    kill -KILL "${pid}" 2>/dev/null || true
-}
+# shellcheck source=scripts/supervise.sh
+. "${SCRIPT_DIR}/supervise.sh"
 
-# Runs Synapse in the background and stays in the foreground as its
-# supervisor, so that a parent process can tie Synapse's lifetime to a pipe:
-#   - EOF on stdin (the parent closed the pipe, or died): TERM Synapse, KILL
-#     it after 5 s, exit 0;
-#   - a line "kill" on stdin: KILL Synapse at once, exit 0;
-#   - TERM/INT/HUP: as for EOF;
-#   - Synapse exits on its own: exit with its status (1 if it was 0).
-# Other lines on stdin are ignored.  Synapse's output goes to DIR/synapse.stdout
-# and its pid to DIR/synapse.pid.
+# Supervises Synapse as scripts/supervise.sh says. Synapse's output goes to
+# DIR/synapse.stdout and its pid to DIR/synapse.pid.
 SUPERVISED_PID=""
 SUPERVISED_DIR=""
 
@@ -139,30 +124,7 @@ cmd_supervise() {
     SUPERVISED_PID=$!
     echo "${SUPERVISED_PID}" >"${SUPERVISED_DIR}/synapse.pid"
 
-    local line rc status
-    while true; do
-        rc=0
-        IFS= read -r -t 1 line || rc=$?
-        if [ "${rc}" -eq 0 ]; then
-            if [ "${line}" = "kill" ]; then
-                kill -KILL "${SUPERVISED_PID}" 2>/dev/null || true
-                break
-            fi
-        elif [ "${rc}" -gt 128 ]; then
-            # Timeout: check that Synapse is still alive.
-            if ! kill -0 "${SUPERVISED_PID}" 2>/dev/null; then
-                status=0
-                wait "${SUPERVISED_PID}" 2>/dev/null || status=$?
-                SUPERVISED_PID=""
-                echo "synapse.sh: Synapse exited on its own (status ${status})" >&2
-                [ "${status}" -ne 0 ] || status=1
-                exit "${status}"
-            fi
-        else
-            # EOF (or a read error): the parent is gone.
-            break
-        fi
-    done
+    watch_stdin synapse.sh Synapse "${SUPERVISED_PID}"
     stop_supervised
 }
 
