@@ -63,6 +63,8 @@ pub mod gen;
 #[cfg(feature = "net")]
 pub mod homeserver;
 #[cfg(feature = "net")]
+mod lifecycle;
+#[cfg(feature = "net")]
 pub mod nats;
 #[cfg(feature = "net")]
 pub mod palpo;
@@ -72,8 +74,6 @@ pub mod proxy;
 pub mod query;
 pub mod rng;
 pub mod sim;
-#[cfg(feature = "net")]
-mod supervisor;
 #[cfg(feature = "net")]
 pub mod synapse;
 #[cfg(feature = "net")]

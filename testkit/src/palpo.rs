@@ -22,9 +22,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
-use crate::homeserver::{Install, Options};
-use crate::supervisor::{Kind, Supervisor};
-use crate::synapse::free_port;
+use crate::lifecycle::{free_port, Install, Kind, Options, Supervisor};
 
 /// Its install script and data directories.
 const INSTALL: Install = Install {

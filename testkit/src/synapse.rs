@@ -15,17 +15,15 @@
 //! never skip.
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::homeserver::Install;
-use crate::supervisor::{Kind, Supervisor};
+use crate::lifecycle::{free_port, Install, Kind, Supervisor};
 
 /// Its install script and data directories.
 const INSTALL: Install = Install {
@@ -235,25 +233,6 @@ fn venv_python() -> PathBuf {
         None => Install::repo_root().join(".synapse").join("venv"),
     };
     venv.join("bin").join("python")
-}
-
-/// A free loopback port, never one already handed out in this process.
-pub(crate) fn free_port() -> u16 {
-    static USED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut used = USED.lock().unwrap_or_else(|e| e.into_inner());
-    for _ in 0..100 {
-        let listener = TcpListener::bind(("127.0.0.1", 0))
-            .unwrap_or_else(|e| panic!("cannot bind a loopback port: {e}"));
-        let port = listener
-            .local_addr()
-            .expect("local_addr of a bound listener")
-            .port();
-        if !used.contains(&port) {
-            used.push(port);
-            return port;
-        }
-    }
-    panic!("could not find an unused loopback port");
 }
 
 /// Writes the configuration into `dir`: the file Synapse generates (keys, SQLite database

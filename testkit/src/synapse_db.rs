@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::homeserver::Install;
+use crate::lifecycle::Install;
 use crate::synapse::Synapse;
 
 /// The Python of the virtualenv Synapse runs from (`SYNAPSE_VENV`, or the repository's
