@@ -1456,11 +1456,10 @@ impl SyncMachine {
         if !matches!(self.state, SyncState::Refused | SyncState::SessionEnded) {
             self.set_state(SyncState::InitialSync);
         }
-        let event = ConnectionReset {
+        let event = Event::connection_reset(ConnectionReset {
             reason,
             to_device_since,
-        }
-        .event();
+        });
         self.phase = Phase::Delivering {
             delivery: Batch::Notice(Some(Box::new(event))),
             answer: Answer {

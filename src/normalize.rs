@@ -399,6 +399,20 @@ impl Event {
         )
     }
 
+    /// The announcement of a sliding sync connection reset.
+    pub(crate) fn connection_reset(reset: crate::sliding::ConnectionReset) -> Self {
+        let raw = to_raw(&serde_json::json!({
+            "reason": reset.reason.name(),
+            "to_device_since": reset.to_device_since,
+        }));
+        Self::section(
+            EventKind::ConnectionReset(reset),
+            "connection_reset",
+            None,
+            raw,
+        )
+    }
+
     pub(crate) fn gap(room_id: OwnedRoomId, gap: Gap) -> Self {
         let raw = to_raw(&serde_json::json!({
             "room_id": room_id,

@@ -310,22 +310,6 @@ impl ResetReason {
     }
 }
 
-impl ConnectionReset {
-    /// The event announcing it.
-    pub(crate) fn event(self) -> crate::Event {
-        let raw = crate::normalize::to_raw(&serde_json::json!({
-            "reason": self.reason.name(),
-            "to_device_since": self.to_device_since,
-        }));
-        crate::Event::section(
-            crate::EventKind::ConnectionReset(self),
-            "connection_reset",
-            None,
-            raw,
-        )
-    }
-}
-
 /// A sliding sync connection was dropped and a fresh one follows, as an
 /// [`EventKind::ConnectionReset`](crate::EventKind::ConnectionReset).
 ///
