@@ -49,7 +49,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
             .unwrap();
         h.drain();
         let failed_at = h.now;
-        let err = one_error(&mut h);
+        let err = h.one_error();
         let expected = reference.delay(attempt);
         assert_eq!(
             err,
@@ -69,7 +69,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
         assert_eq!(h.machine.since(), None);
         assert!(h.machine.in_flight().is_none());
         delays.push(expected);
-        req = retry_after(&mut h, failed_at, expected);
+        req = h.retry_after(failed_at, expected);
     }
     // The jitter really is there (seeded, not zero), and the cap holds.
     let bases: Vec<Duration> = (1..=10)
@@ -105,7 +105,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
         )
         .unwrap();
     h.drain();
-    let err = one_error(&mut h);
+    let err = h.one_error();
     assert_eq!(err.attempt, 1);
     assert_eq!(err.delay, reference.delay(1));
     assert_eq!(
@@ -116,7 +116,7 @@ fn transport_failures_back_off_with_the_documented_jittered_delays() {
     );
     assert_eq!(h.take_states(), [SyncState::BackingOff]);
     let failed_at = h.now;
-    let req = retry_after(&mut h, failed_at, err.delay);
+    let req = h.retry_after(failed_at, err.delay);
     assert_eq!(
         timeout_param(&req),
         "0",
@@ -146,7 +146,7 @@ fn same_seed_same_delays_other_seed_other_delays() {
                 )
                 .unwrap();
             h.drain();
-            delays.push(one_error(&mut h).delay);
+            delays.push(h.one_error().delay);
         }
         delays
     };
@@ -180,7 +180,7 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
     assert!(h.take_errors().is_empty(), "not yet");
     assert!(h.machine.in_flight().is_some());
     h.advance(Duration::from_nanos(1));
-    let err = one_error(&mut h);
+    let err = h.one_error();
     assert_eq!(
         err.failure,
         Failure::DeadlineExceeded(Duration::from_secs(600))
@@ -202,19 +202,19 @@ fn deadline_passed_is_transient_and_a_late_answer_is_stale() {
 
     // An incremental catch-up (timeout 0) has the margin as deadline, a long-poll timeout+margin.
     let failed_at = h.now;
-    let req = retry_after(&mut h, failed_at, Duration::from_millis(500));
+    let req = h.retry_after(failed_at, Duration::from_millis(500));
     h.respond(&req, json_response(&empty_sync("s1")));
     let req = h.request();
     assert_eq!(req.deadline, h.now + Duration::from_secs(60));
     h.advance(Duration::from_secs(60));
-    let err = one_error(&mut h);
+    let err = h.one_error();
     assert_eq!(
         err.failure,
         Failure::DeadlineExceeded(Duration::from_secs(60))
     );
     assert_eq!(err.attempt, 1, "reset by the success");
     let failed_at = h.now;
-    let req = retry_after(&mut h, failed_at, Duration::from_millis(500));
+    let req = h.retry_after(failed_at, Duration::from_millis(500));
     assert_eq!(
         req.kind,
         RequestKind::Sync {
@@ -259,7 +259,7 @@ fn server_errors_with_any_body_are_transient() {
     for (i, (status, body, errcode, message)) in cases.into_iter().enumerate() {
         let attempt = i as u32 + 1;
         h.reply(&req, status, body);
-        let err = one_error(&mut h);
+        let err = h.one_error();
         let delay = Duration::from_millis(500 << i);
         assert_eq!(
             err,
@@ -282,7 +282,7 @@ fn server_errors_with_any_body_are_transient() {
         assert!(h.events().is_empty());
         assert_eq!(h.machine.since(), None);
         let failed_at = h.now;
-        req = retry_after(&mut h, failed_at, delay);
+        req = h.retry_after(failed_at, delay);
     }
 }
 
@@ -313,12 +313,12 @@ fn rate_limit_waits_for_the_larger_of_server_wait_and_backoff() {
         c.jitter_seed = 99;
         c.max_server_wait = cap;
         let mut reference = ReferenceBackoff::from_config(&c);
-        let mut h = live_harness(c);
+        let mut h = Harness::live(c);
         let mut req = h.request();
         for attempt in 1..=3 {
             let headers: Vec<(&str, &str)> = header.iter().map(|v| ("retry-after", *v)).collect();
             h.respond(&req, response_with(429, &headers, body.clone()));
-            let err = one_error(&mut h);
+            let err = h.one_error();
             let own = reference.delay(attempt);
             let expected = own.max(server_wait);
             let asked = match header {
@@ -345,7 +345,7 @@ fn rate_limit_waits_for_the_larger_of_server_wait_and_backoff() {
             assert_eq!(h.machine.state(), SyncState::BackingOff);
             assert_eq!(h.machine.since(), Some("s0"));
             let failed_at = h.now;
-            req = retry_after(&mut h, failed_at, expected);
+            req = h.retry_after(failed_at, expected);
             assert_eq!(timeout_param(&req), "0");
             assert_eq!(since_param(&req).as_deref(), Some("s0"));
         }
@@ -361,18 +361,18 @@ fn rate_limit_backoff_wins_when_larger_and_header_alone_counts() {
     // Backoff larger than the server's wait.
     let mut c = config_no_jitter();
     c.backoff.initial = Duration::from_secs(45);
-    let mut h = live_harness(c);
+    let mut h = Harness::live(c);
     let req = h.request();
     h.reply(&req, 429, fixture(E429));
-    assert_eq!(one_error(&mut h).delay, Duration::from_secs(45));
+    assert_eq!(h.one_error().delay, Duration::from_secs(45));
     // An HTML 429 from a proxy, with only a Retry-After header.
-    let mut h = live_harness(config_no_jitter());
+    let mut h = Harness::live(config_no_jitter());
     let req = h.request();
     h.respond(
         &req,
         response_with(429, &[("retry-after", "7")], "<html>slow down</html>"),
     );
-    let err = one_error(&mut h);
+    let err = h.one_error();
     assert_eq!(
         err.failure,
         Failure::RateLimited {
@@ -398,11 +398,11 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
         let mut c = config();
         c.jitter_seed = 3;
         let mut reference = ReferenceBackoff::from_config(&c);
-        let mut h = live_harness(c);
+        let mut h = Harness::live(c);
         let mut req = h.request();
         for attempt in 1..=4 {
             h.reply(&req, 401, body.clone());
-            let err = one_error(&mut h);
+            let err = h.one_error();
             assert_eq!(
                 err,
                 SyncError {
@@ -427,7 +427,7 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
             assert_eq!(h.machine.state(), SyncState::Refused);
             assert_eq!(h.machine.since(), Some("s0"));
             let failed_at = h.now;
-            req = retry_after(&mut h, failed_at, Duration::from_secs(60));
+            req = h.retry_after(failed_at, Duration::from_secs(60));
             assert_eq!(timeout_param(&req), "0");
         }
         assert_eq!(
@@ -438,13 +438,13 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
 
         // A transient failure now draws the first jitter number (fatal errors draw none).
         h.reply(&req, 503, "");
-        let err = one_error(&mut h);
+        let err = h.one_error();
         assert_eq!(err.attempt, 5);
         let expected = reference.delay(5);
         assert_eq!(err.delay, expected);
         assert_eq!(h.take_states(), [SyncState::BackingOff]);
         let failed_at = h.now;
-        let req = retry_after(&mut h, failed_at, expected);
+        let req = h.retry_after(failed_at, expected);
         assert_eq!(h.take_states(), [SyncState::CatchingUp]);
 
         // The token works again: back to live, attempts reset.
@@ -454,19 +454,19 @@ fn unknown_token_is_fatal_and_retried_only_at_the_maximum_backoff() {
         // count goes on (a fatal wait is the maximum either way).
         let req = h.request();
         h.reply(&req, 401, body.clone());
-        let err = one_error(&mut h);
+        let err = h.one_error();
         assert_eq!((err.attempt, err.delay), (6, Duration::from_secs(60)));
     }
 }
 
 #[test]
 fn a_success_after_unauthorized_catches_up_then_goes_live() {
-    let mut h = live_harness(config());
+    let mut h = Harness::live(config());
     let req = h.request();
     h.reply(&req, 401, fixture(E401));
-    let _ = one_error(&mut h);
+    let _ = h.one_error();
     let failed_at = h.now;
-    let req = retry_after(&mut h, failed_at, Duration::from_secs(60));
+    let req = h.retry_after(failed_at, Duration::from_secs(60));
     h.respond(
         &req,
         json_response(&message_sync("s1", "!r:localhost", "m", &["hello"])),
@@ -509,7 +509,7 @@ fn bad_since_forbidden_and_other_4xx_are_fatal_with_errcode_and_message() {
         let mut req = h.request();
         for attempt in 1..=2 {
             h.reply(&req, status, body.clone());
-            let err = one_error(&mut h);
+            let err = h.one_error();
             assert_eq!(
                 err,
                 SyncError {
@@ -536,7 +536,7 @@ fn bad_since_forbidden_and_other_4xx_are_fatal_with_errcode_and_message() {
             assert_eq!(h.machine.state(), SyncState::Refused);
             assert_eq!(h.machine.since(), Some("s_unknown_to_the_server"));
             let failed_at = h.now;
-            req = retry_after(&mut h, failed_at, Duration::from_secs(60));
+            req = h.retry_after(failed_at, Duration::from_secs(60));
         }
         assert_eq!(h.take_states(), [SyncState::CatchingUp, SyncState::Refused]);
     }
@@ -558,12 +558,12 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
         r#"{"next_batch": 5}"#.to_owned(),
         "null".to_owned(),
     ];
-    let mut h = live_harness(config_no_jitter());
+    let mut h = Harness::live(config_no_jitter());
     let mut req = h.request();
     for (i, body) in cases.iter().enumerate() {
         let attempt = i as u32 + 1;
         h.reply(&req, 200, body.clone());
-        let err = one_error(&mut h);
+        let err = h.one_error();
         let delay = BackoffPolicy::default().base_delay(attempt);
         assert_eq!(delay, base_delay(&BackoffPolicy::default(), attempt));
         match &err.failure {
@@ -587,7 +587,7 @@ fn a_200_that_is_not_a_sync_response_is_transient_with_an_excerpt() {
         assert!(h.events().is_empty(), "no event from a bad body");
         assert_eq!(h.machine.since(), Some("s0"), "since unchanged");
         let failed_at = h.now;
-        req = retry_after(&mut h, failed_at, delay);
+        req = h.retry_after(failed_at, delay);
         assert_eq!(since_param(&req).as_deref(), Some("s0"));
         assert_eq!(timeout_param(&req), "0");
     }
@@ -654,7 +654,7 @@ fn an_unchanged_empty_200_answered_instantly_does_not_spin() {
 
 #[test]
 fn fresh_empty_tokens_answered_instantly_are_spaced_from_the_first() {
-    let mut h = live_harness(config_no_jitter());
+    let mut h = Harness::live(config_no_jitter());
     let policy = h.machine.config().backoff.clone();
     let mut sent = Vec::new();
     for i in 1..=40 {

@@ -1109,7 +1109,7 @@ fn the_last_gap_page_asks_only_for_what_the_cap_leaves() {
     let mut c = config();
     c.gap_fill.page_size = 4;
     c.gap_fill.max_events_per_room = 6;
-    let mut h = live_with_since(c);
+    let mut h = Harness::live_with_since(c);
     let req = h.next_request();
     h.respond(&req, json_response(&limited_sync("s2", "p1")));
     h.take_states();
@@ -1147,7 +1147,7 @@ fn the_last_gap_page_asks_only_for_what_the_cap_leaves() {
 
 #[test]
 fn a_fatal_gap_fill_failure_reports_the_rest_as_a_gap_and_delivers_the_batch() {
-    let mut h = live_with_since(config());
+    let mut h = Harness::live_with_since(config());
     let req = h.next_request();
     h.respond(&req, json_response(&limited_sync("s2", "p1")));
     let req = h.request();
@@ -1220,7 +1220,7 @@ fn body_opt_is_none_only_for_an_empty_body() {
 fn a_gap_fill_cap_of_zero_reports_gaps_without_fetching() {
     let mut c = config();
     c.gap_fill.max_events_per_room = 0;
-    let mut h = live_with_since(c);
+    let mut h = Harness::live_with_since(c);
     let req = h.next_request();
     h.respond(&req, json_response(&limited_sync("s2", "p1")));
     let events = h.take_events();

@@ -37,11 +37,11 @@ macro_rules! assert_no_output {
 
 #[test]
 fn inputs_outside_the_protocol_are_refused_and_change_nothing() {
-    let mut h = live_harness(config());
+    let mut h = Harness::live(config());
     let first = h.request();
     // Let it pass its deadline: its id is now stale.
     h.advance(first.deadline - h.now);
-    let _ = one_error(&mut h);
+    let _ = h.one_error();
     let req = h.next_request();
     assert!(req.id > first.id);
     let before = snapshot(&h.machine);
@@ -132,7 +132,7 @@ fn a_response_nobody_asked_for_before_any_request_is_stale() {
 
 #[test]
 fn stop_is_idempotent_and_refuses_later_inputs() {
-    let mut h = live_harness(config());
+    let mut h = Harness::live(config());
     let req = h.request();
     let since = h.machine.since().map(str::to_owned);
     h.machine.stop();
@@ -169,10 +169,10 @@ fn stop_is_idempotent_and_refuses_later_inputs() {
 #[test]
 fn stop_during_a_backoff_and_during_gap_filling() {
     // During a backoff: no retry ever comes.
-    let mut h = live_harness(config());
+    let mut h = Harness::live(config());
     let req = h.request();
     h.reply(&req, 500, "");
-    let _ = one_error(&mut h);
+    let _ = h.one_error();
     h.machine.stop();
     assert_eq!(h.machine.poll_timeout(), None);
     assert!(h.machine.poll_request().is_none());
@@ -211,7 +211,7 @@ fn stop_during_a_backoff_and_during_gap_filling() {
 
 #[test]
 fn a_long_poll_while_live_changes_no_state() {
-    let mut h = live_with_since(config());
+    let mut h = Harness::live_with_since(config());
     assert_eq!(h.take_states(), [SyncState::CatchingUp, SyncState::Live]);
     let req = h.next_request();
     assert_eq!(query(&req)["timeout"], "30000");

@@ -182,27 +182,27 @@ fn a_5xx_a_429_a_transport_failure_and_a_deadline_are_transient() {
     let mut h = Harness::new(discovering());
     let req = h.request();
     h.reply(&req, 502, "<html>bad gateway</html>");
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert_eq!(error.request, RequestKind::Discovery);
     assert_eq!(error.class, ErrorClass::Transient);
     assert!(matches!(error.failure, Failure::Server { status: 502, .. }));
     assert_eq!(error.delay, Duration::from_millis(500));
     assert_eq!(h.machine.state(), SyncState::BackingOff);
     let failed_at = h.now;
-    let req = retry_after(&mut h, failed_at, Duration::from_millis(500));
+    let req = h.retry_after(failed_at, Duration::from_millis(500));
     assert_eq!(url(&req), WELL_KNOWN);
     assert_eq!(h.machine.state(), SyncState::Discovering);
     let failure = TransportFailure::new(TransportErrorKind::Connect, "connection refused");
     h.machine.handle_failure(req.id, failure, h.now).unwrap();
     h.drain();
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert!(matches!(error.failure, Failure::Transport(_)));
     assert_eq!((error.attempt, error.delay), (2, Duration::from_secs(1)));
     // No answer at all: the deadline passes.
     let req = h.next_request();
     let deadline = req.deadline;
     h.advance(deadline - h.now);
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert!(matches!(error.failure, Failure::DeadlineExceeded(_)));
     assert_eq!(error.class, ErrorClass::Transient);
     let req = h.next_request();
@@ -214,7 +214,7 @@ fn a_5xx_a_429_a_transport_failure_and_a_deadline_are_transient() {
             r#"{"errcode":"M_LIMIT_EXCEEDED"}"#,
         ),
     );
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert_eq!(error.class, ErrorClass::RateLimited);
     assert_eq!(error.delay, Duration::from_secs(7));
     // Then it works.
@@ -263,7 +263,7 @@ fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
         let mut h = Harness::new(c);
         let req = h.request();
         h.respond(&req, answer);
-        let error = one_error(&mut h);
+        let error = h.one_error();
         assert_eq!(error.request, RequestKind::Discovery, "{what}");
         assert_eq!(error.class, ErrorClass::NeedsUser, "{what}");
         assert_eq!(
@@ -276,7 +276,7 @@ fn every_fail_prompt_answer_is_reported_and_retried_at_the_maximum_backoff() {
         assert_eq!(h.machine.state(), SyncState::Refused, "{what}");
         assert!(h.take_events().is_empty(), "{what}");
         let failed_at = h.now;
-        let again = retry_after(&mut h, failed_at, defaults::BACKOFF_MAX);
+        let again = h.retry_after(failed_at, defaults::BACKOFF_MAX);
         assert_eq!(again.kind, RequestKind::Discovery, "{what}");
         assert_eq!(url(&again), WELL_KNOWN, "{what}");
         assert_eq!(
@@ -313,7 +313,7 @@ fn every_fail_error_answer_is_reported_and_retried_from_the_well_known() {
         let mut h = Harness::new(discovering());
         let req = h.request();
         h.respond(&req, well_known(base_url));
-        let error = one_error(&mut h);
+        let error = h.one_error();
         assert!(
             matches!(
                 discovery_error(&error),
@@ -349,7 +349,7 @@ fn every_fail_error_answer_is_reported_and_retried_from_the_well_known() {
         h.respond(&req, well_known("https://matrix.example.org"));
         let check = h.request();
         h.respond(&check, answer);
-        let error = one_error(&mut h);
+        let error = h.one_error();
         assert_eq!(error.request, RequestKind::VersionsCheck, "{what}");
         assert!(
             matches!(
@@ -371,7 +371,7 @@ fn every_fail_error_answer_is_reported_and_retried_from_the_well_known() {
     h.respond(&req, well_known("https://matrix.example.org"));
     let check = h.request();
     h.reply(&check, 503, "");
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert_eq!(error.request, RequestKind::VersionsCheck);
     assert_eq!(error.class, ErrorClass::Transient);
     assert_eq!(url(&h.next_request()), WELL_KNOWN);
@@ -415,7 +415,7 @@ fn redirects_are_followed_a_bounded_number_of_times() {
     }
     let req = h.request();
     h.respond(&req, response_with(302, &loop_back, ""));
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert!(matches!(
         discovery_error(&error),
         DiscoveryError::Redirect {
@@ -432,7 +432,7 @@ fn redirects_are_followed_a_bounded_number_of_times() {
         &req,
         response_with(302, &[("location", "http://example.org/wk")], ""),
     );
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert_eq!(
         discovery_error(&error).action(),
         DiscoveryAction::FailPrompt
@@ -606,7 +606,7 @@ fn new_credentials_do_not_cut_short_the_wait_after_a_discovery_verdict() {
     let mut h = Harness::new(discovering());
     let req = h.request();
     h.respond(&req, response(200, "not json"));
-    let error = one_error(&mut h);
+    let error = h.one_error();
     assert_eq!(
         discovery_error(&error).action(),
         DiscoveryAction::FailPrompt
@@ -616,6 +616,6 @@ fn new_credentials_do_not_cut_short_the_wait_after_a_discovery_verdict() {
         .set_access_token("syt_another_token", h.now)
         .expect("a usable token");
     assert_eq!(h.machine.state(), SyncState::Refused);
-    let again = retry_after(&mut h, failed_at, defaults::BACKOFF_MAX);
+    let again = h.retry_after(failed_at, defaults::BACKOFF_MAX);
     assert_eq!(again.kind, RequestKind::Discovery);
 }

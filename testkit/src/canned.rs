@@ -5,14 +5,12 @@
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use matrix_sync_service::{Config, Event, EventKind, OutgoingRequest, SyncError, SyncState};
+use matrix_sync_service::{Config, Event, EventKind, OutgoingRequest};
 
 pub use crate::query::decode_path as percent_decode;
-use crate::sim::Harness;
 
 /// Loopback homeserver: nothing is ever sent, the machine is sans-IO.
 pub const HOMESERVER: &str = "http://127.0.0.1:8008";
@@ -106,44 +104,6 @@ pub const E401: &str = "synapse-401-unknown-token.json";
 pub const E429: &str = "synapse-429-limit-exceeded.json";
 pub const E400: &str = "synapse-400-invalid-since.json";
 
-pub fn one_error(h: &mut Harness) -> SyncError {
-    let errors = h.take_errors();
-    assert_eq!(errors.len(), 1, "expected exactly one error: {errors:?}");
-    errors.into_iter().next().unwrap()
-}
-
-/// Waits for the retry and checks it comes exactly `delay` after `failed_at`.
-pub fn retry_after(
-    h: &mut Harness,
-    failed_at: Instant,
-    delay: Duration,
-) -> matrix_sync_service::OutgoingRequest {
-    assert_eq!(
-        h.machine.poll_timeout(),
-        Some(failed_at + delay),
-        "wake-up at the end of the backoff"
-    );
-    if !delay.is_zero() {
-        assert!(
-            h.machine.poll_request().is_none(),
-            "no request during the backoff"
-        );
-        // Just before the end: still nothing.
-        h.advance(delay - Duration::from_nanos(1));
-        assert!(
-            h.machine.poll_request().is_none(),
-            "no request before the backoff ended"
-        );
-    }
-    let req = h.next_request();
-    assert_eq!(
-        h.now - failed_at,
-        delay,
-        "retry sent exactly after the delay"
-    );
-    req
-}
-
 pub fn timeout_param(req: &matrix_sync_service::OutgoingRequest) -> String {
     query(req)
         .get("timeout")
@@ -153,19 +113,6 @@ pub fn timeout_param(req: &matrix_sync_service::OutgoingRequest) -> String {
 
 pub fn since_param(req: &matrix_sync_service::OutgoingRequest) -> Option<String> {
     query(req).get("since").cloned()
-}
-
-/// A machine that completed its initial sync (token `s0`) and is live.
-pub fn live_harness(mut c: matrix_sync_service::Config) -> Harness {
-    c.since = None;
-    let mut h = Harness::new(c);
-    let req = h.request();
-    h.respond(&req, json_response(&empty_sync("s0")));
-    assert_eq!(h.machine.since(), Some("s0"));
-    assert_eq!(h.machine.state(), SyncState::Live);
-    h.take_events();
-    h.take_states();
-    h
 }
 
 pub const EDGE_ROOM: &str = "!r:x";
@@ -195,15 +142,6 @@ pub fn page(ids: &[&str], end: Option<&str>) -> serde_json::Value {
         page["end"] = json!(end);
     }
     page
-}
-
-pub fn live_with_since(mut c: matrix_sync_service::Config) -> Harness {
-    c.since = Some("s0".to_owned());
-    let mut h = Harness::new(c);
-    let req = h.request();
-    h.respond(&req, json_response(&empty_sync("s1")));
-    h.take_events();
-    h
 }
 
 // ---- responses and events ---------------------------------------------------------------------

@@ -567,6 +567,74 @@ impl Harness {
         Sim::with_server(config, Manual, CredentialAnswers::ByTest)
     }
 
+    /// A machine that completed its initial sync (token `s0`) and is live.
+    pub fn live(mut c: matrix_sync_service::Config) -> Harness {
+        c.since = None;
+        let mut h = Harness::new(c);
+        let req = h.request();
+        h.respond(
+            &req,
+            crate::canned::json_response(&crate::canned::empty_sync("s0")),
+        );
+        assert_eq!(h.machine.since(), Some("s0"));
+        assert_eq!(h.machine.state(), SyncState::Live);
+        h.take_events();
+        h.take_states();
+        h
+    }
+
+    /// A machine restored at `s0` whose first incremental sync (to `s1`) was answered.
+    pub fn live_with_since(mut c: matrix_sync_service::Config) -> Harness {
+        c.since = Some("s0".to_owned());
+        let mut h = Harness::new(c);
+        let req = h.request();
+        h.respond(
+            &req,
+            crate::canned::json_response(&crate::canned::empty_sync("s1")),
+        );
+        h.take_events();
+        h
+    }
+
+    /// The one error the machine reported; panics unless there is exactly one.
+    pub fn one_error(&mut self) -> SyncError {
+        let errors = self.take_errors();
+        assert_eq!(errors.len(), 1, "expected exactly one error: {errors:?}");
+        errors.into_iter().next().unwrap()
+    }
+
+    /// Waits for the retry and checks it comes exactly `delay` after `failed_at`.
+    pub fn retry_after(
+        &mut self,
+        failed_at: Instant,
+        delay: Duration,
+    ) -> matrix_sync_service::OutgoingRequest {
+        assert_eq!(
+            self.machine.poll_timeout(),
+            Some(failed_at + delay),
+            "wake-up at the end of the backoff"
+        );
+        if !delay.is_zero() {
+            assert!(
+                self.machine.poll_request().is_none(),
+                "no request during the backoff"
+            );
+            // Just before the end: still nothing.
+            self.advance(delay - Duration::from_nanos(1));
+            assert!(
+                self.machine.poll_request().is_none(),
+                "no request before the backoff ended"
+            );
+        }
+        let req = self.next_request();
+        assert_eq!(
+            self.now - failed_at,
+            delay,
+            "retry sent exactly after the delay"
+        );
+        req
+    }
+
     /// The request due now (checked and logged); panics when none is.
     pub fn request(&mut self) -> OutgoingRequest {
         let req = self.machine.poll_request().expect("a request is due now");
