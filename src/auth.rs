@@ -15,112 +15,15 @@
 //!   refresh endpoint mean the refresh token itself is unknown, reused or expired: trying
 //!   again cannot help, so no more refreshes are made until new credentials are set.
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use serde::Deserialize;
 
-use crate::config::{AccessToken, Config};
+use crate::config::Config;
+use crate::credentials::{AccessToken, Credentials, RefreshMethod, RefreshToken};
 use crate::defaults;
 use crate::error::Failure;
-use crate::token;
-
-/// A refresh token. Its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RefreshToken(String);
-
-impl RefreshToken {
-    /// Wraps a token.
-    pub fn new(token: impl Into<String>) -> Self {
-        Self(token.into())
-    }
-
-    /// The secret itself; only for sending it to the refresh endpoint or storing it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for RefreshToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RefreshToken(<redacted>)")
-    }
-}
-
-/// An access token with what it takes to renew it: what
-/// [`SyncMachine::poll_credentials`](crate::SyncMachine::poll_credentials) hands out after a
-/// refresh, and what [`SyncMachine::set_credentials`](crate::SyncMachine::set_credentials)
-/// takes. `Debug` shows neither token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Credentials {
-    /// The access token.
-    pub access_token: AccessToken,
-    /// The refresh token, if the server issued one.
-    pub refresh_token: Option<RefreshToken>,
-    /// How long the access token lives from when it was issued, if the server said.
-    pub expires_in: Option<Duration>,
-}
-
-impl Credentials {
-    /// An access token alone: no refresh, expiry unknown.
-    pub fn new(access_token: impl Into<String>) -> Self {
-        Self {
-            access_token: AccessToken::new(access_token),
-            refresh_token: None,
-            expires_in: None,
-        }
-    }
-
-    /// Sets the refresh token.
-    #[must_use]
-    pub fn with_refresh_token(mut self, refresh_token: impl Into<String>) -> Self {
-        self.refresh_token = Some(RefreshToken::new(refresh_token));
-        self
-    }
-
-    /// Sets the lifetime of the access token, counted from now.
-    #[must_use]
-    pub fn with_expires_in(mut self, expires_in: Duration) -> Self {
-        self.expires_in = Some(expires_in);
-        self
-    }
-
-    /// Whether both tokens pass the rule of every credential ([`token::check_credential`]):
-    /// non-empty visible ASCII of at most [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES).
-    pub(crate) fn is_usable(&self) -> bool {
-        self.check().is_ok()
-    }
-
-    /// The first token that breaks the rule, named as a refresh answer names it.
-    fn check(&self) -> Result<(), String> {
-        token::check_credential(self.access_token.expose())
-            .map_err(|p| p.describe("access_token"))?;
-        if let Some(refresh_token) = &self.refresh_token {
-            token::check_credential(refresh_token.expose())
-                .map_err(|p| p.describe("refresh_token"))?;
-        }
-        Ok(())
-    }
-}
-
-/// Where the refresh token is exchanged for a new access token.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum RefreshMethod {
-    /// `POST /_matrix/client/v3/refresh` on the homeserver (Matrix 1.3).
-    #[default]
-    Matrix,
-    /// The token endpoint of an OAuth 2.0 authorization server (Matrix 1.15, RFC 6749 §6):
-    /// a form-encoded `grant_type=refresh_token` with the client id.
-    OAuth {
-        /// The token endpoint's URL (from the server metadata's `token_endpoint`).
-        token_endpoint: String,
-        /// The client id the session was registered with.
-        client_id: String,
-    },
-}
 
 /// Where the machine's credentials stand. One enum, so that "a refresh is due", "new tokens
 /// wait to be stored" and "the session is over" cannot be true together.
@@ -247,7 +150,7 @@ pub(crate) fn parse_refresh(body: &[u8], old: &RefreshToken) -> Result<Credentia
     };
     let credentials = Credentials {
         access_token: AccessToken::new(access_token),
-        refresh_token: Some(refresh_token.map_or_else(|| old.clone(), RefreshToken)),
+        refresh_token: Some(refresh_token.map_or_else(|| old.clone(), RefreshToken::new)),
         expires_in: expires_in.map(|lifetime| {
             if lifetime < defaults::MIN_TOKEN_LIFETIME {
                 log::warn!(

@@ -2,7 +2,6 @@
 //!
 //! Why the defaults are what they are is written in [`crate::defaults`].
 
-use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -10,33 +9,11 @@ use ruma_client_api::filter::FilterDefinition;
 use ruma_common::presence::PresenceState;
 use ruma_common::{OwnedServerName, ServerName, UserId};
 
-use crate::auth::{RefreshMethod, RefreshToken};
+use crate::credentials::{AccessToken, RefreshMethod, RefreshToken};
 use crate::defaults;
 use crate::sliding::{Protocol, SlidingPosition, SlidingSyncConfig};
 use crate::text::Escaped;
 use crate::token::{self, TokenProblem};
-
-/// An access token. Its `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AccessToken(String);
-
-impl AccessToken {
-    /// Wraps a token.
-    pub fn new(token: impl Into<String>) -> Self {
-        Self(token.into())
-    }
-
-    /// The secret itself; only for putting it in an `Authorization` header.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AccessToken(<redacted>)")
-    }
-}
 
 /// Which events the server should send.
 #[derive(Clone, Debug)]

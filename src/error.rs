@@ -12,7 +12,6 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::discovery::DiscoveryError;
 use crate::request::{RequestId, RequestKind};
 use crate::text::{capped, Escaped};
 
@@ -362,6 +361,175 @@ pub enum InputError {
     /// would refuse every request carrying it). Nothing changed; fix the subscription.
     #[error("room subscription: timeline_limit must be within 1..=1000")]
     InvalidSubscription,
+}
+
+/// What the specification says the client should do after a failed discovery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DiscoveryAction {
+    /// `FAIL_PROMPT`: the well-known was unusable (invalid or empty data). Tell the user, and
+    /// ask for the homeserver URL.
+    FailPrompt,
+    /// `FAIL_ERROR`: the well-known named a homeserver that cannot be used. Tell the user, and
+    /// do not guess another one.
+    FailError,
+}
+
+impl std::fmt::Display for DiscoveryAction {
+    /// The specification's name: `FAIL_PROMPT` or `FAIL_ERROR`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiscoveryAction::FailPrompt => "FAIL_PROMPT",
+            DiscoveryAction::FailError => "FAIL_ERROR",
+        })
+    }
+}
+
+/// Why server discovery failed for good: reported as
+/// [`Failure::Discovery`](crate::Failure::Discovery), class
+/// [`NeedsUser`](crate::ErrorClass::NeedsUser).
+///
+/// In every case the machine retries discovery at the maximum backoff (a fixed server is
+/// picked up without a restart) until it is stopped. What the caller may do instead is, per
+/// the specification, by [`action`](Self::action): for
+/// [`FailPrompt`](DiscoveryAction::FailPrompt), stop, ask the user for the homeserver URL and
+/// start again with [`Config::new`](crate::Config::new); for
+/// [`FailError`](DiscoveryAction::FailError), stop and show the user the error (the server
+/// names a homeserver that does not work: its admin must fix it).
+///
+/// Text the server chose (`location`, `base_url`, `reason`) is cut to about 1 KiB, an
+/// `excerpt` to 256 bytes, and `Display` escapes control characters.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// `FAIL_PROMPT`. The well-known URL answered a status other than 200, 404, a redirect,
+    /// 429 or 5xx (a 401, 403, 410, 204...): the server has no usable well-known. Check the
+    /// server name, or ask for the homeserver URL.
+    #[error("{} answered {status}", Escaped(url))]
+    Status {
+        /// The well-known URL asked.
+        url: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// `FAIL_PROMPT`. The well-known URL redirected, and the redirect could not be followed:
+    /// no `Location`, a target that is not an absolute http(s) URL the machine may use, a
+    /// downgrade from https to plain http, or more than [`MAX_DISCOVERY_REDIRECTS`](crate::defaults::MAX_DISCOVERY_REDIRECTS) in a row. Ask for
+    /// the homeserver URL (`location` may be a hint).
+    #[error(
+        "{} redirected ({status}){}: {reason}",
+        Escaped(url),
+        fmt_location(location)
+    )]
+    Redirect {
+        /// The well-known URL asked.
+        url: String,
+        /// HTTP status, 300 to 399.
+        status: u16,
+        /// The `Location` header, if there was one (lossily decoded).
+        location: Option<String>,
+        /// Why it was not followed.
+        reason: &'static str,
+    },
+    /// `FAIL_PROMPT`. The well-known answered 200 with an empty body or one that is not a JSON
+    /// object (an HTML page, a truncated file). Its admin must fix it; meanwhile, ask for
+    /// the homeserver URL.
+    #[error(
+        "{} is not a JSON object: {}; body starts with {excerpt:?}",
+        Escaped(url),
+        Escaped(reason)
+    )]
+    NotJson {
+        /// The well-known URL asked.
+        url: String,
+        /// Why it was rejected (it may quote the body).
+        reason: String,
+        /// The first bytes of the body, lossily decoded.
+        excerpt: String,
+    },
+    /// `FAIL_PROMPT`. The well-known is JSON but has no `m.homeserver` object: it describes
+    /// other things (an identity server alone, say). Ask for the homeserver URL.
+    #[error("{} has no m.homeserver object", Escaped(url))]
+    MissingHomeserver {
+        /// The well-known URL asked.
+        url: String,
+    },
+    /// `FAIL_PROMPT`. `m.homeserver` has no `base_url` string. Ask for the homeserver URL.
+    #[error("{} has no m.homeserver.base_url string", Escaped(url))]
+    MissingBaseUrl {
+        /// The well-known URL asked.
+        url: String,
+    },
+    /// `FAIL_ERROR`. `m.homeserver.base_url` is not an absolute http(s) URL without query,
+    /// fragment or user info, or is plain http where that is not allowed: plain http is
+    /// accepted from a well-known read over plain http (a loopback server name), or with
+    /// [`Config::allow_insecure_http`](crate::Config::allow_insecure_http), never from one read
+    /// over https otherwise. The server's admin must fix the well-known.
+    #[error("m.homeserver.base_url {:?} cannot be used: {reason}", base_url)]
+    InvalidBaseUrl {
+        /// The `base_url` as the server sent it.
+        base_url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `FAIL_ERROR`. `GET {base_url}/_matrix/client/versions` was refused (a 4xx but 429, a
+    /// redirect, an unexpected status): the well-known names something that is not a Matrix
+    /// homeserver, or not at that path. The server's admin must fix the well-known.
+    #[error("the versions check of {} answered {status}", Escaped(base_url))]
+    VersionsStatus {
+        /// The base URL checked.
+        base_url: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// `FAIL_ERROR`. `GET {base_url}/_matrix/client/versions` answered with a body that is not
+    /// a JSON object with a `versions` array of strings: not a Matrix homeserver. The server's
+    /// admin must fix the well-known.
+    #[error(
+        "the versions check of {} is not a versions answer: {}; body starts with {excerpt:?}",
+        Escaped(base_url),
+        Escaped(reason)
+    )]
+    NotVersions {
+        /// The base URL checked.
+        base_url: String,
+        /// Why it was rejected (it may quote the body).
+        reason: String,
+        /// The first bytes of the body, lossily decoded.
+        excerpt: String,
+    },
+}
+
+impl DiscoveryError {
+    /// What the specification says to do: `FAIL_PROMPT` or `FAIL_ERROR`.
+    pub fn action(&self) -> DiscoveryAction {
+        match self {
+            DiscoveryError::Status { .. }
+            | DiscoveryError::Redirect { .. }
+            | DiscoveryError::NotJson { .. }
+            | DiscoveryError::MissingHomeserver { .. }
+            | DiscoveryError::MissingBaseUrl { .. } => DiscoveryAction::FailPrompt,
+            DiscoveryError::InvalidBaseUrl { .. }
+            | DiscoveryError::VersionsStatus { .. }
+            | DiscoveryError::NotVersions { .. } => DiscoveryAction::FailError,
+        }
+    }
+
+    /// The HTTP status, where the failure is one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            DiscoveryError::Status { status, .. }
+            | DiscoveryError::Redirect { status, .. }
+            | DiscoveryError::VersionsStatus { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+impl From<DiscoveryError> for Failure {
+    fn from(error: DiscoveryError) -> Self {
+        Failure::Discovery(Box::new(error))
+    }
 }
 
 #[cfg(test)]

@@ -235,6 +235,7 @@ mod batch;
 mod checkpoint;
 mod classify;
 mod config;
+mod credentials;
 mod dedup;
 pub mod defaults;
 mod discovery;
@@ -264,10 +265,9 @@ mod text;
 mod tls;
 mod token;
 
-pub use auth::{Credentials, RefreshMethod, RefreshToken};
 pub use checkpoint::FileCheckpointStore;
-pub use config::{AccessToken, BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
-pub use discovery::{DiscoveryAction, DiscoveryError};
+pub use config::{BackoffPolicy, Config, ConfigError, GapFill, SyncFilter};
+pub use credentials::{AccessToken, Credentials, RefreshMethod, RefreshToken};
 #[cfg(all(feature = "driver", feature = "e2ee"))]
 pub use driver::start_encrypted;
 #[cfg(feature = "driver")]
@@ -278,7 +278,10 @@ pub use driver::{
 #[cfg(feature = "e2ee")]
 pub use e2ee::{CryptoStore, E2ee, E2eeConfig, E2eeError};
 pub use e2ee::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};
-pub use error::{ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure};
+pub use error::{
+    DiscoveryAction, DiscoveryError, ErrorClass, Failure, InputError, SyncError,
+    TransportErrorKind, TransportFailure,
+};
 pub use machine::{SyncMachine, SyncState};
 pub use normalize::{Checkpoint, Event, EventKind, EventType, Gap, Relation};
 pub use request::{CryptoRequestKind, InFlightRequest, OutgoingRequest, RequestId, RequestKind};

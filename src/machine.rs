@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 use ruma_client_api::message::get_message_events::v3 as messages;
 use ruma_common::api::IncomingResponseExt;
 
-use crate::auth::{self, Auth, Credentials};
+use crate::auth::{self, Auth};
 use crate::batch::{Delivery, KeyCounts, ParsedBody, RoomFills};
 use crate::classify::{bad_response, classify};
 use crate::config::{Config, ConfigError};
+use crate::credentials::Credentials;
 use crate::dedup::Dedup;
 use crate::discovery::{self, Step, WellKnown};
 use crate::error::{ErrorClass, Failure, InputError, SyncError};

@@ -21,7 +21,8 @@ use serde_json::value::RawValue;
 
 use super::info::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Verification};
 use crate::classify::{bad_response, classify};
-use crate::config::{AccessToken, BackoffPolicy, Config};
+use crate::config::{BackoffPolicy, Config};
+use crate::credentials::AccessToken;
 use crate::error::{ErrorClass, Failure, InputError, SyncError, TransportFailure};
 use crate::normalize::{normalize, Event, EventKind, Section};
 use crate::request::{CryptoRequestKind, OutgoingRequest, RequestId, RequestKind};
