@@ -115,7 +115,7 @@ pub(crate) fn refresh_request(
 /// token keeps `old`.
 ///
 /// A server answer like a sync's: every token in it must pass the rule of every credential
-/// ([`token::check_credential`]: non-empty, at most [`MAX_TOKEN_BYTES`](crate::MAX_TOKEN_BYTES),
+/// ([`token::check_credential`]: non-empty, at most [`MAX_TOKEN_BYTES`](crate::token::MAX_TOKEN_BYTES),
 /// visible ASCII), or the whole answer is refused, nothing of it kept. The reason names the
 /// field and the rule and never quotes the body, which carries secrets: the body is read as
 /// any JSON first, so that no parser message (`invalid type: string "..."`) can show a value.
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn every_bad_shape_of_either_method_is_refused_naming_the_field_and_rule_not_the_token() {
         let old = RefreshToken::new("old");
-        let long = "L".repeat(crate::MAX_TOKEN_BYTES + 1);
+        let long = "L".repeat(crate::token::MAX_TOKEN_BYTES + 1);
         let fine = "secret-fine-token";
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (
@@ -381,15 +381,15 @@ mod tests {
     #[test]
     fn the_bound_is_the_one_of_next_batch() {
         let old = RefreshToken::new("old");
-        let at_bound = "a".repeat(crate::MAX_TOKEN_BYTES);
+        let at_bound = "a".repeat(crate::token::MAX_TOKEN_BYTES);
         let body = json!({ "access_token": at_bound, "refresh_token": at_bound }).to_string();
         let credentials = parse_refresh(body.as_bytes(), &old).unwrap();
         assert_eq!(
             credentials.access_token.expose().len(),
-            crate::MAX_TOKEN_BYTES
+            crate::token::MAX_TOKEN_BYTES
         );
         assert!(credentials.is_usable());
-        let over = Credentials::new("a".repeat(crate::MAX_TOKEN_BYTES + 1));
+        let over = Credentials::new("a".repeat(crate::token::MAX_TOKEN_BYTES + 1));
         assert!(
             !over.is_usable(),
             "set_credentials refuses what a refresh answer may not bring"

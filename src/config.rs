@@ -329,7 +329,7 @@ impl Config {
                 });
             }
         }
-        crate::sliding::validate(&self.sliding_sync)?;
+        validate_sliding(&self.sliding_sync)?;
         check_duration(
             "long_poll_timeout",
             self.long_poll_timeout,
@@ -638,6 +638,27 @@ pub enum ConfigError {
     },
 }
 
+/// Checks the sliding sync settings: what Synapse would refuse with a 400 is refused here.
+fn validate_sliding(config: &SlidingSyncConfig) -> Result<(), ConfigError> {
+    let invalid = |field, reason| Err(ConfigError::Invalid { field, reason });
+    if config.conn_id.is_empty() || config.conn_id.len() > 64 {
+        return invalid("sliding_sync.conn_id", "must be 1 to 64 bytes");
+    }
+    if config.conn_id.chars().any(char::is_control) {
+        return invalid(
+            "sliding_sync.conn_id",
+            TokenProblem::ControlCharacter.reason(),
+        );
+    }
+    if !(1..=1000).contains(&config.timeline_limit) {
+        return invalid("sliding_sync.timeline_limit", "must be within 1..=1000");
+    }
+    if config.window == 0 {
+        return invalid("sliding_sync.window", "must be at least 1");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -791,7 +812,7 @@ mod tests {
             );
         }
         // The length bound of every token holds for the credentials too.
-        let long = "x".repeat(crate::MAX_TOKEN_BYTES + 1);
+        let long = "x".repeat(token::MAX_TOKEN_BYTES + 1);
         assert_eq!(
             Config::new("https://x.org", long.as_str()).validate(),
             Err(ConfigError::Invalid {
@@ -800,7 +821,7 @@ mod tests {
             })
         );
         assert_eq!(
-            Config::new("https://x.org", "x".repeat(crate::MAX_TOKEN_BYTES)).validate(),
+            Config::new("https://x.org", "x".repeat(token::MAX_TOKEN_BYTES)).validate(),
             Ok(())
         );
         for (refresh, reason) in [
@@ -827,7 +848,7 @@ mod tests {
             Err(ConfigError::Invalid { field: "since", .. })
         ));
         let mut c = base();
-        c.since = Some("x".repeat(crate::MAX_TOKEN_BYTES + 1));
+        c.since = Some("x".repeat(token::MAX_TOKEN_BYTES + 1));
         assert!(matches!(
             c.validate(),
             Err(ConfigError::Invalid { field: "since", .. })
@@ -910,5 +931,27 @@ mod tests {
         assert!(!debug.contains("syt_secret_value"));
         assert!(debug.contains("<redacted>"));
         assert_eq!(config.access_token.expose(), "syt_secret_value");
+    }
+
+    #[test]
+    fn sliding_settings_synapse_would_refuse_are_refused() {
+        assert!(validate_sliding(&SlidingSyncConfig::default()).is_ok());
+        let mut config = SlidingSyncConfig {
+            timeline_limit: 0,
+            ..SlidingSyncConfig::default()
+        };
+        assert!(validate_sliding(&config).is_err());
+        config.timeline_limit = 1001;
+        assert!(validate_sliding(&config).is_err());
+        config.timeline_limit = 1000;
+        config.window = 0;
+        assert!(validate_sliding(&config).is_err());
+        config.window = 1;
+        config.conn_id = "x".repeat(65);
+        assert!(validate_sliding(&config).is_err());
+        config.conn_id = "a\nb".to_owned();
+        assert!(validate_sliding(&config).is_err());
+        config.conn_id = "x".repeat(64);
+        assert!(validate_sliding(&config).is_ok());
     }
 }

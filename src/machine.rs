@@ -344,7 +344,7 @@ impl SyncMachine {
         }
         if let Err(failure) = classify(parts.status, &parts.headers, bytes) {
             if let RequestKind::SlidingSync { .. } = in_flight.kind {
-                if let Some(reason) = ResetReason::of(&failure).filter(|_| self.pos_sent()) {
+                if let Some(reason) = reset_reason(&failure).filter(|_| self.pos_sent()) {
                     self.reset(reason);
                     return Ok(());
                 }
@@ -1580,4 +1580,28 @@ fn parse<R: IncomingResponseExt>(response: http::Response<&[u8]>) -> Result<R, F
     let status = response.status().as_u16();
     let body = *response.body();
     R::try_from_http_response(response).map_err(|err| bad_response(status, err.to_string(), body))
+}
+
+/// The reset a refusal of a sliding sync request that carried a `pos` means, if any: 400
+/// `M_UNKNOWN_POS`, or Synapse's 400 `M_UNKNOWN` "Invalid stream token…".
+fn reset_reason(failure: &Failure) -> Option<ResetReason> {
+    let Failure::Refused {
+        status: 400,
+        errcode: Some(errcode),
+        message,
+    } = failure
+    else {
+        return None;
+    };
+    match errcode.as_str() {
+        "M_UNKNOWN_POS" => Some(ResetReason::UnknownPos),
+        "M_UNKNOWN"
+            if message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("Invalid stream token")) =>
+        {
+            Some(ResetReason::InvalidPos)
+        }
+        _ => None,
+    }
 }

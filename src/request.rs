@@ -317,7 +317,7 @@ fn form_encode(out: &mut String, text: &str) {
 /// The `Authorization` header of an access token, marked sensitive (so that no `Debug` output
 /// shows it).
 pub(crate) fn bearer(
-    token: &crate::AccessToken,
+    token: &crate::credentials::AccessToken,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     let mut value = HeaderValue::try_from(format!("Bearer {}", token.expose()))?;
     value.set_sensitive(true);

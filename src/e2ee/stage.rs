@@ -385,7 +385,9 @@ impl E2ee {
     ) -> Result<(), InputError> {
         let flight = self.take_in_flight(id, now)?;
         let failure = match failure.kind {
-            crate::TransportErrorKind::TimedOut => Failure::DeadlineExceeded(self.deadline()),
+            crate::error::TransportErrorKind::TimedOut => {
+                Failure::DeadlineExceeded(self.deadline())
+            }
             _ => Failure::Transport(failure),
         };
         self.failed(flight.pending, failure);

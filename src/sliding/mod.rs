@@ -21,7 +21,7 @@ pub(crate) mod response;
 use ruma_common::{OwnedRoomId, OwnedUserId};
 use serde::{Deserialize, Serialize};
 
-use crate::token::{self, TokenProblem};
+use crate::token;
 
 /// Which sync protocol the machine speaks ([`Config::protocol`](crate::Config::protocol)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -213,28 +213,7 @@ impl SlidingPosition {
     }
 }
 
-/// Checks the sliding sync settings: what Synapse would refuse with a 400 is refused here.
-pub(crate) fn validate(config: &SlidingSyncConfig) -> Result<(), crate::ConfigError> {
-    let invalid = |field, reason| Err(crate::ConfigError::Invalid { field, reason });
-    if config.conn_id.is_empty() || config.conn_id.len() > 64 {
-        return invalid("sliding_sync.conn_id", "must be 1 to 64 bytes");
-    }
-    if config.conn_id.chars().any(char::is_control) {
-        return invalid(
-            "sliding_sync.conn_id",
-            TokenProblem::ControlCharacter.reason(),
-        );
-    }
-    if !(1..=1000).contains(&config.timeline_limit) {
-        return invalid("sliding_sync.timeline_limit", "must be within 1..=1000");
-    }
-    if config.window == 0 {
-        return invalid("sliding_sync.window", "must be at least 1");
-    }
-    Ok(())
-}
-
-/// The subscription rules ([`validate`]'s for a room).
+/// The subscription rules (those of the settings' `timeline_limit`, for a room).
 pub(crate) fn valid_subscription(subscription: &RoomSubscription) -> bool {
     (1..=1000).contains(&subscription.timeline_limit)
 }
@@ -282,30 +261,6 @@ impl ResetReason {
         match self {
             ResetReason::UnknownPos => "unknown_pos",
             ResetReason::InvalidPos => "invalid_pos",
-        }
-    }
-
-    /// The reset a refusal of a request that carried a `pos` means, if any: 400
-    /// `M_UNKNOWN_POS`, or Synapse's 400 `M_UNKNOWN` "Invalid stream token…".
-    pub(crate) fn of(failure: &crate::Failure) -> Option<Self> {
-        let crate::Failure::Refused {
-            status: 400,
-            errcode: Some(errcode),
-            message,
-        } = failure
-        else {
-            return None;
-        };
-        match errcode.as_str() {
-            "M_UNKNOWN_POS" => Some(ResetReason::UnknownPos),
-            "M_UNKNOWN"
-                if message
-                    .as_deref()
-                    .is_some_and(|m| m.starts_with("Invalid stream token")) =>
-            {
-                Some(ResetReason::InvalidPos)
-            }
-            _ => None,
         }
     }
 }
@@ -367,25 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn settings_synapse_would_refuse_are_refused() {
-        assert!(validate(&SlidingSyncConfig::default()).is_ok());
-        let mut config = SlidingSyncConfig {
-            timeline_limit: 0,
-            ..SlidingSyncConfig::default()
-        };
-        assert!(validate(&config).is_err());
-        config.timeline_limit = 1001;
-        assert!(validate(&config).is_err());
-        config.timeline_limit = 1000;
-        config.window = 0;
-        assert!(validate(&config).is_err());
-        config.window = 1;
-        config.conn_id = "x".repeat(65);
-        assert!(validate(&config).is_err());
-        config.conn_id = "a\nb".to_owned();
-        assert!(validate(&config).is_err());
-        config.conn_id = "x".repeat(64);
-        assert!(validate(&config).is_ok());
+    fn a_subscription_takes_the_settings_timeline_limits() {
         assert!(!valid_subscription(&RoomSubscription::new(0)));
         assert!(valid_subscription(&RoomSubscription::new(20)));
     }

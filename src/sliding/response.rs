@@ -761,7 +761,10 @@ mod tests {
         ] {
             assert!(SlidingResponse::parse(unreadable).is_err());
         }
-        let long = format!(r#"{{"pos":"{}"}}"#, "x".repeat(crate::MAX_TOKEN_BYTES - 5));
+        let long = format!(
+            r#"{{"pos":"{}"}}"#,
+            "x".repeat(crate::token::MAX_TOKEN_BYTES - 5)
+        );
         let parsed = SlidingResponse::parse(long.as_bytes()).unwrap();
         assert!(
             parsed.check_tokens(&sent).is_err(),
