@@ -13,7 +13,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,34 @@ impl Options {
         self.quick_passwords = true;
         self
     }
+}
+
+/// How many fresh ports to try when a server dies during startup (a port may be taken between
+/// choosing and binding it).
+const START_ATTEMPTS: u32 = 3;
+
+/// Installs the server of `install` (once per process), then starts one with `attempt` (given
+/// the attempt's number; it makes fresh ports and a fresh data directory, and on failure
+/// stops what it started and says why) until one comes up. Panics with every attempt's
+/// failure when none does.
+pub(crate) fn start_fresh<T>(
+    install: &Install,
+    installed: &OnceLock<Result<(), String>>,
+    mut attempt: impl FnMut(u32) -> Result<T, String>,
+) -> T {
+    install.ensure(installed);
+    let mut failures = Vec::new();
+    for number in 1..=START_ATTEMPTS {
+        match attempt(number) {
+            Ok(server) => return server,
+            Err(why) => failures.push(format!("attempt {number} {why}")),
+        }
+    }
+    panic!(
+        "could not start {} after {START_ATTEMPTS} attempts:\n{}",
+        install.name,
+        failures.join("\n\n")
+    );
 }
 
 /// What differs between the servers' supervisors.

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::Duration;
 
-use crate::lifecycle::{free_port, Install, Kind, Options, Supervisor};
+use crate::lifecycle::{free_port, start_fresh, Install, Kind, Options, Supervisor};
 
 /// Its install script and data directories.
 const INSTALL: Install = Install {
@@ -50,8 +50,6 @@ static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to wait for the supervisor to exit after asking it to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How many fresh ports to try when palpo or PostgreSQL dies during startup.
-const START_ATTEMPTS: u32 = 3;
 
 /// A running (or stopped) throwaway palpo with its PostgreSQL.
 pub struct Palpo {
@@ -77,9 +75,7 @@ impl Palpo {
     /// Like [`Palpo::start`], with `options` ([`Options::discoverable`]: server name
     /// `127.0.0.1:PORT`; palpo serves its well-known either way).
     pub fn start_with(options: Options) -> Palpo {
-        INSTALL.ensure(&INSTALLED);
-        let mut failures = Vec::new();
-        for attempt in 1..=START_ATTEMPTS {
+        start_fresh(&INSTALL, &INSTALLED, |_| {
             let port = free_port();
             let pg_port = free_port();
             let dir = INSTALL.fresh_dir();
@@ -100,19 +96,13 @@ impl Palpo {
                 supervisor: Supervisor::new(&KIND, dir),
             };
             match palpo.spawn_and_wait() {
-                Ok(()) => return palpo,
+                Ok(()) => Ok(palpo),
                 Err(e) => {
-                    failures.push(format!(
-                        "attempt {attempt} (port {port}, PostgreSQL {pg_port}): {e}"
-                    ));
-                    palpo.supervisor.kill();
+                    palpo.kill();
+                    Err(format!("(port {port}, PostgreSQL {pg_port}): {e}"))
                 }
             }
-        }
-        panic!(
-            "could not start palpo after {START_ATTEMPTS} attempts:\n{}",
-            failures.join("\n\n")
-        );
+        })
     }
 
     /// One palpo shared by all tests of this test binary, started on first use. For tests

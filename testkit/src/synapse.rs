@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::lifecycle::{free_port, Install, Kind, Supervisor};
+use crate::lifecycle::{free_port, start_fresh, Install, Kind, Supervisor};
 
 /// Its install script and data directories.
 const INSTALL: Install = Install {
@@ -45,8 +45,6 @@ static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long to wait for the supervisor to exit after asking it to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
-/// How many fresh ports to try when Synapse dies during startup.
-const START_ATTEMPTS: u32 = 3;
 
 /// How to start a [`Synapse`]: settings of `homeserver.yaml` on top of the test ones.
 #[derive(Clone, Debug, Default)]
@@ -121,9 +119,7 @@ impl Synapse {
 
     /// Like [`Synapse::start`], with extra settings (see [`SynapseOptions`]).
     pub fn start_with(options: SynapseOptions) -> Synapse {
-        INSTALL.ensure(&INSTALLED);
-        let mut failures = Vec::new();
-        for attempt in 1..=START_ATTEMPTS {
+        start_fresh(&INSTALL, &INSTALLED, |_| {
             let port = free_port();
             let dir = INSTALL.fresh_dir();
             let server_name = init(&dir, port, &options);
@@ -133,19 +129,13 @@ impl Synapse {
                 supervisor: Supervisor::new(&KIND, dir),
             };
             match synapse.spawn_and_wait() {
-                Ok(()) => return synapse,
+                Ok(()) => Ok(synapse),
                 Err(e) => {
-                    // The port may have been taken between choosing and
-                    // binding it; try again with another one.
-                    failures.push(format!("attempt {attempt} (port {port}): {e}"));
-                    synapse.supervisor.kill();
+                    synapse.kill();
+                    Err(format!("(port {port}): {e}"))
                 }
             }
-        }
-        panic!(
-            "could not start Synapse after {START_ATTEMPTS} attempts:\n{}",
-            failures.join("\n\n")
-        );
+        })
     }
 
     /// One Synapse shared by all tests of this test binary, started on first
