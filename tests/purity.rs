@@ -5,6 +5,7 @@ const MACHINE_MODULES: &[&str] = &[
     "batch.rs",
     "classify.rs",
     "config.rs",
+    "credentials.rs",
     "dedup.rs",
     "defaults.rs",
     "discovery.rs",
