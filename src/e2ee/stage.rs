@@ -23,7 +23,9 @@ use super::info::{Decrypted, Encryption, Undecryptable, UndecryptableReason, Ver
 use crate::classify::{bad_response, classify};
 use crate::config::{BackoffPolicy, Config};
 use crate::credentials::AccessToken;
-use crate::error::{ErrorClass, Failure, InputError, SyncError, TransportFailure};
+use crate::error::{
+    ErrorClass, Failure, InputError, SyncError, TransportErrorKind, TransportFailure,
+};
 use crate::normalize::{normalize, Event, EventKind, Section};
 use crate::request::{CryptoRequestKind, OutgoingRequest, RequestId, RequestKind};
 use crate::schedule::Backoff;
@@ -385,9 +387,7 @@ impl E2ee {
     ) -> Result<(), InputError> {
         let flight = self.take_in_flight(id, now)?;
         let failure = match failure.kind {
-            crate::error::TransportErrorKind::TimedOut => {
-                Failure::DeadlineExceeded(self.deadline())
-            }
+            TransportErrorKind::TimedOut => Failure::DeadlineExceeded(self.deadline()),
             _ => Failure::Transport(failure),
         };
         self.failed(flight.pending, failure);
