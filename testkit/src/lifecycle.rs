@@ -51,19 +51,19 @@ impl Options {
 /// choosing and binding it).
 const START_ATTEMPTS: u32 = 3;
 
-/// Installs the server of `install` (once per process), then starts one with `attempt` (given
-/// the attempt's number; it makes fresh ports and a fresh data directory, and on failure
-/// stops what it started and says why) until one comes up. Panics with every attempt's
+/// Installs the server of `install` (once per process), then starts one with `attempt` (it
+/// makes fresh ports and a fresh data directory, and on failure stops what it started and
+/// says why) until one comes up. Panics with every attempt's
 /// failure when none does.
 pub(crate) fn start_fresh<T>(
     install: &Install,
     installed: &OnceLock<Result<(), String>>,
-    mut attempt: impl FnMut(u32) -> Result<T, String>,
+    mut attempt: impl FnMut() -> Result<T, String>,
 ) -> T {
     install.ensure(installed);
     let mut failures = Vec::new();
     for number in 1..=START_ATTEMPTS {
-        match attempt(number) {
+        match attempt() {
             Ok(server) => return server,
             Err(why) => failures.push(format!("attempt {number} {why}")),
         }
@@ -84,6 +84,10 @@ pub(crate) struct Kind {
     /// The logs in the data directory worth showing when something fails, the supervisor's
     /// own (`supervise.log`) last.
     pub(crate) logs: &'static [&'static str],
+    /// The path that answers 200 once the server is up.
+    pub(crate) ready_path: &'static str,
+    /// How long it may take to.
+    pub(crate) ready_timeout: Duration,
     /// How long the supervisor may take to exit after being told to stop.
     pub(crate) stop_timeout: Duration,
 }
@@ -92,6 +96,10 @@ pub(crate) struct Kind {
 pub(crate) struct Supervisor {
     kind: &'static Kind,
     dir: PathBuf,
+    /// The loopback port the server answers on.
+    port: u16,
+    /// What `supervise DIR` is given after the directory.
+    args: Vec<String>,
     /// `None` while not running.
     child: Option<Child>,
     /// Write end of the supervisor's stdin.
@@ -99,11 +107,14 @@ pub(crate) struct Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor for the server in `dir`, not started.
-    pub(crate) fn new(kind: &'static Kind, dir: PathBuf) -> Supervisor {
+    /// A supervisor for the server in `dir` answering on `port`, run with `args` after the
+    /// directory; not started.
+    pub(crate) fn new(kind: &'static Kind, dir: PathBuf, port: u16, args: Vec<String>) -> Self {
         Supervisor {
             kind,
             dir,
+            port,
+            args,
             child: None,
             stdin: None,
         }
@@ -115,14 +126,13 @@ impl Supervisor {
     }
 
     /// Spawns `SCRIPT supervise DIR ARGS...` (its output appended to `DIR/supervise.log`) and
-    /// waits until `url` answers 200; how long that took.
-    pub(crate) fn spawn_and_wait(
-        &mut self,
-        args: &[String],
-        url: &str,
-        timeout: Duration,
-    ) -> Result<Duration, String> {
+    /// waits until the server's ready path answers 200; how long that took.
+    pub(crate) fn spawn_and_wait(&mut self) -> Result<Duration, String> {
         let name = self.kind.install.name;
+        let (url, timeout) = (
+            format!("http://127.0.0.1:{}{}", self.port, self.kind.ready_path),
+            self.kind.ready_timeout,
+        );
         assert!(self.child.is_none(), "{name} is already running");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -138,7 +148,7 @@ impl Supervisor {
             .arg(&script)
             .arg("supervise")
             .arg(&self.dir)
-            .args(args)
+            .args(&self.args)
             .stdin(Stdio::piped())
             .stdout(log)
             .stderr(log2)
@@ -146,7 +156,7 @@ impl Supervisor {
             .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         self.stdin = child.stdin.take();
         self.child = Some(child);
-        wait_for_200(url, &mut self.child, timeout).map_err(|why| match why {
+        wait_for_200(&url, &mut self.child, timeout).map_err(|why| match why {
             NotReady::Exited(status) => format!(
                 "{name} (or what it runs) exited during startup ({status})\n{}",
                 self.log_tail(40)
@@ -159,19 +169,15 @@ impl Supervisor {
         Ok(started.elapsed())
     }
 
-    /// Kills the server and starts it again with `spawn` (the same data directory and ports)
-    /// until it comes up, for up to 30 s; how long the start that worked took. Panics when
-    /// it never does.
-    pub(crate) fn restart(
-        &mut self,
-        port: u16,
-        mut spawn: impl FnMut(&mut Supervisor) -> Result<Duration, String>,
-    ) -> Duration {
-        let name = self.kind.install.name;
+    /// Kills the server and starts it again (the same data directory and ports) until it
+    /// comes up, for up to 30 s; how long the start that worked took. Panics when it never
+    /// does.
+    pub(crate) fn restart(&mut self) -> Duration {
+        let (name, port) = (self.kind.install.name, self.port);
         self.kill();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match spawn(self) {
+            match self.spawn_and_wait() {
                 Ok(startup) => return startup,
                 Err(e) if Instant::now() < deadline => {
                     // E.g. the port is briefly still in use; retry.

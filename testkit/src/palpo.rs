@@ -40,6 +40,8 @@ static KIND: Kind = Kind {
         "initdb.log",
         "supervise.log",
     ],
+    ready_path: "/_matrix/client/versions",
+    ready_timeout: READY_TIMEOUT,
     stop_timeout: STOP_TIMEOUT,
 };
 /// Whether `scripts/palpo.sh install` ran in this process, and how it went.
@@ -75,7 +77,7 @@ impl Palpo {
     /// Like [`Palpo::start`], with `options` ([`Options::discoverable`]: server name
     /// `127.0.0.1:PORT`; palpo serves its well-known either way).
     pub fn start_with(options: Options) -> Palpo {
-        start_fresh(&INSTALL, &INSTALLED, |_| {
+        start_fresh(&INSTALL, &INSTALLED, || {
             let port = free_port();
             let pg_port = free_port();
             let dir = INSTALL.fresh_dir();
@@ -93,10 +95,13 @@ impl Palpo {
                 port,
                 pg_port,
                 startup: Duration::ZERO,
-                supervisor: Supervisor::new(&KIND, dir),
+                supervisor: Supervisor::new(&KIND, dir, port, vec![pg_port.to_string()]),
             };
-            match palpo.spawn_and_wait() {
-                Ok(()) => Ok(palpo),
+            match palpo.supervisor.spawn_and_wait() {
+                Ok(startup) => {
+                    palpo.startup = startup;
+                    Ok(palpo)
+                }
                 Err(e) => {
                     palpo.kill();
                     Err(format!("(port {port}, PostgreSQL {pg_port}): {e}"))
@@ -166,25 +171,7 @@ impl Palpo {
     /// Starts palpo again on the same ports, data directory and database (it survives),
     /// and waits until it answers. Kills it first if it is still running.
     pub fn restart(&mut self) {
-        let (args, url) = (self.supervise_args(), self.versions_url());
-        self.startup = self.supervisor.restart(self.port, |supervisor| {
-            supervisor.spawn_and_wait(&args, &url, READY_TIMEOUT)
-        });
-    }
-
-    /// Spawns `palpo.sh supervise DIR PG_PORT` and waits for palpo's first answer.
-    fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let (args, url) = (self.supervise_args(), self.versions_url());
-        self.startup = self.supervisor.spawn_and_wait(&args, &url, READY_TIMEOUT)?;
-        Ok(())
-    }
-
-    fn supervise_args(&self) -> Vec<String> {
-        vec![self.pg_port.to_string()]
-    }
-
-    fn versions_url(&self) -> String {
-        format!("{}/_matrix/client/versions", self.base_url())
+        self.startup = self.supervisor.restart();
     }
 }
 

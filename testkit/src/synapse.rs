@@ -36,6 +36,8 @@ static KIND: Kind = Kind {
     install: INSTALL,
     pid_files: &["synapse.pid"],
     logs: &["homeserver.log", "synapse.stdout", "supervise.log"],
+    ready_path: "/health",
+    ready_timeout: HEALTH_TIMEOUT,
     stop_timeout: STOP_TIMEOUT,
 };
 /// Whether `scripts/synapse.sh install` ran in this process, and how it went.
@@ -119,17 +121,17 @@ impl Synapse {
 
     /// Like [`Synapse::start`], with extra settings (see [`SynapseOptions`]).
     pub fn start_with(options: SynapseOptions) -> Synapse {
-        start_fresh(&INSTALL, &INSTALLED, |_| {
+        start_fresh(&INSTALL, &INSTALLED, || {
             let port = free_port();
             let dir = INSTALL.fresh_dir();
             let server_name = init(&dir, port, &options);
             let mut synapse = Synapse {
                 port,
                 server_name,
-                supervisor: Supervisor::new(&KIND, dir),
+                supervisor: Supervisor::new(&KIND, dir, port, Vec::new()),
             };
-            match synapse.spawn_and_wait() {
-                Ok(()) => Ok(synapse),
+            match synapse.supervisor.spawn_and_wait() {
+                Ok(_) => Ok(synapse),
                 Err(e) => {
                     synapse.kill();
                     Err(format!("(port {port}): {e}"))
@@ -189,21 +191,7 @@ impl Synapse {
     /// database survives) and waits until it is healthy.  Kills it first if
     /// it is still running.
     pub fn restart(&mut self) {
-        let url = self.health_url();
-        self.supervisor.restart(self.port, |supervisor| {
-            supervisor.spawn_and_wait(&[], &url, HEALTH_TIMEOUT)
-        });
-    }
-
-    /// Spawns `synapse.sh supervise DIR` and waits for `/health`.
-    fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let url = self.health_url();
-        self.supervisor.spawn_and_wait(&[], &url, HEALTH_TIMEOUT)?;
-        Ok(())
-    }
-
-    fn health_url(&self) -> String {
-        format!("{}/health", self.base_url())
+        self.supervisor.restart();
     }
 }
 
